@@ -1,0 +1,282 @@
+"""`llm`: the command line. Parses, validates, calls a workflow, prints. No ML here.
+
+Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so that
+`llm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llm_lifecycle.workflows.stage import UserError
+
+app = typer.Typer(
+    help="Take a language model through its whole life; every stage an MLflow run.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Fetch and clean training text.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train a tokenizer.", no_args_is_help=True)
+recipes_app = typer.Typer(help="The shipped recipes.", no_args_is_help=True)
+models_app = typer.Typer(help="The MLflow Model Registry.", no_args_is_help=True)
+runs_app = typer.Typer(help="Tracked runs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = typer.Option(None, "--set", help="Override a recipe value: stage.key=value (repeatable).")
+RecipeOption = typer.Option(..., "--recipe", "-r", help="Recipe name (llm recipes list) or path to a .yaml.")
+
+
+def _workspace() -> Path:
+    from llm_lifecycle.registry.tracking import workspace
+
+    return workspace()
+
+
+def _run_stages(recipe_name: str, overrides: list[str] | None, **plan_args) -> None:
+    from llm_lifecycle.cli.progress import RichProgress
+    from llm_lifecycle.workflows.pipeline import run_pipeline
+    from llm_lifecycle.workflows.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides or [])
+    results = run_pipeline(recipe, _workspace(), RichProgress(console), **plan_args)
+    _print_results(recipe.name, results, plan_args.get("stages"))
+
+
+def _print_results(recipe_name: str, results: dict, stages) -> None:
+    table = Table(title=f"{recipe_name}: stage results")
+    table.add_column("stage")
+    table.add_column("key metrics")
+    for name, result in results.items():
+        if stages and name not in (stages if isinstance(stages, list) else stages.split(",")):
+            continue
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(result.metrics.items())[:6])
+        table.add_row(name, shown)
+    console.print(table)
+    from llm_lifecycle.registry.tracking import tracking_uri
+
+    console.print(f"Tracking store: {tracking_uri()}  (browse with `llm ui`)")
+
+
+@app.command()
+def pipeline(
+    recipe: str = typer.Argument(..., help="Recipe name (llm recipes list) or path to a .yaml."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: all)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Run this stage and every later one."),
+    force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and those after it) even if cached."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache state and memory estimate."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused."""
+    if dry_run:
+        _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
+        return
+    _run_stages(recipe, set_, stages=stages, from_stage=from_stage, force=tuple(force or ()))
+
+
+def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
+    from llm_lifecycle.workflows.pipeline import plan
+    from llm_lifecycle.workflows.planning import memory_report
+    from llm_lifecycle.workflows.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides)
+    table = Table(title=f"plan for {recipe.name} ({recipe.path})")
+    for col in ("stage", "fingerprint", "status"):
+        table.add_column(col)
+    for p in plan(recipe, _workspace(), stages, from_stage, force):
+        status = "cached" if p.cached else ("run" if p.selected else "skip")
+        style = {"cached": "green", "run": "bold yellow", "skip": "dim"}[status]
+        table.add_row(p.name, p.fingerprint, f"[{style}]{status}[/{style}]")
+    console.print(table)
+    for line in memory_report(recipe):
+        console.print(line)
+
+
+def _stage_command(stage: str, doc: str):
+    def command(recipe: str = RecipeOption, set_: Optional[List[str]] = SetOption) -> None:
+        _run_stages(recipe, set_, stages=[stage])
+
+    command.__doc__ = doc
+    return command
+
+
+data_app.command("fetch")(_stage_command("data-fetch", "Fetch the recipe's data sources (builtin:, local, hf://)."))
+data_app.command("clean")(_stage_command("data-clean", "Filter and deduplicate the fetched text."))
+tokenizer_app.command("train")(_stage_command("tokenizer-train", "Train a byte-level BPE tokenizer."))
+app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
+app.command("pretrain")(_stage_command("pretrain", "Pretrain the recipe's model from scratch."))
+app.command("extend-context")(_stage_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
+app.command("sft")(_stage_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("quantize")(_stage_command("quantize", "Quantize the final model (int8 weight-only)."))
+
+
+@app.command()
+def rl(
+    recipe: str = RecipeOption,
+    method: str = typer.Option("dpo", help="Preference method: dpo."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Align the SFT model with preference pairs."""
+    _run_stages(recipe, [*(set_ or []), f"rl.method={method}"], stages=["rl"])
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Option(None, help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
+    suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, ppl (repeatable)."),
+    data_dir: Optional[str] = typer.Option(
+        None, envvar="LLM_EVAL_DATA", help="Local copy of the benchmarks in their official layouts ('builtin' for the shipped mirror)."
+    ),
+    limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's)."),
+    batch_size: int = typer.Option(8, help="Batch size for scoring."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval)."""
+    if recipe:
+        _run_stages(recipe, set_, stages=["eval"])
+        return
+    if not model:
+        raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
+    from llm_lifecycle.workflows.evaluate import evaluate_model
+
+    metrics = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+    table = Table(title=f"eval of {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(metrics.items()):
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+
+
+@app.command()
+def export(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's export stage."),
+    model: Optional[str] = typer.Option(None, help="Or export this model (models:/…, folder) ..."),
+    out: Optional[Path] = typer.Option(None, help="... into this folder (Hugging Face layout)."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Export to a Hugging Face folder (safetensors + config.json) that transformers loads."""
+    if recipe:
+        _run_stages(recipe, set_, stages=["export"])
+        return
+    if not (model and out):
+        raise UserError("llm export: give --recipe, or both --model and --out")
+    from llm_lifecycle.workflows.export import export_model
+
+    arch = export_model(model, out)
+    console.print(f"exported {model} to {out} ({arch})")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The shipped recipes."""
+    from llm_lifecycle.workflows.recipe import RECIPES_DIR, list_recipes, read_yaml
+
+    table = Table(title="recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for name in list_recipes():
+        table.add_row(name, str(read_yaml(RECIPES_DIR / f"{name}.yaml").get("description", "")))
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
+    """The fully resolved recipe (preset, overrides and defaults applied)."""
+    import yaml
+
+    from llm_lifecycle.workflows.recipe import load_recipe
+
+    r = load_recipe(name, set_ or [])
+    console.print(yaml.safe_dump({"name": r.name, "seed": r.seed, "model": {"preset": r.preset, **r.model},
+                                  "stages": r.stages}, sort_keys=False, allow_unicode=True))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models, their versions and aliases."""
+    from llm_lifecycle.registry.catalog import registered_versions
+
+    table = Table(title="registered models")
+    for col in ("model", "version", "aliases", "stage", "created"):
+        table.add_column(col)
+    for row in registered_versions():
+        table.add_row(row["name"], row["version"], ", ".join(row["aliases"]), row["stage"], row["created"])
+    console.print(table)
+
+
+@runs_app.command("list")
+def runs_list(recipe: Optional[str] = typer.Option(None, "--recipe", "-r"), limit: int = 30) -> None:
+    """Recent runs: pipelines and their stages."""
+    from llm_lifecycle.registry.catalog import recent_runs
+
+    table = Table(title="runs")
+    for col in ("experiment", "run", "stage", "status", "started", "duration_s", "run_id"):
+        table.add_column(col)
+    for row in recent_runs(recipe, limit):
+        table.add_row(*(str(row[c]) for c in ("experiment", "run", "stage", "status", "started", "duration_s", "run_id")))
+    console.print(table)
+
+
+@app.command()
+def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
+    """Open the MLflow UI on the workspace's tracking store."""
+    import subprocess
+
+    from llm_lifecycle.registry.tracking import tracking_uri, workspace
+
+    uri = tracking_uri()
+    console.print(f"MLflow UI on http://{host}:{port} for {uri}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--artifacts-destination", str(workspace() / "mlartifacts")]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def hw() -> None:
+    """The hardware profile recorded with every run (hw.* tags)."""
+    from llm_lifecycle.registry.hardware import hardware_profile
+
+    table = Table(title="hardware profile")
+    table.add_column("tag")
+    table.add_column("value")
+    for k, v in hardware_profile().items():
+        table.add_row(k, v)
+    console.print(table)
+
+
+def _terminate(signum, frame):
+    # Unwind normally so MLflow marks runs failed and atomic writes clean up.
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

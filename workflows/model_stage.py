@@ -1,0 +1,52 @@
+"""What the model-making stages share: loading the upstream model, saving ours, perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llm_lifecycle.workflows.stage import StageContext, UserError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+def builtin_or_path(uri: str, where: str) -> Path:
+    """`builtin:chat/x.jsonl` -> the shipped file; anything else is a local path that must exist."""
+    path = BUILTIN_DIR / uri.removeprefix("builtin:") if uri.startswith("builtin:") else Path(uri).expanduser()
+    if not path.exists():
+        raise UserError(f"{where}: data file not found: {uri}; give an existing path or a builtin: name")
+    return path
+
+
+def load_upstream_model(ctx: StageContext, stage: str):
+    """(model, tokenizer, model directory) of the model an earlier stage made."""
+    from llm_lifecycle.models.checkpoint import load_model_dir
+
+    model_dir = ctx.upstream_output(stage, "model")
+    model, tokenizer = load_model_dir(model_dir)
+    return model, tokenizer, model_dir
+
+
+def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = None) -> Path:
+    from llm_lifecycle.models.checkpoint import save_model_dir
+
+    out = ctx.stage_dir / "model"
+    save_model_dir(out, model.cpu(), tokenizer, extra={"stage": ctx.stage, "recipe": ctx.recipe.name, **(extra or {})})
+    return out
+
+
+def heldout_perplexity(ctx: StageContext, model, seq_len: int, max_windows: int) -> float:
+    """Perplexity on the held-out token shards at `seq_len` (non-overlapping windows)."""
+    from llm_lifecycle.evals.perplexity import perplexity
+    from llm_lifecycle.workflows.shards import TokenShards
+
+    shards = TokenShards(ctx.upstream_output("tokenize", "heldout"))
+    tokens = torch.as_tensor(shards.tokens[: seq_len * max_windows].astype("int64"))
+    if tokens.numel() < seq_len + 1:
+        raise UserError(
+            f"held-out text has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
+            "raise data-clean.holdout_fraction or add data"
+        )
+    device = next(model.parameters()).device
+    return perplexity(model.to(device), tokens, seq_len, max_windows=max_windows)

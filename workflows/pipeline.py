@@ -1,0 +1,229 @@
+"""The pipeline runner: plans stages, reuses completed ones, runs the rest as MLflow runs.
+
+Each stage's fingerprint hashes (stage name, its config, the model config when the stage
+uses a model, the seed, upstream fingerprints, the package version). A stage whose
+`result.json` exists for that fingerprint is reused; a stage directory without one is a
+stage that died half-way, and the stage resumes from its own checkpoints there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from llm_lifecycle import __version__
+from llm_lifecycle.workflows.recipe import STAGE_ORDER, Recipe
+from llm_lifecycle.workflows.stage import (
+    Progress,
+    StageContext,
+    StageResult,
+    UserError,
+    write_json_atomic,
+)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    entry: str  # "module:function" under llm_lifecycle.workflows
+    upstream: tuple[str, ...]
+    uses_model: bool = False
+    alias: str | None = None  # registry alias for the model this stage makes
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in [
+        StageSpec("data-fetch", "data:fetch", ()),
+        StageSpec("data-clean", "data:clean", ("data-fetch",)),
+        StageSpec("tokenizer-train", "tokenizer:train_tokenizer", ("data-clean",)),
+        StageSpec("tokenize", "tokenizer:tokenize", ("data-clean", "tokenizer-train")),
+        StageSpec("pretrain", "pretrain:run", ("tokenizer-train", "tokenize"), True, "pretrain"),
+        StageSpec("extend-context", "extend_context:run", ("pretrain", "tokenize"), True, "extend-context"),
+        StageSpec("sft", "sft:run", ("extend-context",), True, "sft"),
+        StageSpec("rl", "rl:run", ("sft",), True, "rl"),
+        StageSpec("eval", "evaluate:run", ("rl", "tokenize"), True),
+        StageSpec("quantize", "quantize:run", ("rl", "tokenize"), True, "int8"),
+        StageSpec("export", "export:run", ("rl",), True),
+    ]
+}
+assert list(STAGES) == STAGE_ORDER
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    fingerprint: str
+    directory: Path
+    selected: bool  # asked for in this invocation
+    cached: bool  # a completed result exists for this fingerprint
+
+    @property
+    def result_file(self) -> Path:
+        return self.directory / "result.json"
+
+    @property
+    def will_run(self) -> bool:
+        return self.selected and not self.cached
+
+
+def fingerprints(recipe: Recipe) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in STAGE_ORDER:
+        spec = STAGES[name]
+        payload = {
+            "stage": name,
+            "config": recipe.stages[name],
+            "model": recipe.model if spec.uses_model else None,
+            "seed": recipe.seed,
+            "upstream": [out[u] for u in spec.upstream],
+            "version": __version__,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        out[name] = hashlib.sha256(blob).hexdigest()[:16]
+    return out
+
+
+def _parse_stage_list(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for n in names:
+        if n not in STAGES:
+            raise UserError(f"unknown stage '{n}'; stages are {', '.join(STAGE_ORDER)}")
+    return names
+
+
+def plan(
+    recipe: Recipe,
+    workspace: Path,
+    stages: str | list[str] | None = None,
+    from_stage: str | None = None,
+    force: tuple[str, ...] = (),
+) -> list[PlannedStage]:
+    chosen = _parse_stage_list(stages) if isinstance(stages, str) or stages is None else list(stages)
+    _parse_stage_list(",".join(force))
+    if from_stage is not None:
+        _parse_stage_list(from_stage)
+        start = STAGE_ORDER.index(from_stage)
+        chosen = [s for s in (chosen or STAGE_ORDER) if STAGE_ORDER.index(s) >= start]
+    chosen = chosen or STAGE_ORDER
+    # Forcing a stage re-runs everything after it that depends on it, as make would.
+    force = tuple(s for s in STAGE_ORDER if s in force or set(_all_upstream(s)) & set(force))
+    fps = fingerprints(recipe)
+    planned = []
+    for name in STAGE_ORDER:
+        directory = workspace / recipe.name / name / fps[name]
+        done = (directory / "result.json").is_file() and name not in force
+        planned.append(PlannedStage(name, fps[name], directory, name in chosen, done))
+    _check_upstream(recipe, planned)
+    return planned
+
+
+def _check_upstream(recipe: Recipe, planned: list[PlannedStage]) -> None:
+    by_name = {p.name: p for p in planned}
+    for p in planned:
+        if not p.will_run:
+            continue
+        for up in STAGES[p.name].upstream:
+            u = by_name[up]
+            if not (u.cached or u.selected):
+                raise UserError(
+                    f"stage '{p.name}' needs stage '{up}', which has not completed for this "
+                    f"configuration; include it: --stages {up},{p.name} (or run the whole pipeline)"
+                )
+
+
+def _stage_function(spec: StageSpec) -> Callable[[StageContext, dict], StageResult]:
+    module_name, func = spec.entry.split(":")
+    module = importlib.import_module(f"llm_lifecycle.workflows.{module_name}")
+    return getattr(module, func)
+
+
+def run_pipeline(
+    recipe: Recipe,
+    workspace: Path,
+    progress: Progress,
+    stages: str | list[str] | None = None,
+    from_stage: str | None = None,
+    force: tuple[str, ...] = (),
+) -> dict[str, StageResult]:
+    """Run the planned stages under one parent MLflow run; returns every stage's result."""
+    from llm_lifecycle.registry import tracking
+
+    planned = plan(recipe, workspace, stages, from_stage, force)
+    tracking.configure(workspace)
+    results: dict[str, StageResult] = {}
+    ran = [p.name for p in planned if p.will_run]
+    base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}
+    with tracking.start_run(recipe.name, "pipeline", {**base_tags, "llm.stage": "pipeline"}) as parent:
+        parent.log_params({"recipe": str(recipe.path), "preset": recipe.preset, "seed": recipe.seed,
+                           "overrides": recipe.overrides, "stages_run": ran})
+        parent.log_params({"model": recipe.model})
+        for p in planned:
+            if p.cached:
+                results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
+                if p.selected:
+                    progress.log(f"[dim]{p.name}: reused ({p.fingerprint})[/dim]")
+                continue
+            if not p.selected:
+                continue
+            results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags)
+        for name, result in results.items():
+            parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+    return results
+
+
+def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, base_tags) -> StageResult:
+    from llm_lifecycle.registry import tracking
+
+    spec = STAGES[p.name]
+    if p.result_file.exists():
+        shutil.rmtree(p.directory)  # --force: start the stage afresh, not from old checkpoints
+    p.directory.mkdir(parents=True, exist_ok=True)
+    tags = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
+            "llm.parent_stage": ",".join(spec.upstream)}
+    progress.log(f"[bold]{p.name}[/bold] ({p.fingerprint})")
+    with tracking.start_run(recipe.name, p.name, tags, parent_run_id=parent.run_id) as tracker:
+        tracker.log_params(recipe.stages[p.name])
+        if spec.uses_model:
+            tracker.log_params({"model": recipe.model})
+        ctx = StageContext(
+            stage=p.name,
+            recipe=recipe,
+            workspace=workspace,
+            stage_dir=p.directory,
+            upstream={u: results[u] for u in _all_upstream(p.name) if u in results},
+            tracker=tracker,
+            progress=progress,
+            seed=recipe.seed,
+        )
+        result = _stage_function(spec)(ctx, recipe.stages[p.name])
+        tracker.log_metrics(result.metrics)
+        version = None
+        if result.model_dir and spec.alias:
+            lineage = {"llm.stage": p.name, "llm.fingerprint": p.fingerprint, "llm.source_run": tracker.run_id,
+                       "llm.recipe": recipe.name, "llm.parent_stage": ",".join(spec.upstream)}
+            version = tracking.log_and_register_model(tracker, result.model_dir, recipe.name, spec.alias, lineage)
+            result.model_alias = spec.alias
+            progress.log(f"  registered models:/{recipe.name}@{spec.alias} (version {version})")
+    write_json_atomic(p.result_file, {"result": result.to_json(), "run_id": tracker.run_id,
+                                      "model_version": version, "fingerprint": p.fingerprint})
+    return result
+
+
+def _all_upstream(stage: str) -> list[str]:
+    """Every stage `stage` depends on, directly or not (so stages can reach e.g. the tokenizer)."""
+    seen: list[str] = []
+    stack = list(STAGES[stage].upstream)
+    while stack:
+        s = stack.pop()
+        if s not in seen:
+            seen.append(s)
+            stack.extend(STAGES[s].upstream)
+    return seen

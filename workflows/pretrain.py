@@ -1,0 +1,38 @@
+"""Pretrain: next-token prediction from scratch on the packed token shards."""
+
+from __future__ import annotations
+
+import torch
+
+from llm_lifecycle.workflows.model_stage import heldout_perplexity, save_stage_model
+from llm_lifecycle.workflows.stage import StageContext, StageResult
+from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
+
+
+def run(ctx: StageContext, cfg: dict) -> StageResult:
+    from tokenizers import Tokenizer
+
+    from llm_lifecycle.models.decoder import Decoder
+    from llm_lifecycle.workflows.shards import TokenShards
+
+    settings = TrainSettings.from_cfg(cfg)
+    tokenizer = Tokenizer.from_file(str(ctx.upstream_output("tokenizer-train", "tokenizer")))
+    shards = TokenShards(ctx.upstream_output("tokenize", "train"))
+    model_cfg = ctx.recipe.model_config()
+    model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
+    torch.manual_seed(ctx.seed)
+    model = Decoder(model_cfg)
+    ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
+
+    def batches(start: int):
+        return shards.batches(settings.batch_size, settings.seq_len, seed=ctx.seed, start_step=start)
+
+    summary = train(
+        ctx, model, settings, batches, lm_loss,
+        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        flops_per_token=model_cfg.flops_per_token(settings.seq_len),
+        description="pretrain",
+    )
+    summary["heldout_ppl"] = heldout_perplexity(ctx, model, settings.seq_len, max_windows=16)
+    model_dir = save_stage_model(ctx, model, tokenizer)
+    return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))

@@ -1,0 +1,267 @@
+"""Recipes: the YAML that is the experiment.
+
+A recipe names a model preset (with overrides) and each stage's settings. Everything is
+validated before any work starts: unknown keys, wrong types and impossible model shapes
+become one clear line each (a `ConfigError`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_lifecycle.workflows.stage import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(UserError):
+    pass
+
+
+# Every stage's settings with their defaults; the type of each default is the type a
+# recipe must give (an int is accepted where a float is expected). `None` accepts anything.
+_TRAIN = {
+    "steps": 200,
+    "batch_size": 8,
+    "seq_len": 256,
+    "grad_accum": 1,
+    "lr": 1e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 20,
+    "weight_decay": 0.1,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1e-8,
+    "grad_clip": 1.0,
+    "checkpoint_every": 50,
+    "log_every": 10,
+    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
+    "compile": False,
+}
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data-fetch": {"sources": [{"uri": "builtin:corpus"}]},
+    "data-clean": {
+        "min_chars": 50,
+        "max_chars": 100_000,
+        "rules": True,
+        "exact_dedup": True,
+        "minhash_dedup": True,
+        "minhash_threshold": 0.8,
+        "minhash_num_perm": 128,
+        "holdout_fraction": 0.02,
+    },
+    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    "tokenize": {"shard_tokens": 1 << 20},
+    "pretrain": {**_TRAIN},
+    "extend-context": {
+        **_TRAIN,
+        "steps": 40,
+        "seq_len": 512,
+        "lr": 3e-4,
+        "warmup_steps": 5,
+        "rope_theta": 100_000.0,
+        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
+        "eval_windows": 16,
+    },
+    "sft": {
+        **_TRAIN,
+        "steps": 60,
+        "lr": 3e-4,
+        "warmup_steps": 6,
+        "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
+        "max_examples": 2000,
+        "system_prompt": "You are a helpful assistant.",
+    },
+    "rl": {
+        **_TRAIN,
+        "method": "dpo",
+        "steps": 40,
+        "batch_size": 4,
+        "lr": 1e-4,
+        "warmup_steps": 4,
+        "beta": 0.1,
+        "sft_weight": 0.0,
+        "data": ["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz", "builtin:chat/zh_oasst1_rm_zh.json"],
+        "max_pairs": 2000,
+        "heldout_pairs": 64,
+    },
+    "eval": {
+        "suites": ["mmlu", "gsm8k"],
+        "data_dir": "builtin",  # "builtin" = the small offline mirror shipped; "hub" = Hugging Face
+        "limit": 20,
+        "num_fewshot": None,
+        "batch_size": 8,
+        "max_gen_toks": 64,
+    },
+    "quantize": {"method": "int8", "eval_windows": 16},
+    "export": {"format": "hf", "verify": True},
+}
+
+STAGE_ORDER = list(STAGE_DEFAULTS)
+TOP_LEVEL_KEYS = {"name", "description", "seed", "model", "stages"}
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    model: dict[str, Any]  # resolved ModelConfig fields (preset + overrides)
+    preset: str
+    stages: dict[str, dict[str, Any]]  # every stage's full config (defaults filled in)
+    seed: int = 0
+    description: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+    def model_config(self):
+        from llm_lifecycle.models.config import ModelConfig
+
+        return ModelConfig.from_dict(self.model)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"recipe file not found: {candidate}")
+        return candidate
+    path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown recipe '{name_or_path}'; known recipes: {', '.join(list_recipes())} "
+            "(or pass a path to a recipe .yaml)"
+        )
+    return path
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file and re-run") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set pretrain.steps=500")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    """`pretrain.lr=1e-3` sets stages.pretrain.lr; `model.dim=512` and `seed=1` as written."""
+    if keys[0] in STAGE_DEFAULTS:
+        keys = ["stages", *keys]
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    if default is None or value is None and default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(
+            f"{where}: expected {type(default).__name__}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
+    defaults = STAGE_DEFAULTS[stage]
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{recipe_file}: stages.{stage}: expected a mapping of settings")
+    merged = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise ConfigError(
+                f"{recipe_file}: stages.{stage}.{key}: unknown setting; "
+                f"valid: {', '.join(sorted(defaults))}"
+            )
+        _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+        merged[key] = value
+    return merged
+
+
+def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[str, dict]:
+    from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.models.presets import list_presets, load_preset
+
+    if not isinstance(section, dict) or "preset" not in section:
+        raise ConfigError(f"{recipe_file}: model: expected a mapping with 'preset' (one of {', '.join(list_presets())})")
+    overrides = dict(section)
+    preset = overrides.pop("preset")
+    try:
+        fields = {**load_preset(preset), **overrides}
+    except ValueError as err:
+        raise ConfigError(f"{recipe_file}: model.preset: {err}") from None
+    fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
+    try:
+        cfg = ModelConfig.from_dict(fields)
+        cfg.validate()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{recipe_file}: model: {err}") from None
+    return preset, cfg.to_dict()
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = recipe_path(name_or_path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _apply_override(data, keys, value)
+    unknown = set(data) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+        )
+    stages_given = data.get("stages") or {}
+    if not isinstance(stages_given, dict):
+        raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
+    for stage in stages_given:
+        if stage not in STAGE_DEFAULTS:
+            raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
+    stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
+    seed = data.get("seed", 0)
+    _check_type(f"{path}: seed", seed, 0)
+    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    return Recipe(
+        name=str(data.get("name") or path.stem),
+        path=path,
+        model=model,
+        preset=preset,
+        stages=stages,
+        seed=seed,
+        description=str(data.get("description", "")),
+        overrides=list(overrides),
+    )

@@ -1,0 +1,129 @@
+"""The stage contract: every stage is `run(ctx, cfg) -> StageResult`.
+
+A stage reads its validated config section (`cfg`, a plain dict), the outputs of the
+stages before it (`ctx.upstream`), writes everything it makes under `ctx.stage_dir`, and
+returns the paths and summary metrics. Tracking goes through `ctx.tracker`, progress
+through `ctx.progress`. The runner handles fingerprints, caching, MLflow runs and model
+registration, so a stage module stays one readable function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, str] = field(default_factory=dict)  # name -> absolute path
+    metrics: dict[str, float] = field(default_factory=dict)
+    # For model-making stages: the model directory (our checkpoint layout) to log as an
+    # MLflow model and register under the recipe's name with `model_alias` as alias.
+    model_dir: str | None = None
+    model_alias: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StageResult":
+        return cls(**data)
+
+
+class Tracker(Protocol):
+    """What a stage may log; the runner's implementation writes to MLflow."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: dict | list, artifact_file: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_input(self, path: str | Path, name: str, context: str) -> None:
+        """Record a data file as an MLflow dataset input (with its content hash)."""
+        ...
+
+
+class ProgressTask(Protocol):
+    def advance(self, n: float = 1) -> None: ...
+    def update(self, *, total: float | None = None, description: str | None = None) -> None: ...
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: float | None = None) -> AbstractContextManager[ProgressTask]: ...
+    def log(self, message: str) -> None: ...
+
+
+@dataclass
+class StageContext:
+    stage: str
+    recipe: "Any"  # workflows.recipe.Recipe: name, model config dict, every stage's config
+    workspace: Path  # the LLM_HOME root (./llm-runs by default)
+    stage_dir: Path  # where this stage writes: <workspace>/<recipe>/<stage>/<fingerprint>
+    upstream: dict[str, StageResult]  # completed results of earlier stages, by stage name
+    tracker: Tracker
+    progress: Progress
+    seed: int = 0
+
+    def upstream_output(self, stage: str, name: str) -> Path:
+        """The path an earlier stage produced, or a clear error naming what is missing."""
+        result = self.upstream.get(stage)
+        if result is None or name not in result.outputs:
+            raise UserError(
+                f"stage '{self.stage}' needs output '{name}' of stage '{stage}', which has not run; "
+                f"run `llm pipeline {self.recipe.name} --stages {stage},{self.stage}`"
+            )
+        return Path(result.outputs[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic file writes: a crash or kill never leaves a half-written file behind.
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+class _SilentTask:
+    def advance(self, n: float = 1) -> None:
+        pass
+
+    def update(self, *, total: float | None = None, description: str | None = None) -> None:
+        pass
+
+
+class SilentProgress:
+    """A `Progress` that shows nothing: for library use and tests."""
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[_SilentTask]:
+        yield _SilentTask()
+
+    def log(self, message: str) -> None:
+        pass
