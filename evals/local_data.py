@@ -1,0 +1,189 @@
+"""Benchmarks from local files in their official layouts, handed to lm-eval's own tasks.
+
+A data folder holds one sub-folder per benchmark:
+
+    DIR/mmlu/{dev,val,test}/<subject>_<split>.csv   no header: question,A,B,C,D,answer-letter
+    DIR/ceval/{dev,val}/<subject>_<split>.csv       header: id,question,A,B,C,D,answer[,explanation]
+    DIR/gsm8k/{train,test}.jsonl                    {"question", "answer"}
+
+`build_mirror` converts one benchmark into a folder that `datasets.load_dataset(folder, name)`
+reads exactly like the hub repository lm-eval's task points at (same configs, split names and
+columns), so the real lm-eval task runs unchanged except for `dataset_path`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BUILTIN_DATA_DIR = Path(__file__).parent / "builtin"
+
+# What the shipped mirror's splits really are (see builtin/PROVENANCE.md); copied into reports.
+BUILTIN_SPLIT_NOTES = {
+    "gsm8k": "gsm8k 'test' is the builtin mirror: the last 200 rows of the official GSM8K train split, "
+    "held out from the few-shot pool (train rows 1-200); not comparable with GSM8K test scores",
+}
+
+
+class EvalError(ValueError):
+    """A problem the user can fix (unknown suite, missing or malformed data)."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    hub_dataset: str  # where lm-eval reads it when no data folder is given
+    layout: str  # the files we look for, for error messages
+
+
+BENCHMARKS = {
+    "mmlu": Benchmark("mmlu", "cais/mmlu", "mmlu/{test,val,dev}/<subject>_<split>.csv (official MMLU CSVs, no header)"),
+    "ceval": Benchmark(
+        "ceval", "ceval/ceval-exam", "ceval/{val,dev}/<subject>_<split>.csv (official C-Eval CSVs, with header)"
+    ),
+    "gsm8k": Benchmark("gsm8k", "openai/gsm8k", "gsm8k/test.jsonl and gsm8k/train.jsonl (official GSM8K jsonl)"),
+}
+
+
+@dataclass
+class LocalMirror:
+    """A converted benchmark: where it is, what to override in lm-eval's task configs, which splits."""
+
+    path: Path
+    task_overrides: dict
+    splits: dict[str, str]  # role ("eval", "fewshot") -> the official split name used
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """None stays None (lm-eval reads the hub); 'builtin' is the shipped mirror."""
+    if data_dir is None:
+        return None
+    if str(data_dir) == "builtin":
+        return BUILTIN_DATA_DIR
+    return Path(data_dir).expanduser()
+
+
+def build_mirror(benchmark: str, data_dir: Path, subjects: list[str], out_dir: Path) -> LocalMirror:
+    """Convert `data_dir/<benchmark>` into a hub-shaped folder under `out_dir`.
+
+    `subjects` are the dataset config names lm-eval's tasks ask for (e.g. 'abstract_algebra'),
+    ignored for GSM8K which has one config.
+    """
+    build = {"mmlu": _mmlu, "ceval": _ceval, "gsm8k": _gsm8k}[benchmark]
+    mirror = build(data_dir / benchmark, subjects, out_dir / benchmark)
+    mirror.task_overrides["dataset_path"] = str(mirror.path)
+    # Keep datasets' Arrow cache with the mirror so nothing is left behind in ~/.cache.
+    mirror.task_overrides["dataset_kwargs"] = {"cache_dir": str(out_dir / "hf-datasets-cache")}
+    if data_dir.resolve() == BUILTIN_DATA_DIR.resolve() and benchmark in BUILTIN_SPLIT_NOTES:
+        mirror.notes.append(BUILTIN_SPLIT_NOTES[benchmark])
+    return mirror
+
+
+def _mmlu(root: Path, subjects: list[str], out: Path) -> LocalMirror:
+    """MMLU as `cais/mmlu`: columns question, subject, choices, answer (0-3); splits test/validation/dev."""
+    _require_split(root, "dev", subjects, "mmlu", "few-shot examples")
+    notes = []
+    if (root / "test").is_dir():
+        _require_split(root, "test", subjects, "mmlu", "the evaluation split")
+        eval_split = "test"
+    else:
+        _require_split(root, "val", subjects, "mmlu", "the evaluation split (no test/ folder found)")
+        eval_split = "val"
+        notes.append(f"mmlu: no test split in {root}; evaluated on the official val split instead")
+    hub_split = {"test": "test", "val": "validation", "dev": "dev"}
+
+    def rows(subject: str, split: str):
+        for line_no, row in enumerate(_read_csv(root / split / f"{subject}_{split}.csv"), 1):
+            if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                where = root / split / f"{subject}_{split}.csv"
+                raise EvalError(f"{where}:{line_no}: expected 6 columns: question,A,B,C,D,answer-letter")
+            yield {"question": row[0], "subject": subject, "choices": row[1:5], "answer": "ABCD".index(row[5].strip())}
+
+    configs = {
+        s: {hub_split[split]: list(rows(s, split)) for split in (eval_split, "dev")} for s in subjects
+    }
+    overrides = {} if eval_split == "test" else {"test_split": "validation"}
+    return _write_mirror(out, configs, overrides, {"eval": eval_split, "fewshot": "dev"}, notes)
+
+
+def _ceval(root: Path, subjects: list[str], out: Path) -> LocalMirror:
+    """C-Eval as `ceval/ceval-exam`: columns id, question, A-D, answer (letter), explanation; splits val/dev."""
+    for split, role in (("val", "the evaluation split"), ("dev", "few-shot examples")):
+        _require_split(root, split, subjects, "ceval", role)
+
+    def rows(subject: str, split: str):
+        path = root / split / f"{subject}_{split}.csv"
+        reader = _read_csv(path)
+        header = next(reader, [])
+        missing = {"id", "question", "A", "B", "C", "D", "answer"} - set(header)
+        if missing:
+            raise EvalError(
+                f"{path}: header lacks {sorted(missing)}; expected id,question,A,B,C,D,answer[,explanation]"
+            )
+        for row in reader:
+            record = dict(zip(header, row))
+            yield {
+                "id": int(record["id"]),
+                **{k: record[k] for k in ("question", "A", "B", "C", "D", "answer")},
+                "explanation": record.get("explanation", ""),
+            }
+
+    configs = {s: {split: list(rows(s, split)) for split in ("val", "dev")} for s in subjects}
+    return _write_mirror(out, configs, {}, {"eval": "val", "fewshot": "dev"}, [])
+
+
+def _gsm8k(root: Path, subjects: list[str], out: Path) -> LocalMirror:
+    """GSM8K as `openai/gsm8k` config `main`: columns question, answer; splits train/test."""
+    paths = {split: root / f"{split}.jsonl" for split in ("test", "train")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise EvalError(
+            f"gsm8k: missing {', '.join(missing)} (test is evaluated, train gives the few-shot examples); "
+            f"put the official GSM8K jsonl files there, or use --data-dir builtin"
+        )
+
+    def rows(path: Path):
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if not {"question", "answer"} <= record.keys():
+                    raise EvalError(f"{path}:{line_no}: expected keys 'question' and 'answer'")
+                yield {"question": record["question"], "answer": record["answer"]}
+
+    configs = {"main": {split: list(rows(path)) for split, path in paths.items()}}
+    return _write_mirror(out, configs, {}, {"eval": "test", "fewshot": "train"}, [])
+
+
+def _require_split(root: Path, split: str, subjects: list[str], benchmark: str, role: str) -> None:
+    missing = [root / split / f"{s}_{split}.csv" for s in subjects if not (root / split / f"{s}_{split}.csv").is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise EvalError(
+            f"{benchmark}: {role} not found: missing {shown}; "
+            f"expected the official layout {BENCHMARKS[benchmark].layout} under the data folder"
+        )
+
+
+def _read_csv(path: Path):
+    with path.open(newline="", encoding="utf-8") as f:
+        yield from csv.reader(f)
+
+
+def _write_mirror(out: Path, configs: dict, overrides: dict, splits: dict, notes: list) -> LocalMirror:
+    """One jsonl per (config, split) and a README whose `configs:` block maps them like a hub repo."""
+    card = []
+    for name, by_split in configs.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for split, records in by_split.items():
+            with (out / name / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        card.append(
+            {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}.jsonl"} for s in by_split]}
+        )
+    (out / "README.md").write_text("---\n" + yaml.safe_dump({"configs": card}) + "---\n", encoding="utf-8")
+    return LocalMirror(out, dict(overrides), splits, list(notes))

@@ -1,0 +1,97 @@
+"""Our model directory: config.json + model.safetensors + tokenizer.json (docs/CONTRACTS.md).
+
+Writes are atomic: everything goes into a temporary directory beside the target, which is
+then renamed into place, so a crash leaves either the old directory or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+
+from llm_lifecycle.models.config import ModelConfig
+from llm_lifecycle.models.decoder import Decoder
+
+FORMAT = "llm-lifecycle"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 in trained tokenizers
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def save_model_dir(path: str | Path, model: Decoder, tokenizer, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model` (and its `tokenizers.Tokenizer`) to `path`, replacing what was there."""
+    reserved = {"format", "model"} & set(extra or {})
+    if reserved:
+        raise ValueError(f"extra may not set {', '.join(sorted(reserved))}: they describe the model itself")
+    with atomic_dir(path) as tmp:
+        config = {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        # save_model stores tied tensors once and checks nothing shares memory unexpectedly.
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / TOKENIZER_FILE))
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; on success it replaces `path`,
+    on any error it is removed and `path` is left as it was."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`. A directory cannot be renamed over a non-empty one, so the
+    old one is first moved aside (one rename), then removed once the new one is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)  # put the old one back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a model directory, checked to be ours."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no {CONFIG_FILE})")
+    config = json.loads(file.read_text(encoding="utf-8"))
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{file}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_model_dir(path: str | Path, device: str = "cpu"):
+    """(Decoder in eval mode on `device`, tokenizers.Tokenizer or None when the directory has none)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    cfg = ModelConfig.from_dict(read_config(path)["model"])
+    model = Decoder(cfg)
+    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    model.to(device)
+    tokenizer_file = path / TOKENIZER_FILE
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
+    return model.eval(), tokenizer

@@ -1,0 +1,497 @@
+"""Data stages on real text: fetch (builtin, local txt/jsonl/parquet, hf:// offline), clean
+(rule filters, exact and near dedup, held-out split), tokenizer training and token shards."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import unicodedata  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from llm_lifecycle.workflows import data, shards, tokenizer  # noqa: E402
+from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError  # noqa: E402
+
+C4_FILE = data.BUILTIN_DIR / "corpus" / "en_c4_demo.jsonl.gz"
+POETRY_FILE = data.BUILTIN_DIR / "corpus" / "zh_chinese_poetry.jsonl.gz"
+
+
+# ---------------------------------------------------------------------------------------
+# A StageContext with an in-memory tracker and a progress that records what it was told.
+
+
+class MemoryTracker:
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+        self.params: dict = {}
+        self.artifacts: list[Path] = []
+        self.dicts: dict[str, dict | list] = {}
+        self.texts: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.inputs: list[tuple[Path, str, str]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(Path(path))
+
+    def log_dict(self, data, artifact_file):
+        self.dicts[artifact_file] = data
+
+    def log_text(self, text, artifact_file):
+        self.texts[artifact_file] = text
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_input(self, path, name, context):
+        assert Path(path).exists()
+        self.inputs.append((Path(path), name, context))
+
+
+class RecordingTask:
+    def __init__(self):
+        self.done = 0.0
+
+    def advance(self, n=1):
+        self.done += n
+
+    def update(self, *, total=None, description=None):
+        pass
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.tasks: dict[str, RecordingTask] = {}
+        self.messages: list[str] = []
+
+    @contextmanager
+    def task(self, description, total=None):
+        self.tasks[description] = RecordingTask()
+        yield self.tasks[description]
+
+    def log(self, message):
+        self.messages.append(message)
+
+
+def make_ctx(root: Path, stage: str, upstream: dict[str, StageResult] | None = None, seed: int = 0) -> StageContext:
+    stage_dir = root / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        stage=stage,
+        recipe=SimpleNamespace(name="test"),
+        workspace=root,
+        stage_dir=stage_dir,
+        upstream=dict(upstream or {}),
+        tracker=MemoryTracker(),
+        progress=RecordingProgress(),
+        seed=seed,
+    )
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def builtin_texts(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+# ---------------------------------------------------------------------------------------
+# The whole builtin corpus through the four stages, once per module.
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data-stages")
+    start = time.perf_counter()
+    ctxs, results = {}, {}
+    for stage, fn, cfg in [
+        ("data-fetch", data.fetch, {"sources": [{"uri": "builtin:corpus"}]}),
+        ("data-clean", data.clean, {}),
+        ("tokenizer-train", tokenizer.train_tokenizer, {"vocab_size": 1024}),
+        ("tokenize", tokenizer.tokenize, {"shard_tokens": 1 << 16}),
+    ]:
+        ctxs[stage] = make_ctx(root, stage, results)
+        results[stage] = fn(ctxs[stage], cfg)
+    return SimpleNamespace(root=root, ctx=ctxs, result=results, seconds=time.perf_counter() - start)
+
+
+def test_builtin_corpus_runs_all_data_stages_quickly(pipeline):
+    assert pipeline.seconds < 60, f"fetch+clean+tokenizer+tokenize took {pipeline.seconds:.0f} s"
+    fetch = pipeline.result["data-fetch"]
+    docs = read_jsonl(fetch.outputs["documents"])
+    assert len(docs) == fetch.metrics["fetch.docs"] > 4000
+    sources = {d["source"] for d in docs}
+    assert sources == {
+        f"builtin:corpus/{f}"
+        for f in (
+            "en_c4_demo.jsonl.gz",
+            "en_tinyshakespeare.jsonl.gz",
+            "en_wiki_demo.jsonl.gz",
+            "zh_chinese_poetry.jsonl.gz",
+        )
+    }
+    assert pipeline.ctx["data-fetch"].tracker.inputs == [(data.BUILTIN_DIR / "corpus", "builtin:corpus", "data-fetch")]
+    assert fetch.metrics["fetch.builtin:corpus.chars"] == sum(len(d["text"]) for d in docs)
+
+
+def test_clean_report_and_metrics_on_builtin(pipeline):
+    clean = pipeline.result["data-clean"]
+    report = json.loads(Path(clean.outputs["report"]).read_text())
+    assert pipeline.ctx["data-clean"].tracker.dicts["report.json"] == report
+    train, heldout = read_jsonl(clean.outputs["clean"]), read_jsonl(clean.outputs["heldout"])
+    assert report["kept"] == len(train) + len(heldout) == clean.metrics["clean.kept"]
+    removed = sum(step["removed"] for step in report["steps"].values())
+    assert report["kept"] + removed == report["input_documents"]
+    # Shakespeare's one-line speeches are below min_chars; the examples show them, truncated.
+    assert report["steps"]["min_chars"]["removed"] > 0 and 1 <= len(report["steps"]["min_chars"]["examples"]) <= 3
+    assert clean.metrics["clean.removed.min_chars"] == report["steps"]["min_chars"]["removed"]
+    assert 0.005 < len(heldout) / report["kept"] < 0.05  # holdout_fraction 0.02
+    assert any(data.is_cjk(d["text"]) for d in heldout) and any(not data.is_cjk(d["text"]) for d in heldout)
+    assert not {d["text"] for d in heldout} & {d["text"] for d in train}
+
+
+# ---------------------------------------------------------------------------------------
+# data-fetch
+
+
+def fetch_docs(tmp_path, sources, seed=0) -> tuple[list[dict], StageResult]:
+    ctx = make_ctx(tmp_path, "data-fetch", seed=seed)
+    result = data.fetch(ctx, {"sources": sources})
+    return read_jsonl(result.outputs["documents"]), result
+
+
+def test_fetch_local_txt_splits(tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("first line\nsecond line\n\n\nthird line\n  \nfourth\n", encoding="utf-8")
+    by_split = {s: fetch_docs(tmp_path / s, [{"uri": str(txt), "split": s}])[0] for s in data.TXT_SPLITS}
+    assert [d["text"] for d in by_split["paragraph"]] == ["first line\nsecond line", "third line", "fourth"]
+    assert [d["text"] for d in by_split["line"]] == ["first line", "second line", "third line", "fourth"]
+    assert [d["text"] for d in by_split["file"]] == ["first line\nsecond line\n\n\nthird line\n  \nfourth"]
+    assert {d["source"] for d in by_split["line"]} == {str(txt)}
+
+
+def test_fetch_local_folder_of_jsonl_gz_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jsonl").write_text('{"content": "alpha doc", "id": 1}\n\n{"content": "beta doc"}\n', encoding="utf-8")
+    with gzip.open(folder / "sub" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"content": "中文文档 gamma"}, ensure_ascii=False) + "\n")
+    pq.write_table(pa.table({"content": ["delta doc", None, "epsilon doc"], "n": [1, 2, 3]}), folder / "c.parquet")
+    (folder / "README.md").write_text("not data", encoding="utf-8")
+    docs, result = fetch_docs(tmp_path, [{"uri": str(folder), "text_field": "content"}])
+    assert [(d["text"], d["source"]) for d in docs] == [
+        ("alpha doc", f"{folder}/a.jsonl"),
+        ("beta doc", f"{folder}/a.jsonl"),
+        ("delta doc", f"{folder}/c.parquet"),
+        ("epsilon doc", f"{folder}/c.parquet"),
+        ("中文文档 gamma", f"{folder}/sub/b.jsonl.gz"),
+    ]
+    assert result.metrics["fetch.docs"] == 5
+
+    with pytest.raises(UserError, match=r"a\.jsonl:1: no field 'text' \(has: content, id\)"):
+        fetch_docs(tmp_path / "default-field", [{"uri": str(folder / "a.jsonl")}])
+    with pytest.raises(UserError, match="no column 'text'"):
+        fetch_docs(tmp_path / "parquet-field", [{"uri": str(folder / "c.parquet")}])
+
+
+def test_fetch_weights_and_limits(tmp_path):
+    c4 = "builtin:corpus/en_c4_demo.jsonl.gz"
+    poems = "builtin:corpus/zh_chinese_poetry.jsonl.gz"
+    docs, result = fetch_docs(
+        tmp_path / "a", [{"uri": c4, "limit": 30, "weight": 2}, {"uri": poems, "limit": 400, "weight": 0.5}]
+    )
+    c4_docs = [d for d in docs if d["source"] == c4]
+    poem_docs = [d for d in docs if d["source"] == poems]
+    assert len(c4_docs) == 30 and {d["repeat"] for d in c4_docs} == {2}
+    assert {d["repeat"] for d in poem_docs} == {1} and 150 < len(poem_docs) < 250
+    assert result.metrics[f"fetch.{c4}.weighted_docs"] == 60 and result.metrics[f"fetch.{poems}.docs"] == 400
+    again, _ = fetch_docs(
+        tmp_path / "b", [{"uri": c4, "limit": 30, "weight": 2}, {"uri": poems, "limit": 400, "weight": 0.5}]
+    )
+    assert again == docs  # the fractional sample is deterministic
+
+
+def test_fetch_errors_are_one_clear_line(tmp_path):
+    missing = tmp_path / "no" / "such.jsonl"
+    with pytest.raises(UserError) as err:
+        fetch_docs(tmp_path, [{"uri": "builtin:corpus"}, {"uri": str(missing)}])
+    assert "stages.data-fetch.sources[1].uri" in str(err.value) and str(missing) in str(err.value)
+
+    with pytest.raises(UserError) as err:
+        fetch_docs(tmp_path, [{"uri": "builtin:nope"}])
+    assert "builtin:nope" in str(err.value) and "builtin:corpus" in str(err.value)
+
+    with pytest.raises(UserError, match=r"sources\[0\]\.uri: no \.txt, \.jsonl, \.jsonl\.gz, \.parquet files at"):
+        fetch_docs(tmp_path, [{"uri": "builtin:chat/zh_oasst1_sft_zh.json"}])
+
+    with pytest.raises(UserError, match=r"sources\[0\]\.wieght: unknown setting"):
+        fetch_docs(tmp_path, [{"uri": "builtin:corpus", "wieght": 2}])
+
+
+def test_fetch_hf_offline_is_a_user_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as err:
+        fetch_docs(tmp_path, [{"uri": "hf://datasets/llm-lifecycle-tests/not-cached/data/train.jsonl"}])
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "cannot reach the Hugging Face hub to fetch hf://datasets/llm-lifecycle-tests/not-cached:"
+    )
+    assert "builtin:NAME" in message
+
+
+# ---------------------------------------------------------------------------------------
+# data-clean
+
+
+def distinct_docs() -> tuple[list[str], list[str]]:
+    english = [
+        t for t in builtin_texts(C4_FILE) if 400 <= len(t) <= 5000 and not data.rule_failure(t, data.QualityRules())
+    ][:25]
+    chinese = [t for t in builtin_texts(POETRY_FILE) if len(t) >= 150][:15]
+    return english, chinese
+
+
+def run_clean(tmp_path, docs: list[dict], cfg: dict | None = None) -> tuple[StageResult, MemoryTracker]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    documents = tmp_path / "documents.jsonl"
+    documents.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    ctx = make_ctx(tmp_path, "data-clean", {"data-fetch": StageResult(outputs={"documents": str(documents)})})
+    return data.clean(ctx, cfg or {}), ctx.tracker
+
+
+def test_clean_removes_planted_exact_and_near_duplicates(tmp_path):
+    english, chinese = distinct_docs()
+    exact_copy = "  " + english[3].upper().replace(" ", "   \n") + " "  # same after NFKC/lower/whitespace
+    words = english[7].split()
+    words[len(words) // 2] = "zebra"
+    near_copy = " ".join(words)
+    near_copy_zh = chinese[2][:60] + "鹤" + chinese[2][61:]
+    texts = english + chinese + [exact_copy, near_copy, near_copy_zh]
+    result, tracker = run_clean(tmp_path, [{"text": t, "source": "test", "repeat": 1} for t in texts])
+
+    report = json.loads(Path(result.outputs["report"]).read_text())
+    assert report["steps"]["exact_dedup"]["removed"] == 1
+    assert report["steps"]["minhash_dedup"]["removed"] == 2
+    assert {e["text"][:40] for e in report["steps"]["minhash_dedup"]["examples"]} == {near_copy[:40], near_copy_zh[:40]}
+    assert result.metrics["clean.removed.exact_dedup"] == 1 and result.metrics["clean.removed.minhash_dedup"] == 2
+    kept = [d["text"] for d in read_jsonl(result.outputs["clean"]) + read_jsonl(result.outputs["heldout"])]
+    assert sorted(kept) == sorted(english + chinese)  # every distinct document survives, once
+    assert tracker.dicts["report.json"] == report
+
+
+def test_clean_repeats_survive_dedup_and_holdout_is_by_content(tmp_path):
+    english, chinese = distinct_docs()
+    docs = [{"text": t, "source": "en", "repeat": 3} for t in english] + [{"text": t, "source": "zh"} for t in chinese]
+    result, _ = run_clean(tmp_path / "a", docs, {"holdout_fraction": 0.2})
+    train, heldout = read_jsonl(result.outputs["clean"]), read_jsonl(result.outputs["heldout"])
+    assert heldout and len({d["text"] for d in heldout}) == len(heldout)
+    for text in english:
+        copies = sum(d["text"] == text for d in train)
+        assert copies == (0 if text in {d["text"] for d in heldout} else 3)
+
+    reordered, _ = run_clean(tmp_path / "b", docs[::-1], {"holdout_fraction": 0.2})
+    assert {d["text"] for d in read_jsonl(reordered.outputs["heldout"])} == {d["text"] for d in heldout}
+
+
+def test_rule_filters_measure_cjk_in_characters():
+    rules = data.QualityRules()
+    english, chinese = distinct_docs()
+    assert data.rule_failure(english[0], rules) is None
+    assert all(data.rule_failure(t, rules) is None for t in chinese)  # no spaces, yet not "one long word"
+    assert data.rule_failure("a b c d e f g h i j k l m n o p", rules) == "mean_word_length"
+    assert data.rule_failure("### Title ### more ### words ### here " * 5, rules) == "symbol_ratio"
+    assert (
+        data.rule_failure(
+            "\n".join(
+                [
+                    "then the old man walked slowly down the long road into town...",
+                    "and nobody there had seen him for years and years...",
+                    "a plain line of text",
+                ]
+            ),
+            rules,
+        )
+        == "ellipsis_lines"
+    )
+    assert (
+        data.rule_failure("\n".join(["Click here to subscribe now"] * 5 + ["The actual content"]), rules)
+        == "duplicate_lines"
+    )
+    assert data.word_count("床前明月光 moon light") == 7
+
+
+def test_clean_with_everything_removed_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="removed all 1 documents"):
+        run_clean(tmp_path, [{"text": "too short", "source": "x"}])
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_specials_digits_and_chinese(pipeline):
+    path = pipeline.result["tokenizer-train"].outputs["tokenizer"]
+    tok = Tokenizer.from_file(path)
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    assert tok.get_vocab_size() == 1024
+
+    ids = tok.encode("In 2024, 31415 people paid $1999.").ids
+    pieces = [tok.decode([i]) for i in ids]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces)
+    assert [p.strip() for p in pieces if any(c.isdigit() for c in p)] == list("2024") + list("31415") + list("1999")
+
+    # Seen and unseen characters (a rare CJK Extension B ideograph, an emoji) round-trip: byte fallback.
+    for text in ["关关雎鸠，在河之洲。窈窕淑女，君子好逑。", "学而时习之，不亦说乎？𠀀🦙 mixed English 文本"]:
+        assert tok.decode(tok.encode(text).ids) == unicodedata.normalize("NFC", text)
+    assert tok.decode(tok.encode("<|im_start|>user\nhi<|im_end|>").ids[:1], skip_special_tokens=False) == "<|im_start|>"
+
+    metrics = pipeline.result["tokenizer-train"].metrics
+    assert metrics["vocab_size"] == 1024
+    assert 1.0 < metrics["bytes_per_token.zh"] and 1.5 < metrics["bytes_per_token.en"]
+
+
+def test_tokenizer_vocab_too_small_is_a_user_error():
+    with pytest.raises(UserError, match="vocab_size: 100 is below 259"):
+        tokenizer.train_bpe(["some text"], vocab_size=100)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenize and shards
+
+
+def test_tokenize_packs_documents_with_end_of_text(pipeline):
+    result = pipeline.result["tokenize"]
+    tok = Tokenizer.from_file(pipeline.result["tokenizer-train"].outputs["tokenizer"])
+    train = shards.TokenShards(result.outputs["train"])
+    assert train.dtype == np.uint16 and len(train.shards) > 1  # 64 Ki-token shards
+    assert len(train) == result.metrics["tokens.train"]
+    clean_docs = read_jsonl(pipeline.result["data-clean"].outputs["clean"])
+    assert train.num_documents == len(clean_docs) == result.metrics["documents.train"]
+    offsets = np.asarray(train.doc_offsets)
+    assert offsets[0] == 0 and offsets[-1] == len(train)
+    assert all(train.tokens[int(end) - 1] == tok.token_to_id("<|endoftext|>") for end in offsets[1:])
+    for i in (0, len(clean_docs) // 2, len(clean_docs) - 1):  # documents decode back to their text
+        ids = train.tokens[int(offsets[i]) : int(offsets[i + 1]) - 1].tolist()
+        assert tok.decode(ids) == unicodedata.normalize("NFC", clean_docs[i]["text"])
+    heldout = shards.TokenShards(result.outputs["heldout"])
+    assert len(heldout) == result.metrics["tokens.heldout"] > 1000
+
+
+def test_tokenize_rerun_writes_nothing(pipeline):
+    out = Path(pipeline.result["tokenize"].outputs["train"])
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+    ctx = make_ctx(pipeline.root, "tokenize", pipeline.result)
+    again = tokenizer.tokenize(ctx, {"shard_tokens": 1 << 16})
+    assert again.metrics == pipeline.result["tokenize"].metrics
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def random_documents(n_docs: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.append(rng.integers(1, vocab, size=rng.integers(5, 60)), 0) for _ in range(n_docs)]
+
+
+def test_write_shards_resumes_without_rewriting_complete_shards(tmp_path):
+    docs = random_documents(200, vocab=500)
+    stats = shards.write_shards(tmp_path, docs, vocab_size=500, shard_tokens=1000)
+    assert stats.shards == stats.written == -(-stats.tokens // 1000) >= 4
+    expected = np.concatenate(docs)
+
+    def file_ids():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+
+    before = file_ids()
+    assert shards.write_shards(tmp_path, docs, vocab_size=500, shard_tokens=1000).written == 0
+    assert file_ids() == before  # a finished folder is left untouched, index included
+
+    # A run killed while writing shard 2: the index lists shards 0-1, shard 2 is missing.
+    index = json.loads((tmp_path / "index.json").read_text())
+    (tmp_path / "index.json").write_text(json.dumps({**index, "shards": index["shards"][:2], "complete": False}))
+    (tmp_path / "shard_00002.bin").unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        shards.TokenShards(tmp_path)
+    resumed = shards.write_shards(tmp_path, docs, vocab_size=500, shard_tokens=1000)
+    assert resumed.written == stats.shards - 2
+    after = file_ids()
+    assert all(after[f"shard_0000{i}.bin"] == before[f"shard_0000{i}.bin"] for i in (0, 1))
+    np.testing.assert_array_equal(np.asarray(shards.TokenShards(tmp_path).tokens), expected)
+
+
+def test_token_dtype_follows_vocabulary(tmp_path):
+    assert shards.token_dtype(512) == np.uint16 and shards.token_dtype(65536) == np.uint16
+    assert shards.token_dtype(65537) == np.uint32 and shards.token_dtype(151_936) == np.uint32
+    shards.write_shards(tmp_path, [[70_000, 1, 151_935, 0]], vocab_size=151_936)
+    big = shards.TokenShards(tmp_path)
+    assert big.dtype == np.uint32 and (tmp_path / "shard_00000.bin").stat().st_size == 16
+    assert big.tokens[:].tolist() == [70_000, 1, 151_935, 0]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        shards.write_shards(tmp_path / "bad", [[3, 600]], vocab_size=512)
+
+
+def test_batches_are_a_function_of_seed_and_step(tmp_path):
+    docs = random_documents(300, vocab=1000, seed=1)
+    shards.write_shards(tmp_path, docs, vocab_size=1000, shard_tokens=777)  # windows cross shard ends
+    packed = shards.TokenShards(tmp_path)
+    all_windows = np.lib.stride_tricks.sliding_window_view(np.concatenate(docs), 32)
+    stream = packed.batches(batch_size=4, seq_len=32, seed=7)
+    first = [next(stream) for _ in range(6)]
+    resumed = packed.batches(batch_size=4, seq_len=32, seed=7, start_step=3)
+    for inputs, targets in first[3:]:
+        again_inputs, again_targets = next(resumed)
+        assert torch.equal(inputs, again_inputs) and torch.equal(targets, again_targets)
+    assert torch.equal(packed.batch(5, batch_size=4, seq_len=32, seed=7)[0], first[5][0])
+    for inputs, targets in first:
+        assert inputs.shape == targets.shape == (4, 32) and inputs.dtype == torch.long
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+        for row in inputs.numpy():  # every row is a real window of the token stream
+            assert (all_windows == row).all(axis=1).any()
+    other_seed = next(packed.batches(batch_size=4, seq_len=32, seed=8))
+    assert not torch.equal(other_seed[0], first[0][0])
+    with pytest.raises(UserError, match="fewer than one window"):
+        packed.batches(batch_size=1, seq_len=len(packed), seed=0)
+
+
+def test_token_view_and_sequential_windows_cover_the_stream(tmp_path):
+    docs = random_documents(50, vocab=300, seed=2) + [np.arange(1000) % 300] + random_documents(50, vocab=300, seed=3)
+    stats = shards.write_shards(tmp_path, docs, vocab_size=300, shard_tokens=256)  # one document spans 4+ shards
+    assert stats.shards == -(-stats.tokens // 256)
+    packed = shards.TokenShards(tmp_path)
+    stream = np.concatenate(docs)
+    assert len(packed) == len(packed.tokens) == stream.size
+    np.testing.assert_array_equal(packed.doc_offsets, np.cumsum([0] + [len(d) for d in docs]))
+    np.testing.assert_array_equal(packed.tokens[250:530], stream[250:530])
+    np.testing.assert_array_equal(packed.tokens[-5:], stream[-5:])
+    assert packed.tokens[600] == stream[600]
+    windows = list(packed.sequential_windows(seq_len=64, batch_size=3))
+    inputs = torch.cat([w[0] for w in windows]).reshape(-1)
+    targets = torch.cat([w[1] for w in windows]).reshape(-1)
+    count = (stream.size - 1) // 64
+    np.testing.assert_array_equal(inputs.numpy(), stream[: count * 64])
+    np.testing.assert_array_equal(targets.numpy(), stream[1 : count * 64 + 1])
+    assert len(list(packed.sequential_windows(seq_len=64, max_windows=2))) == 2

@@ -1,0 +1,175 @@
+"""Export to / import from Hugging Face checkpoints, checked against transformers itself."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # noqa: E402
+from llm_lifecycle.models.config import ModelConfig  # noqa: E402
+from llm_lifecycle.models.decoder import Decoder  # noqa: E402
+from llm_lifecycle.models.generate import generate  # noqa: E402
+from llm_lifecycle.models.hf import export_hf, import_hf, load_hf  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+LLAMA = dict(BASE, family="llama")
+QWEN3_MOE = dict(BASE, family="qwen3_moe", qk_norm=True, tie_embeddings=False, n_experts=4, n_experts_per_token=2,
+                 moe_ffn_dim=24, norm_eps=1e-6)
+CASES = {
+    "llama": (LLAMA, "LlamaForCausalLM"),
+    "llama-untied-bias-yarn": (
+        dict(LLAMA, tie_embeddings=False, qkv_bias=True, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}),
+        "LlamaForCausalLM",
+    ),
+    "llama-ntk": (dict(LLAMA, rope_scaling={"type": "ntk", "factor": 3.0}), "LlamaForCausalLM"),
+    # Llama 3.1's rule; a short original context so all three frequency bands occur at head_dim 8
+    "llama-llama3": (
+        dict(LLAMA, rope_theta=500.0, rope_scaling={"type": "llama3", "factor": 8.0, "original_max_seq_len": 32}),
+        "LlamaForCausalLM",
+    ),
+    "qwen3_moe": (QWEN3_MOE, "Qwen3MoeForCausalLM"),
+    "qwen3_moe-linear-unnormed-headdim": (
+        dict(QWEN3_MOE, norm_topk_prob=False, head_dim=12, rope_scaling={"type": "linear", "factor": 2.0}),
+        "Qwen3MoeForCausalLM",
+    ),
+}
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [f"w{i}" for i in range(94)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def random_model(fields: dict) -> Decoder:
+    """A random model whose attention depends strongly on position and whose biases are non-zero,
+    so a wrong RoPE layout or a dropped bias shows in the logits."""
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**fields)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.wq.weight.mul_(20)
+            layer.attn.wk.weight.mul_(20)
+            for name, param in layer.named_parameters():
+                if name.endswith("bias") or name.endswith("norm.weight"):
+                    param.add_(0.5 * torch.randn_like(param))
+    return model
+
+
+def batch(seq: int = 40) -> torch.Tensor:
+    return torch.randint(0, 97, (3, seq), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def exported(request, tmp_path_factory):
+    fields, architecture = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = random_model(fields)
+    save_model_dir(root / "ours", model, tiny_tokenizer())
+    export_hf(root / "ours", root / "hf")
+    return model, root / "hf", architecture
+
+
+def load_transformers(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_transformers_loads_the_export_with_matching_logits(exported):
+    ours, hf_dir, architecture = exported
+    theirs = load_transformers(hf_dir)
+    assert type(theirs).__name__ == architecture
+    x = batch()
+    with torch.no_grad():
+        diff = (theirs(x).logits - ours(x).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_import_round_trip_gives_identical_logits(exported):
+    ours, hf_dir, _ = exported
+    cfg, state = import_hf(hf_dir)
+    assert cfg.family == ours.cfg.family and cfg.num_params() == ours.cfg.num_params()
+    imported = Decoder(cfg).eval()
+    imported.load_state_dict(state)
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(imported(x).logits, ours(x).logits)
+
+
+def test_import_of_a_transformers_saved_checkpoint(exported, tmp_path):
+    """What transformers itself writes (possibly its fused expert layout) imports too."""
+    ours, hf_dir, _ = exported
+    load_transformers(hf_dir).save_pretrained(str(tmp_path / "resaved"))
+    model, _ = load_hf(tmp_path / "resaved")
+    x = batch()
+    with torch.no_grad():
+        assert (model(x).logits - ours(x).logits).abs().max() < 1e-5
+
+
+def test_exported_tokenizer_and_chat_template(exported):
+    ours, hf_dir, _ = exported
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok("w3 w5")["input_ids"] == tiny_tokenizer().encode("w3 w5").ids
+    text = tok.apply_chat_template([{"role": "user", "content": "w1"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nw1<|im_end|>\n<|im_start|>assistant\n"
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [2, 0] and generation["pad_token_id"] == 0
+
+
+def test_greedy_generation_matches_transformers(exported):
+    """Our batched, left-padded, cached greedy decoding against transformers' on each prompt alone."""
+    ours, hf_dir, _ = exported
+    theirs = load_transformers(hf_dir)
+    prompts = [batch(12)[0].tolist(), batch(5)[1].tolist()]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = theirs.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )
+            expected.append(out[0, len(prompt):].tolist())
+    assert generate(ours, prompts, max_new_tokens=10) == expected
+
+
+def test_export_rejects_what_the_family_cannot_hold(tmp_path):
+    model = random_model(dict(LLAMA, qk_norm=True))
+    save_model_dir(tmp_path / "ours", model, tiny_tokenizer())
+    with pytest.raises(ValueError, match="no MoE layers and no q/k-norm"):
+        export_hf(tmp_path / "ours", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_rejects_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen3_moe"):
+        import_hf(tmp_path)
+
+
+def test_import_reads_the_fused_expert_layout():
+    """transformers 5 holds experts as gate_up_proj [E, 2F, D] and down_proj [E, D, F]."""
+    from llm_lifecycle.models.hf import from_hf_state_dict, to_hf_state_dict
+
+    model = random_model(QWEN3_MOE)
+    per_expert = to_hf_state_dict(model.cfg, model.state_dict())
+    fused = {k: v for k, v in per_expert.items() if ".mlp.experts." not in k}
+    for layer in range(model.cfg.n_layers):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        experts = range(model.cfg.n_experts)
+        gate_up = [torch.cat([per_expert[f"{prefix}.{e}.gate_proj.weight"], per_expert[f"{prefix}.{e}.up_proj.weight"]]) for e in experts]
+        fused[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        fused[f"{prefix}.down_proj"] = torch.stack([per_expert[f"{prefix}.{e}.down_proj.weight"] for e in experts])
+    state = from_hf_state_dict(model.cfg, fused)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

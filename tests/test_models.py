@@ -1,0 +1,345 @@
+"""The model zoo core: config, decoder, presets, checkpoints, generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, load_model_dir, save_model_dir
+from llm_lifecycle.models.config import ModelConfig, estimate_memory
+from llm_lifecycle.models.decoder import Decoder, KVCache, rope_frequencies
+from llm_lifecycle.models.generate import generate
+from llm_lifecycle.models.presets import list_presets, load_preset
+
+DENSE = dict(family="llama", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+MOE = dict(DENSE, family="qwen3_moe", qk_norm=True, tie_embeddings=False, n_experts=4, n_experts_per_token=2, moe_ffn_dim=24)
+
+
+def make_model(seed: int = 0, **fields) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(ModelConfig(**fields)).eval()
+
+
+def tokens(batch: int, seq: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [f"w{i}" for i in range(94)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_heads=8, n_kv_heads=3), "divisible by n_kv_heads"),
+        (dict(dim=30, n_heads=4), "dim \\(30\\) is not divisible by n_heads"),
+        (dict(n_experts=4, n_experts_per_token=5), "n_experts_per_token \\(5\\)"),
+        (dict(family="gpt2"), "family 'gpt2'"),
+        (dict(n_layers=0), "n_layers must be a positive integer"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_seq_len"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling.type"),
+        (dict(head_dim=15, dim=60), "head_dim \\(15\\) must be even"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta": 1}), "unknown key\\(s\\) beta"),
+        (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "required for llama3"),
+    ],
+)
+def test_validate_rejects_impossible_shapes(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**DENSE, **change}).validate()
+
+
+def test_from_dict_names_the_unknown_key_and_round_trips():
+    with pytest.raises(ValueError, match="'n_head'.*valid settings:.*n_heads"):
+        ModelConfig.from_dict({**DENSE, "n_head": 4})
+    cfg = ModelConfig.from_dict(MOE)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.head_dim == 8  # None resolves to dim // n_heads
+
+
+@pytest.mark.parametrize("fields", [DENSE, MOE, dict(DENSE, qkv_bias=True, qk_norm=True, tie_embeddings=False, head_dim=12)])
+def test_param_counts_match_the_module(fields):
+    cfg = ModelConfig(**fields)
+    model = Decoder(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    unused_experts = cfg.n_experts - cfg.n_experts_per_token if cfg.is_moe else 0
+    assert cfg.active_params() == cfg.num_params() - cfg.n_layers * unused_experts * 3 * cfg.dim * cfg.moe_ffn_dim
+
+
+def test_flops_per_token_palm_formula():
+    cfg = ModelConfig(**DENSE)  # tied: the head matmul counts, the embedding lookup does not
+    slope = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+    assert cfg.flops_per_token(100) - cfg.flops_per_token(50) == 50 * slope
+    assert cfg.flops_per_token(0) == 6 * cfg.num_params()
+    moe = ModelConfig(**MOE)
+    assert moe.flops_per_token(0) == 6 * (moe.active_params() - moe.vocab_size * moe.dim)
+
+
+def test_presets_load_validate_and_have_published_sizes():
+    assert {"llama-small", "qwen3-moe-small", "llama3-8b", "qwen3-30b-a3b"} <= set(list_presets())
+    with pytest.raises(ValueError, match="unknown model preset 'nope'.*llama-small"):
+        load_preset("nope")
+    configs = {name: ModelConfig.from_dict(load_preset(name)) for name in list_presets()}
+    for cfg in configs.values():
+        cfg.validate()
+    for name in ("llama-small", "qwen3-moe-small"):  # small enough to pretrain on a laptop CPU
+        cfg = configs[name]
+        head = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+        assert 2.5e6 < cfg.num_params() - head < 8e6, name
+    assert round(configs["llama3-8b"].num_params() / 1e9, 2) == 8.03
+    assert round(configs["qwen3-30b-a3b"].num_params() / 1e9, 1) == 30.5
+    assert round(configs["qwen3-30b-a3b"].active_params() / 1e9, 1) == 3.4  # "A3B": 3.3B active + head
+
+
+def test_estimate_memory_adds_up():
+    cfg = ModelConfig.from_dict(load_preset("llama3-8b"))
+    mem = estimate_memory(cfg, batch_size=1, seq_len=8192, dtype_bytes=2)
+    assert mem["kv_cache"] == 2**30  # 2 (k, v) * 32 layers * 8 kv heads * 128 * 8192 tokens * 2 bytes
+    assert mem["weights"] == 2 * cfg.num_params()
+    assert mem["train_total"] == mem["weights"] + mem["grads"] + mem["optimizer"] + mem["activations"]
+    assert estimate_memory(cfg, 2, 8192)["activations"] == 2 * mem["activations"]
+
+
+# ---- decoder ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [DENSE, MOE])
+def test_forward_shapes_and_causality(fields):
+    model = make_model(**fields)
+    x = tokens(2, 12)
+    out = model(x)
+    assert out.logits.shape == (2, 12, 97) and out.aux_loss.shape == ()
+    changed = x.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    out2 = model(changed)
+    torch.testing.assert_close(out2.logits[:, :7], out.logits[:, :7], rtol=0, atol=1e-6)
+    assert (out2.logits[:, 7:] - out.logits[:, 7:]).abs().amax(dim=-1).min() > 1e-4
+
+
+def test_aux_loss_is_zero_dense_and_balance_for_moe():
+    assert make_model(**DENSE)(tokens(2, 8)).aux_loss.item() == 0.0
+    moe = make_model(**MOE)
+    aux = moe(tokens(2, 8)).aux_loss
+    # Per layer n_experts * sum f_i P_i >= ~1 (1 when perfectly balanced); times coef, summed over layers.
+    assert aux.item() > 0.9 * moe.cfg.n_layers * moe.cfg.router_aux_loss_coef
+    aux.backward()
+    assert moe.layers[0].ffn.router.weight.grad.abs().sum() > 0
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa = make_model(**DENSE)
+    mha = Decoder(ModelConfig(**{**DENSE, "n_kv_heads": DENSE["n_heads"]})).eval()
+    group = DENSE["n_heads"] // DENSE["n_kv_heads"]
+    head_dim = DENSE["dim"] // DENSE["n_heads"]
+    state = gqa.state_dict()
+    for name, value in list(state.items()):
+        if name.endswith(("attn.wk.weight", "attn.wv.weight")):
+            # query head h reads kv head h // group: repeat each kv head's rows `group` times
+            state[name] = value.view(-1, head_dim, value.size(1)).repeat_interleave(group, dim=0).reshape(-1, value.size(1))
+    mha.load_state_dict(state)
+    x = tokens(2, 10)
+    torch.testing.assert_close(mha(x).logits, gqa(x).logits, rtol=0, atol=1e-5)
+
+
+def test_moe_routing_matches_dense_all_experts_reference():
+    """The grouped (sort by expert) computation equals a plain per-token loop over its top-k."""
+    model = make_model(**MOE)
+    moe = model.layers[0].ffn
+    x = torch.randn(3, 5, MOE["dim"])
+    out, _ = moe(x)
+    flat = x.reshape(-1, MOE["dim"])
+    probs = torch.softmax(moe.router(flat).float(), dim=-1)
+    top_p, top_e = probs.topk(moe.top_k, dim=-1)
+    top_p = top_p / top_p.sum(-1, keepdim=True)
+    expected = torch.stack([
+        sum(p * moe._expert(int(e), flat[n : n + 1])[0] for p, e in zip(top_p[n], top_e[n]))
+        for n in range(flat.size(0))
+    ])
+    torch.testing.assert_close(out.reshape(-1, MOE["dim"]), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fields", [DENSE, MOE])
+def test_a_few_adamw_steps_reduce_the_loss(fields):
+    model = make_model(**fields).train()
+    batch = tokens(4, 17)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        out = model(batch[:, :-1])
+        loss = F.cross_entropy(out.logits.reshape(-1, 97), batch[:, 1:].reshape(-1)) + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_init_scales_residual_projections():
+    model = make_model(**{**DENSE, "n_layers": 8, "dim": 128, "n_heads": 4, "ffn_dim": 256})
+    std = model.layers[0].attn.wo.weight.std().item()
+    assert abs(std - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+    assert abs(model.layers[0].attn.wq.weight.std().item() - 0.02) < 0.002
+
+
+def test_kv_cache_prefill_chunks_and_decode_match_full_forward():
+    model = make_model(**MOE)
+    x = tokens(2, 20)
+    full = model(x).logits
+    cache = model.new_kv_cache()
+    parts = [model(x[:, :9], kv_cache=cache).logits, model(x[:, 9:15], kv_cache=cache).logits]
+    parts += [model(x[:, i : i + 1], kv_cache=cache).logits for i in range(15, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.length == 20
+
+
+def test_left_padded_cache_equals_unpadded_rows():
+    model = make_model(**DENSE)
+    short, long = tokens(1, 5, seed=2)[0], tokens(1, 9, seed=3)[0]
+    padded = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), short]), long])
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[0, :4] = False
+    cache = KVCache(model.cfg.n_layers, key_padding=real)
+    logits = model(padded, kv_cache=cache).logits
+    torch.testing.assert_close(logits[0, 4:], model(short[None]).logits[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[1], model(long[None]).logits[0], rtol=0, atol=1e-5)
+
+
+# ---- RoPE scaling ----------------------------------------------------------------------------
+
+
+def test_rope_scaling_frequencies():
+    base = ModelConfig(**DENSE)
+    plain, _ = rope_frequencies(base)
+    linear, _ = rope_frequencies(dataclasses.replace(base, rope_scaling={"type": "linear", "factor": 4.0}))
+    torch.testing.assert_close(linear, plain / 4)
+    ntk, _ = rope_frequencies(dataclasses.replace(base, rope_scaling={"type": "ntk", "factor": 4.0}))
+    # NTK-aware: the highest frequency is kept, the lowest is interpolated by exactly `factor`.
+    assert ntk[0] == plain[0] and torch.isclose(ntk[-1], plain[-1] / 4)
+    yarn, temperature = rope_frequencies(
+        dataclasses.replace(base, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 64})
+    )
+    assert yarn[0] == plain[0] and torch.isclose(yarn[-1], plain[-1] / 4)
+    assert temperature == pytest.approx(1 + 0.1 * torch.log(torch.tensor(4.0)).item())
+
+
+@pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])
+def test_rope_scaling_keeps_weights_and_changes_only_later_positions(kind):
+    model = make_model(**DENSE)
+    with torch.no_grad():  # sharpen attention so positions matter at init scale
+        for layer in model.layers:
+            layer.attn.wq.weight.mul_(20)
+            layer.attn.wk.weight.mul_(20)
+    scaled_cfg = dataclasses.replace(model.cfg, rope_scaling={"type": kind, "factor": 2.0, "original_max_seq_len": 32})
+    scaled = Decoder(scaled_cfg).eval()
+    scaled.load_state_dict(model.state_dict())  # no rotary tables in checkpoints
+    x = tokens(2, 12)
+    a, b = model(x).logits, scaled(x).logits
+    torch.testing.assert_close(b[:, 0], a[:, 0], rtol=0, atol=1e-5)  # one token: attention is trivial
+    assert (b[:, 1:] - a[:, 1:]).abs().amax(dim=-1).min() > 1e-4  # every later position moves
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [DENSE, MOE])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, fields):
+    model = make_model(**fields)
+    tok = tiny_tokenizer()
+    target = save_model_dir(tmp_path / "model", model, tok, extra={"stage": "pretrain"})
+    config = json.loads((target / "config.json").read_text())
+    assert config["format"] == "llm-lifecycle" and config["stage"] == "pretrain"
+    assert config["model"] == model.cfg.to_dict()
+    with safe_open(str(target / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert ("lm_head.weight" in keys) != ("tok_embeddings.weight" in keys) or not model.cfg.tie_embeddings
+    loaded, loaded_tok = load_model_dir(target)
+    x = tokens(2, 10)
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    assert [loaded_tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    if model.cfg.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.tok_embeddings.weight
+
+
+def test_checkpoint_save_replaces_existing_dir_atomically(tmp_path):
+    target = tmp_path / "model"
+    save_model_dir(target, make_model(seed=0, **DENSE), tiny_tokenizer())
+    (target / "stale.txt").write_text("from the old save")
+    second = make_model(seed=1, **DENSE)
+    save_model_dir(target, second, tiny_tokenizer())
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp dirs left behind
+    loaded, _ = load_model_dir(target)
+    assert torch.equal(loaded.lm_head.weight, second.lm_head.weight)
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path):
+    target = tmp_path / "model"
+    save_model_dir(target, make_model(**DENSE), tiny_tokenizer())
+    before = (target / "model.safetensors").read_bytes()
+
+    class Broken:
+        def save(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(target, make_model(seed=1, **DENSE), Broken())
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def greedy_by_recomputing(model: Decoder, prompt: list[int], n: int, stop: set[int]) -> list[int]:
+    ids, out = list(prompt), []
+    for _ in range(n):
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        if token in stop:
+            break
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("fields", [DENSE, MOE])
+def test_greedy_generation_with_cache_equals_full_recompute(fields):
+    model = make_model(**fields)
+    prompts = [tokens(1, 3, seed=4)[0].tolist(), tokens(1, 8, seed=5)[0].tolist(), tokens(1, 1, seed=6)[0].tolist()]
+    got = generate(model, prompts, max_new_tokens=12)
+    assert got == [greedy_by_recomputing(model, p, 12, set()) for p in prompts]
+    assert all(len(g) == 12 for g in got)
+
+
+def test_generation_stops_per_row_at_a_stop_id():
+    model = make_model(**DENSE)
+    prompts = [tokens(1, 4, seed=7)[0].tolist(), tokens(1, 6, seed=8)[0].tolist()]
+    free = generate(model, prompts, max_new_tokens=10)
+    stop = free[0][3]  # make row 0 stop at its 4th token
+    got = generate(model, prompts, max_new_tokens=10, stop_ids=[stop])
+    assert got[0] == free[0][: free[0].index(stop)]
+    assert got[1] == greedy_by_recomputing(model, prompts[1], 10, {stop})
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_the_argmax():
+    model = make_model(**DENSE)
+    prompts = [[5, 6, 7], [8]]
+    a = generate(model, prompts, 8, temperature=1.0, seed=3)
+    assert a == generate(model, prompts, 8, temperature=1.0, seed=3)
+    assert a != generate(model, prompts, 8, temperature=1.0, seed=4)
+    # a nucleus so small it holds only the most likely token is greedy decoding
+    assert generate(model, prompts, 8, temperature=1.0, top_p=1e-6, seed=0) == generate(model, prompts, 8)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], 4)

@@ -1,0 +1,435 @@
+"""Chat data for SFT and DPO: read conversations and preference pairs from the common file
+formats, render them as ChatML with a loss mask on the assistant's tokens, batch them in an
+order fixed by (seed, step), and score them (sequence log-probs, the DPO loss).
+
+Formats read (detected from the first record):
+  conversations     dolly/Alpaca-prompt jsonl {"prompt", "response"} (mosaicml llm-foundry);
+                    LLaMA-Factory alpaca JSON {instruction, input, output, history[, system]};
+                    ChatML jsonl {"messages": [{"role", "content"}, ...]}
+  preference pairs  Anthropic hh-rlhf jsonl(.gz) {"chosen", "rejected"} whole transcripts;
+                    LLaMA-Factory rm JSON {instruction, input, output: [better, worse], history};
+                    TRL-style {"prompt", "chosen", "rejected"} (prompt a string or messages)
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Conversation = list[Message]
+PreferencePair = tuple[Conversation, str, str]  # (prompt messages, chosen reply, rejected reply)
+Encoded = tuple[list[int], list[int]]  # (token ids, loss mask: 1 where the model is trained)
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # target value that cross-entropy and sequence_logprobs skip
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+CONVERSATION_FORMATS = (
+    'dolly/Alpaca-prompt jsonl {"prompt", "response"}; LLaMA-Factory alpaca JSON '
+    '{"instruction", "input", "output", "history"}; ChatML jsonl {"messages": [{"role", "content"}]}'
+)
+PREFERENCE_FORMATS = (
+    'hh-rlhf jsonl(.gz) {"chosen", "rejected"} transcripts; LLaMA-Factory rm JSON '
+    '{"instruction", "input", "output": [better, worse], "history"}; {"prompt", "chosen", "rejected"}'
+)
+
+
+# ---- reading records --------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON array file or a JSON-lines file, either optionally gzipped.
+    The content decides which (a leading '[' is an array), not the suffix: LLaMA-Factory
+    names both kinds .json."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    else:
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: every record must be a JSON object")
+    return records
+
+
+def _convert_all(path: Path, records: list[dict], convert: Callable[[dict], Any]) -> list[Any]:
+    """convert(record) for each record; a malformed one raises ValueError naming file and index."""
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(convert(record))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{path}: record {i}: {type(err).__name__}: {err}") from None
+    return out
+
+
+def _check_conversation(messages: Conversation) -> Conversation:
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise ValueError(f"role {m['role']!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise TypeError(f"content of a {m['role']} message is {type(m['content']).__name__}, not a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# ---- conversations (SFT) ----------------------------------------------------------------------
+
+# The Alpaca prompt template (with or without an "### Input:" section) as mosaicml's
+# dolly_hhrlhf prompts carry it: an optional preamble, the instruction, the response header.
+_ALPACA_TEMPLATE = re.compile(
+    r"\A(?:.*?\n\n)?### Instruction:\n(?P<instruction>.*?)\n\n"
+    r"(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\s*\Z",
+    re.S,
+)
+
+
+def strip_alpaca_template(prompt: str) -> str:
+    """The plain instruction inside an Alpaca-style prompt (its input appended after a blank
+    line); a prompt without the template is returned stripped of outer whitespace."""
+    match = _ALPACA_TEMPLATE.match(prompt)
+    if match is None:
+        return prompt.strip()
+    instruction = match["instruction"].strip()
+    return f"{instruction}\n\n{match['input'].strip()}" if match["input"] else instruction
+
+
+def _prompt_response_conversation(record: dict) -> Conversation:
+    return [
+        {"role": "user", "content": strip_alpaca_template(record["prompt"])},
+        {"role": "assistant", "content": record["response"]},
+    ]
+
+
+def _alpaca_turns(record: dict) -> Conversation:
+    """System, history and the current user turn of a LLaMA-Factory alpaca record (no reply)."""
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for user, assistant in record.get("history") or []:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    # LLaMA-Factory joins instruction and input with a newline.
+    query = "\n".join(part for part in (record["instruction"], record.get("input") or "") if part)
+    return messages + [{"role": "user", "content": query}]
+
+
+def _alpaca_conversation(record: dict) -> Conversation:
+    return _alpaca_turns(record) + [{"role": "assistant", "content": record["output"]}]
+
+
+def _chatml_conversation(record: dict) -> Conversation:
+    return record["messages"]
+
+
+def _checked_training_conversation(messages: Conversation) -> Conversation:
+    messages = _check_conversation(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message, so nothing to train on")
+    return messages
+
+
+def load_conversations(path: str | Path) -> list[Conversation]:
+    """Conversations (lists of {"role", "content"}) from any format in CONVERSATION_FORMATS."""
+    path = Path(path)
+    records = read_records(path)
+    first = records[0]
+    if "messages" in first:
+        convert = _chatml_conversation
+    elif {"prompt", "response"} <= first.keys():
+        convert = _prompt_response_conversation
+    elif {"instruction", "output"} <= first.keys() and isinstance(first["output"], str):
+        convert = _alpaca_conversation
+    else:
+        raise ValueError(
+            f"{path}: unknown conversation format (first record has keys {sorted(first)}); "
+            f"accepted: {CONVERSATION_FORMATS}"
+        )
+    return _convert_all(path, records, lambda r: _checked_training_conversation(convert(r)))
+
+
+# ---- preference pairs (DPO) ---------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def split_hh_transcript(transcript: str) -> Conversation:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages. Only markers after a blank line
+    start a turn; 'Human:' inside a reply stays part of it."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip():
+        raise ValueError(f"text before the first turn marker: {parts[0][:60]!r}")
+    return [{"role": _HH_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_pair(record: dict) -> PreferencePair | None:
+    """Prompt = the turns both transcripts share; None when they differ before the last
+    assistant turn (then they answer different conversations, not one prompt)."""
+    chosen, rejected = split_hh_transcript(record["chosen"]), split_hh_transcript(record["rejected"])
+    if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+        return None
+    if chosen[:-1] != rejected[:-1]:
+        return None
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _rm_pair(record: dict) -> PreferencePair:
+    better, worse = record["output"][0], record["output"][1]  # ranked best first; the first two
+    return _alpaca_turns(record), better, worse
+
+
+def _prompt_chosen_rejected_pair(record: dict) -> PreferencePair:
+    prompt = record["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return messages, record["chosen"], record["rejected"]
+
+
+def _checked_pair(pair: PreferencePair | None) -> PreferencePair | None:
+    if pair is None:
+        return None
+    prompt, chosen, rejected = pair
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise TypeError("chosen and rejected replies must be strings")
+    return _check_conversation(prompt), chosen, rejected
+
+
+def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """(prompt messages, chosen reply, rejected reply) from any format in PREFERENCE_FORMATS.
+    Pairs whose replies are identical, or whose conversations diverge before the final reply,
+    teach nothing about one prompt and are dropped with a warning."""
+    path = Path(path)
+    records = read_records(path)
+    first = records[0]
+    if {"prompt", "chosen", "rejected"} <= first.keys():
+        convert = _prompt_chosen_rejected_pair
+    elif {"chosen", "rejected"} <= first.keys() and isinstance(first["chosen"], str):
+        convert = _hh_pair
+    elif {"instruction", "output"} <= first.keys() and isinstance(first["output"], list):
+        convert = _rm_pair
+    else:
+        raise ValueError(
+            f"{path}: unknown preference format (first record has keys {sorted(first)}); "
+            f"accepted: {PREFERENCE_FORMATS}"
+        )
+    converted = _convert_all(path, records, lambda r: _checked_pair(convert(r)))
+    pairs = [p for p in converted if p is not None and p[1] != p[2]]
+    if len(pairs) < len(records):
+        log.warning("%s: dropped %d of %d pairs (identical replies or diverging conversations)",
+                    path, len(records) - len(pairs), len(records))
+    return pairs
+
+
+# ---- ChatML encoding ----------------------------------------------------------------------------
+
+
+def special_token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {token} token; chat data needs the ChatML tokens {IM_START} and {IM_END}")
+    return token_id
+
+
+def _render(tokenizer, messages: Conversation, default_system: str | None) -> Encoded:
+    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message. Each piece is encoded on its
+    own so the mask boundaries are exact; the special tokens split the text at the same
+    places anyway, so the ids match encoding the rendered string for byte-level BPE."""
+    im_start, im_end = special_token_id(tokenizer, IM_START), special_token_id(tokenizer, IM_END)
+    if default_system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": default_system}, *messages]
+    pieces = ["\n"] + [text for m in messages for text in (m["role"] + "\n", m["content"])]
+    encoded = [e.ids for e in tokenizer.encode_batch(pieces, add_special_tokens=False)]
+    newline, headers, contents = encoded[0], encoded[1::2], encoded[2::2]
+    ids: list[int] = []
+    mask: list[int] = []
+    for message, header, content in zip(messages, headers, contents):
+        trained = int(message["role"] == "assistant")
+        ids += [im_start, *header, *content, im_end, *newline]
+        mask += [0] * (1 + len(header)) + [trained] * (len(content) + 1) + [0] * len(newline)
+    return ids, mask
+
+
+def encode_chat(tokenizer, messages: Conversation, max_len: int, default_system: str | None = None) -> Encoded:
+    """ChatML token ids and a loss mask that is 1 on assistant content and its <|im_end|>
+    only; both cut to `max_len`. `default_system` is prepended when the chat has no system turn."""
+    ids, mask = _render(tokenizer, messages, default_system)
+    return ids[:max_len], mask[:max_len]
+
+
+def encode_prompt(tokenizer, messages: Conversation, default_system: str | None = None) -> list[int]:
+    """Ids of `messages` followed by the header of the assistant turn to generate."""
+    ids, _ = _render(tokenizer, messages, default_system)
+    header = tokenizer.encode("assistant\n", add_special_tokens=False).ids
+    return ids + [special_token_id(tokenizer, IM_START), *header]
+
+
+def encode_preference(
+    tokenizer, prompt_messages: Conversation, chosen: str, rejected: str, max_len: int,
+    default_system: str | None = None,
+) -> tuple[Encoded, Encoded]:
+    """(encoded chosen chat, encoded rejected chat), each cut to `max_len`. Only the final
+    reply is masked in: earlier assistant turns belong to the prompt, which both sides share,
+    so they would cancel in the DPO margin and only add noise to an SFT term."""
+    prompt_ids, _ = _render(tokenizer, prompt_messages, default_system)
+
+    def encode(reply: str) -> Encoded:
+        reply_ids, reply_mask = _render(tokenizer, [{"role": "assistant", "content": reply}], None)
+        ids, mask = prompt_ids + reply_ids, [0] * len(prompt_ids) + reply_mask
+        return ids[:max_len], mask[:max_len]
+
+    return encode(chosen), encode(rejected)
+
+
+# ---- deterministic batches ----------------------------------------------------------------------
+
+
+def _trainable(example: Encoded) -> bool:
+    """At least one target is trained once inputs and targets are shifted by one."""
+    return any(example[1][1:])
+
+
+class _EpochOrder:
+    """Example index for every global position: epoch e visits all examples in a
+    permutation drawn from a generator seeded by (seed, e), so position -> example depends
+    only on the seed, never on what ran before (a resumed run sees the same data)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            self._cache = {epoch: np.random.default_rng([self.seed % (1 << 64), epoch]).permutation(self.n)}
+        return self._cache[epoch]
+
+    def indices(self, step: int, batch_size: int) -> list[int]:
+        positions = range(step * batch_size, (step + 1) * batch_size)
+        return [int(self._permutation(p // self.n)[p % self.n]) for p in positions]
+
+
+def _pad_rows(rows: Sequence[Encoded], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [R, length], targets [R, length]): inputs are ids[:-1] right-padded with
+    `pad_id`; targets are ids[1:] where the mask trains them, IGNORE_INDEX elsewhere."""
+    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        inputs[r, :n] = torch.tensor(ids[:-1])
+        trained = torch.tensor(mask[1:], dtype=torch.bool)
+        targets[r, :n] = torch.where(trained, torch.tensor(ids[1:]), IGNORE_INDEX)
+    return inputs, targets
+
+
+class SFTBatches:
+    """(input_ids [B, T], targets [B, T]) batches of encoded chats; T is the longest row of
+    the batch minus one. Examples with nothing to train on are dropped up front."""
+
+    def __init__(self, examples: Sequence[Encoded], batch_size: int, seed: int, pad_id: int = 0):
+        self.examples = [e for e in examples if _trainable(e)]
+        if not self.examples:
+            raise ValueError("no example has a trained token (are the assistant replies cut off by max_len?)")
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self._order = _EpochOrder(len(self.examples), seed)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.examples[i] for i in self._order.indices(step, self.batch_size)]
+        return _pad_rows(rows, max(len(ids) for ids, _ in rows) - 1, self.pad_id)
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches from `start_step` on."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class PreferenceBatches:
+    """(chosen_ids, chosen_targets, rejected_ids, rejected_targets), each [B, T] with one T
+    for all four so the loss can run chosen and rejected through the model as one batch of
+    2B. Targets are IGNORE_INDEX except on the reply tokens. Pairs where either reply is cut
+    off entirely are dropped up front."""
+
+    def __init__(self, pairs: Sequence[tuple[Encoded, Encoded]], batch_size: int, seed: int, pad_id: int = 0):
+        self.pairs = [p for p in pairs if _trainable(p[0]) and _trainable(p[1])]
+        if not self.pairs:
+            raise ValueError("no pair has trained tokens in both replies (are they cut off by max_len?)")
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self._order = _EpochOrder(len(self.pairs), seed)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen, rejected = zip(*(self.pairs[i] for i in self._order.indices(step, self.batch_size)))
+        length = max(len(ids) for ids, _ in chosen + rejected) - 1
+        return (*_pad_rows(chosen, length, self.pad_id), *_pad_rows(rejected, length, self.pad_id))
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Endless batches from `start_step` on."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the masked positions of log p(target | prefix): [B]. logits [B, T, V] predict
+    targets [B, T]; mask [B, T] defaults to targets != IGNORE_INDEX."""
+    if mask is None:
+        mask = targets != IGNORE_INDEX
+    safe_targets = targets.masked_fill(~mask.bool(), 0)  # any valid index; masked out below
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    return (logps * mask).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    sft_nll: torch.Tensor | None = None,
+    sft_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO (Rafailov et al. 2023): -log σ(β[(π_c - ref_c) - (π_r - ref_r)]), averaged
+    over the batch, plus `sft_weight * sft_nll` when given (Qwen2 adds the chosen replies'
+    NLL so the policy does not drift off its good answers). Metrics are detached scalars:
+    the implicit rewards β(π - ref) of each side, their margin and how often chosen wins."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    preference_loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    loss = preference_loss
+    metrics = {
+        "dpo_loss": preference_loss.detach(),
+        "reward_chosen": chosen_rewards.detach().mean(),
+        "reward_rejected": rejected_rewards.detach().mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).detach().mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().detach(),
+    }
+    if sft_nll is not None and sft_weight:
+        loss = loss + sft_weight * sft_nll
+        metrics["sft_nll"] = sft_nll.detach()
+    return loss, metrics

@@ -1,0 +1,614 @@
+"""Data stages: fetch the recipe's sources into one document file, then clean it.
+
+data-fetch reads `builtin:NAME`, local files and folders (txt, jsonl, jsonl.gz, parquet) and
+`hf://datasets/OWNER/NAME[/path]` into `documents.jsonl`, one line per document:
+{"text", "source", "repeat"}. A source's mixture weight becomes each document's `repeat`
+count (2.0 = twice, 0.5 = a deterministic half) rather than repeated lines, so that the
+exact-dedup step of data-clean does not undo the up-sampling; data-clean writes the repeats.
+
+data-clean follows the Gopher / C4 recipes (Rae et al. 2021; Raffel et al. 2020): length
+bounds, rule-based quality filters (with CJK text measured in characters, not whitespace
+words), exact dedup on normalised text, MinHash-LSH near-dedup, and a held-out split chosen
+by content hash, for perplexity.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TextIO
+
+from llm_lifecycle.workflows.stage import (
+    Progress,
+    SilentProgress,
+    StageContext,
+    StageResult,
+    UserError,
+    atomic_path,
+    write_json_atomic,
+)
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+TXT_SPLITS = ("line", "paragraph", "file")
+HF_PREFIX = "hf://datasets/"
+
+# ---------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    uri: str
+    weight: float = 1.0  # mixture weight: the expected number of copies of each document
+    text_field: str = "text"  # for jsonl and parquet
+    limit: int | None = None  # at most this many documents (before weighting)
+    split: str = "paragraph"  # for txt: one document per line, blank-line block, or file
+    revision: str | None = None  # for hf://: branch, tag or commit
+    allow_patterns: list[str] | None = None  # for hf://: which repository files to download
+
+    @classmethod
+    def from_cfg(cls, item: Any, key: str) -> "Source":
+        if isinstance(item, str):
+            item = {"uri": item}
+        if not isinstance(item, dict) or not isinstance(item.get("uri"), str):
+            raise UserError(f"{key}: expected a mapping with a 'uri' string, got {item!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise UserError(f"{key}.{unknown[0]}: unknown setting; valid: {', '.join(sorted(known))}")
+        source = cls(**item)
+        weight = source.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or not math.isfinite(weight):
+            raise UserError(f"{key}.weight: expected a number >= 0, got {weight!r}")
+        if source.limit is not None and (
+            isinstance(source.limit, bool) or not isinstance(source.limit, int) or source.limit < 1
+        ):
+            raise UserError(f"{key}.limit: expected a positive integer, got {source.limit!r}")
+        if source.split not in TXT_SPLITS:
+            raise UserError(f"{key}.split: expected one of {', '.join(TXT_SPLITS)}, got {source.split!r}")
+        return source
+
+
+def parse_sources(cfg: dict) -> list[Source]:
+    items = cfg.get("sources")
+    if not isinstance(items, list) or not items:
+        raise UserError("stages.data-fetch.sources: expected a non-empty list of sources, e.g. [{uri: builtin:corpus}]")
+    return [Source.from_cfg(item, f"stages.data-fetch.sources[{i}]") for i, item in enumerate(items)]
+
+
+def is_data_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(DATA_SUFFIXES)
+
+
+def data_files(path: Path) -> list[Path]:
+    """The readable files of a file or folder, in path order; hidden entries are skipped."""
+    if path.is_file():
+        return [path] if is_data_file(path) else []
+    found = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted((p for p in found if is_data_file(p)), key=lambda p: p.relative_to(path).as_posix())
+
+
+def list_builtin() -> list[str]:
+    """Every `builtin:` name: the shipped folders and the data files in them (not their
+    licence texts and provenance notes)."""
+    names = []
+    for path in sorted(BUILTIN_DIR.rglob("*")):
+        relative = path.relative_to(BUILTIN_DIR)
+        if not ("licenses" in relative.parts or path.suffix == ".md" or path.name.startswith((".", "__"))):
+            names.append(relative.as_posix())
+    return names
+
+
+def builtin_path(name: str, key: str) -> Path:
+    path = (BUILTIN_DIR / name).resolve()
+    if not name or not path.is_relative_to(BUILTIN_DIR.resolve()) or not path.exists():
+        known = ", ".join(f"builtin:{n}" for n in list_builtin())
+        raise UserError(f"{key}: unknown built-in data 'builtin:{name}'; shipped: {known}")
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def hf_snapshot(uri: str, revision: str | None, allow_patterns: list[str] | None, key: str) -> Path:
+    """Download (or find in the local cache) a Hugging Face dataset repository; return the path."""
+    if not uri.startswith(HF_PREFIX):
+        raise UserError(
+            f"{key}: '{uri}' is not supported; Hugging Face sources look like hf://datasets/OWNER/NAME[/path]"
+        )
+    owner, _, rest = uri[len(HF_PREFIX) :].partition("/")
+    name, _, inner = rest.partition("/")
+    name, _, uri_revision = name.partition("@")
+    if not owner or not name:
+        raise UserError(f"{key}: '{uri}' names no dataset; expected hf://datasets/OWNER/NAME[/path]")
+    repo_id = f"{owner}/{name}"
+    inner = inner.strip("/")
+    patterns = allow_patterns or ([inner, f"{inner}/*"] if inner else None)
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        local = snapshot_download(
+            repo_id=repo_id, repo_type="dataset", revision=revision or uri_revision or None, allow_patterns=patterns
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise UserError(
+            f"{key}: Hugging Face dataset hf://datasets/{repo_id} not found ({_one_line(err)}); "
+            "check the name and revision, or log in (`hf auth login`) for a gated or private dataset"
+        ) from None
+    except Exception as err:  # offline, DNS, HTTP, cache: all mean "no data from the hub"
+        raise UserError(
+            f"cannot reach the Hugging Face hub to fetch hf://datasets/{repo_id}: {_one_line(err)}; "
+            "use a local path or builtin:NAME, or set HF_HUB_OFFLINE=0 with network"
+        ) from None
+    path = Path(local) / inner
+    if not path.exists():
+        raise UserError(f"{key}: '{inner}' is not in the dataset hf://datasets/{repo_id}")
+    return path
+
+
+def resolve_source(source: Source, key: str) -> Path:
+    """The local file or folder a source's URI stands for (downloading hf:// ones)."""
+    uri = source.uri
+    if uri.startswith("builtin:"):
+        path = builtin_path(uri[len("builtin:") :], f"{key}.uri")
+    elif uri.startswith("hf://"):
+        path = hf_snapshot(uri, source.revision, source.allow_patterns, f"{key}.uri")
+    elif "://" in uri and not uri.startswith("file://"):
+        raise UserError(
+            f"{key}.uri: unsupported URI '{uri}'; use builtin:NAME, a local path, or hf://datasets/OWNER/NAME"
+        )
+    else:
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.exists():
+            raise UserError(f"{key}.uri: no such file or folder: {path}; fix the path in the recipe")
+    if not data_files(path):
+        raise UserError(f"{key}.uri: no {', '.join(DATA_SUFFIXES)} files at {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Reading documents
+
+
+def split_text(text: str, split: str) -> Iterator[str]:
+    if split == "file":
+        pieces: Iterable[str] = [text]
+    elif split == "line":
+        pieces = text.splitlines()
+    else:
+        pieces = re.split(r"\n\s*\n", text)
+    for piece in pieces:
+        piece = piece.strip()
+        if piece:
+            yield piece
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise UserError(
+                    f"{path}:{lineno}: no field '{text_field}' (has: {keys}); set text_field for this source"
+                )
+            text = record[text_field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: field '{text_field}' is {type(text).__name__}, not text")
+            yield text
+
+
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{path}: no column '{text_field}' (has: {', '.join(names)}); set text_field for this source")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise UserError(f"{path}: column '{text_field}' holds {type(text).__name__}, not text")
+            yield text
+
+
+def read_texts(path: Path, text_field: str = "text", split: str = "paragraph") -> Iterator[str]:
+    """The non-empty documents of one data file."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            texts: Iterable[str] = _parquet_texts(path, text_field)
+        elif name.endswith((".jsonl", ".jsonl.gz")):
+            texts = _jsonl_texts(path, text_field)
+        else:
+            texts = split_text(path.read_text(encoding="utf-8"), split)
+        for text in texts:
+            text = text.strip()
+            if text:
+                yield text
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; convert it to UTF-8 or drop it from the sources") from None
+
+
+def unit_hash(key: str) -> float:
+    """A deterministic number in [0, 1) for `key`."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def repeat_count(weight: float, key: str) -> int:
+    """Copies of one document under a mixture weight: floor(weight), plus one more for a
+    deterministic fraction (weight - floor) of the documents chosen by hashing `key`."""
+    whole = math.floor(weight)
+    return whole + (1 if unit_hash(key) < weight - whole else 0)
+
+
+@dataclass
+class SourceStats:
+    uri: str
+    path: Path
+    docs: int = 0  # documents read
+    chars: int = 0
+    weighted_docs: int = 0  # documents after the mixture weight
+
+
+def fetch_source(
+    source: Source, path: Path, out: TextIO, seed: int = 0, progress: Progress | None = None
+) -> SourceStats:
+    """Append the documents of one resolved source to `out` as jsonl; return what was read."""
+    progress = progress or SilentProgress()
+    stats = SourceStats(source.uri, path)
+    with progress.task(f"fetch {source.uri}") as task:
+        for file in data_files(path):
+            label = source.uri if file == path else f"{source.uri}/{file.relative_to(path).as_posix()}"
+            for text in read_texts(file, source.text_field, source.split):
+                if source.limit is not None and stats.docs >= source.limit:
+                    return stats
+                repeat = repeat_count(source.weight, f"{seed}:{source.uri}:{stats.docs}")
+                stats.docs += 1
+                stats.chars += len(text)
+                task.advance(1)
+                if repeat:
+                    stats.weighted_docs += repeat
+                    out.write(json.dumps({"text": text, "source": label, "repeat": repeat}, ensure_ascii=False) + "\n")
+    return stats
+
+
+def metric_label(uri: str) -> str:
+    """A source URI as MLflow accepts it inside a metric name."""
+    return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", uri)[:180]
+
+
+def fetch(ctx: StageContext, cfg: dict) -> StageResult:
+    """Stage data-fetch: every source into one `documents.jsonl`."""
+    sources = parse_sources(cfg)
+    # Resolve every source before reading any, so a bad path fails in a second, not after a download.
+    paths = [resolve_source(s, f"stages.data-fetch.sources[{i}]") for i, s in enumerate(sources)]
+    out = ctx.stage_dir / "documents.jsonl"
+    all_stats = []
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for source, path in zip(sources, paths):
+            ctx.tracker.log_input(path, name=source.uri, context="data-fetch")
+            all_stats.append(fetch_source(source, path, f, seed=ctx.seed, progress=ctx.progress))
+    metrics: dict[str, float] = {}
+    for s in all_stats:
+        label = metric_label(s.uri)
+        for name, value in (("docs", s.docs), ("chars", s.chars), ("weighted_docs", s.weighted_docs)):
+            metrics[f"fetch.{label}.{name}"] = metrics.get(f"fetch.{label}.{name}", 0) + value
+        ctx.progress.log(f"  {s.uri}: {s.docs} documents, {s.chars:,} characters")
+    for name in ("docs", "chars", "weighted_docs"):
+        metrics[f"fetch.{name}"] = sum(getattr(s, name) for s in all_stats)
+    if metrics["fetch.weighted_docs"] == 0:
+        raise UserError("data-fetch read no documents; check stages.data-fetch.sources (paths, text_field, weight)")
+    return StageResult(outputs={"documents": str(out)}, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------
+# Cleaning
+
+# Han ideographs (with extensions and compatibility forms) and Japanese kana: scripts
+# written without spaces between words.
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+
+
+def cjk_fraction(text: str) -> float:
+    visible = sum(map(len, text.split()))
+    return len(_CJK.findall(text)) / visible if visible else 0.0
+
+
+def is_cjk(text: str) -> bool:
+    """True for text mostly in a script without spaces between words (Chinese, Japanese)."""
+    return cjk_fraction(text) >= 0.3
+
+
+def word_count(text: str) -> int:
+    """Words, counting each CJK character as one (their scripts put no spaces between words)."""
+    return len(_CJK.findall(text)) + len(_CJK.sub(" ", text).split())
+
+
+@dataclass
+class QualityRules:
+    """Gopher's rule filters (Rae et al. 2021, appendix A), thresholds as published."""
+
+    min_mean_word_length: float = 3.0  # space-separated scripts only
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1  # '#' and ellipses per word
+    max_ellipsis_line_fraction: float = 0.3
+    max_duplicate_line_fraction: float = 0.3
+
+
+def rule_failure(text: str, rules: QualityRules) -> str | None:
+    """The name of the first rule `text` fails, or None."""
+    words = max(1, word_count(text))
+    if not is_cjk(text):
+        plain_words = text.split()
+        mean_length = sum(len(w) for w in plain_words) / len(plain_words)
+        if not rules.min_mean_word_length <= mean_length <= rules.max_mean_word_length:
+            return "mean_word_length"
+    symbols = text.count("#") + text.count("...") + text.count("…")
+    if symbols / words > rules.max_symbol_word_ratio:
+        return "symbol_ratio"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if sum(line.endswith(("...", "…")) for line in lines) / len(lines) > rules.max_ellipsis_line_fraction:
+        return "ellipsis_lines"
+    if (len(lines) - len(set(lines))) / len(lines) > rules.max_duplicate_line_fraction:
+        return "duplicate_lines"
+    return None
+
+
+RULE_STEPS = ("mean_word_length", "symbol_ratio", "ellipsis_lines", "duplicate_lines")
+
+
+@dataclass
+class CleanConfig:
+    min_chars: int = 50
+    max_chars: int = 100_000
+    rules: QualityRules | None = field(default_factory=QualityRules)  # None: no rule filters
+    exact_dedup: bool = True
+    minhash_dedup: bool = True
+    minhash_threshold: float = 0.8
+    minhash_num_perm: int = 128
+    holdout_fraction: float = 0.02
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "CleanConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise UserError(f"stages.data-clean.{unknown[0]}: unknown setting; valid: {', '.join(sorted(known))}")
+        values = dict(cfg)
+        rules = values.pop("rules", True)
+        if isinstance(rules, dict):  # thresholds given: {max_duplicate_line_fraction: 0.5, ...}
+            rule_keys = {f.name for f in fields(QualityRules)}
+            bad = sorted(set(rules) - rule_keys)
+            if bad:
+                raise UserError(
+                    f"stages.data-clean.rules.{bad[0]}: unknown rule; valid: {', '.join(sorted(rule_keys))}"
+                )
+            values["rules"] = QualityRules(**rules)
+        else:
+            values["rules"] = QualityRules() if rules else None
+        config = cls(**values)
+        if not 0 <= config.holdout_fraction < 1:
+            raise UserError(
+                f"stages.data-clean.holdout_fraction: expected a number in [0, 1), got {config.holdout_fraction}"
+            )
+        if not 0 < config.minhash_threshold <= 1:
+            raise UserError(
+                f"stages.data-clean.minhash_threshold: expected a number in (0, 1], got {config.minhash_threshold}"
+            )
+        return config
+
+
+@dataclass
+class Document:
+    text: str
+    source: str
+    repeat: int = 1
+
+
+@dataclass
+class StepReport:
+    removed: int = 0
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, doc: Document, duplicate_of: Document | None = None, keep_examples: int = 3) -> None:
+        self.removed += 1
+        if len(self.examples) < keep_examples:
+            example = {"source": doc.source, "text": _shorten(doc.text)}
+            if duplicate_of is not None:
+                example["duplicate_of"] = _shorten(duplicate_of.text)
+            self.examples.append(example)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def normalize_for_dedup(text: str) -> str:
+    """NFKC, lower case, whitespace collapsed: what 'the same text' means for exact dedup."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def shingles(normalized: str, n: int = 5) -> list[bytes]:
+    """Character n-grams for CJK text, word n-grams otherwise (MinHash features)."""
+    if is_cjk(normalized):
+        units: list[str] = list(normalized.replace(" ", ""))
+        sep = ""
+    else:
+        units = normalized.split()
+        sep = " "
+    grams = {sep.join(units[i : i + n]) for i in range(max(1, len(units) - n + 1))}
+    return [g.encode("utf-8") for g in grams]
+
+
+def near_duplicates(normalized: list[str], threshold: float, num_perm: int, progress: Progress) -> dict[int, int]:
+    """{index of a near-duplicate: index of the earlier document it duplicates}.
+
+    LSH proposes candidates; each is confirmed by its estimated Jaccard similarity, so a
+    chance band collision does not remove a distinct document.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    kept: dict[int, MinHash] = {}
+    duplicates: dict[int, int] = {}
+    with progress.task("near-dedup (MinHash-LSH)", total=len(normalized)) as task:
+        for i, minhash in enumerate(MinHash.generator((shingles(t) for t in normalized), num_perm=num_perm, seed=1)):
+            match = next((j for j in sorted(lsh.query(minhash)) if kept[j].jaccard(minhash) >= threshold), None)
+            if match is None:
+                lsh.insert(i, minhash)
+                kept[i] = minhash
+            else:
+                duplicates[i] = match
+            task.advance(1)
+    return duplicates
+
+
+@dataclass
+class CleanOutput:
+    train: list[Document]
+    heldout: list[Document]
+    steps: dict[str, StepReport]
+
+
+def clean_documents(docs: list[Document], cfg: CleanConfig, progress: Progress | None = None) -> CleanOutput:
+    """Filter, deduplicate and split `docs` (in order; the first of duplicates is kept)."""
+    progress = progress or SilentProgress()
+    steps: dict[str, StepReport] = {"min_chars": StepReport(), "max_chars": StepReport()}
+    if cfg.rules:
+        steps.update({name: StepReport() for name in RULE_STEPS})
+    survivors = []
+    with progress.task("filter", total=len(docs)) as task:
+        for doc in docs:
+            if len(doc.text) < cfg.min_chars:
+                steps["min_chars"].add(doc)
+            elif len(doc.text) > cfg.max_chars:
+                steps["max_chars"].add(doc)
+            elif cfg.rules and (failed := rule_failure(doc.text, cfg.rules)):
+                steps[failed].add(doc)
+            else:
+                survivors.append(doc)
+            task.advance(1)
+    normalized = [normalize_for_dedup(d.text) for d in survivors]
+
+    if cfg.exact_dedup:
+        steps["exact_dedup"] = StepReport()
+        first_by_digest: dict[str, int] = {}
+        unique = []
+        for i, (doc, norm) in enumerate(zip(survivors, normalized)):
+            digest = hashlib.sha1(norm.encode("utf-8")).hexdigest()
+            if digest in first_by_digest:
+                steps["exact_dedup"].add(doc, duplicate_of=survivors[first_by_digest[digest]])
+            else:
+                first_by_digest[digest] = i
+                unique.append(i)
+        survivors, normalized = [survivors[i] for i in unique], [normalized[i] for i in unique]
+
+    if cfg.minhash_dedup:
+        steps["minhash_dedup"] = StepReport()
+        duplicates = near_duplicates(normalized, cfg.minhash_threshold, cfg.minhash_num_perm, progress)
+        for i, j in duplicates.items():
+            steps["minhash_dedup"].add(survivors[i], duplicate_of=survivors[j])
+        keep = [i for i in range(len(survivors)) if i not in duplicates]
+        survivors, normalized = [survivors[i] for i in keep], [normalized[i] for i in keep]
+
+    # Held-out documents are chosen by a hash of their content, so the split is the same
+    # whatever order or company they arrive in; dedup ran first, so no copy of a held-out
+    # document stays in training.
+    draws = [unit_hash("heldout:" + norm) for norm in normalized]
+    heldout_ids = {i for i, u in enumerate(draws) if u < cfg.holdout_fraction}
+    if cfg.holdout_fraction > 0 and not heldout_ids and len(survivors) > 1:
+        heldout_ids = {min(range(len(draws)), key=draws.__getitem__)}  # tiny corpora still get one
+    train = [d for i, d in enumerate(survivors) if i not in heldout_ids]
+    heldout = [d for i, d in enumerate(survivors) if i in heldout_ids]
+    return CleanOutput(train=train, heldout=heldout, steps=steps)
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    with open(path, encoding="utf-8") as f:
+        return [Document(r["text"], r.get("source", ""), int(r.get("repeat", 1))) for r in map(json.loads, f)]
+
+
+def iter_texts(path: str | Path) -> Iterator[str]:
+    """The `text` of every line of a documents jsonl file (clean.jsonl, heldout.jsonl)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def write_documents(path: Path, docs: Iterable[Document], expand_repeats: bool) -> int:
+    """Write {"text", "source"} lines atomically; with `expand_repeats`, each `repeat` times."""
+    lines = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            line = json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n"
+            copies = doc.repeat if expand_repeats else 1
+            f.write(line * copies)
+            lines += copies
+    return lines
+
+
+def clean(ctx: StageContext, cfg: dict) -> StageResult:
+    """Stage data-clean: `clean.jsonl` (training, mixture repeats applied), `heldout.jsonl`, `report.json`."""
+    config = CleanConfig.from_cfg(cfg)
+    documents_path = ctx.upstream_output("data-fetch", "documents")
+    ctx.tracker.log_input(documents_path, name="documents", context="data-clean")
+    docs = read_documents(documents_path)
+    result = clean_documents(docs, config, ctx.progress)
+    if not result.train:
+        raise UserError(
+            f"data-clean removed all {len(docs)} documents; loosen stages.data-clean "
+            "(min_chars, max_chars, rules, minhash_threshold) or add data"
+        )
+    clean_path, heldout_path = ctx.stage_dir / "clean.jsonl", ctx.stage_dir / "heldout.jsonl"
+    train_lines = write_documents(clean_path, result.train, expand_repeats=True)
+    write_documents(heldout_path, result.heldout, expand_repeats=False)
+    report = {
+        "input_documents": len(docs),
+        "kept": len(result.train) + len(result.heldout),
+        "train_documents": len(result.train),
+        "train_lines": train_lines,
+        "heldout_documents": len(result.heldout),
+        "steps": {name: {"removed": s.removed, "examples": s.examples} for name, s in result.steps.items()},
+    }
+    report_path = ctx.stage_dir / "report.json"
+    write_json_atomic(report_path, report)
+    ctx.tracker.log_dict(report, "report.json")
+    metrics = {
+        "clean.input": len(docs),
+        "clean.kept": report["kept"],
+        "clean.train": len(result.train),
+        "clean.train_lines": train_lines,
+        "clean.heldout": len(result.heldout),
+        "clean.train_chars": sum(len(d.text) * d.repeat for d in result.train),
+        **{f"clean.removed.{name}": s.removed for name, s in result.steps.items()},
+    }
+    removed = ", ".join(f"{n} {s.removed}" for n, s in result.steps.items() if s.removed)
+    kept = f"kept {report['kept']} of {len(docs)} documents ({len(result.heldout)} held out)"
+    ctx.progress.log(f"  {kept}; removed: {removed or 'none'}")
+    return StageResult(
+        outputs={"clean": str(clean_path), "heldout": str(heldout_path), "report": str(report_path)},
+        metrics=metrics,
+    )
