@@ -6,6 +6,7 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -267,6 +268,8 @@ def _terminate(signum, frame):
 
 
 def main() -> None:
+    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

@@ -1,0 +1,39 @@
+"""SFT: ChatML conversations, loss on assistant tokens only (Llama 2, Qwen)."""
+
+from __future__ import annotations
+
+from llm_lifecycle.workflows.model_stage import builtin_or_path, load_upstream_model, save_stage_model
+from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
+from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
+
+
+def load_examples(ctx: StageContext, cfg: dict, tokenizer) -> list:
+    from llm_lifecycle.workflows.chat_data import encode_chat, load_conversations
+
+    conversations = []
+    for uri in cfg["data"]:
+        try:
+            conversations.extend(load_conversations(builtin_or_path(uri, f"stages.{ctx.stage}.data")))
+        except ValueError as err:
+            raise UserError(f"stages.{ctx.stage}.data: {err}") from None
+    conversations = conversations[: cfg["max_examples"]]
+    examples = [encode_chat(tokenizer, c, cfg["seq_len"], default_system=cfg["system_prompt"]) for c in conversations]
+    return [e for e in examples if any(e[1])]  # drop chats whose answer was cut away entirely
+
+
+def run(ctx: StageContext, cfg: dict) -> StageResult:
+    from llm_lifecycle.workflows.chat_data import SFTBatches
+
+    settings = TrainSettings.from_cfg(cfg)
+    model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
+    examples = load_examples(ctx, cfg, tokenizer)
+    data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=tokenizer.token_to_id("<|endoftext|>"))
+    summary = train(
+        ctx, model, settings, data.batches, lm_loss,
+        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        flops_per_token=model.cfg.flops_per_token(settings.seq_len),
+        description="sft",
+    )
+    summary["examples"] = float(len(examples))
+    model_dir = save_stage_model(ctx, model, tokenizer)
+    return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
