@@ -24,8 +24,10 @@ def _pairs(ctx: StageContext, cfg: dict, tokenizer) -> list:
             raw.extend(load_preference_pairs(builtin_or_path(uri, "stages.rl.data")))
         except ValueError as err:
             raise UserError(f"stages.rl.data: {err}") from None
-    raw = raw[: cfg["max_pairs"] + cfg["heldout_pairs"]]
-    return [encode_preference(tokenizer, p, c, r, cfg["seq_len"]) for p, c, r in raw]
+    encoded = (encode_preference(tokenizer, p, c, r, cfg["seq_len"]) for p, c, r in raw)
+    # Pairs whose answers fall past seq_len carry no signal: skip them.
+    usable = [e for e in encoded if any(e[0][1]) and any(e[1][1])]
+    return usable[: cfg["max_pairs"] + cfg["heldout_pairs"]]
 
 
 def _logps(model, batch):
