@@ -193,6 +193,16 @@ def _check_type(where: str, value: Any, default: Any) -> None:
         )
 
 
+def _coerce_number(value: Any, default: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it where a float is expected."""
+    if isinstance(default, float) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
     defaults = STAGE_DEFAULTS[stage]
     if given is None:
@@ -206,6 +216,7 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"{recipe_file}: stages.{stage}.{key}: unknown setting; "
                 f"valid: {', '.join(sorted(defaults))}"
             )
+        value = _coerce_number(value, defaults[key])
         _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
         merged[key] = value
     return merged

@@ -219,4 +219,4 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
         out.logits.float().view(-1, out.logits.size(-1)), targets.reshape(-1), ignore_index=-100
     )
     aux = out.aux_loss
-    return ce + aux, {"ce_loss": ce.item(), "aux_loss": float(aux)}
+    return ce + aux, {"ce_loss": ce.item(), "aux_loss": float(aux.detach())}
