@@ -270,6 +270,8 @@ def _terminate(signum, frame):
 def main() -> None:
     # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Per-artifact download bars from model registration interleave with our stage bars.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
