@@ -200,13 +200,9 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
     """The fully resolved recipe (preset, overrides and defaults applied)."""
-    import yaml
-
     from llm_lifecycle.workflows.recipe import load_recipe
 
-    r = load_recipe(name, set_ or [])
-    console.print(yaml.safe_dump({"name": r.name, "seed": r.seed, "model": {"preset": r.preset, **r.model},
-                                  "stages": r.stages}, sort_keys=False, allow_unicode=True))
+    console.print(load_recipe(name, set_ or []).to_yaml(), highlight=False)
 
 
 @models_app.command("list")
@@ -236,17 +232,63 @@ def runs_list(recipe: Optional[str] = typer.Option(None, "--recipe", "-r"), limi
 
 
 @app.command()
-def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
+def ui(port: int = typer.Option(5000, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
     """Open the MLflow UI on the workspace's tracking store."""
+    import socket
     import subprocess
 
-    from llm_lifecycle.registry.tracking import tracking_uri, workspace
+    from llm_lifecycle.registry.tracking import configure, tracking_uri, workspace
 
+    configure()  # creates the store, so the UI opens on an empty workspace too
+    with socket.socket() as probe:
+        if probe.connect_ex((host, port)) == 0:
+            raise UserError(f"llm ui: port {port} on {host} is already in use; pass --port with a free one")
     uri = tracking_uri()
-    console.print(f"MLflow UI on http://{host}:{port} for {uri}")
+    console.print(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--artifacts-destination", str(workspace() / "mlartifacts")]
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def compare(
+    runs: List[str] = typer.Argument(..., help="Pipeline, sweep or stage run ids, or recipe names (latest pipeline)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for compare.png/.html/.json (default: workspace/reports/)."),
+) -> None:
+    """Compare pipelines: what differs, loss curves, eval scores (terminal table + PNG/HTML report)."""
+    import time
+
+    from llm_lifecycle.workflows.compare import compare_runs
+
+    out = out or _workspace() / "reports" / time.strftime("compare-%Y%m%d-%H%M%S")
+    report, run_id = compare_runs(runs, out)
+    table = Table(title="llm compare")
+    table.add_column("")
+    for r in report.runs:
+        table.add_column(f"{r.label}\n{r.run_id[:8]}", justify="right")
+    for key, values in report.differing_params.items():
+        table.add_row(f"[bold]{key}[/bold]", *values)
+    if report.differing_params:
+        table.add_section()
+    for key, values in report.metric_rows.items():
+        table.add_row(key, *("—" if v is None else f"{v:.4g}" for v in values))
+    console.print(table)
+    console.print(f"report: {report.files['html']} and {report.files['png']} (logged to run {run_id})")
+
+
+@app.command()
+def sweep(
+    recipe: str = typer.Argument(..., help="Recipe name (llm recipes list) or path to a .yaml."),
+    vary: List[str] = typer.Option(..., "--vary", help="KEY=V1,V2,... to vary (repeatable; all combinations run)."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Run RECIPE for every combination of --vary at equal token budget, then compare them."""
+    from llm_lifecycle.cli.progress import RichProgress
+    from llm_lifecycle.workflows.sweep import run_sweep
+
+    result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console))
+    console.print(f"sweep run {result.run_id}: {len(result.pipeline_run_ids)} pipelines; "
+                  f"report {result.report_dir / 'compare.html'}; compare again with `llm compare {result.run_id}`")
 
 
 @app.command()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
-from llm_lifecycle.registry.tracking import configure
+from llm_lifecycle.registry.tracking import configure, tracking_uri
 
 
 def _when(ms: int | None) -> str:
@@ -51,3 +52,70 @@ def recent_runs(recipe: str | None, limit: int) -> list[dict]:
         }
         for r in runs
     ]
+
+
+# ---- pipelines to compare -------------------------------------------------------------------
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    configure()
+    return MlflowClient()
+
+
+def _get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def pipeline_runs(ref: str) -> list:
+    """The pipeline (parent) runs a reference names.
+
+    A pipeline run id -> that run; a sweep run id -> its pipelines; a stage run id -> its
+    pipeline; a recipe (experiment) name -> its latest finished pipeline. Raises LookupError
+    naming what was not found.
+    """
+    client = _client()
+    run = _get_run(client, ref) if re.fullmatch(r"[0-9a-f]{32}", ref) else None
+    if run is not None:
+        stage = run.data.tags.get("llm.stage")
+        if stage == "pipeline":
+            return [run]
+        if stage == "sweep":
+            return client.search_runs(
+                [run.info.experiment_id], f"tags.llm.sweep = '{ref}' AND tags.llm.stage = 'pipeline'",
+                order_by=["attributes.start_time ASC"],
+            )
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            return pipeline_runs(parent)
+        raise LookupError(f"run {ref} is not a pipeline, sweep or stage run of llm")
+    exp = client.get_experiment_by_name(ref)
+    if exp is None:
+        raise LookupError(f"'{ref}' is neither a run id nor a recipe with runs in {tracking_uri()}")
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.llm.stage = 'pipeline' AND attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        raise LookupError(f"recipe '{ref}' has no finished pipeline run yet; run `llm pipeline {ref}` first")
+    return runs
+
+
+def stage_runs(pipeline_run) -> dict[str, object]:
+    """The stage runs nested under a pipeline run, by stage name."""
+    client = _client()
+    children = client.search_runs(
+        [pipeline_run.info.experiment_id], f"tags.mlflow.parentRunId = '{pipeline_run.info.run_id}'"
+    )
+    return {r.data.tags.get("llm.stage", r.info.run_name): r for r in children}
+
+
+def metric_history(run_id: str, key: str) -> tuple[list[int], list[float]]:
+    history = sorted(_client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [m.step for m in history], [m.value for m in history]

@@ -57,7 +57,9 @@ def ensure_experiment(name: str, ws: Path | None = None) -> str:
     location = None
     if is_embedded_store(tracking_uri(ws)):
         location = ((ws or workspace()) / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    # Without the kind, MLflow 3's UI opens experiments on its GenAI trace views.
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:

@@ -145,6 +145,16 @@ def _stage_function(spec: StageSpec) -> Callable[[StageContext, dict], StageResu
     return getattr(module, func)
 
 
+@dataclass(frozen=True)
+class SweepMember:
+    """Where a pipeline sits in a sweep: nested under the sweep's run, its models registered
+    under their own name so the variants' aliases do not overwrite each other."""
+
+    parent_run_id: str
+    variant: str  # e.g. "model.position=alibi"
+    registered_name: str
+
+
 def run_pipeline(
     recipe: Recipe,
     workspace: Path,
@@ -152,6 +162,7 @@ def run_pipeline(
     stages: str | list[str] | None = None,
     from_stage: str | None = None,
     force: tuple[str, ...] = (),
+    sweep: SweepMember | None = None,
 ) -> dict[str, StageResult]:
     """Run the planned stages under one parent MLflow run; returns every stage's result."""
     from llm_lifecycle.registry import tracking
@@ -161,10 +172,16 @@ def run_pipeline(
     results: dict[str, StageResult] = {}
     ran = [p.name for p in planned if p.will_run]
     base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}
-    with tracking.start_run(recipe.name, "pipeline", {**base_tags, "llm.stage": "pipeline"}) as parent:
+    if sweep is not None:
+        base_tags |= {"llm.sweep": sweep.parent_run_id, "llm.variant": sweep.variant}
+    run_name = f"pipeline [{sweep.variant}]" if sweep else "pipeline"
+    with tracking.start_run(recipe.name, run_name, {**base_tags, "llm.stage": "pipeline"},
+                            parent_run_id=sweep.parent_run_id if sweep else None) as parent:
         parent.log_params({"recipe": str(recipe.path), "preset": recipe.preset, "seed": recipe.seed,
                            "overrides": recipe.overrides, "stages_run": ran})
         parent.log_params({"model": recipe.model})
+        parent.log_text(recipe.to_yaml(), "recipe.yaml")
+        registered_name = sweep.registered_name if sweep else recipe.name
         for p in planned:
             if p.cached:
                 results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
@@ -173,13 +190,27 @@ def run_pipeline(
                 continue
             if not p.selected:
                 continue
-            results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags)
+            results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags, registered_name)
         for name, result in results.items():
             parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+        # The run's description in the MLflow UI: what each stage did, at a glance.
+        parent.set_tags({"mlflow.note.content": stage_summary(planned, results)})
     return results
 
 
-def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, base_tags) -> StageResult:
+def stage_summary(planned: list[PlannedStage], results: dict[str, StageResult]) -> str:
+    """A Markdown table: each stage, whether it ran or was reused, and its first metrics."""
+    lines = ["| stage | status | key metrics |", "|---|---|---|"]
+    for p in planned:
+        if p.name not in results:
+            continue
+        status = "reused" if p.cached else "ran"
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(results[p.name].metrics.items())[:4])
+        lines.append(f"| {p.name} | {status} | {shown} |")
+    return "\n".join(lines)
+
+
+def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, base_tags, registered_name) -> StageResult:
     from llm_lifecycle.registry import tracking
 
     spec = STAGES[p.name]
@@ -207,11 +238,11 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
         tracker.log_metrics(result.metrics)
         version = None
         if result.model_dir and spec.alias:
-            lineage = {"llm.stage": p.name, "llm.fingerprint": p.fingerprint, "llm.source_run": tracker.run_id,
-                       "llm.recipe": recipe.name, "llm.parent_stage": ",".join(spec.upstream)}
-            version = tracking.log_and_register_model(tracker, result.model_dir, recipe.name, spec.alias, lineage)
+            lineage = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
+                       "llm.source_run": tracker.run_id, "llm.parent_stage": ",".join(spec.upstream)}
+            version = tracking.log_and_register_model(tracker, result.model_dir, registered_name, spec.alias, lineage)
             result.model_alias = spec.alias
-            progress.log(f"  registered models:/{recipe.name}@{spec.alias} (version {version})")
+            progress.log(f"  registered models:/{registered_name}@{spec.alias} (version {version})")
     write_json_atomic(p.result_file, {"result": result.to_json(), "run_id": tracker.run_id,
                                       "model_version": version, "fingerprint": p.fingerprint})
     return result

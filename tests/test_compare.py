@@ -1,0 +1,186 @@
+"""Comparing runs: `llm sweep` at smoke size, `llm compare`, and the MLflow UI that `llm ui`
+serves, driven by a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import TINY_OVERRIDES
+from llm_lifecycle.cli.app import app
+from llm_lifecycle.registry.tracking import configure
+from llm_lifecycle.workflows.stage import SilentProgress
+from llm_lifecycle.workflows.sweep import run_sweep
+
+RECIPE = "llama-small"
+VARY = "model.n_kv_heads=1,4"
+VARIANTS = ["model.n_kv_heads=1", "model.n_kv_heads=4"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("sweep") / "llm-runs"
+    os.environ["LLM_HOME"] = str(ws)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    result = run_sweep(RECIPE, [VARY], list(TINY_OVERRIDES), ws, SilentProgress())
+    configure(ws)
+    yield ws, result
+    os.environ.pop("LLM_HOME", None)
+
+
+def test_sweep_is_one_parent_over_two_full_pipelines(swept):
+    ws, result = swept
+    client = MlflowClient()
+    sweep_run = client.get_run(result.run_id)
+    assert sweep_run.data.tags["llm.stage"] == "sweep"
+    exp = sweep_run.info.experiment_id
+    pipelines = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert sorted(r.data.tags["llm.variant"] for r in pipelines) == VARIANTS
+    assert sorted(r.info.run_id for r in pipelines) == sorted(result.pipeline_run_ids)
+    for pipeline in pipelines:
+        stages = client.search_runs([exp], f"tags.mlflow.parentRunId = '{pipeline.info.run_id}'")
+        # The first variant runs the data stages; the second reuses them (same fingerprints).
+        ran = {r.info.run_name for r in stages}
+        assert {"pretrain", "sft", "rl", "eval", "export"} <= ran
+        assert pipeline.data.tags["mlflow.note.content"].startswith("| stage |")
+        assert "pretrain.loss" in pipeline.data.metrics or any(k.startswith("pretrain.") for k in pipeline.data.metrics)
+    # Each variant registers its own models, so one variant's aliases never overwrite the other's.
+    for slug in ("n-kv-heads-1", "n-kv-heads-4"):
+        assert client.get_model_version_by_alias(f"{RECIPE}-{slug}", "sft").tags["llm.variant"]
+    # Equal token budget: the sweep records it once, for every variant.
+    assert int(sweep_run.data.params["tokens.pretrain"]) == 6 * 2 * 64
+
+
+def test_sweep_report_plots_both_curves(swept):
+    ws, result = swept
+    report = result.report_dir
+    import json
+
+    data = json.loads((report / "compare.json").read_text())
+    curves = data["loss_curves"]["pretrain"]
+    assert sorted(curves) == VARIANTS
+    assert all(len(c["loss"]) == 6 for c in curves.values())
+    assert data["differing_params"]["model.n_kv_heads"] == ["1", "4"] or data["differing_params"]["model.n_kv_heads"] == ["4", "1"]
+    # Both lines are drawn: the PNG holds pixels of both runs' colours (matplotlib's C0 and C1).
+    from matplotlib.image import imread
+
+    pixels = imread(report / "compare.png")[..., :3]
+    for hex_colour in ("#1f77b4", "#ff7f0e"):
+        rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        assert (np.abs(pixels - rgb).max(axis=-1) < 0.02).sum() > 200, hex_colour
+    html = (report / "compare.html").read_text()
+    assert "model.n_kv_heads" in html and "data:image/png;base64," in html
+    artifacts = {f.path for f in MlflowClient().list_artifacts(result.run_id, "report")}
+    assert {"report/compare.png", "report/compare.html", "report/compare.json"} <= artifacts
+
+
+def test_llm_compare_prints_what_differs_and_logs_a_compare_run(swept, tmp_path):
+    ws, result = swept
+    out = tmp_path / "cmp"
+    run = CliRunner().invoke(app, ["compare", *result.pipeline_run_ids, "--out", str(out)], terminal_width=200)
+    assert run.exit_code == 0, run.output
+    assert "model.n_kv_heads" in run.output and all(v in run.output for v in VARIANTS)
+    assert (out / "compare.png").stat().st_size > 10_000
+    compare_runs = MlflowClient().search_runs(
+        [MlflowClient().get_run(result.run_id).info.experiment_id], "tags.llm.stage = 'compare'"
+    )
+    assert sorted(compare_runs[0].data.tags["llm.compared"].split(",")) == sorted(result.pipeline_run_ids)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["compare", "no-such-recipe", "another"], "neither a run id nor a recipe"),
+    (["sweep", RECIPE, "--vary", "pretrain.steps=2,4"], "token budget"),
+    (["sweep", RECIPE, "--vary", "model.n_kv_heads"], "expected KEY=VALUE1,VALUE2"),
+])
+def test_compare_and_sweep_refuse_bad_input_in_one_line(swept, args, says):
+    ws, _ = swept
+    out = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", *args], capture_output=True, text=True,
+                         env={**os.environ, "LLM_HOME": str(ws)}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3  # one line, soft-wrapped by rich at most
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ui_server(swept):
+    ws, _ = swept
+    port = _free_port()
+    env = {**os.environ, "LLM_HOME": str(ws)}
+    proc = subprocess.Popen([sys.executable, "-m", "llm_lifecycle.cli.app", "ui", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"llm ui exited: {proc.stdout.read()}")
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("llm ui did not answer /health within 180 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(swept, ui_server):
+    from playwright.sync_api import sync_playwright
+
+    expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the +/- beside a parent run
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(90_000)
+        page.goto(f"{ui_server}/#/experiments?workflowType=machine_learning", wait_until="load")
+        href = page.get_by_role("link", name=RECIPE, exact=True).get_attribute("href")
+        assert re.fullmatch(r"#/experiments/\d+", href)
+        page.goto(f"{ui_server}/{href}/runs?workflowType=machine_learning", wait_until="load")
+        page.get_by_role("link", name=re.compile(r"^sweep \[")).wait_for()
+        page.locator(expand).first.click()  # the sweep: its two pipelines appear
+        page.get_by_role("link", name=re.compile(r"^pipeline \[")).first.wait_for()
+        for i in range(1, page.locator(expand).count()):
+            page.locator(expand).nth(i).click()  # each pipeline: its stage runs appear
+        page.get_by_role("link", name="pretrain", exact=True).first.wait_for()
+        names = page.locator("[role=gridcell][col-id='attributes.`Run Name`'] a").all_inner_texts()
+        assert sorted(n for n in names if n.startswith("pipeline [")) == [f"pipeline [{v}]" for v in VARIANTS]
+        assert names.count("pretrain") == 2 and names.count("sft") == 2
+        page.screenshot(path=str(ARTIFACTS / "mlflow-runs.png"))
+
+        rows = page.locator("[role=row]", has=page.get_by_role("link", name="pretrain", exact=True))
+        for i in range(2):
+            rows.nth(i).locator("input.ag-checkbox-input").check()
+        page.get_by_role("button", name="Compare", exact=True).click()
+        page.wait_for_url(re.compile(r"compare-runs"))
+        page.get_by_text("Comparing 2 Runs").wait_for()
+        page.get_by_text("model.n_kv_heads").first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "mlflow-compare.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "mlflow-compare.png").stat().st_size > 20_000
