@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("llama", "qwen3_moe")  # decides the Hugging Face layout used by export/import
+# Decides the Hugging Face layout used by export/import (the transformers model_type).
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
 
 
@@ -31,6 +32,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     qkv_bias: bool = False
+    o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     tie_embeddings: bool = True
     # Mixture of experts (n_experts == 0: every layer is a dense SwiGLU MLP)
@@ -131,6 +133,8 @@ class ModelConfig:
         params = self.dim * (q_out + 2 * kv_out) + q_out * self.dim
         if self.qkv_bias:
             params += q_out + 2 * kv_out
+        if self.o_bias:
+            params += self.dim
         if self.qk_norm:
             params += 2 * self.head_dim
         return params
