@@ -10,8 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("llama", "qwen3_moe")  # decides the Hugging Face layout used by export/import
+# Decides the Hugging Face layout used by export/import (the transformers model_type).
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
+MOE_BALANCE = ("micro_batch", "global_batch")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     qkv_bias: bool = False
+    o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     tie_embeddings: bool = True
     # Mixture of experts (n_experts == 0: every layer is a dense SwiGLU MLP)
@@ -39,6 +42,10 @@ class ModelConfig:
     moe_ffn_dim: int = 256
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (e.g. 1e-3) keeps router logits small
+    # "micro_batch": balance each micro-batch; "global_batch": count expert loads over the
+    # whole step (all micro-batches and data-parallel ranks), as Qwen3 does
+    moe_balance: str = "micro_batch"
 
     def __post_init__(self) -> None:
         # Resolve the default head size; left None when it would not be whole so validate() says so.
@@ -94,6 +101,10 @@ class ModelConfig:
                 raise ValueError(f"moe_ffn_dim must be positive, got {self.moe_ffn_dim}")
             if self.router_aux_loss_coef < 0:
                 raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+            if self.router_z_loss_coef < 0:
+                raise ValueError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
+            if self.moe_balance not in MOE_BALANCE:
+                raise ValueError(f"moe_balance must be one of {', '.join(MOE_BALANCE)}, got {self.moe_balance!r}")
 
     def _validate_rope_scaling(self) -> None:
         scaling = self.rope_scaling
@@ -131,6 +142,8 @@ class ModelConfig:
         params = self.dim * (q_out + 2 * kv_out) + q_out * self.dim
         if self.qkv_bias:
             params += q_out + 2 * kv_out
+        if self.o_bias:
+            params += self.dim
         if self.qk_norm:
             params += 2 * self.head_dim
         return params

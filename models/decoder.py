@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llm_lifecycle.models.config import ModelConfig
 
@@ -21,7 +22,8 @@ from llm_lifecycle.models.config import ModelConfig
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # [B, T, V]
-    aux_loss: torch.Tensor  # scalar: MoE load-balancing loss * coef, summed over layers (0 when dense)
+    aux_loss: torch.Tensor  # scalar: MoE balance and z losses times their coefs, over layers (0 when dense)
+    expert_load: torch.Tensor | None = None  # [moe layers, n_experts] assignments per expert (MoE only)
 
 
 # ---- rotary position embedding -------------------------------------------------------------
@@ -80,29 +82,39 @@ def _llama3_frequencies(inv_freq: torch.Tensor, factor: float, scaling: dict) ->
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the positions asked, computed in fp32 on every call (cheap, and
-    exact at any length). The frequencies are a plain attribute, not a buffer, so casting
-    the model to bf16 cannot round them and checkpoints do not carry them."""
+    """cos/sin tables in fp32, computed once per length and device and sliced per call.
+    The frequencies are a plain attribute, not a buffer, so casting the model to bf16
+    cannot round them and checkpoints do not carry them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inv_freq, self.scale = rope_frequencies(cfg)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim], the rotate-half layout
-        return angles.cos() * self.scale, angles.sin() * self.scale
+    def forward(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin_signed) for positions start .. start+length-1, each [length, 1, head_dim]
+        (broadcast over heads); sin_signed is sin with its first half negated (see apply_rope)."""
+        cos, sin = self._tables.get(device, (None, None))
+        if cos is None or cos.size(0) < start + length:
+            positions = torch.arange(max(start + length, 2 * (0 if cos is None else cos.size(0))), device=device)
+            freqs = positions.float()[:, None] * self.inv_freq.to(device)[None, :]
+            half = freqs.size(-1)
+            angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim], the rotate-half layout
+            cos, sin = angles.cos() * self.scale, angles.sin() * self.scale
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            cos, sin = cos[:, None, :], sin[:, None, :]
+            self._tables[device] = (cos, sin)
+        return cos[start : start + length], sin[start : start + length]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, head_dim]; rotated in fp32, returned in x's dtype.
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, head_dim]; rotated in fp32, returned in x's dtype."""
+    The rotate-half form x cos + rotate_half(x) sin with rotate_half(x) = (-x2, x1) equals
+    x cos + roll(x) (-sin1, sin2): one roll and one fused multiply-add instead of a negation,
+    a concatenation and two products."""
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    return torch.addcmul(xf * cos, xf.roll(xf.size(-1) // 2, dims=-1), sin_signed).to(x.dtype)
 
 
 # ---- normalisation -------------------------------------------------------------------------
@@ -115,10 +127,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (a bf16 mean of squares loses too much), scale in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32:  # one fused kernel (3x faster on CPU than the ops spelt out)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Lower precision: normalise in fp32 (a bf16 mean of squares loses too much), round,
+        # then scale in the input dtype, as the Hugging Face models do.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -174,26 +187,37 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         # Qwen3: RMSNorm over each head's q and k (before RoPE) keeps attention logits bounded.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, self.wq, self.wk, self.wv)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Several projections of the same input as one matmul (one larger GEMM runs faster than
+    three small ones). Quantized stand-ins for nn.Linear run their own kernels one by one."""
+    if not all(type(layer) is nn.Linear for layer in linears):
+        return tuple(layer(x) for layer in linears)
+    weight = torch.cat([layer.weight for layer in linears])
+    bias = None if linears[0].bias is None else torch.cat([layer.bias for layer in linears])
+    return F.linear(x, weight, bias).split([layer.out_features for layer in linears], dim=-1)
 
 
 # ---- feed-forward: dense SwiGLU and mixture of experts ---------------------------------------
@@ -207,11 +231,26 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = project(x, self.w_gate, self.w_up)
+        return self.w_down(F.silu(gate) * up)
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer's router did on this batch; the decoder turns it into losses."""
+
+    mean_prob: torch.Tensor  # [E] mean router probability per expert (differentiable)
+    counts: torch.Tensor  # [E] (token, expert) assignments per expert, int64
+    z_loss: torch.Tensor  # scalar mean logsumexp(router logits)^2 (ST-MoE), differentiable
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts. Expert weights are stacked [n_experts, out, in]."""
+    """Top-k routed SwiGLU experts. Expert weights are stacked [n_experts, out, in].
+
+    Dispatch sorts the N*k (token, expert) assignments by expert, so each expert's tokens
+    are one contiguous block; the experts then run as one grouped matmul per projection
+    (torch._grouped_mm on CUDA, one padded bmm elsewhere), never a Python loop over experts.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -221,34 +260,53 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, dim]
-        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # [N, E]
+        logits = self.router(x).float()
+        probs = F.softmax(logits, dim=-1)  # [N, E], fp32
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        top_probs = top_probs.to(x.dtype)
 
-        # Group the N*k (token, expert) assignments by expert: each expert then runs one
-        # matmul on its contiguous slice instead of every expert seeing every token.
         flat_experts = top_experts.flatten()
         order = flat_experts.argsort(stable=True)
         token_of = order // self.top_k
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        slices = x[token_of].split(counts.tolist())
-        expert_out = torch.cat([self._expert(e, tokens) for e, tokens in enumerate(slices)])
-        weighted = expert_out * top_probs.flatten()[order, None]
+        expert_out = self._run_experts(x[token_of], flat_experts[order], counts)
+        weighted = expert_out * top_probs.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted)
+        stats = RouterStats(probs.mean(dim=0), counts, torch.logsumexp(logits, dim=-1).pow(2).mean())
+        return out.view(shape), stats
 
-        # Switch-style balance loss n_experts * sum_i f_i P_i: f_i the share of assignments
-        # routed to expert i (not differentiable), P_i its mean router probability. 1 when uniform.
-        share = counts.float() / flat_experts.numel()
-        balance = self.n_experts * (share * probs.mean(dim=0)).sum()
-        return out.view(shape), balance
+    def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of each row of `tokens` [M, dim] by its expert; rows sorted by expert."""
+        # [:] dequantizes all experts at once when int8 weights stand in for the parameters.
+        w_gate, w_up, w_down = self.w_gate[:], self.w_up[:], self.w_down[:]
+        if _grouped_mm_applies(tokens):
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(tokens, w_gate.transpose(1, 2), offs=offsets)
+            up = torch._grouped_mm(tokens, w_up.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)
+        # Padded batch: expert e's rows go to slots e*C .. e*C+count_e-1 of an [E, C, dim]
+        # buffer (C the largest count), so one bmm per projection serves every expert.
+        capacity = int(counts.max())
+        first_row = counts.cumsum(0) - counts
+        slots = experts * capacity + torch.arange(len(experts), device=tokens.device) - first_row[experts]
+        buffer = tokens.new_zeros(self.n_experts * capacity, tokens.size(-1)).index_copy(0, slots, tokens)
+        buffer = buffer.view(self.n_experts, capacity, -1)
+        gate_up = torch.bmm(buffer, torch.cat((w_gate, w_up), dim=1).transpose(1, 2))
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))
+        return hidden.view(self.n_experts * capacity, -1)[slots]
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
+
+def _grouped_mm_applies(x: torch.Tensor) -> bool:
+    """torch._grouped_mm's fast kernels: CUDA, bf16, Hopper or newer (its documented limits)."""
+    return (
+        x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -264,11 +322,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe else SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, kv_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x, cos, sin, mask, kv_cache) -> tuple[torch.Tensor, RouterStats | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
         if isinstance(self.ffn, MoE):
-            out, balance = self.ffn(self.ffn_norm(x))
-            return x + out, balance
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
 
 
@@ -284,6 +342,10 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        # Training-engine switch: recompute each block's activations in the backward pass
+        # instead of keeping them (less memory, about one more forward of compute).
+        self.activation_checkpointing = False
+        self._batch_counts: torch.Tensor | None = None  # global-batch expert counts so far
         self.reset_parameters()
 
     @torch.no_grad()
@@ -308,18 +370,53 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> DecoderOutput:
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        positions = torch.arange(past, past + seq, device=input_ids.device)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(past, seq, input_ids.device)
         # The fused causal kernel covers plain training/prefill; a cache with earlier tokens
         # or left-padding needs an explicit mask.
         needs_mask = kv_cache is not None and (past > 0 or kv_cache.key_padding is not None)
         mask = attention_mask(past, seq, kv_cache.key_padding, input_ids.device) if needs_mask else None
 
         x = self.tok_embeddings(input_ids)
-        balance = torch.zeros((), device=input_ids.device)
+        routers: list[RouterStats] = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x, layer_balance = layer(x, cos, sin, mask, kv_cache)
-            if layer_balance is not None:
-                balance = balance + layer_balance
+            if recompute:
+                x, stats = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x, stats = layer(x, cos, sin, mask, kv_cache)
+            if stats is not None:
+                routers.append(stats)
         logits = self.lm_head(self.norm(x))
-        return DecoderOutput(logits=logits, aux_loss=balance * self.cfg.router_aux_loss_coef)
+        if not routers:
+            return DecoderOutput(logits=logits, aux_loss=torch.zeros((), device=input_ids.device))
+        expert_load = torch.stack([r.counts for r in routers])
+        return DecoderOutput(logits=logits, aux_loss=self._router_loss(routers), expert_load=expert_load)
+
+    def begin_global_batch(self) -> None:
+        """Forget the expert counts of the last optimizer step (the trainer calls this before
+        each step's first micro-batch) for the global-batch balance loss."""
+        self._batch_counts = None
+
+    def _router_loss(self, routers: list[RouterStats]) -> torch.Tensor:
+        """coef * balance + z_coef * z-loss, summed over MoE layers.
+
+        Balance (Switch): n_experts * sum_i f_i P_i per layer, f_i the share of assignments
+        routed to expert i (not differentiable), P_i its mean router probability; 1 when
+        uniform. With moe_balance "global_batch" (Qwen3) f_i counts every micro-batch of
+        the step so far on every data-parallel rank, so a micro-batch that specialises is
+        not pushed to balance on its own.
+        """
+        counts = torch.stack([r.counts for r in routers]).float()  # [layers, E]
+        if self.cfg.moe_balance == "global_batch" and self.training:
+            counts = self._global_batch_counts(counts)
+        share = counts / counts.sum(dim=-1, keepdim=True)
+        balance = self.cfg.n_experts * (share * torch.stack([r.mean_prob for r in routers])).sum()
+        z_loss = torch.stack([r.z_loss for r in routers]).sum()
+        return self.cfg.router_aux_loss_coef * balance + self.cfg.router_z_loss_coef * z_loss
+
+    @torch.no_grad()
+    def _global_batch_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self._batch_counts = counts if self._batch_counts is None else self._batch_counts + counts
+        return self._batch_counts
