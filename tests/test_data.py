@@ -382,6 +382,55 @@ def test_tokenizer_vocab_too_small_is_a_user_error():
         tokenizer.train_bpe(["some text"], vocab_size=100)
 
 
+def small_corpus() -> list[str]:
+    return builtin_texts(C4_FILE)[:60] + builtin_texts(POETRY_FILE)[:400]
+
+
+def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
+    texts = small_corpus()
+    tok = tokenizer.train_bpe(texts, vocab_size=700, whitespace_runs=8, special_tokens=["<|tool|>", "<|im_start|>"])
+    assert tok.get_vocab_size() <= 700
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool|>")] == [0, 1, 2, 3]
+    code = "def f(x):\n        return x  # 12345"
+    pieces = [tok.id_to_token(i) for i in tok.encode(code).ids]
+    assert "\u0120" * 7 in pieces and "\u0120re" in pieces  # a 7-space run, and the word keeps its space
+    assert tok.decode(tok.encode(code).ids) == code
+
+    fallback = tokenizer.train_bpe(texts, vocab_size=700, byte_fallback=True)
+    assert fallback.get_vocab_size() == 700 and fallback.token_to_id("<0xE4>") is not None
+    rare = "𠀀🦙 mixed English 文本 123"  # characters never seen in training
+    ids = fallback.encode(rare).ids
+    assert any(fallback.id_to_token(i).startswith("<0x") for i in ids)
+    assert fallback.decode(ids) == rare
+    with pytest.raises(UserError, match="whitespace_runs: needs the byte-level model"):
+        tokenizer.TokenizerConfig.from_cfg({"byte_fallback": True, "whitespace_runs": 4})
+    with pytest.raises(UserError, match="unknown setting"):
+        tokenizer.TokenizerConfig.from_cfg({"vocab": 10})
+
+
+def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_one(tmp_path):
+    english, chinese = builtin_texts(C4_FILE)[:80], builtin_texts(POETRY_FILE)
+    base = tokenizer.train_bpe(english, vocab_size=400)
+    base_file = tmp_path / "base" / "tokenizer.json"  # a checkpoint folder holding a tokenizer.json
+    base_file.parent.mkdir()
+    base.save(str(base_file))
+    cfg = tokenizer.TokenizerConfig.from_cfg({"vocab_size": 800, "extend": str(base_file.parent)})
+    extended = tokenizer.build_tokenizer(cfg, english + chinese[:500])
+    assert extended.get_vocab_size() == 800
+    assert all(extended.id_to_token(i) == base.id_to_token(i) for i in range(400))  # old ids unchanged
+    heldout = chinese[-100:]
+    assert tokenizer.bytes_per_token(extended, heldout) > 1.3 * tokenizer.bytes_per_token(base, heldout)
+    assert extended.encode(english[0]).ids == base.encode(english[0]).ids  # English untouched
+    assert all(extended.decode(extended.encode(t).ids) == unicodedata.normalize("NFC", t) for t in heldout[:20])
+
+    same = tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 400, "pretrained": str(base_file)}), [])
+    assert same.to_str() == base.to_str()
+    with pytest.raises(UserError, match="is below the 400 tokens"):
+        tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 300, "pretrained": str(base_file)}), [])
+    with pytest.raises(UserError, match="cannot get tokenizer.json of nobody/nothing"):
+        tokenizer.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
+
+
 # ---------------------------------------------------------------------------------------
 # Tokenize and shards
 

@@ -2,7 +2,8 @@
 
 data-fetch reads `builtin:NAME`, local files and folders (txt, jsonl, jsonl.gz, parquet) and
 `hf://datasets/OWNER/NAME[/path]` into `documents.jsonl`, one line per document:
-{"text", "source", "repeat"}. A source's mixture weight becomes each document's `repeat`
+{"text", "source", "group", "repeat"}; `group` names the mixture group that training
+schedules sample by (workflows/mixture.py). A source's mixture weight becomes each document's `repeat`
 count (2.0 = twice, 0.5 = a deterministic half) rather than repeated lines, so that the
 exact-dedup step of data-clean does not undo the up-sampling; data-clean writes the repeats.
 
@@ -52,6 +53,7 @@ class Source:
     split: str = "paragraph"  # for txt: one document per line, blank-line block, or file
     revision: str | None = None  # for hf://: branch, tag or commit
     allow_patterns: list[str] | None = None  # for hf://: which repository files to download
+    group: str = "general"  # the mixture group pretrain's schedule samples by (e.g. knowledge, long)
 
     @classmethod
     def from_cfg(cls, item: Any, key: str) -> "Source":
@@ -71,6 +73,8 @@ class Source:
             isinstance(source.limit, bool) or not isinstance(source.limit, int) or source.limit < 1
         ):
             raise UserError(f"{key}.limit: expected a positive integer, got {source.limit!r}")
+        if not isinstance(source.group, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", source.group):
+            raise UserError(f"{key}.group: expected a name of letters, digits, '_' or '-', got {source.group!r}")
         if source.split not in TXT_SPLITS:
             raise UserError(f"{key}.split: expected one of {', '.join(TXT_SPLITS)}, got {source.split!r}")
         return source
@@ -291,7 +295,8 @@ def fetch_source(
                 task.advance(1)
                 if repeat:
                     stats.weighted_docs += repeat
-                    out.write(json.dumps({"text": text, "source": label, "repeat": repeat}, ensure_ascii=False) + "\n")
+                    record = {"text": text, "source": label, "group": source.group, "repeat": repeat}
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return stats
 
 
@@ -411,6 +416,7 @@ class Document:
     text: str
     source: str
     repeat: int = 1
+    group: str = "general"
 
 
 @dataclass
@@ -487,7 +493,10 @@ def clean_documents(docs: list[Document], cfg: CleanConfig, progress: Progress |
 
 def read_documents(path: str | Path) -> list[Document]:
     with open(path, encoding="utf-8") as f:
-        return [Document(r["text"], r.get("source", ""), int(r.get("repeat", 1))) for r in map(json.loads, f)]
+        return [
+            Document(r["text"], r.get("source", ""), int(r.get("repeat", 1)), r.get("group", "general"))
+            for r in map(json.loads, f)
+        ]
 
 
 def iter_texts(path: str | Path) -> Iterator[str]:
@@ -497,12 +506,20 @@ def iter_texts(path: str | Path) -> Iterator[str]:
             yield json.loads(line)["text"]
 
 
+def iter_groups(path: str | Path) -> Iterator[str]:
+    """The mixture `group` of every line of a documents jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line).get("group", "general")
+
+
 def write_documents(path: Path, docs: Iterable[Document], expand_repeats: bool) -> int:
-    """Write {"text", "source"} lines atomically; with `expand_repeats`, each `repeat` times."""
+    """Write {"text", "source", "group"} lines atomically; with `expand_repeats`, each `repeat` times."""
     lines = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in docs:
-            line = json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n"
+            line = json.dumps({"text": doc.text, "source": doc.source, "group": doc.group}, ensure_ascii=False) + "\n"
             copies = doc.repeat if expand_repeats else 1
             f.write(line * copies)
             lines += copies

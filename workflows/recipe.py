@@ -56,9 +56,18 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
     },
-    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    "tokenizer-train": {
+        "vocab_size": 4096,
+        "min_frequency": 2,
+        "split_digits": True,
+        "whitespace_runs": 0,
+        "byte_fallback": False,
+        "special_tokens": [],
+        "extend": None,
+        "pretrained": None,
+    },
     "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
-    "pretrain": {**_TRAIN},
+    "pretrain": {**_TRAIN, "schedule": []},  # data phases: workflows/mixture.py
     "extend-context": {
         **_TRAIN,
         "steps": 40,
@@ -68,6 +77,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "rope_theta": 100_000.0,
         "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
         "eval_windows": 16,
+        "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
         **_TRAIN,
