@@ -1,15 +1,17 @@
-"""One decoder-only transformer that covers the LLaMA and Qwen3(-MoE) designs.
+"""One decoder-only transformer that covers the designs of the LLaMA, Qwen, Baichuan, GLM,
+Mistral/Mixtral, DeepSeek-MoE, Gemma and Phi families, chosen by ModelConfig.
 
-Read top to bottom: RoPE -> RMSNorm -> attention (with a KV cache) -> SwiGLU MLP and MoE ->
-block -> Decoder. The math follows the Hugging Face implementations of those families
-step for step (RMSNorm in fp32, rotate-half RoPE, q/k-norm before RoPE, fp32 router
-softmax), so exported checkpoints give the same logits in transformers.
+Read top to bottom: positions (RoPE, ALiBi, LogN) -> norms -> attention (masks, sliding
+windows, a KV cache) -> MLPs and MoE -> block -> Decoder. The math follows the Hugging Face
+implementations of those families step for step (norms in fp32, rotate-half RoPE, q/k-norm
+before RoPE, fp32 router softmax), so exported checkpoints give the same logits in transformers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +23,21 @@ from llm_lifecycle.models.config import ModelConfig
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # [B, T, V]
-    aux_loss: torch.Tensor  # scalar: MoE load-balancing loss * coef, summed over layers (0 when dense)
+    # scalar the trainer adds to its loss: MoE load-balancing loss * coef summed over layers,
+    # plus Baichuan2's max-z loss (0 when neither is configured)
+    aux_loss: torch.Tensor
 
 
 # ---- rotary position embedding -------------------------------------------------------------
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim / 2] in fp32, scale applied to cos and sin)."""
-    dim, base = cfg.head_dim, cfg.rope_theta
+    """(inverse frequencies [rotated dims / 2] in fp32, scale applied to cos and sin).
+
+    The rotated dims are the first rotary_pct of each head (GPT-NeoX / Phi partial rotary);
+    with GLM's 2D positions each of the two position ids rotates half of them.
+    """
+    dim, base = cfg.rotary_dim // (2 if cfg.rope_2d else 1), cfg.rope_theta
     scaling = cfg.rope_scaling or {}
     kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
@@ -87,10 +95,24 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inv_freq, self.scale = rope_frequencies(cfg)
+        self.two_d = cfg.rope_2d
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim], the rotate-half layout
+    def forward(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """positions [T] or [B, T] (or [B, 2, T]: GLM position and span position) -> one
+        (cos, sin) pair per rotated chunk of the head dims, each [T or B x 1 x T, chunk]."""
+        if positions.dim() == 3:
+            chunks = [positions[:, 0], positions[:, 1]]
+        elif self.two_d:  # text outside a blank span has span position 0: no rotation
+            chunks = [positions, torch.zeros_like(positions)]
+        else:
+            chunks = [positions]
+        return [self._cos_sin(p) for p in chunks]
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        angles = torch.cat((freqs, freqs), dim=-1)  # the rotate-half layout
+        if angles.dim() == 3:
+            angles = angles[:, None]  # per-row positions broadcast over heads
         return angles.cos() * self.scale, angles.sin() * self.scale
 
 
@@ -99,10 +121,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, head_dim]; rotated in fp32, returned in x's dtype."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """x: [B, H, T, head_dim]; each (cos, sin) rotates the next chunk of dims, the dims past
+    them pass through (partial rotary). Rotated in fp32, returned in x's dtype."""
+    xf, parts, start = x.float(), [], 0
+    for cos, sin in rope:
+        chunk = xf[..., start : start + cos.size(-1)]
+        parts.append(chunk * cos + rotate_half(chunk) * sin)
+        start += cos.size(-1)
+    parts.append(xf[..., start:])
+    return torch.cat(parts, dim=-1).to(x.dtype)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes, the geometric sequence 2^(-8/n) ... 2^(-8); for a head count
+    that is not a power of two, the closest power's slopes plus every other slope of the next
+    power's (Press et al.; Baichuan2-13B uses the same)."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def logn_scale(positions: torch.Tensor, train_len: int) -> torch.Tensor:
+    """Qwen1 LogN attention scaling: a query at 0-based position p > train_len - 1 is scaled
+    by log_{train_len}(p + 1), keeping attention entropy steady past the trained length."""
+    p = positions.float() + 1
+    return torch.where(p > train_len, torch.log(p) / math.log(train_len), torch.ones_like(p))
 
 
 # ---- normalisation -------------------------------------------------------------------------
@@ -119,6 +168,10 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -166,6 +219,14 @@ def attention_mask(past: int, n_new: int, key_padding: torch.Tensor | None, devi
     return allowed[:, None]  # broadcast over heads
 
 
+def sliding_window_mask(mask: torch.Tensor, past: int, window: int) -> torch.Tensor:
+    """`mask` further limited to the last `window` keys of each query (itself included)."""
+    n_new, n_keys = mask.shape[-2:]
+    q_pos = torch.arange(past, past + n_new, device=mask.device)[:, None]
+    k_pos = torch.arange(n_keys, device=mask.device)[None, :]
+    return mask & (q_pos - k_pos < window)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -178,8 +239,12 @@ class Attention(nn.Module):
         # Qwen3: RMSNorm over each head's q and k (before RoPE) keeps attention logits bounded.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.alibi = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None  # not a buffer, like inv_freq
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | None,
+                q_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`rope`: (cos, sin) chunks (empty with ALiBi); `mask`: Bool[..., T, S] or None for
+        plain causal; `q_scale`: per-position query scale [T] or [B, T] (LogN) or None."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -187,39 +252,70 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if q_scale is not None:
+            q = q * q_scale[..., None].to(q.dtype)
+        past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
+        if self.alibi is not None:
+            mask = self._alibi_bias(mask, past, seq, k.size(2), q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def _alibi_bias(self, mask: torch.Tensor, past: int, n_new: int, n_keys: int, dtype) -> torch.Tensor:
+        """ALiBi: slope_h * -(distance to the key), -inf where `mask` forbids attending."""
+        q_pos = torch.arange(past, past + n_new, device=mask.device)[:, None]
+        k_pos = torch.arange(n_keys, device=mask.device)[None, :]
+        bias = (self.alibi.to(mask.device)[:, None, None] * (k_pos - q_pos)).to(dtype)  # [H, T, S]
+        return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 
-# ---- feed-forward: dense SwiGLU and mixture of experts ---------------------------------------
+
+# ---- feed-forward: dense MLPs and mixture of experts ------------------------------------------
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+def mlp_activation(kind: str):
+    """SwiGLU gates with SiLU; GeGLU (Gemma) and the plain GELU MLP (GPT-J, Phi) use GELU's
+    tanh approximation, as those checkpoints were trained with."""
+    return F.silu if kind == "swiglu" else partial(F.gelu, approximate="tanh")
+
+
+class MLP(nn.Module):
+    """Gated: w_down(act(w_gate x) * w_up x) (SwiGLU, GeGLU); plain: w_down(act(w_up x))."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int):
         super().__init__()
-        self.w_gate = nn.Linear(dim, hidden, bias=False)
-        self.w_up = nn.Linear(dim, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.act = mlp_activation(cfg.mlp)
+        self.w_gate = nn.Linear(cfg.dim, hidden, bias=False) if cfg.mlp != "gelu" else None
+        self.w_up = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.w_gate is None:
+            return self.w_down(self.act(self.w_up(x)))
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts. Expert weights are stacked [n_experts, out, in]."""
+    """Top-k routed gated experts, stacked [n_experts, out, in], plus optional shared experts
+    that every token passes through (DeepSeekMoE; n of them are one MLP n times as wide)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k, self.norm_topk_prob = cfg.n_experts, cfg.n_experts_per_token, cfg.norm_topk_prob
+        self.act = mlp_activation(cfg.mlp)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim))
+        self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
+        # Qwen3's global-batch balancing: expert counts summed over the optimizer step's
+        # micro-batches (reset by Decoder.start_global_batch) and data-parallel ranks.
+        self.global_balance = cfg.moe_balance == "global_batch"
+        self.step_counts: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -240,36 +336,61 @@ class MoE(nn.Module):
         expert_out = torch.cat([self._expert(e, tokens) for e, tokens in enumerate(slices)])
         weighted = expert_out * top_probs.flatten()[order, None]
         out = torch.zeros_like(x).index_add_(0, token_of, weighted)
+        if self.shared is not None:
+            out = out + self.shared(x)
 
         # Switch-style balance loss n_experts * sum_i f_i P_i: f_i the share of assignments
         # routed to expert i (not differentiable), P_i its mean router probability. 1 when uniform.
-        share = counts.float() / flat_experts.numel()
+        share = self._balance_counts(counts).float()
+        share = share / share.sum()
         balance = self.n_experts * (share * probs.mean(dim=0)).sum()
         return out.view(shape), balance
 
+    def _balance_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """The counts f_i is taken from: this micro-batch's, or (global_batch, in training)
+        everything routed so far in this optimizer step on every data-parallel rank."""
+        if not (self.global_balance and self.training):
+            return counts
+        counts = counts.detach().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        if self.step_counts is not None:
+            counts = counts + self.step_counts.to(counts.device)
+        self.step_counts = counts
+        return counts
+
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
+        return F.linear(self.act(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
 
 
 # ---- the model -----------------------------------------------------------------------------
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x)); or, with parallel_block (GPT-J,
+    Phi), x + attn(norm(x)) + ffn(norm(x)) from one shared norm."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe else SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.ffn_norm = None if cfg.parallel_block else make_norm(cfg, cfg.dim)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, kv_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+    def forward(self, x, rope, mask, kv_cache, q_scale=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.attn_norm(x)
+        attn = self.attn(h, rope, mask, kv_cache, q_scale)
+        if self.ffn_norm is None:
+            ffn_out, balance = self._ffn(h)
+            return x + attn + ffn_out, balance
+        x = x + attn
+        ffn_out, balance = self._ffn(self.ffn_norm(x))
+        return x + ffn_out, balance
+
+    def _ffn(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(self.ffn, MoE):
-            out, balance = self.ffn(self.ffn_norm(x))
-            return x + out, balance
-        return x + self.ffn(self.ffn_norm(x)), None
+            return self.ffn(h)
+        return self.ffn(h), None
 
 
 class Decoder(nn.Module):
@@ -278,9 +399,10 @@ class Decoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg)
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        self.windows = cfg.layer_windows()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
@@ -305,21 +427,60 @@ class Decoder(nn.Module):
     def new_kv_cache(self, key_padding: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, key_padding)
 
-    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> DecoderOutput:
+    def start_global_batch(self) -> None:
+        """Called by the trainer before each optimizer step's micro-batches: global-batch
+        MoE balancing starts counting afresh."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.step_counts = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """`attn_mask`: optional Bool[B, T, S] (True = may attend; S = cached + new tokens) in
+        place of the causal mask, e.g. GLM's prefix-LM mask. `position_ids`: optional [B, T]
+        or, for GLM's 2D positions, [B, 2, T] (position, position inside the blank span)."""
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        positions = torch.arange(past, past + seq, device=input_ids.device)
-        cos, sin = self.rope(positions)
-        # The fused causal kernel covers plain training/prefill; a cache with earlier tokens
-        # or left-padding needs an explicit mask.
-        needs_mask = kv_cache is not None and (past > 0 or kv_cache.key_padding is not None)
-        mask = attention_mask(past, seq, kv_cache.key_padding, input_ids.device) if needs_mask else None
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device)
+        rope = self.rope(position_ids) if self.rope is not None else []
+        q_scale = None
+        if self.cfg.logn_train_len is not None:
+            absolute = position_ids[:, 0] if position_ids.dim() == 3 else position_ids
+            q_scale = logn_scale(absolute, self.cfg.logn_train_len)
+        masks = self._masks(past, seq, kv_cache, attn_mask, input_ids.device)
 
         x = self.tok_embeddings(input_ids)
         balance = torch.zeros((), device=input_ids.device)
-        for layer in self.layers:
-            x, layer_balance = layer(x, cos, sin, mask, kv_cache)
+        for layer, window in zip(self.layers, self.windows):
+            x, layer_balance = layer(x, rope, masks[window], kv_cache, q_scale)
             if layer_balance is not None:
                 balance = balance + layer_balance
-        logits = self.lm_head(self.norm(x))
-        return DecoderOutput(logits=logits, aux_loss=balance * self.cfg.router_aux_loss_coef)
+        aux_loss = balance * self.cfg.router_aux_loss_coef
+        h = self.norm(x)
+        if self.cfg.norm_head:  # Baichuan2: unit-norm rows keep the logits' scale in check
+            logits = F.linear(h, F.normalize(self.lm_head.weight, dim=-1))
+        else:
+            logits = self.lm_head(h)
+        if self.cfg.max_z_loss_coef:  # Baichuan2 max-z loss: penalise the largest logit, squared
+            aux_loss = aux_loss + self.cfg.max_z_loss_coef * logits.float().amax(dim=-1).pow(2).mean()
+        return DecoderOutput(logits=logits, aux_loss=aux_loss)
+
+    def _masks(self, past, seq, kv_cache, attn_mask, device) -> dict[int | None, torch.Tensor | None]:
+        """The attention mask of each distinct layer window. None (the fused causal kernel)
+        covers plain training/prefill; a cache with earlier tokens or left-padding, an
+        explicit mask, a window or ALiBi's bias need a mask tensor."""
+        if attn_mask is not None:
+            base = attn_mask[:, None]
+        elif kv_cache is not None and (past > 0 or kv_cache.key_padding is not None):
+            base = attention_mask(past, seq, kv_cache.key_padding, device)
+        elif self.cfg.position == "alibi" or any(self.windows):
+            base = attention_mask(past, seq, None, device)
+        else:
+            base = None
+        return {w: base if w is None else sliding_window_mask(base, past, w) for w in set(self.windows)}
