@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("llama", "qwen3_moe")  # decides the Hugging Face layout used by export/import
+# Decides the Hugging Face layout used by export/import (the transformers model_type).
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
@@ -48,6 +49,7 @@ class ModelConfig:
     # Qwen1 LogN scaling: at positions past this training length, q is scaled by log_len(pos).
     logn_train_len: int | None = None
     qkv_bias: bool = False
+    o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, Phi)
     tie_embeddings: bool = True
@@ -61,8 +63,9 @@ class ModelConfig:
     n_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek's first_k_dense_replace)
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.01
-    # micro_batch: balance loss from each micro-batch's routing; global_batch (Qwen3): the
-    # expert shares are accumulated over the whole optimizer step (and data-parallel ranks).
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (e.g. 1e-3) keeps router logits small
+    # "micro_batch": balance each micro-batch; "global_batch": count expert loads over the
+    # whole step (all micro-batches and data-parallel ranks), as Qwen3 does
     moe_balance: str = "micro_batch"
 
     def __post_init__(self) -> None:
@@ -168,6 +171,8 @@ class ModelConfig:
                 raise ValueError(f"moe_ffn_dim must be positive, got {self.moe_ffn_dim}")
             if self.router_aux_loss_coef < 0:
                 raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+            if self.router_z_loss_coef < 0:
+                raise ValueError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
 
     def _validate_windows(self) -> None:
         window = self.sliding_window
@@ -220,6 +225,8 @@ class ModelConfig:
         params = self.dim * (q_out + 2 * kv_out) + q_out * self.dim
         if self.qkv_bias:
             params += q_out + 2 * kv_out
+        if self.o_bias:
+            params += self.dim
         if self.qk_norm:
             params += 2 * self.head_dim
         return params

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_lifecycle.models.config import ModelConfig, estimate_memory
-from llm_lifecycle.models.decoder import Decoder, alibi_slopes, apply_rope
+from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
 from llm_lifecycle.models.upcycle import upcycle
 from llm_lifecycle.workflows.glm import GLMTokens, blank_infilling, glm_batches, packed_length
 from llm_lifecycle.workflows.trainer import lm_loss
@@ -116,7 +116,7 @@ def test_parallel_block_shares_one_norm():
     block = model.layers[0]
     assert block.ffn_norm is None
     x = torch.randn(2, 6, 32)
-    rope = model.rope(torch.arange(6))
+    rope = model.rope(0, 6, x.device)
     h = block.attn_norm(x)
     expected = x + block.attn(h, rope, None, None) + block.ffn(h)
     out, _ = block(x, rope, None, None)
@@ -135,11 +135,11 @@ def test_partial_rotary_rotates_only_the_first_fraction():
     assert cfg.rotary_dim == 4 and model.rope.inv_freq.numel() == 2
     # GPT-NeoX / Phi: frequencies of a rotary embedding of width rotary_dim
     torch.testing.assert_close(model.rope.inv_freq, 1.0 / 10_000 ** (torch.arange(0, 4, 2).float() / 4))
-    x = torch.randn(1, 4, 7, 16)
-    rotated = apply_rope(x, model.rope(torch.arange(7)))
+    x = torch.randn(1, 7, 4, 16)  # [B, T, H, head_dim]
+    rotated = apply_rope(x, model.rope(0, 7, x.device))
     assert torch.equal(rotated[..., 4:], x[..., 4:])  # the pass-through dims
     assert max_diff(rotated[..., :4], x[..., :4]) > 1e-2
-    torch.testing.assert_close(rotated[:, :, 0], x[:, :, 0])  # position 0: no rotation
+    torch.testing.assert_close(rotated[:, 0], x[:, 0])  # position 0: no rotation
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
 
 
@@ -276,31 +276,21 @@ def test_dense_first_layers():
 
 
 def test_global_batch_balance_counts_the_whole_step():
-    """Two micro-batches each routed to one side are imbalanced alone, balanced together."""
+    """Two micro-batches each routed to one expert are imbalanced alone, balanced together."""
     fields = {**MOE, "n_layers": 1, "n_experts": 2, "n_experts_per_token": 1}
     micro = make(**fields).train()
     glob = make(**{**fields, "moe_balance": "global_batch"}).train()
-    glob.load_state_dict(micro.state_dict())
-    moe_micro, moe_glob = micro.layers[0].ffn, glob.layers[0].ffn
-    u = F.normalize(torch.randn(32), dim=0)
-    a, b = torch.randn(8, 32) * 0.1 + u, torch.randn(8, 32) * 0.1 - u  # two clusters
-    with torch.no_grad():  # a router that sends `a` to expert 0 and `b` to expert 1
-        for moe in (moe_micro, moe_glob):
-            moe.router.weight.copy_(torch.stack([u, -u]) * 2)
-    glob.start_global_batch()
-    _, loss_a_micro = moe_micro(a)
-    _, loss_b_micro = moe_micro(b)
-    _, loss_a_glob = moe_glob(a)
-    _, loss_b_glob = moe_glob(b)
-    torch.testing.assert_close(loss_a_glob, loss_a_micro)  # the first micro-batch has only itself
-    assert moe_glob.step_counts.tolist() == [8, 8]
-    assert loss_b_glob.item() < loss_b_micro.item() - 0.3  # counts over the step are balanced
-    glob.start_global_batch()
-    _, again = moe_glob(b)
-    torch.testing.assert_close(again, loss_b_micro)  # a new step starts counting afresh
-    glob.eval()
-    _, evaluated = moe_glob(b)
-    torch.testing.assert_close(evaluated, loss_b_micro)  # evaluation never accumulates
+    first = RouterStats(torch.tensor([0.9, 0.1]), torch.tensor([8, 0]), torch.tensor(0.0))
+    second = RouterStats(torch.tensor([0.1, 0.9]), torch.tensor([0, 8]), torch.tensor(0.0))
+    coef = micro.cfg.router_aux_loss_coef
+    # Switch balance n * sum f_i P_i: 2 * 0.9 for each micro-batch on its own
+    assert micro._router_loss([first]).item() == pytest.approx(1.8 * coef)
+    assert micro._router_loss([second]).item() == pytest.approx(1.8 * coef)
+    glob.begin_global_batch()
+    assert glob._router_loss([first]).item() == pytest.approx(1.8 * coef)  # only itself so far
+    assert glob._router_loss([second]).item() == pytest.approx(1.0 * coef)  # f = (1/2, 1/2) over the step
+    glob.begin_global_batch()
+    assert glob._router_loss([second]).item() == pytest.approx(1.8 * coef)  # a new step counts afresh
 
 
 @pytest.mark.parametrize("moe_ffn_dim", [64, 32])
@@ -380,11 +370,12 @@ def test_glm_batches_are_a_pure_function_of_the_step_and_train():
 def test_glm_2d_positions_rotate_each_half_by_its_own_id():
     model = make(rope_2d=True)
     assert model.cfg.rotary_dim == 8 and model.rope.inv_freq.numel() == 2  # two halves of 4 dims
-    x = torch.randn(1, 4, 5, 8)
-    plain = apply_rope(x, model.rope(torch.arange(5)[None]))  # 1D ids: span position 0
+    x = torch.randn(1, 5, 4, 8)  # [B, T, H, head_dim]
+    plain = apply_rope(x, model.rope(0, 5, x.device))  # 1D positions: span position 0
     assert torch.equal(plain[..., 4:], x[..., 4:])
+    torch.testing.assert_close(apply_rope(x, model.rope(0, 5, x.device, torch.arange(5)[None])), plain)
     both = torch.stack([torch.arange(5), torch.arange(5)])[None]
-    two_d = apply_rope(x, model.rope(both))
+    two_d = apply_rope(x, model.rope(0, 5, x.device, both))
     torch.testing.assert_close(two_d[..., :4], plain[..., :4])
     assert max_diff(two_d[..., 4:], x[..., 4:]) > 1e-2
     # in the decoder: the prefix-LM mask lets early tokens see later ones

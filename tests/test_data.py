@@ -150,7 +150,8 @@ def test_builtin_corpus_runs_all_data_stages_quickly(pipeline):
             "zh_chinese_poetry.jsonl.gz",
         )
     }
-    assert pipeline.ctx["data-fetch"].tracker.inputs == [(data.BUILTIN_DIR / "corpus", "builtin:corpus", "data-fetch")]
+    [(path, name, context)] = pipeline.ctx["data-fetch"].tracker.inputs
+    assert (path.resolve(), name, context) == ((data.BUILTIN_DIR / "corpus").resolve(), "builtin:corpus", "data-fetch")
     assert fetch.metrics["fetch.builtin:corpus.chars"] == sum(len(d["text"]) for d in docs)
 
 

@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
-from llm_lifecycle.workflows.data import is_cjk, iter_texts
+from llm_lifecycle.workflows.data import iter_texts
+from llm_lifecycle.workflows.dedup import is_cjk
 from llm_lifecycle.workflows.shards import is_complete, read_index, write_shards
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError, atomic_path
 

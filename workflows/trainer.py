@@ -173,8 +173,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, settings)
             loss_sum, extras, step_tokens = 0.0, {}, 0
-            if hasattr(model, "start_global_batch"):  # MoE global-batch balancing counts per step
-                model.start_global_batch()
+            if hasattr(model, "begin_global_batch"):  # MoE global-batch balancing counts per step
+                model.begin_global_batch()
             for _ in range(settings.grad_accum):
                 batch = tuple(t.to(device) for t in next(stream))
                 with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
