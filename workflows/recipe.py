@@ -57,7 +57,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "holdout_fraction": 0.02,
     },
     "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
-    "tokenize": {"shard_tokens": 1 << 20},
+    "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
     "pretrain": {
         **_TRAIN,
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
