@@ -562,3 +562,67 @@ def test_token_view_and_sequential_windows_cover_the_stream(tmp_path):
     np.testing.assert_array_equal(inputs.numpy(), stream[: count * 64])
     np.testing.assert_array_equal(targets.numpy(), stream[1 : count * 64 + 1])
     assert len(list(packed.sequential_windows(seq_len=64, max_windows=2))) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Mixtures and schedules
+
+
+def test_mixture_schedule_samples_groups_by_phase_and_long_documents(tmp_path):
+    from llm_lifecycle.workflows.mixture import parse_schedule, phase_at, scheduled_batches
+    from llm_lifecycle.workflows.trainer import TrainSettings
+
+    # Group "general" uses ids 10-19 in short documents, "knowledge" 20-29, "long" 30-39 in long ones.
+    rng = np.random.default_rng(0)
+    docs, groups = [], []
+    for i in range(300):
+        group = ["general", "knowledge", "long"][i % 3]
+        base, size = {"general": (10, 20), "knowledge": (20, 20), "long": (30, 300)}[group]
+        docs.append(np.append(rng.integers(base, base + 10, size=size), 0))
+        groups.append(group)
+    shards.write_shards(tmp_path, docs, vocab_size=64, shard_tokens=4096)
+    shards.write_groups(tmp_path, groups)
+    packed = shards.TokenShards(tmp_path)
+    assert packed.group_names == ["general", "knowledge", "long"]
+
+    schedule = parse_schedule(
+        [{"until": 0.5, "mixture": {"general": 1.0}}, {"until": 1.0, "mixture": {"knowledge": 3, "general": 1}},
+         ], "stages.pretrain.schedule")
+    assert phase_at(schedule, 4, 10).mixture == {"general": 1.0} and phase_at(schedule, 5, 10).until == 1.0
+    settings = TrainSettings.from_cfg({**dict.fromkeys(TrainSettings.__dataclass_fields__, 0), "steps": 10,
+                                       "batch_size": 64, "seq_len": 8, "grad_accum": 1})
+    stream = scheduled_batches(packed, schedule, settings, seed=3, start_micro_step=0)
+    batches = [next(stream)[0] for _ in range(10)]
+
+    def group_of(row):  # the group of a window's first token (windows may run into the next document)
+        return int(row[0]) // 10 if row[0] else None
+
+    first = [group_of(r) for b in batches[:5] for r in b if group_of(r)]
+    later = [group_of(r) for b in batches[5:] for r in b if group_of(r)]
+    assert set(first) == {1}
+    assert 0.6 < later.count(2) / len(later) < 0.9 and set(later) == {1, 2}
+    resumed = scheduled_batches(packed, schedule, settings, seed=3, start_micro_step=7)
+    assert torch.equal(next(resumed)[0], batches[7])  # a resumed run reads the same data
+
+    long_only = packed.batch(0, 64, 32, seed=1, min_doc_tokens=100)[0]
+    assert all(int(row[0]) // 10 == 3 for row in long_only if row[0])
+    uniform = packed.batch(0, 4, 8, seed=1)
+    assert torch.equal(uniform[0], packed.batches(4, 8, seed=1).__next__()[0])  # no schedule: as before
+    with pytest.raises(UserError, match="mixture group 'code' has no documents"):
+        packed.batch(0, 4, 8, seed=1, mixture={"code": 1.0})
+    with pytest.raises(UserError, match="last phase must end at until: 1.0"):
+        parse_schedule([{"until": 0.5, "mixture": {"general": 1}}], "stages.pretrain.schedule")
+    with pytest.raises(UserError, match="until: expected a fraction"):
+        parse_schedule([{"until": 2, "mixture": {}}], "stages.pretrain.schedule")
+
+
+def test_fetch_records_groups_and_tokenize_carries_them(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"general text number {i} " * 5 for i in range(6)), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n\n".join(f"knowledge fact number {i} " * 5 for i in range(4)), encoding="utf-8")
+    ctx = make_ctx(tmp_path, "data-fetch")
+    result = data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt")},
+                                          {"uri": str(tmp_path / "b.txt"), "group": "knowledge", "weight": 2}]})
+    docs = read_jsonl(result.outputs["documents"])
+    assert [d["group"] for d in docs] == ["general"] * 6 + ["knowledge"] * 4
+    with pytest.raises(UserError, match="group: expected a name"):
+        data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt"), "group": "a b"}]})
