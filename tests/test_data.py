@@ -8,7 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import csv  # noqa: E402
 import gzip  # noqa: E402
+import io  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import unicodedata  # noqa: E402
@@ -245,7 +248,7 @@ def test_fetch_errors_are_one_clear_line(tmp_path):
         fetch_docs(tmp_path, [{"uri": "builtin:nope"}])
     assert "builtin:nope" in str(err.value) and "builtin:corpus" in str(err.value)
 
-    with pytest.raises(UserError, match=r"sources\[0\]\.uri: no \.txt, \.jsonl, \.jsonl\.gz, \.parquet files at"):
+    with pytest.raises(UserError, match=r"sources\[0\]\.uri: no \.txt, \.jsonl, \.jsonl\.gz, \.parquet, \.csv files at"):
         fetch_docs(tmp_path, [{"uri": "builtin:chat/zh_oasst1_sft_zh.json"}])
 
     with pytest.raises(UserError, match=r"sources\[0\]\.wieght: unknown setting"):
@@ -264,6 +267,56 @@ def test_fetch_hf_offline_is_a_user_error(tmp_path, monkeypatch):
         "cannot reach the Hugging Face hub to fetch hf://datasets/llm-lifecycle-tests/not-cached:"
     )
     assert "builtin:NAME" in message
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def make_hub_cache(root: Path, repo: str, commit: str, files: dict[str, str], refs: tuple[str, ...] = ("main",)) -> Path:
+    """A Hugging Face hub cache holding one dataset snapshot, laid out as huggingface_hub writes it."""
+    repo_dir = root / f"datasets--{repo.replace('/', '--')}"
+    for ref in refs:
+        (repo_dir / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+    for name, text in files.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(text.encode()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_text(text, encoding="utf-8")
+        link = repo_dir / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return root
+
+
+def test_fetch_hf_dataset_from_a_prepared_offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    english, _ = distinct_docs()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = make_hub_cache(tmp_path / "hub", "acme/corpus", commit, {
+        "data/train.jsonl": "".join(json.dumps({"body": t}) + "\n" for t in english[:5]),
+        "data/extra.csv": csv_text(["id", "body"], [[i, t] for i, t in enumerate(english[5:8])]),
+        "README.md": "# a dataset card",
+    }, refs=("main", "v1.0"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    docs, result = fetch_docs(tmp_path / "a", [
+        {"uri": "hf://datasets/acme/corpus/data", "text_field": "body", "revision": "v1.0"},
+    ])
+    assert [d["text"] for d in docs] == english[5:8] + english[:5]  # the files in path order
+    assert [docs[0]["source"], docs[-1]["source"]] == [
+        "hf://datasets/acme/corpus/data/extra.csv", "hf://datasets/acme/corpus/data/train.jsonl"]
+    pinned, _ = fetch_docs(tmp_path / "b", [
+        {"uri": f"hf://datasets/acme/corpus@{commit}", "text_field": "body", "allow_patterns": ["data/*.jsonl"]},
+    ])
+    assert [d["text"] for d in pinned] == english[:5]  # only the files the patterns allow
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub"):
+        fetch_docs(tmp_path / "c", [{"uri": "hf://datasets/acme/corpus", "revision": "v2.0"}])
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,6 +398,36 @@ def test_rule_filters_measure_cjk_in_characters():
         == "duplicate_lines"
     )
     assert data.word_count("床前明月光 moon light") == 7
+
+
+def test_optional_gopher_and_c4_rules():
+    rules = data.QualityRules(min_alpha_word_fraction=0.8, min_stop_words=2, max_bullet_line_fraction=0.9,
+                              c4_bad_content=True)
+    english, chinese = distinct_docs()
+    assert data.rule_failure(english[0], rules) is None and data.rule_failure(chinese[0], rules) is None
+    assert data.rule_failure("1234 5678 9012 3456 7890 the and of 2345 6789 0123 4567", rules) == "alpha_words"
+    assert data.rule_failure("Buy cheap watches online today, great prices, fast shipping guaranteed", rules) == "stop_words"
+    bullets = "\n".join(f"• item {w} of the list and more" for w in "one two three four five six seven".split())
+    assert data.rule_failure(bullets, rules) == "bullet_lines"
+    assert data.rule_failure(english[0] + " Lorem ipsum dolor sit amet.", rules) == "c4_bad_content"
+    assert data.rule_failure(bullets, data.QualityRules()) is None  # off by default
+
+
+def test_clean_language_id_keeps_the_chosen_languages(tmp_path):
+    english, chinese = distinct_docs()
+    french = ("Le petit prince est un conte poétique et philosophique sous l'apparence d'un conte pour enfants, "
+              "écrit par Antoine de Saint-Exupéry et publié en 1943 à New York.")
+    german = ("Die Verwandlung ist eine Erzählung von Franz Kafka, die im Jahr 1912 entstand und 1915 erschien; "
+              "sie handelt von Gregor Samsa, der eines Morgens als Ungeziefer erwacht.")
+    docs = [{"text": t, "source": "t", "repeat": 1} for t in english[:5] + chinese[:5] + [french, german]]
+    result, tracker = run_clean(tmp_path, docs, {"languages": ["en", "ZH"], "holdout_fraction": 0})
+    report = json.loads(Path(result.outputs["report"]).read_text())
+    assert report["steps"]["language"]["removed"] == 2 and result.metrics["clean.removed.language"] == 2
+    notes = {e["note"] for e in report["steps"]["language"]["examples"]}
+    assert notes == {"detected: fr", "detected: de"}
+    assert report["train_documents"] == 10
+    with pytest.raises(UserError, match="'klingon' is not an ISO 639-1 code"):
+        run_clean(tmp_path / "bad", docs, {"languages": ["klingon"]})
 
 
 def test_clean_with_everything_removed_is_a_user_error(tmp_path):
@@ -626,3 +709,21 @@ def test_fetch_records_groups_and_tokenize_carries_them(tmp_path):
     assert [d["group"] for d in docs] == ["general"] * 6 + ["knowledge"] * 4
     with pytest.raises(UserError, match="group: expected a name"):
         data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt"), "group": "a b"}]})
+
+
+def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
+    pytest.importorskip("datatrove")
+    english, chinese = distinct_docs()
+    words = english[7].split()
+    words[len(words) // 2] = "zebra"
+    texts = english + chinese + ["  " + english[3].upper() + " ", " ".join(words), "too short"]
+    docs = [{"text": t, "source": "test", "group": "g", "repeat": 1} for t in texts]
+    cfg = {"holdout_fraction": 0.1}
+    local, _ = run_clean(tmp_path / "local", docs, cfg)
+    spread, tracker = run_clean(tmp_path / "datatrove", docs, {**cfg, "engine": "datatrove", "datatrove_tasks": 1})
+    for name in ("clean", "heldout"):
+        assert read_jsonl(spread.outputs[name]) == read_jsonl(local.outputs[name])
+    report = json.loads(Path(spread.outputs["report"]).read_text())
+    assert report["steps"]["min_chars"]["removed"] == 1
+    assert report["steps"]["minhash_dedup"]["removed"] == 2  # the exact copy and the near copy
+    assert tracker.dicts["report.json"] == report

@@ -55,6 +55,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_threshold": 0.8,
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
+        "languages": [],  # keep only these languages (ISO 639-1, e.g. [en, zh]); []: no language id
+        "engine": "local",  # or datatrove: the same steps on datatrove's executors
+        "datatrove_tasks": 2,
     },
     "tokenizer-train": {
         "vocab_size": 4096,
