@@ -41,7 +41,8 @@ _TRAIN = {
     "checkpoint_every": 50,
     "log_every": 10,
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
-    "compile": False,
+    "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
+    "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
