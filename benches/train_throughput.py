@@ -54,7 +54,17 @@ def hf_model(cfg: ModelConfig, ours: Decoder) -> torch.nn.Module:
     arch = d.pop("architectures")[0]
     config_cls = transformers.LlamaConfig if cfg.family == "llama" else transformers.Qwen3MoeConfig
     model = getattr(transformers, arch)(config_cls(**{k: v for k, v in d.items() if k != "model_type"}))
-    model.load_state_dict(to_hf_state_dict(cfg, ours.state_dict()), strict=False)
+    state = to_hf_state_dict(cfg, ours.state_dict())
+    if cfg.is_moe:  # transformers 5 stacks the experts: gate_up_proj [E, 2F, D], down_proj [E, D, F]
+        for layer in range(cfg.n_layers):
+            prefix = f"model.layers.{layer}.mlp.experts"
+            per = [[state.pop(f"{prefix}.{e}.{name}.weight") for name in ("gate_proj", "up_proj", "down_proj")]
+                   for e in range(cfg.n_experts)]
+            state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(w[:2]) for w in per])
+            state[f"{prefix}.down_proj"] = torch.stack([w[2] for w in per])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
     return model
 
 
