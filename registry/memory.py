@@ -33,7 +33,11 @@ class ModelShape:
     n_experts: int = 0
     experts_per_token: int = 0
     moe_ffn_dim: int = 0
+    n_shared_experts: int = 0
+    n_dense_layers: int = 0  # MoE models: the first layers with a dense MLP
     qk_norm: bool = False
+    gated_mlp: bool = True  # SwiGLU/GeGLU (gate and up) or a plain two-layer MLP
+    parallel_block: bool = False  # attention and MLP share one norm
 
 
 # Routed tokens per expert buffer relative to a perfectly even split: the padded expert
@@ -44,27 +48,38 @@ MOE_CAPACITY_FACTOR = 1.25
 def activation_values_per_token(s: ModelShape) -> float:
     """Values autograd keeps per token for backward, summed over layers, excluding logits."""
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    # Each RMSNorm keeps its input, the normalised value and its output: 3 dim.
+    norm = 3 * s.dim  # each norm keeps its input, the normalised value and its output
     # Attention: the fused q/k/v output, rotated q and k, the attention output and its
     # re-laid-out copy (the input of the output projection).
-    attention = 3 * s.dim + (q + 2 * kv) + (q + kv) + 2 * q
+    attention = norm + (q + 2 * kv) + (q + kv) + 2 * q
     if s.qk_norm:
         attention += 2 * (q + kv)  # normalised q, k and the norms' outputs
+
+    def mlp(hidden: int) -> int:  # gated: gate+up output, activation, product; plain: up, activation
+        return (4 if s.gated_mlp else 2) * hidden
+
+    dense = mlp(s.ffn_dim)
+    moe = 0.0
     if s.n_experts:
-        k, f = s.experts_per_token, s.moe_ffn_dim
+        k = s.experts_per_token
         # router logits and probabilities; per routed copy: the gathered input, the expert
-        # output and its weighted value; per padded slot: expert input, gate+up, SiLU, product
-        mlp = 3 * s.dim + 2 * s.n_experts + k * 3 * s.dim + MOE_CAPACITY_FACTOR * k * (s.dim + 4 * f)
-    else:
-        mlp = 3 * s.dim + 4 * s.ffn_dim  # gate+up output, SiLU, product
-    return s.n_layers * (attention + mlp) + 3 * s.dim  # + the final norm
+        # output and its weighted value; per padded slot: the expert input and its MLP
+        moe = (2 * s.n_experts + k * 3 * s.dim + MOE_CAPACITY_FACTOR * k * (s.dim + mlp(s.moe_ffn_dim))
+               + mlp(s.n_shared_experts * s.moe_ffn_dim))
+    moe_layers = s.n_layers - s.n_dense_layers if s.n_experts else 0
+    ffn_norms = 0 if s.parallel_block else norm
+    return (s.n_layers * (attention + ffn_norms) + moe_layers * moe + (s.n_layers - moe_layers) * dense
+            + norm)  # + the final norm
 
 
 def weight_copies(s: ModelShape) -> float:
     """Values of the concatenated q/k/v and gate/up weights kept for backward, all layers."""
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    mlp = 2 * s.n_experts * s.moe_ffn_dim * s.dim if s.n_experts else 2 * s.ffn_dim * s.dim
-    return s.n_layers * (s.dim * (q + 2 * kv) + mlp)
+    if not s.gated_mlp:
+        return s.n_layers * s.dim * (q + 2 * kv)
+    moe_layers = s.n_layers - s.n_dense_layers if s.n_experts else 0
+    return (s.n_layers * s.dim * (q + 2 * kv) + moe_layers * 2 * s.n_experts * s.moe_ffn_dim * s.dim
+            + (s.n_layers - moe_layers) * 2 * s.ffn_dim * s.dim)
 
 
 def training_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, float]:

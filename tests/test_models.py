@@ -104,6 +104,10 @@ def test_presets_load_validate_and_have_published_sizes():
     assert round(configs["qwen3-30b-a3b"].active_params() / 1e9, 1) == 3.4  # "A3B": 3.3B active + head
 
 
+# ---- decoder ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [DENSE, MOE])
 def test_forward_shapes_and_causality(fields):
     model = make_model(**fields)
     x = tokens(2, 12)

@@ -59,6 +59,16 @@ def test_kv_cache_estimate_equals_the_real_cache():
     assert inference_memory(shape_of(cfg), 2, 40, "fp32")["kv_cache"] == real
 
 
+def test_published_size_breakdown_adds_up():
+    cfg = ModelConfig.from_dict(load_preset("llama3-8b"))
+    mem = inference_memory(shape_of(cfg), 1, 8192, "bf16")
+    assert mem["kv_cache"] == 2**30  # 2 (k, v) * 32 layers * 8 kv heads * 128 * 8192 tokens * 2 bytes
+    assert mem["weights"] == 2 * cfg.num_params()
+    train = training_memory(shape_of(cfg), 1, 8192, "bf16")
+    assert training_memory(shape_of(cfg), 2, 8192, "bf16")["activations"] - train["activations"] == pytest.approx(
+        train["activations"] - training_memory(shape_of(cfg), 0, 8192, "bf16")["activations"])
+
+
 def test_params_give_a_llama_shape_and_the_published_7b_inference_size():
     assert parse_params("7B") == 7e9 and parse_params("500m") == 5e8
     shape = shape_for_params(7e9)

@@ -19,7 +19,9 @@ def shape_of(cfg) -> ModelShape:
         params=cfg.num_params(), vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers,
         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, ffn_dim=cfg.ffn_dim,
         n_experts=cfg.n_experts, experts_per_token=cfg.n_experts_per_token if cfg.is_moe else 0,
-        moe_ffn_dim=cfg.moe_ffn_dim if cfg.is_moe else 0, qk_norm=cfg.qk_norm,
+        moe_ffn_dim=cfg.moe_ffn_dim if cfg.is_moe else 0, n_shared_experts=cfg.n_shared_experts if cfg.is_moe else 0,
+        n_dense_layers=cfg.n_dense_layers if cfg.is_moe else 0, qk_norm=cfg.qk_norm, gated_mlp=cfg.mlp != "gelu",
+        parallel_block=cfg.parallel_block,
     )
 
 
