@@ -41,7 +41,8 @@ _TRAIN = {
     "checkpoint_every": 50,
     "log_every": 10,
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
-    "compile": False,
+    "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
+    "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -119,7 +120,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_gen_toks": 64,
     },
     "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "hf", "verify": True},
+    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
@@ -241,7 +242,9 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
     return merged
 
 
-def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[str, dict]:
+def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> tuple[str, dict]:
+    """(preset name, ModelConfig fields): the preset with the recipe's overrides; the
+    vocabulary is the tokenizer's (`vocab_size`), or the preset's when None."""
     from llm_lifecycle.models.config import ModelConfig
     from llm_lifecycle.models.presets import list_presets, load_preset
 
@@ -253,7 +256,8 @@ def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[st
         fields = {**load_preset(preset), **overrides}
     except ValueError as err:
         raise ConfigError(f"{recipe_file}: model.preset: {err}") from None
-    fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
     try:
         cfg = ModelConfig.from_dict(fields)
         cfg.validate()
@@ -300,7 +304,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
-    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
+    tokenizer_sized = "vocab_size" in (stages_given.get("tokenizer-train") or {})
+    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"] if tokenizer_sized else None)
+    stages["tokenizer-train"]["vocab_size"] = model["vocab_size"]
     _check_objective(path, stages["pretrain"], model)
     return Recipe(
         name=str(data.get("name") or path.stem),
