@@ -196,6 +196,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Settings that take either their default's type or a mapping (rules: true, or its thresholds).
+MAPPING_OR_DEFAULT = {("data-clean", "rules")}
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if default is None or value is None and default is None:
         return
@@ -237,7 +241,8 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"valid: {', '.join(sorted(defaults))}"
             )
         value = _coerce_number(value, defaults[key])
-        _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+        if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
+            _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
         merged[key] = value
     return merged
 
