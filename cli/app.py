@@ -40,6 +40,9 @@ err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe value: stage.key=value (repeatable).")
 RecipeOption = typer.Option(..., "--recipe", "-r", help="Recipe name (llm recipes list) or path to a .yaml.")
+InitOption = typer.Option(
+    None, "--init", help="Start from this model: a Hugging Face folder or hub id, models:/NAME@ALIAS, or our folder."
+)
 
 
 def _workspace() -> Path:
@@ -80,9 +83,12 @@ def pipeline(
     from_stage: Optional[str] = typer.Option(None, "--from", help="Run this stage and every later one."),
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and those after it) even if cached."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache state and memory estimate."),
+    init: Optional[str] = InitOption,
     set_: Optional[List[str]] = SetOption,
 ) -> None:
-    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused."""
+    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused.
+    With --init the pipeline starts from that model at SFT (its tokenizer replaces training one)."""
+    set_ = [*(set_ or []), *([f"sft.init={init}"] if init else [])]
     if dry_run:
         _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
         return
@@ -115,13 +121,23 @@ def _stage_command(stage: str, doc: str):
     return command
 
 
+def _init_stage_command(stage: str, doc: str):
+    """A model stage that can start from any model (--init) instead of the upstream stage's."""
+
+    def command(recipe: str = RecipeOption, init: Optional[str] = InitOption, set_: Optional[List[str]] = SetOption) -> None:
+        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], stages=[stage])
+
+    command.__doc__ = doc
+    return command
+
+
 data_app.command("fetch")(_stage_command("data-fetch", "Fetch the recipe's data sources (builtin:, local, hf://)."))
 data_app.command("clean")(_stage_command("data-clean", "Filter and deduplicate the fetched text."))
 tokenizer_app.command("train")(_stage_command("tokenizer-train", "Train a byte-level BPE tokenizer."))
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_stage_command("pretrain", "Pretrain the recipe's model from scratch."))
+app.command("pretrain")(_init_stage_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
 app.command("extend-context")(_stage_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_stage_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("sft")(_init_stage_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
 app.command("quantize")(_stage_command("quantize", "Quantize the final model (int8 weight-only)."))
 
 
@@ -182,6 +198,18 @@ def export(
 
     arch = export_model(model, out)
     console.print(f"exported {model} to {out} ({arch})")
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="A Hugging Face folder (config.json + safetensors) or hub repo id."),
+    out: Path = typer.Option(..., help="Write our model folder here."),
+) -> None:
+    """Import a Hugging Face checkpoint (weights and tokenizer) as one of our model folders."""
+    from llm_lifecycle.workflows.model_ref import import_model
+
+    cfg = import_model(source, out)
+    console.print(f"imported {source} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) to {out}")
 
 
 @recipes_app.command("list")

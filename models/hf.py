@@ -427,14 +427,42 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 
 
 def load_hf(hf_dir: str | Path, device: str = "cpu"):
-    """(Decoder in eval mode, tokenizers.Tokenizer or None) from a local Hugging Face folder."""
-    from tokenizers import Tokenizer
+    """(Decoder in eval mode, tokenizers.Tokenizer or None) from a local Hugging Face folder.
 
+    A tokenizer without our special tokens (docs/CONTRACTS.md) gets them added, and the
+    embedding (and head) grows by as many rows, each the mean of the existing rows."""
     from llm_lifecycle.models.decoder import Decoder
 
     cfg, state = import_hf(hf_dir)
+    tokenizer = _hf_tokenizer(Path(hf_dir))
+    if tokenizer is not None:
+        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        tokenizer.add_special_tokens(missing)
+        if tokenizer.get_vocab_size() > cfg.vocab_size:
+            cfg, state = _grow_vocab(cfg, state, tokenizer.get_vocab_size())
     model = Decoder(cfg)
     model.load_state_dict(state)
-    tokenizer_file = Path(hf_dir) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
     return model.to(device).eval(), tokenizer
+
+
+def _hf_tokenizer(hf_dir: Path):
+    """tokenizer.json, or the fast tokenizer transformers converts from the folder's files."""
+    from tokenizers import Tokenizer
+
+    if (hf_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    if not (hf_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False).backend_tokenizer
+
+
+def _grow_vocab(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int):
+    extra = vocab_size - cfg.vocab_size
+    for name in ("tok_embeddings.weight", "lm_head.weight"):
+        rows = state[name]
+        state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(extra, -1)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    return dataclasses.replace(cfg, vocab_size=vocab_size), state

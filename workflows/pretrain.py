@@ -1,11 +1,11 @@
-"""Pretrain: next-token prediction from scratch on the packed token shards."""
+"""Pretrain: next-token prediction on the packed token shards, from scratch or from `init`."""
 
 from __future__ import annotations
 
 import torch
 
-from llm_lifecycle.workflows.model_stage import heldout_perplexity, save_stage_model
-from llm_lifecycle.workflows.stage import StageContext, StageResult
+from llm_lifecycle.workflows.model_stage import heldout_perplexity, load_init_model, save_stage_model
+from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
 
 
@@ -18,10 +18,19 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     settings = TrainSettings.from_cfg(cfg)
     tokenizer = Tokenizer.from_file(str(ctx.upstream_output("tokenizer-train", "tokenizer")))
     shards = TokenShards(ctx.upstream_output("tokenize", "train"))
-    model_cfg = ctx.recipe.model_config()
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
     torch.manual_seed(ctx.seed)
-    model = Decoder(model_cfg)
+    if cfg["init"]:  # continued pretraining of an existing model, on shards made with its own tokenizer
+        model, init_tokenizer = load_init_model(cfg["init"], "stages.pretrain.init")
+        if init_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"stages.pretrain.init: {cfg['init']}'s tokenizer differs from tokenizer-train's; "
+                "leave tokenizer-train.pretrained unset so the recipe uses the init model's tokenizer"
+            )
+        model_cfg = model.cfg
+    else:
+        model_cfg = ctx.recipe.model_config()
+        model = Decoder(model_cfg)
+    model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
 
     def batches(start: int):

@@ -56,9 +56,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
     },
-    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    # pretrained: a model reference whose tokenizer is used instead of training one
+    # (defaults to pretrain.init or sft.init, so the whole pipeline shares the imported model's tokenizer)
+    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2, "pretrained": None},
     "tokenize": {"shard_tokens": 1 << 20},
-    "pretrain": {**_TRAIN},
+    # init: start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
+    "pretrain": {**_TRAIN, "init": None},
     "extend-context": {
         **_TRAIN,
         "steps": 40,
@@ -77,6 +80,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
+        "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
     },
     "rl": {
         **_TRAIN,
@@ -263,6 +267,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if stage not in STAGE_DEFAULTS:
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
+    if stages["tokenizer-train"]["pretrained"] is None:
+        stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])

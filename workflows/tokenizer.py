@@ -62,19 +62,23 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
 
 
 def train_tokenizer(ctx: StageContext, cfg: dict) -> StageResult:
-    """Stage tokenizer-train: `tokenizer.json` trained on data-clean's training text."""
+    """Stage tokenizer-train: `tokenizer.json` trained on data-clean's training text, or the
+    tokenizer of the `pretrained` model the recipe starts from."""
     clean_path = ctx.upstream_output("data-clean", "clean")
     heldout_path = ctx.upstream_output("data-clean", "heldout")
     ctx.tracker.log_input(clean_path, name="clean", context="tokenizer-train")
-    with ctx.progress.task("training BPE tokenizer"):
-        tokenizer = train_bpe(iter_texts(clean_path), cfg.get("vocab_size", 4096), cfg.get("min_frequency", 2))
+    if cfg.get("pretrained"):
+        tokenizer = pretrained_tokenizer(cfg["pretrained"])
+    else:
+        with ctx.progress.task("training BPE tokenizer"):
+            tokenizer = train_bpe(iter_texts(clean_path), cfg.get("vocab_size", 4096), cfg.get("min_frequency", 2))
     out = ctx.stage_dir / "tokenizer.json"
     with atomic_path(out) as tmp:
         tokenizer.save(str(tmp))
     ctx.tracker.log_artifact(out)
 
     metrics = {"vocab_size": float(tokenizer.get_vocab_size())}
-    if tokenizer.get_vocab_size() < cfg.get("vocab_size", 4096):
+    if not cfg.get("pretrained") and tokenizer.get_vocab_size() < cfg.get("vocab_size", 4096):
         ctx.progress.log(f"  [yellow]the text supports only {tokenizer.get_vocab_size()} tokens; the rest stay unused[/yellow]")
     heldout = list(iter_texts(heldout_path))
     by_script = {"zh": [t for t in heldout if is_cjk(t)], "en": [t for t in heldout if not is_cjk(t)]}
@@ -88,6 +92,16 @@ def train_tokenizer(ctx: StageContext, cfg: dict) -> StageResult:
         + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("bytes_per_token"))
     )
     return StageResult(outputs={"tokenizer": str(out)}, metrics=metrics)
+
+
+def pretrained_tokenizer(ref: str) -> Tokenizer:
+    """The tokenizer of a model reference (imported first when it is a Hugging Face checkpoint)."""
+    from llm_lifecycle.workflows.model_ref import resolve_model_dir
+
+    path = resolve_model_dir(ref) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"tokenizer-train.pretrained: {ref} has no tokenizer.json; give a model that ships its tokenizer")
+    return Tokenizer.from_file(str(path))
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Iterable[str], eot_id: int) -> Iterator[list[int]]:
