@@ -70,8 +70,8 @@ TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight"
 # Our stacked expert weights [n_experts, out, in] -> the projection name in the family's per-expert template.
 EXPERT_PROJS = {"ffn.w_gate": "gate_proj", "ffn.w_up": "up_proj", "ffn.w_down": "down_proj"}
 # Fields that only matter for MoE layers, and training settings no config.json needs to carry.
-MOE_FIELDS = ("n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "router_aux_loss_coef")
-TRAINING_ONLY = ("router_aux_loss_coef",)
+MOE_FIELDS = ("n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "n_dense_layers")
+TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "ffn_multiple_of")
 SILU = {"hidden_act": "silu"}
 # Other spellings of a config.json key that some transformers versions write (5.x: num_local_experts).
 KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}
@@ -129,13 +129,16 @@ HF_FAMILIES: dict[str, Family] = {
         constants={**SILU, "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False},
         moe=True,
     ),
-    "mistral": Family("MistralForCausalLM", constants={**SILU, "sliding_window": None}),
+    "mistral": Family("MistralForCausalLM", config={"sliding_window": "sliding_window"}, constants=SILU),
     # Mixtral renormalises its top-k softmax probabilities, i.e. norm_topk_prob.
     "mixtral": Family(
         "MixtralForCausalLM",
-        config={"num_local_experts": "n_experts", "intermediate_size": "moe_ffn_dim", **_MOE_CONFIG},
+        config={
+            "num_local_experts": "n_experts", "intermediate_size": "moe_ffn_dim", "sliding_window": "sliding_window",
+            **_MOE_CONFIG,
+        },
         implied={"norm_topk_prob": True},
-        constants={**SILU, "sliding_window": None, "router_jitter_noise": 0.0},
+        constants={**SILU, "router_jitter_noise": 0.0},
         names={"ffn.router.weight": "block_sparse_moe.gate.weight"},
         experts="block_sparse_moe.experts.{e}.{proj}.weight",
         expert_projs={"ffn.w_gate": "w1", "ffn.w_up": "w3", "ffn.w_down": "w2"},
@@ -156,7 +159,7 @@ def _unused_fields(cfg: ModelConfig) -> set[str]:
     """Fields whose value does not change this model's computation."""
     if not cfg.is_moe:
         return set(MOE_FIELDS)
-    return {"ffn_dim"}  # every layer is MoE
+    return set() if cfg.n_dense_layers else {"ffn_dim"}  # dense layers use ffn_dim
 
 
 def check_exportable(cfg: ModelConfig) -> Family:
@@ -165,6 +168,8 @@ def check_exportable(cfg: ModelConfig) -> Family:
     if family.moe != cfg.is_moe:
         need = "n_experts > 0" if family.moe else "n_experts = 0 (dense)"
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which needs {need}")
+    if isinstance(cfg.sliding_window, list):
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which has one sliding_window for all layers")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
     skipped = _unused_fields(cfg) | set(TRAINING_ONLY)
     defaults = ModelConfig()

@@ -32,7 +32,7 @@ FAMILIES = {
     "qwen2": dict(tie_word_embeddings=False),
     "qwen3": dict(head_dim=24, tie_word_embeddings=False),
     "qwen3_moe": dict(MOE, num_experts=4, norm_topk_prob=True, tie_word_embeddings=False),
-    "mistral": dict(sliding_window=None, tie_word_embeddings=False),
+    "mistral": dict(sliding_window=16, tie_word_embeddings=False),  # shorter than the prompts: windows matter
     "mixtral": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }
 
