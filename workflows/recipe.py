@@ -72,8 +72,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-4,
         "warmup_steps": 5,
         "rope_theta": 100_000.0,
-        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
+        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}; types: linear, ntk, dynamic, yarn, llama3
+        "logn": False,  # LogN attention scaling past the pretraining length (Qwen)
         "eval_windows": 16,
+        "eval_lengths": None,  # perplexity at these lengths too (default: twice seq_len)
+        "passkey_trials": 8,  # passkey-retrieval probe at seq_len (0: off)
     },
     "sft": {
         **_TRAIN,
