@@ -145,7 +145,31 @@ def _training_command(stage: str, doc: str):
 
 data_app.command("fetch")(_stage_command("data-fetch", "Fetch the recipe's data sources (builtin:, local, hf://)."))
 data_app.command("clean")(_stage_command("data-clean", "Filter and deduplicate the fetched text."))
-tokenizer_app.command("train")(_stage_command("tokenizer-train", "Train a byte-level BPE tokenizer."))
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    recipe: str = RecipeOption,
+    vocab_size: Optional[int] = typer.Option(None, help="Tokens in all, special ones included."),
+    split_digits: Optional[bool] = typer.Option(None, "--split-digits/--no-split-digits", help="One token per digit."),
+    whitespace_runs: Optional[int] = typer.Option(None, help="Runs of 2..N spaces as single tokens (0: none)."),
+    byte_fallback: Optional[bool] = typer.Option(
+        None, "--byte-fallback/--byte-level", help="Character BPE with <0xXX> byte fallback, or GPT-2 byte-level BPE."
+    ),
+    special_token: Optional[List[str]] = typer.Option(None, help="An extra control token (repeatable)."),
+    extend: Optional[str] = typer.Option(None, help="Extend this tokenizer with tokens learned on the Chinese text."),
+    pretrained: Optional[str] = typer.Option(None, help="Use this tokenizer as it is (file, folder, models:/, hub id)."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Train a BPE tokenizer (options from the Qwen / LLaMA / Chinese-LLaMA reports) or take a pretrained one."""
+    import json
+
+    given = {"vocab_size": vocab_size, "split_digits": split_digits, "whitespace_runs": whitespace_runs,
+             "byte_fallback": byte_fallback, "special_tokens": special_token, "extend": extend, "pretrained": pretrained}
+    overrides = [f"tokenizer-train.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    _run_stages(recipe, [*(set_ or []), *overrides], stages=["tokenizer-train"])
+
+
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
 app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch."))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))

@@ -56,14 +56,27 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_threshold": 0.8,
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
+        "languages": [],  # keep only these languages (ISO 639-1, e.g. [en, zh]); []: no language id
+        "engine": "local",  # or datatrove: the same steps on datatrove's executors
+        "datatrove_tasks": 2,
     },
-    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    "tokenizer-train": {
+        "vocab_size": 4096,
+        "min_frequency": 2,
+        "split_digits": True,
+        "whitespace_runs": 0,
+        "byte_fallback": False,
+        "special_tokens": [],
+        "extend": None,
+        "pretrained": None,
+    },
     "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
     "pretrain": {
         **_TRAIN,
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
     },
     "extend-context": {
         **_TRAIN,
@@ -77,6 +90,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_windows": 16,
         "eval_lengths": None,  # perplexity at these lengths too (default: twice seq_len)
         "passkey_trials": 8,  # passkey-retrieval probe at seq_len (0: off)
+        "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
         **_TRAIN,
@@ -185,6 +199,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Settings that take either their default's type or a mapping (rules: true, or its thresholds).
+MAPPING_OR_DEFAULT = {("data-clean", "rules")}
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if default is None or value is None and default is None:
         return
@@ -226,7 +244,8 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"valid: {', '.join(sorted(defaults))}"
             )
         value = _coerce_number(value, defaults[key])
-        _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+        if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
+            _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
         merged[key] = value
     return merged
 
