@@ -14,7 +14,7 @@ from typing import Any
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
 # Families transformers has no layout for (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our own format.
 FAMILIES += ("qwen", "baichuan", "chatglm")
-ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
+ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
 POSITIONS = ("rope", "alibi")
@@ -280,7 +280,7 @@ class ModelConfig:
         factor = scaling.get("factor")
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
             raise ValueError(f"rope_scaling.factor must be a number >= 1, got {factor!r}")
-        if scaling["type"] in ("yarn", "llama3"):
+        if scaling["type"] in ("dynamic", "yarn", "llama3"):
             original = scaling.get("original_max_seq_len")
             if not isinstance(original, int) or original <= 0:
                 raise ValueError(

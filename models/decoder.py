@@ -99,6 +99,12 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq, self.scale = rope_frequencies(cfg)
         self.two_d = cfg.rope_2d
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        scaling = cfg.rope_scaling or {}
+        # Dynamic NTK: past the original length L the base grows with the current length l,
+        # base * (factor * l / L - (factor - 1)) ** (d / (d - 2)), so the tables depend on l.
+        self._dynamic = (float(scaling["factor"]), scaling["original_max_seq_len"], cfg.rope_theta,
+                         self.inv_freq.numel() * 2) if scaling.get("type") == "dynamic" else None
+        self._dynamic_len = 0
 
     def forward(self, start: int, length: int, device: torch.device,
                 position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -118,9 +124,17 @@ class RotaryEmbedding(nn.Module):
         return pairs
 
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dynamic is not None:
+            factor, original, base, dim = self._dynamic
+            seen = max(length, original)
+            if seen != self._dynamic_len:  # a new length: new base, new tables
+                self._dynamic_len, self._tables = seen, {}
+                base = base * (factor * seen / original - (factor - 1)) ** (dim / (dim - 2))
+                self.inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
         cos, sin = self._tables.get(device, (None, None))
         if cos is None or cos.size(0) < length:
-            positions = torch.arange(max(length, 2 * (0 if cos is None else cos.size(0))), device=device)
+            size = length if self._dynamic is not None else max(length, 2 * (0 if cos is None else cos.size(0)))
+            positions = torch.arange(size, device=device)
             freqs = positions.float()[:, None] * self.inv_freq.to(device)[None, :]
             half = freqs.size(-1)
             angles = torch.cat((freqs, freqs), dim=-1)  # [T, chunk], the rotate-half layout

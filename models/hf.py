@@ -312,6 +312,10 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope_theta = cfg.rope_theta * float(scaling["factor"]) ** (cfg.head_dim / (cfg.head_dim - 2))
     elif scaling and scaling["type"] == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}
+    elif scaling and scaling["type"] == "dynamic":
+        raise ValueError("rope_scaling type 'dynamic' has no faithful Hugging Face export "
+                         "(transformers takes the original length from max_position_embeddings); "
+                         "export a model with a fixed scaling (ntk, yarn, linear)")
     elif scaling and scaling["type"] == "yarn":
         rope_scaling = {
             "rope_type": "yarn",

@@ -87,8 +87,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-4,
         "warmup_steps": 5,
         "rope_theta": 100_000.0,
-        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
+        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}; types: linear, ntk, dynamic, yarn, llama3
+        "logn": False,  # LogN attention scaling past the pretraining length (Qwen)
         "eval_windows": 16,
+        "eval_lengths": None,  # perplexity at these lengths too (default: twice seq_len)
+        "passkey_trials": 8,  # passkey-retrieval probe at seq_len (0: off)
         "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
@@ -199,6 +202,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Settings that take either their default's type or a mapping (rules: true, or its thresholds).
+MAPPING_OR_DEFAULT = {("data-clean", "rules")}
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if default is None or value is None and default is None:
         return
@@ -240,7 +247,8 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"valid: {', '.join(sorted(defaults))}"
             )
         value = _coerce_number(value, defaults[key])
-        _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+        if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
+            _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
         merged[key] = value
     return merged
 
