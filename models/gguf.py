@@ -25,7 +25,7 @@ import torch
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
 from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.hf import CHATML_TEMPLATE
+from llm_lifecycle.models.hf import CHATML_TEMPLATE, check_exportable
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -72,6 +72,9 @@ _KEEP_F32 = ("_norm.weight", ".bias", "ffn_gate_inp.weight")
 def gguf_arch(cfg: ModelConfig) -> Arch:
     if cfg.family not in ARCHS:
         raise ValueError(f"family '{cfg.family}' has no llama.cpp architecture here; GGUF export supports {', '.join(ARCHS)}")
+    # llama.cpp's builders for these architectures are the transformers classes' computation:
+    # a design choice the family's transformers layout cannot hold, llama.cpp cannot run either.
+    check_exportable(cfg)
     if cfg.is_moe and not cfg.norm_topk_prob:
         raise ValueError("llama.cpp's qwen3moe always renormalises the top-k expert weights; norm_topk_prob must be true")
     return ARCHS[cfg.family]

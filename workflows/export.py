@@ -1,6 +1,10 @@
 """Export: a Hugging Face folder (verified against transformers' logits), a GGUF file for
 llama.cpp/Ollama with a Modelfile beside it (verified against llama.cpp's logits when
-llama-cpp-python is installed), or our own safetensors model folder."""
+llama-cpp-python is installed), or our own safetensors model folder.
+
+`format: auto` (the default) exports to Hugging Face when the family's transformers layout
+holds every design choice of the model, and otherwise writes our own documented layout
+(docs/CONTRACTS.md: config.json + model.safetensors + tokenizer.json) and records why."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 
-FORMATS = ("hf", "gguf", "safetensors")
+FORMATS = ("auto", "hf", "gguf", "safetensors")
 PROBE_IDS = torch.arange(3, 35)  # the fixed prompt both sides score
 
 
@@ -74,6 +78,20 @@ def write_gguf_folder(model_dir: Path, out: Path, gguf_type: str, name: str) -> 
     return out / filename
 
 
+def hf_blocker(model_dir: Path) -> str | None:
+    """Why this model has no Hugging Face layout, or None when it has one."""
+    import json
+
+    from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.models.hf import check_exportable
+
+    try:
+        check_exportable(ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text())["model"]))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def copy_model_dir(model_dir: Path, out: Path) -> None:
     """Our own layout: config.json, model.safetensors, tokenizer.json (quantized or not)."""
     from llm_lifecycle.models.checkpoint import atomic_dir
@@ -92,6 +110,8 @@ def export_model(ref: str, out: Path, fmt: str = "hf", gguf_type: str = "f16") -
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
     model_dir = resolve_model_dir(ref)
+    if fmt == "auto":
+        fmt = "safetensors" if hf_blocker(model_dir) else "hf"
     if fmt == "gguf":
         gguf_file = write_gguf_folder(model_dir, out, gguf_type, name=out.name)
         return f"{gguf_file} and {out / 'Modelfile'} (ollama create NAME -f {out / 'Modelfile'})"
@@ -112,26 +132,36 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     if cfg["format"] not in FORMATS:
         raise UserError(f"stages.export.format: '{cfg['format']}' is not one of {', '.join(FORMATS)}")
     model_dir = ctx.upstream_output("rl", "model")
+    fmt, blocker = cfg["format"], hf_blocker(model_dir)
+    if fmt == "hf" and blocker:
+        raise UserError(f"stages.export.format hf: {blocker}; use format auto, gguf or safetensors")
+    if fmt == "auto":
+        fmt = "safetensors" if blocker else "hf"
+        if blocker:
+            ctx.progress.log(f"  [yellow]no Hugging Face layout: {blocker}; exported in our own format[/yellow]")
     metrics = {}
-    if cfg["format"] == "gguf":
+    if fmt == "gguf":
         out = ctx.stage_dir / "gguf"
         gguf_file = write_gguf_folder(model_dir, out, cfg["gguf_type"], name=ctx.recipe.name)
+        ctx.tracker.set_tags({"export.format": f"gguf-{cfg['gguf_type']}"})
         if cfg["verify"]:
             try:
                 metrics["max_logit_diff"] = verify_gguf(model_dir, gguf_file)
             except ImportError:
                 ctx.progress.log("  llama-cpp-python is not installed: the GGUF file is not checked against llama.cpp")
-    elif cfg["format"] == "safetensors":
+    elif fmt == "safetensors":
         out = ctx.stage_dir / "safetensors"
         copy_model_dir(model_dir, out)
+        ctx.tracker.set_tags({"export.format": "llm-lifecycle", "export.hf_unavailable": blocker or "not asked"})
     else:
         out = ctx.stage_dir / "hf"
         export_hf(model_dir, out)
+        ctx.tracker.set_tags({"export.format": "hf"})
         if cfg["verify"]:
             arch, diff = verify_with_transformers(model_dir, out)
             ctx.tracker.set_tags({"export.architecture": arch})
             metrics["max_logit_diff"] = diff
             if diff > 1e-3:
                 raise RuntimeError(f"exported model disagrees with ours: max |Δlogit| = {diff:.3g}")
-    ctx.tracker.log_artifact(out, cfg["format"])
-    return StageResult(outputs={cfg["format"]: str(out)}, metrics=metrics)
+    ctx.tracker.log_artifact(out, fmt)
+    return StageResult(outputs={fmt: str(out)}, metrics=metrics)
