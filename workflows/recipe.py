@@ -77,6 +77,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
         "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
+        # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
+        "init": None,
     },
     "extend-context": {
         **_TRAIN,
@@ -100,6 +102,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
+        "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
     },
     "rl": {
         **_TRAIN,
@@ -122,8 +125,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "max_gen_toks": 64,
     },
-    "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
+    # method rtn | gptq | awq; bits 8 | 4; group_size 0 = one scale per output row
+    "quantize": {"method": "rtn", "bits": 8, "group_size": 128, "calib_windows": 32, "eval_windows": 32},
+    # format auto (hf when transformers has the layout, else ours) | hf | gguf | safetensors (ours);
+    # gguf_type f32 | f16 | q8_0 | q4_0 (GGUF only)
+    "export": {"format": "auto", "verify": True, "gguf_type": "q8_0"},
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
@@ -310,6 +316,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if stage not in STAGE_DEFAULTS:
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
+    if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
+        stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
