@@ -4,6 +4,7 @@ A shard folder holds
 
     shard_00000.bin ...  raw little-endian token ids (uint16 when the vocabulary fits, else uint32)
     doc_offsets.npy      int64 start of every document in the token stream, then the total
+    doc_groups.npy       uint16 mixture group of every document, named in groups.json
     index.json           dtype, vocabulary size, shards (file, tokens, sha1), totals, "complete"
 
 `write_shards` is resumable: the index is rewritten after every shard, and a shard that an
@@ -28,6 +29,8 @@ from llm_lifecycle.workflows.stage import ProgressTask, UserError, atomic_path, 
 
 INDEX_FILE = "index.json"
 OFFSETS_FILE = "doc_offsets.npy"
+GROUPS_FILE = "doc_groups.npy"  # each document's mixture group id
+GROUP_NAMES_FILE = "groups.json"
 FORMAT = "llm-lifecycle-tokens"
 
 
@@ -75,6 +78,9 @@ def _write_if_changed(path: Path, payload: bytes) -> None:
         tmp.write_bytes(payload)
 
 
+Part = tuple[np.ndarray, np.ndarray]  # (token ids of whole documents end to end, each document's length)
+
+
 def write_shards(
     directory: str | Path,
     documents: Iterable[Sequence[int] | np.ndarray],
@@ -84,6 +90,19 @@ def write_shards(
 ) -> ShardStats:
     """Pack `documents` (token id sequences, each already ending in its end-of-text id)
     into shards of `shard_tokens` tokens under `directory`; `task` advances per document."""
+    parts = ((np.asarray(doc), np.asarray([len(doc)], dtype=np.int64)) for doc in documents)
+    return write_parts(directory, parts, vocab_size, shard_tokens, task)
+
+
+def write_parts(
+    directory: str | Path,
+    parts: Iterable[Part],
+    vocab_size: int,
+    shard_tokens: int = 1 << 20,
+    task: ProgressTask | None = None,
+) -> ShardStats:
+    """`write_shards` for documents that arrive encoded in parts of many documents (from
+    the parallel encoder); `task` advances per document."""
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     directory = Path(directory)
@@ -113,18 +132,18 @@ def write_shards(
         # Record progress, so that a run killed after this point does not write this shard again.
         write_json_atomic(directory / INDEX_FILE, {**header, "shards": entries, "complete": False})
 
-    starts: list[int] = []
+    starts: list[np.ndarray] = []
     total = 0
     pending: list[np.ndarray] = []
     pending_tokens = 0
-    for doc in documents:
-        ids = np.asarray(doc, dtype=dtype)
-        if ids.size and int(ids.max()) >= vocab_size:
-            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of {vocab_size}")
-        starts.append(total)
-        total += ids.size
-        pending.append(ids)
-        pending_tokens += ids.size
+    for tokens, lengths in parts:
+        if tokens.size and int(tokens.max()) >= vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of {vocab_size}")
+        tokens = tokens.astype(dtype, copy=False)
+        starts.append(total + np.cumsum(lengths) - lengths)
+        total += tokens.size
+        pending.append(tokens)
+        pending_tokens += tokens.size
         if pending_tokens >= shard_tokens:
             stream = np.concatenate(pending)
             full = stream.size - stream.size % shard_tokens
@@ -133,25 +152,37 @@ def write_shards(
             rest = stream[full:]
             pending, pending_tokens = ([rest] if rest.size else []), rest.size
         if task is not None:
-            task.advance(1)
+            task.advance(len(lengths))
     if pending_tokens:
         flush(np.concatenate(pending))
 
+    documents = sum(len(s) for s in starts)
     offsets = io.BytesIO()
-    np.save(offsets, np.asarray([*starts, total], dtype=np.int64))
+    np.save(offsets, np.concatenate([*starts, [total]]).astype(np.int64))
     _write_if_changed(directory / OFFSETS_FILE, offsets.getvalue())
     index = {
         **header,
         "shards": entries,
         "complete": True,
         "tokens": total,
-        "documents": len(starts),
+        "documents": documents,
         "doc_offsets": OFFSETS_FILE,
     }
     _write_if_changed(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True).encode())
     for stale in set(directory.glob("shard_*.bin")) - {directory / e["file"] for e in entries}:
         stale.unlink()  # left by an earlier, longer attempt with other settings
-    return ShardStats(tokens=total, documents=len(starts), shards=len(entries), written=written)
+    return ShardStats(tokens=total, documents=documents, shards=len(entries), written=written)
+
+
+def write_groups(directory: str | Path, groups: list[str]) -> None:
+    """Record each document's mixture group (data-fetch's `group`), for mixture sampling."""
+    directory = Path(directory)
+    names = sorted(set(groups))
+    ids = {name: i for i, name in enumerate(names)}
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray([ids[g] for g in groups], dtype=np.uint16))
+    _write_if_changed(directory / GROUPS_FILE, buffer.getvalue())
+    _write_if_changed(directory / GROUP_NAMES_FILE, json.dumps(names).encode())
 
 
 class TokenView:
@@ -205,6 +236,7 @@ class TokenShards:
             for e in index["shards"]
         ]
         self._starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self._samplers: dict = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -247,12 +279,77 @@ class TokenShards:
                 "lower seq_len or add data"
             )
 
-    def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def group_names(self) -> list[str]:
+        path = self.directory / GROUP_NAMES_FILE
+        return json.loads(path.read_text()) if path.is_file() else ["general"]
+
+    def mixture_sampler(self, mixture: dict[str, float] | None, min_doc_tokens: int = 0):
+        """(group probabilities, per group: cumulative lengths and starts of its eligible
+        documents); without a mixture every group weighs its eligible tokens. Raises a
+        UserError for a group the data lacks, so a schedule can be checked up front."""
+        key = (tuple(sorted((mixture or {}).items())), min_doc_tokens)
+        if key in self._samplers:
+            return self._samplers[key]
+        names = self.group_names
+        unknown = sorted(set(mixture or {}) - set(names))
+        if unknown:
+            raise UserError(
+                f"mixture group '{unknown[0]}' has no documents; the data has groups: {', '.join(names)} "
+                "(set `group` on the data-fetch sources)"
+            )
+        path = self.directory / GROUPS_FILE
+        offsets = np.asarray(self.doc_offsets)
+        lengths = np.diff(offsets)
+        groups = np.load(path) if path.is_file() else np.zeros(len(lengths), dtype=np.uint16)
+        probs, tables = [], []
+        for name in mixture or names:
+            eligible = (groups == names.index(name)) & (lengths >= max(1, min_doc_tokens))
+            weight = mixture[name] if mixture else float(lengths[eligible].sum())
+            if weight == 0:
+                continue
+            if not eligible.any():
+                raise UserError(f"mixture group '{name}' has no document of at least {min_doc_tokens} tokens")
+            probs.append(weight)
+            tables.append((np.cumsum(lengths[eligible]), offsets[:-1][eligible]))
+        if not probs:
+            raise UserError(f"no document of at least {min_doc_tokens} tokens in the training data")
+        sampler = (np.asarray(probs) / sum(probs), tables)
+        self._samplers[key] = sampler
+        return sampler
+
+    def _mixture_starts(self, rng, batch_size: int, seq_len: int, mixture, min_doc_tokens: int) -> np.ndarray:
+        """Window starts: a group drawn by its weight, then a token of its eligible documents
+        drawn uniformly (so longer documents give more windows)."""
+        probs, tables = self.mixture_sampler(mixture, min_doc_tokens)
+        starts = np.empty(batch_size, dtype=np.int64)
+        for row, g in enumerate(rng.choice(len(tables), size=batch_size, p=probs)):
+            cumulative, doc_starts = tables[g]
+            position = int(rng.integers(0, cumulative[-1]))
+            doc = int(np.searchsorted(cumulative, position, side="right"))
+            offset = position - (int(cumulative[doc - 1]) if doc else 0)
+            starts[row] = min(int(doc_starts[doc]) + offset, len(self) - seq_len - 1)
+        return starts
+
+    def batch(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        mixture: dict[str, float] | None = None,
+        min_doc_tokens: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The (inputs, targets) pair of `step`: [batch_size, seq_len] int64 windows at random
-        offsets drawn from a generator seeded by (seed, step) alone."""
+        offsets drawn from a generator seeded by (seed, step) alone: uniform over the stream,
+        or, given a `mixture` ({group: weight}) or `min_doc_tokens`, from the documents of
+        each group (of at least that many tokens) in proportion to the weights."""
         self._check_window(seq_len)
         rng = np.random.default_rng([seed % (1 << 64), step])
-        starts = rng.integers(0, len(self) - seq_len, size=batch_size)
+        if mixture or min_doc_tokens:
+            starts = self._mixture_starts(rng, batch_size, seq_len, mixture, min_doc_tokens)
+        else:
+            starts = rng.integers(0, len(self) - seq_len, size=batch_size)
         windows = torch.from_numpy(np.stack([self.read(int(s), int(s) + seq_len + 1) for s in starts]).astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
