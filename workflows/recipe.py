@@ -57,8 +57,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "holdout_fraction": 0.02,
     },
     "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
-    "tokenize": {"shard_tokens": 1 << 20},
-    "pretrain": {**_TRAIN},
+    "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
+    "pretrain": {
+        **_TRAIN,
+        "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
+        "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
+        "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+    },
     "extend-context": {
         **_TRAIN,
         "steps": 40,
@@ -100,7 +105,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_gen_toks": 64,
     },
     "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "hf", "verify": True},
+    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
@@ -222,7 +227,9 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
     return merged
 
 
-def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[str, dict]:
+def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> tuple[str, dict]:
+    """(preset name, ModelConfig fields): the preset with the recipe's overrides; the
+    vocabulary is the tokenizer's (`vocab_size`), or the preset's when None."""
     from llm_lifecycle.models.config import ModelConfig
     from llm_lifecycle.models.presets import list_presets, load_preset
 
@@ -234,13 +241,30 @@ def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[st
         fields = {**load_preset(preset), **overrides}
     except ValueError as err:
         raise ConfigError(f"{recipe_file}: model.preset: {err}") from None
-    fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
     try:
         cfg = ModelConfig.from_dict(fields)
         cfg.validate()
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{recipe_file}: model: {err}") from None
     return preset, cfg.to_dict()
+
+
+OBJECTIVES = ("causal", "glm_blank_infilling")
+
+
+def _check_objective(recipe_file: Path, pretrain: dict, model: dict) -> None:
+    objective = pretrain["objective"]
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{recipe_file}: stages.pretrain.objective: '{objective}' is not one of {', '.join(OBJECTIVES)}")
+    if objective == "glm_blank_infilling" and not model["rope_2d"]:
+        raise ConfigError(
+            f"{recipe_file}: stages.pretrain.objective glm_blank_infilling needs GLM's 2D positions; "
+            "set model.rope_2d: true (as the chatglm-small preset does)"
+        )
+    if not 0 < pretrain["glm_mask_ratio"] < 0.5 or not pretrain["glm_mean_span"] >= 1:
+        raise ConfigError(f"{recipe_file}: stages.pretrain: need 0 < glm_mask_ratio < 0.5 and glm_mean_span >= 1")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -265,7 +289,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
-    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
+    tokenizer_sized = "vocab_size" in (stages_given.get("tokenizer-train") or {})
+    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"] if tokenizer_sized else None)
+    stages["tokenizer-train"]["vocab_size"] = model["vocab_size"]
+    _check_objective(path, stages["pretrain"], model)
     return Recipe(
         name=str(data.get("name") or path.stem),
         path=path,
