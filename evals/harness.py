@@ -239,16 +239,20 @@ class LifecycleLM(LM):
             ids[g, width - len(context) :] = torch.tensor(context)
             real[g, width - len(context) :] = True
         real = real.to(self._device)
-        cache = KVCache(self.model.cfg.n_layers, key_padding=None if bool(real.all()) else real)
-        self.model(ids.to(self._device), kv_cache=cache)
+        # Each token keeps its unpadded position (what position-dependent scalings such as LogN see).
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model.new_kv_cache(key_padding=None if bool(real.all()) else real)
+        self.model(ids.to(self._device), kv_cache=cache, position_ids=positions)
 
         owner = torch.tensor([g for g, (_, rows) in enumerate(groups) for _ in rows], device=self._device)
         rows = [(inp[len(context) - 1 :], readers) for context, group_rows in groups for inp, readers in group_rows]
-        per_row = KVCache(self.model.cfg.n_layers, None if cache.key_padding is None else cache.key_padding[owner])
+        row_ids = _right_padded([inp for inp, _ in rows], self.eot_token_id, self._device)
+        start = torch.tensor([len(contexts[g]) for g in owner.tolist()], device=self._device)
+        per_row = KVCache(len(cache.keys), None if cache.key_padding is None else cache.key_padding[owner])
         per_row.keys = [k[owner] for k in cache.keys]
         per_row.values = [v[owner] for v in cache.values]
-        logits = self.model(_right_padded([inp for inp, _ in rows], self.eot_token_id, self._device),
-                            kv_cache=per_row).logits
+        logits = self.model(row_ids, kv_cache=per_row,
+                            position_ids=start[:, None] + torch.arange(row_ids.size(1), device=self._device)).logits
         for row, (_, readers) in enumerate(rows):
             for i in readers:
                 tokens, n = sequences[i]
