@@ -90,14 +90,14 @@ def _per_doc(report) -> dict:
 def compare(model_dir: Path, hf_dir: Path, suite: str, data_dir: Path, limit: int, batch_size: int,
             num_fewshot: int | None = None) -> dict:
     """Both backends on one suite; timings are the whole `evaluate_suite` call of each."""
+    import lm_eval.tasks  # noqa: F401  (imported before the clocks start: its first import takes seconds)
     from lm_eval.models.huggingface import HFLM
 
     from llm_lifecycle.evals.harness import LifecycleLM, evaluate_suite
     from llm_lifecycle.models.load import load_model
 
-    model, tokenizer = load_model(model_dir)
-    backends = {
-        "ours": lambda: LifecycleLM(model, tokenizer, batch_size=batch_size),
+    backends = {  # each timed from loading its model to the scores
+        "ours": lambda: LifecycleLM(*load_model(model_dir), batch_size=batch_size),
         "hf": lambda: HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=batch_size),
     }
     row = {"suite": suite}

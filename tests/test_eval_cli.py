@@ -81,10 +81,20 @@ def test_missing_data_and_no_network_is_one_line_exit_2(model_dir, tmp_path):
     line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "mmlu", "--data-dir",
                                str(tmp_path / "bench"), env=env))
     assert "abstract_algebra_dev.csv" in line
-    line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "mmlu", "--backend", "vllm", env=env))
-    assert "vllm" in line and "GPU" in line
-    line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "hellaswag", env=env))
-    assert "hellaswag" in line and "cmmlu" in line
+
+
+def test_backend_and_suite_mistakes_are_user_errors(model_dir, workspace):
+    from llm_lifecycle.workflows.evaluate import evaluate_model
+    from llm_lifecycle.workflows.stage import UserError
+
+    args = dict(data_dir=None, limit=1, num_fewshot=0, batch_size=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--backend vllm needs a CUDA GPU"):
+            evaluate_model(str(model_dir), ["mmlu"], backend="vllm", **args)
+    with pytest.raises(UserError, match="unknown eval suite hellaswag; choose from mmlu, gsm8k, ceval, cmmlu, ppl, long"):
+        evaluate_model(str(model_dir), ["hellaswag"], **args)
+    with pytest.raises(UserError, match="use --backend ours"):
+        evaluate_model(str(model_dir), ["ppl"], backend="hf", **args)
 
 
 def test_eval_run_and_model_version_point_at_each_other(model_dir, data_dir, workspace):

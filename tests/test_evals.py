@@ -227,6 +227,16 @@ def test_gsm8k_from_local_jsonl(model, tokenizer, data_dir):
     assert {s["doc_id"] for s in report.results["samples"]["gsm8k"]} == {0, 1, 2}
 
 
+def test_chat_template_wraps_prompts_and_fewshot_turns_in_chatml(model, tokenizer, data_dir):
+    lm = _lm(model, tokenizer, batch_size=4, max_gen_toks=4)
+    report = evaluate_suite(lm, "gsm8k", data_dir=data_dir, limit=1, num_fewshot=1, log_samples=True,
+                            apply_chat_template=True)
+    samples = report.results["samples"]["gsm8k"]  # one per answer filter, the same prompt
+    prompt = samples[0]["arguments"][0][0]
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.count("<|im_start|>assistant\n") == 2  # the few-shot answer is its own assistant turn
+
+
 def test_builtin_mirror_reports_what_its_splits_are(model, tokenizer):
     lm = _lm(model, tokenizer, batch_size=16)
     report = evaluate_suite(lm, "mmlu", data_dir="builtin", limit=1, num_fewshot=0)
