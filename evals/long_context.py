@@ -1,26 +1,16 @@
 """Suites outside lm-eval: `ppl` (perplexity on held-out text) and `long` (passkey retrieval
-and perplexity by context length), scored on our own model object.
-
-Passkey retrieval follows Mohtashami & Jaggi (2023, Landmark Attention): a random 5-digit key
-stated once inside repeated filler, asked for at the end; the model must generate it. Depths
-(where the key sits) and context lengths are swept, so a failure says where it happens.
+and perplexity by context length), scored on our own model object. The passkey probe is the
+one extend-context reports (evals/passkey.py), here with the held-out text as filler and swept
+over a quarter, a half and all of the model's context.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
 
 from llm_lifecycle.evals.local_data import BUILTIN_DATA_DIR, EvalError
-
-PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
-_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-          "I will quiz you about the important information there.\n")
-_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-_QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 def heldout_text(data_dir: str | Path | None) -> tuple[str, str]:
@@ -53,33 +43,26 @@ def context_lengths(max_len: int) -> list[int]:
     return sorted({max(64, max_len // 4), max(64, max_len // 2), max_len})
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
-    """Token ids of a passkey prompt of about `length` tokens with the key at `depth` (0 = start)."""
-    fixed = len(tokenizer.encode(_INTRO + _NEEDLE.format(key=key) + _QUESTION).ids)
-    per_filler = len(tokenizer.encode(_FILLER * 8).ids) / 8
-    n_filler = max(0, int((length - fixed) / per_filler))
-    before = round(n_filler * depth)
-    text = _INTRO + _FILLER * before + _NEEDLE.format(key=key) + _FILLER * (n_filler - before) + _QUESTION
-    return tokenizer.encode(text, add_special_tokens=False).ids[-length:]
-
-
 @torch.no_grad()
 def long_suite(model, tokenizer, data_dir, *, max_len: int, trials: int, seed: int, batch_size: int) -> dict[str, float]:
-    """eval.long.passkey_<L> (share of keys generated correctly) and eval.long.ppl_<L> per context length L."""
+    """Per context length L: eval.long.passkey_<L> (share of keys retrieved), eval.long.passkey_logprob_<L>
+    (mean log p per key token) and eval.long.ppl_<L>."""
+    from llm_lifecycle.evals.passkey import passkey_retrieval
     from llm_lifecycle.evals.perplexity import perplexity
-    from llm_lifecycle.models.generate import generate
 
-    rng = random.Random(seed)
     ids = tokenizer.encode(heldout_text(data_dir)[0], add_special_tokens=False).ids
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
     metrics = {}
     for length in context_lengths(max_len):
-        cases = [(depth, rng.randrange(10_000, 100_000)) for depth in PASSKEY_DEPTHS for _ in range(trials)]
-        prompts = [passkey_prompt(tokenizer, length - 8, depth, key) for depth, key in cases]
-        answers = []
-        for start in range(0, len(prompts), batch_size):
-            answers += generate(model, prompts[start : start + batch_size], max_new_tokens=8)
-        found = [str(key) in tokenizer.decode(answer) for (_, key), answer in zip(cases, answers)]
-        metrics[f"eval.long.passkey_{length}"] = sum(found) / len(found)
+        try:
+            probe = passkey_retrieval(model, encode, ids, length, trials=trials, seed=seed)
+        except ValueError as err:
+            raise EvalError(f"long: {err}") from None
+        metrics[f"eval.long.passkey_{length}"] = probe["accuracy"]
+        metrics[f"eval.long.passkey_logprob_{length}"] = probe["key_logprob"]
         if len(ids) >= length:
             metrics[f"eval.long.ppl_{length}"] = perplexity(model, ids, length, batch_size=batch_size, max_windows=8)
     return metrics

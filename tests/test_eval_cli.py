@@ -153,16 +153,13 @@ def test_cmmlu_from_its_official_layout(model_dir, tmp_path):
 
 
 def test_long_context_probes(model_dir):
-    from llm_lifecycle.evals.long_context import context_lengths, long_suite, passkey_prompt
+    from llm_lifecycle.evals.long_context import context_lengths, long_suite
     from llm_lifecycle.models.load import load_model
 
     model, tokenizer = load_model(model_dir)
-    ids = passkey_prompt(tokenizer, 120, 0.5, 48151)
-    text = tokenizer.decode(ids)
-    assert len(ids) <= 120 and text.count("48151") == 2 and text.endswith("The pass key is")
-    assert 0.3 < text.index("48151") / len(text) < 0.7  # the key sits at the asked depth
-    metrics = long_suite(model, tokenizer, "builtin", max_len=128, trials=1, seed=0, batch_size=4)
+    metrics = long_suite(model, tokenizer, "builtin", max_len=128, trials=2, seed=0, batch_size=4)
     assert context_lengths(128) == [64, 128]
-    assert set(metrics) == {"eval.long.passkey_64", "eval.long.passkey_128", "eval.long.ppl_64", "eval.long.ppl_128"}
-    assert all(0 <= metrics[f"eval.long.passkey_{n}"] <= 1 for n in (64, 128))
+    assert set(metrics) == {f"eval.long.{m}_{n}" for m in ("passkey", "passkey_logprob", "ppl") for n in (64, 128)}
+    assert all(0 <= metrics[f"eval.long.passkey_{n}"] <= 1 and metrics[f"eval.long.passkey_logprob_{n}"] < 0
+               for n in (64, 128))
     assert all(metrics[f"eval.long.ppl_{n}"] > 1 for n in (64, 128))
