@@ -41,7 +41,8 @@ _TRAIN = {
     "checkpoint_every": 50,
     "log_every": 10,
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
-    "compile": False,
+    "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
+    "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -55,14 +56,29 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_threshold": 0.8,
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
+        "languages": [],  # keep only these languages (ISO 639-1, e.g. [en, zh]); []: no language id
+        "engine": "local",  # or datatrove: the same steps on datatrove's executors
+        "datatrove_tasks": 2,
     },
-    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    "tokenizer-train": {
+        "vocab_size": 4096,
+        "min_frequency": 2,
+        "split_digits": True,
+        "whitespace_runs": 0,
+        "byte_fallback": False,
+        "special_tokens": [],
+        "extend": None,
+        "pretrained": None,
+    },
     "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
     "pretrain": {
         **_TRAIN,
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
+        # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
+        "init": None,
     },
     "extend-context": {
         **_TRAIN,
@@ -71,8 +87,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-4,
         "warmup_steps": 5,
         "rope_theta": 100_000.0,
-        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
+        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}; types: linear, ntk, dynamic, yarn, llama3
+        "logn": False,  # LogN attention scaling past the pretraining length (Qwen)
         "eval_windows": 16,
+        "eval_lengths": None,  # perplexity at these lengths too (default: twice seq_len)
+        "passkey_trials": 8,  # passkey-retrieval probe at seq_len (0: off)
+        "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
         **_TRAIN,
@@ -82,6 +102,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
+        "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
     },
     "rl": {
         **_TRAIN,
@@ -181,6 +202,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Settings that take either their default's type or a mapping (rules: true, or its thresholds).
+MAPPING_OR_DEFAULT = {("data-clean", "rules")}
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if default is None or value is None and default is None:
         return
@@ -222,7 +247,8 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"valid: {', '.join(sorted(defaults))}"
             )
         value = _coerce_number(value, defaults[key])
-        _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+        if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
+            _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
         merged[key] = value
     return merged
 
@@ -287,6 +313,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if stage not in STAGE_DEFAULTS:
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
+    if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
+        stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
