@@ -22,6 +22,7 @@ from llm_lifecycle.models.config import ModelConfig
 class DecoderOutput:
     logits: torch.Tensor  # [B, T, V]
     aux_loss: torch.Tensor  # scalar: MoE load-balancing loss * coef, summed over layers (0 when dense)
+    hidden: torch.Tensor | None = None  # [B, T, dim] final-norm states, for value and reward heads
 
 
 # ---- rotary position embedding -------------------------------------------------------------
@@ -321,5 +322,6 @@ class Decoder(nn.Module):
             x, layer_balance = layer(x, cos, sin, mask, kv_cache)
             if layer_balance is not None:
                 balance = balance + layer_balance
-        logits = self.lm_head(self.norm(x))
-        return DecoderOutput(logits=logits, aux_loss=balance * self.cfg.router_aux_loss_coef)
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        return DecoderOutput(logits=logits, aux_loss=balance * self.cfg.router_aux_loss_coef, hidden=hidden)

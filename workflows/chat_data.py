@@ -5,7 +5,8 @@ order fixed by (seed, step), and score them (sequence log-probs, the DPO loss).
 Formats read (detected from the first record):
   conversations     dolly/Alpaca-prompt jsonl {"prompt", "response"} (mosaicml llm-foundry);
                     LLaMA-Factory alpaca JSON {instruction, input, output, history[, system]};
-                    ChatML jsonl {"messages": [{"role", "content"}, ...]}
+                    ChatML jsonl {"messages": [{"role", "content"}, ...]};
+                    GSM8K jsonl {"question", "answer"} (the worked solution is the reply)
   preference pairs  Anthropic hh-rlhf jsonl(.gz) {"chosen", "rejected"} whole transcripts;
                     LLaMA-Factory rm JSON {instruction, input, output: [better, worse], history};
                     TRL-style {"prompt", "chosen", "rejected"} (prompt a string or messages)
@@ -38,7 +39,8 @@ IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 CONVERSATION_FORMATS = (
     'dolly/Alpaca-prompt jsonl {"prompt", "response"}; LLaMA-Factory alpaca JSON '
-    '{"instruction", "input", "output", "history"}; ChatML jsonl {"messages": [{"role", "content"}]}'
+    '{"instruction", "input", "output", "history"}; ChatML jsonl {"messages": [{"role", "content"}]}; '
+    'GSM8K jsonl {"question", "answer"}'
 )
 PREFERENCE_FORMATS = (
     'hh-rlhf jsonl(.gz) {"chosen", "rejected"} transcripts; LLaMA-Factory rm JSON '
@@ -145,6 +147,10 @@ def _chatml_conversation(record: dict) -> Conversation:
     return record["messages"]
 
 
+def _question_answer_conversation(record: dict) -> Conversation:
+    return [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
+
+
 def _checked_training_conversation(messages: Conversation) -> Conversation:
     messages = _check_conversation(messages)
     if not any(m["role"] == "assistant" for m in messages):
@@ -163,6 +169,8 @@ def load_conversations(path: str | Path) -> list[Conversation]:
         convert = _prompt_response_conversation
     elif {"instruction", "output"} <= first.keys() and isinstance(first["output"], str):
         convert = _alpaca_conversation
+    elif {"question", "answer"} <= first.keys():
+        convert = _question_answer_conversation
     else:
         raise ValueError(
             f"{path}: unknown conversation format (first record has keys {sorted(first)}); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llm_lifecycle.workflows.model_stage import builtin_or_path, load_upstream_model, save_stage_model
+from llm_lifecycle.workflows.verifiable import heldout_answer_accuracy
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
 
@@ -27,6 +28,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     settings = TrainSettings.from_cfg(cfg)
     model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
     examples = load_examples(ctx, cfg, tokenizer)
+    before = heldout_answer_accuracy(ctx, cfg, model, tokenizer)
     data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=tokenizer.token_to_id("<|endoftext|>"))
     summary = train(
         ctx, model, settings, data.batches, lm_loss,
@@ -35,5 +37,9 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
         description="sft",
     )
     summary["examples"] = float(len(examples))
+    if before:
+        after = heldout_answer_accuracy(ctx, cfg, model.cpu(), tokenizer)
+        summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],
+                        "heldout_format_rate": after["format_rate"]})
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
