@@ -61,8 +61,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "holdout_fraction": 0.02,
     },
     "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
-    "tokenize": {"shard_tokens": 1 << 20},
-    "pretrain": {**_TRAIN},
+    "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
+    "pretrain": {
+        **_TRAIN,
+        "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
+        "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
+        "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+    },
     "extend-context": {
         **_TRAIN,
         "steps": 40,
@@ -263,6 +268,22 @@ def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[st
     return preset, cfg.to_dict()
 
 
+OBJECTIVES = ("causal", "glm_blank_infilling")
+
+
+def _check_objective(recipe_file: Path, pretrain: dict, model: dict) -> None:
+    objective = pretrain["objective"]
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{recipe_file}: stages.pretrain.objective: '{objective}' is not one of {', '.join(OBJECTIVES)}")
+    if objective == "glm_blank_infilling" and not model["rope_2d"]:
+        raise ConfigError(
+            f"{recipe_file}: stages.pretrain.objective glm_blank_infilling needs GLM's 2D positions; "
+            "set model.rope_2d: true (as the chatglm-small preset does)"
+        )
+    if not 0 < pretrain["glm_mask_ratio"] < 0.5 or not pretrain["glm_mean_span"] >= 1:
+        raise ConfigError(f"{recipe_file}: stages.pretrain: need 0 < glm_mask_ratio < 0.5 and glm_mean_span >= 1")
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = recipe_path(name_or_path)
     data = read_yaml(path)
@@ -286,6 +307,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    _check_objective(path, stages["pretrain"], model)
     return Recipe(
         name=str(data.get("name") or path.stem),
         path=path,
