@@ -157,3 +157,73 @@ def test_rejection_sampling_with_no_correct_sample_says_so(workspace, sft_model_
     # An untrained model answers nothing right: a clear error, not an empty fine-tune.
     with pytest.raises(UserError, match="no sampled answer was correct"):
         _run_rl(workspace, sft_model_dir, "rs-sft")
+
+
+# ---- SFT pieces: packing, LoRA; generation with stop strings -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(sft_model_dir):
+    from llm_lifecycle.models.checkpoint import load_model_dir
+
+    return load_model_dir(sft_model_dir)
+
+
+def _chat(tokenizer, p):
+    from llm_lifecycle.workflows.chat_data import encode_chat
+
+    return encode_chat(tokenizer, [{"role": "user", "content": p["question"]},
+                                   {"role": "assistant", "content": p["answer"]}], 160)
+
+
+def test_packed_rows_compute_what_each_example_computes_alone(tiny):
+    from llm_lifecycle.workflows.chat_data import PackedSFTBatches, _pad_rows
+
+    model, tokenizer = tiny
+    examples = [_chat(tokenizer, p) for p in arith.problems(6, seed=9)]
+    data = PackedSFTBatches(examples, batch_size=1, seq_len=400, seed=0, pad_id=0)
+    assert len(data.rows) < len(examples)  # several examples share a row
+    inputs, targets, positions, mask = data.batch(0)
+    packed = model(inputs, position_ids=positions, attn_mask=mask).logits[0]
+    start = 0
+    for example in data.rows[data._order.indices(0, 1)[0]]:
+        x, y = _pad_rows([example], len(example[0]) - 1, 0)
+        alone = model(x).logits[0]
+        n = x.size(1)
+        assert torch.allclose(packed[start : start + n], alone, atol=1e-4)
+        assert torch.equal(targets[0, start : start + n], y[0])
+        start += n
+
+
+def test_lora_starts_at_the_base_trains_only_adapters_and_merges_exactly(tiny):
+    import copy
+
+    from llm_lifecycle.models.lora import LoRALinear, apply_lora, merge_lora
+
+    base, _ = tiny
+    model = copy.deepcopy(base)
+    x = torch.randint(3, 100, (2, 12))
+    trainable = apply_lora(model, rank=4, alpha=8.0)
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    assert torch.allclose(model(x).logits, base(x).logits)
+    opt = torch.optim.SGD([p for _, p in trainable], lr=0.5)
+    model(x).logits.square().mean().backward()
+    opt.step()
+    adapted = model(x).logits.detach()
+    assert not torch.allclose(adapted, base(x).logits)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert torch.allclose(model(x).logits, adapted, atol=1e-5)
+
+
+def test_generate_text_cuts_at_stop_strings(tiny):
+    from llm_lifecycle.models.generate import generate_text
+
+    model, tokenizer = tiny
+    prompts = ["Question: Tom has", "Answer: Ann"]
+    full = generate_text(model, tokenizer, prompts, max_new_tokens=12)
+    stop = full[0][2:4]
+    cut = generate_text(model, tokenizer, prompts, max_new_tokens=12, stop=[stop])
+    assert cut[0] == full[0].split(stop)[0]
+    assert cut[1] == full[1].split(stop)[0]

@@ -184,6 +184,11 @@ class ActorCritic(nn.Module):
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("reward_m2", torch.zeros((), dtype=torch.float64))
 
+    def begin_global_batch(self) -> None:  # the trainer's per-step hook, for MoE balance counts
+        for module in (self.policy, self.critic):
+            if hasattr(module, "begin_global_batch"):
+                module.begin_global_batch()
+
     def values(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.value_head(self.critic(inputs).hidden)
 

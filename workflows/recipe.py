@@ -86,6 +86,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
+        "packing": False,  # several chats per row, each attending only to itself
+        "lora_rank": 0,  # > 0: train rank-r LoRA adapters on the projections, merged into the saved model
+        "lora_alpha": 16.0,
         **_ANSWER_EVAL,
     },
     "rl": {

@@ -22,6 +22,10 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.head = ValueHead(backbone.cfg.dim)
 
+    def begin_global_batch(self) -> None:  # the trainer's per-step hook, for MoE balance counts
+        if hasattr(self.backbone, "begin_global_batch"):
+            self.backbone.begin_global_batch()
+
     def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Scores [B] of right-padded sequences ids [B, T] whose last real token is at `last` [B]."""
         values = self.head(self.backbone(ids).hidden)

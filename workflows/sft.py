@@ -23,19 +23,31 @@ def load_examples(ctx: StageContext, cfg: dict, tokenizer) -> list:
 
 
 def run(ctx: StageContext, cfg: dict) -> StageResult:
-    from llm_lifecycle.workflows.chat_data import SFTBatches
+    from llm_lifecycle.models.lora import apply_lora, merge_lora
+    from llm_lifecycle.workflows.chat_data import PackedSFTBatches, SFTBatches
 
     settings = TrainSettings.from_cfg(cfg)
     model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
     examples = load_examples(ctx, cfg, tokenizer)
     before = heldout_answer_accuracy(ctx, cfg, model, tokenizer)
-    data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=tokenizer.token_to_id("<|endoftext|>"))
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    if cfg["packing"]:
+        data = PackedSFTBatches(examples, settings.batch_size, settings.seq_len, seed=ctx.seed, pad_id=pad)
+    else:
+        data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=pad)
+    if cfg["lora_rank"] < 0:
+        raise UserError(f"stages.sft.lora_rank: expected 0 (full fine-tuning) or a positive rank, got {cfg['lora_rank']}")
+    trainable = apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"]) if cfg["lora_rank"] else None
     summary = train(
         ctx, model, settings, data.batches, lm_loss,
         ckpt_path=ctx.stage_dir / "checkpoint.pt",
         flops_per_token=model.cfg.flops_per_token(settings.seq_len),
+        trainable=trainable,
         description="sft",
     )
+    if trainable:
+        merge_lora(model)
+        summary["lora_trainable_params"] = float(sum(p.numel() for _, p in trainable))
     summary["examples"] = float(len(examples))
     if before:
         after = heldout_answer_accuracy(ctx, cfg, model.cpu(), tokenizer)
