@@ -227,3 +227,29 @@ def test_generate_text_cuts_at_stop_strings(tiny):
     cut = generate_text(model, tokenizer, prompts, max_new_tokens=12, stop=[stop])
     assert cut[0] == full[0].split(stop)[0]
     assert cut[1] == full[1].split(stop)[0]
+
+
+# ---- the demo: accuracy rises after SFT and again after GRPO (minutes of CPU) -------------------------
+
+
+@pytest.mark.slow
+def test_arith_demo_accuracy_rises_after_sft_and_again_after_grpo(workspace):
+    from mlflow import MlflowClient
+
+    from llm_lifecycle.registry.tracking import configure
+    from llm_lifecycle.workflows.pipeline import run_pipeline
+    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.stage import SilentProgress
+
+    recipe = load_recipe("arith-grpo")
+    stages = ["data-fetch", "data-clean", "tokenizer-train", "tokenize", "pretrain", "extend-context", "sft", "rl"]
+    results = run_pipeline(recipe, workspace, SilentProgress(), stages=stages)
+    pretrained = results["sft"].metrics["heldout_accuracy_before"]
+    sft = results["sft"].metrics["heldout_accuracy"]
+    grpo = results["rl"].metrics["heldout_accuracy"]
+    assert results["rl"].metrics["heldout_accuracy_before"] == sft  # the same model, measured alike
+    assert pretrained < sft < grpo, (pretrained, sft, grpo)
+    assert grpo - sft >= 0.05
+    configure(workspace)
+    version = MlflowClient().get_model_version_by_alias(recipe.name, "grpo")
+    assert version.version == MlflowClient().get_model_version_by_alias(recipe.name, "rl").version

@@ -4,7 +4,8 @@ to train in CPU minutes.
 Each problem is {"question", "answer"} where the answer is a worked solution with the
 calculator notes GSM8K uses (`<<12+7=19>>`) and a last line `#### 19`, so everything that
 reads GSM8K (the verifiable rewards, SFT, lm-eval's gsm8k task) reads these too. Problems
-take one or two steps of +, - or x on small numbers. Generation is a pure function of the
+take one or two steps of +, - or x on one-digit numbers (results up to 18),
+so that a model of a few hundred thousand parameters can learn them in CPU minutes. Generation is a pure function of the
 seed; `python -m llm_lifecycle.workflows.arith` rewrites the shipped files under
 builtin/arith/ (a test checks they are what the generator makes).
 """
@@ -24,18 +25,18 @@ PLACES = ["the market", "the shop", "school", "the fair", "the park"]
 def _one_step(rng: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
     kind = rng.choice(["add", "sub", "mul"])
     if kind == "add":
-        a, b = rng.randint(2, 50), rng.randint(2, 30)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         c = a + b
         q = f"{name} has {a} {item}. {name} gets {b} more at {rng.choice(PLACES)}. How many {item} does {name} have now?"
         steps = [f"{name} has {a}+{b} = <<{a}+{b}={c}>>{c} {item} now."]
     elif kind == "sub":
-        a = rng.randint(10, 60)
-        b = rng.randint(2, a - 1)
+        a = rng.randint(3, 18)
+        b = rng.randint(1, min(9, a - 1))
         c = a - b
         q = f"{name} had {a} {item} and gave {b} of them away. How many {item} does {name} have left?"
         steps = [f"{name} has {a}-{b} = <<{a}-{b}={c}>>{c} {item} left."]
     else:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
         c = a * b
         q = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy?"
         steps = [f"{name} buys {a}*{b} = <<{a}*{b}={c}>>{c} {item}."]
@@ -43,8 +44,8 @@ def _one_step(rng: random.Random, name: str, item: str) -> tuple[str, list[str],
 
 
 def _two_step(rng: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
-    a, b = rng.randint(5, 40), rng.randint(2, 30)
-    c = rng.randint(1, a + b - 1)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    c = rng.randint(1, min(9, a + b - 1))
     total = a + b
     q = (f"{name} has {a} {item} and finds {b} more. Then {name} gives {c} {item} to a friend. "
          f"How many {item} does {name} have at the end?")
