@@ -12,6 +12,8 @@ from typing import Any
 
 # Decides the Hugging Face layout used by export/import (the transformers model_type).
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
+# Families transformers has no layout for (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our own format.
+FAMILIES += ("qwen", "baichuan", "chatglm")
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
@@ -280,51 +282,3 @@ class ModelConfig:
 def _require_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, dtype_bytes: int = 2) -> dict[str, int]:
-    """Rough bytes needed to train (and to serve) `cfg` at this batch shape.
-
-    weights/grads in `dtype_bytes`; AdamW keeps two fp32 moments per parameter (plus an fp32
-    master copy when training in 16-bit). Activations count the tensors autograd saves per
-    layer with fused (flash/SDPA) attention and no recomputation, plus the fp32 logits.
-    """
-    n = cfg.num_params()
-    weights = n * dtype_bytes
-    grads = n * dtype_bytes
-    master = n * 4 if dtype_bytes < 4 else 0
-    optimizer = 2 * n * 4 + master
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    # attn: norm in/out, q, k, v, attention output; mlp: norm in/out, then the MLP's hidden
-    # tensors (for MoE: per routed copy of the token, plus its gathered input; shared experts).
-    attention_elems = 2 * cfg.dim + q_out + 2 * kv_out + q_out
-    per_hidden = 2 if cfg.mlp == "gelu" else 3  # gelu: up and activation; gated: gate, up, product
-    dense_elems = 2 * cfg.dim + per_hidden * cfg.ffn_dim
-    moe_elems = (2 * cfg.dim + cfg.n_experts_per_token * (cfg.dim + per_hidden * cfg.moe_ffn_dim) + cfg.n_experts
-                 + cfg.n_shared_experts * per_hidden * cfg.moe_ffn_dim)
-    if cfg.parallel_block:  # one shared norm: its input and output are saved once
-        attention_elems -= 2 * cfg.dim
-    tokens = batch_size * seq_len
-    layer_elems = sum(attention_elems + (moe_elems if cfg.is_moe_layer(i) else dense_elems) for i in range(cfg.n_layers))
-    activations = tokens * layer_elems * dtype_bytes
-    activations += tokens * cfg.vocab_size * 4  # logits upcast to fp32 for the loss
-    kv_cache = 2 * cfg.n_layers * kv_out * tokens * dtype_bytes
-    return {
-        "weights": weights,
-        "grads": grads,
-        "optimizer": optimizer,
-        "activations": activations,
-        "kv_cache": kv_cache,
-        "train_total": weights + grads + optimizer + activations,
-        "inference_total": weights + kv_cache,
-    }
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (for plans printed to people)."""
-    unit = "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            break
-        n /= 1024
-    return f"{n:.1f} {unit}"

@@ -151,13 +151,49 @@ class MlflowTracker:
         mlflow.flush_async_logging()
 
 
+class NullTracker:
+    """The tracker of torchrun ranks other than 0: rank 0 alone records the run."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, data: dict | list, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_input(self, path: str | Path, name: str, context: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 @contextmanager
 def start_run(
     experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
-) -> Iterator[MlflowTracker]:
-    """An MLflow run with hardware tags and system metrics; marked FAILED/KILLED on error."""
+) -> Iterator[MlflowTracker | NullTracker]:
+    """An MLflow run with hardware tags and system metrics; marked FAILED/KILLED on error.
+    Under torchrun only rank 0 opens runs; the other ranks get a NullTracker."""
     import mlflow
 
+    from llm_lifecycle.registry.hardware import is_main_process
+
+    if not is_main_process():
+        yield NullTracker()
+        return
     exp_id = ensure_experiment(experiment)
     all_tags = {**hardware_profile(), **tags}
     commit = git_commit()

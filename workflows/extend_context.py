@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llm_lifecycle.workflows.mixture import parse_schedule, scheduled_batches
 from llm_lifecycle.workflows.model_stage import heldout_perplexity, load_upstream_model, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
@@ -19,6 +20,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.workflows.shards import TokenShards
 
     settings = TrainSettings.from_cfg(cfg)
+    schedule = parse_schedule(cfg["schedule"], "stages.extend-context.schedule")
     base, tokenizer, _ = load_upstream_model(ctx, "pretrain")
     short_len = ctx.recipe.stages["pretrain"]["seq_len"]
     long_len = settings.seq_len
@@ -44,7 +46,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     shards = TokenShards(ctx.upstream_output("tokenize", "train"))
 
     def batches(start: int):
-        return shards.batches(settings.batch_size, long_len, seed=ctx.seed + 1, start_step=start)
+        return scheduled_batches(shards, schedule, settings, seed=ctx.seed + 1, start_micro_step=start)
 
     summary = train(
         ctx, model, settings, batches, lm_loss,

@@ -31,7 +31,11 @@ def load_upstream_model(ctx: StageContext, stage: str):
 def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = None) -> Path:
     from llm_lifecycle.models.checkpoint import save_model_dir
 
+    from llm_lifecycle.registry.hardware import is_main_process
+
     out = ctx.stage_dir / "model"
+    if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them
+        return out
     save_model_dir(out, model.cpu(), tokenizer, extra={"stage": ctx.stage, "recipe": ctx.recipe.name, **(extra or {})})
     return out
 

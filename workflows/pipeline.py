@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from llm_lifecycle import __version__
+from llm_lifecycle.registry.hardware import is_main_process
+from llm_lifecycle.workflows.distributed import barrier
 from llm_lifecycle.workflows.recipe import STAGE_ORDER, Recipe
 from llm_lifecycle.workflows.stage import (
     Progress,
@@ -53,6 +55,8 @@ STAGES: dict[str, StageSpec] = {
     ]
 }
 assert list(STAGES) == STAGE_ORDER
+# Stages that run on every torchrun rank (data-parallel training); rank 0 runs the others.
+TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
 
 
 @dataclass
@@ -166,6 +170,10 @@ def run_pipeline(
                            "overrides": recipe.overrides, "stages_run": ran})
         parent.log_params({"model": recipe.model})
         for p in planned:
+            if not p.cached and p.selected and not is_main_process() and p.name not in TRAINING_STAGES:
+                barrier()  # under torchrun rank 0 alone runs the data and evaluation stages
+                results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
+                continue
             if p.cached:
                 results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
                 if p.selected:
@@ -174,6 +182,7 @@ def run_pipeline(
             if not p.selected:
                 continue
             results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags)
+            barrier()  # the next stage on any rank reads what this one wrote
         for name, result in results.items():
             parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
     return results
@@ -183,9 +192,12 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
     from llm_lifecycle.registry import tracking
 
     spec = STAGES[p.name]
-    if p.result_file.exists():
-        shutil.rmtree(p.directory)  # --force: start the stage afresh, not from old checkpoints
-    p.directory.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        if p.result_file.exists():
+            shutil.rmtree(p.directory)  # --force: start the stage afresh, not from old checkpoints
+        p.directory.mkdir(parents=True, exist_ok=True)
+    if p.name in TRAINING_STAGES:
+        barrier()  # every rank trains; none starts before rank 0 has made the stage directory
     tags = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
             "llm.parent_stage": ",".join(spec.upstream)}
     progress.log(f"[bold]{p.name}[/bold] ({p.fingerprint})")
@@ -204,6 +216,8 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
             seed=recipe.seed,
         )
         result = _stage_function(spec)(ctx, recipe.stages[p.name])
+        if not is_main_process():
+            return result
         tracker.log_metrics(result.metrics)
         version = None
         if result.model_dir and spec.alias:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from llm_lifecycle.workflows.glm import add_glm_tokens, glm_batches, packed_length
+from llm_lifecycle.workflows.mixture import parse_schedule, scheduled_batches
 from llm_lifecycle.workflows.model_stage import heldout_perplexity, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
@@ -18,6 +19,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.workflows.shards import TokenShards
 
     settings = TrainSettings.from_cfg(cfg)
+    schedule = parse_schedule(cfg["schedule"], "stages.pretrain.schedule")
     tokenizer = Tokenizer.from_file(str(ctx.upstream_output("tokenizer-train", "tokenizer")))
     shards = TokenShards(ctx.upstream_output("tokenize", "train"))
     model_cfg = ctx.recipe.model_config()
@@ -32,7 +34,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
 
     def batches(start: int):
-        windows = shards.batches(settings.batch_size, settings.seq_len, seed=ctx.seed, start_step=start)
+        windows = scheduled_batches(shards, schedule, settings, seed=ctx.seed, start_micro_step=start)
         if not glm:
             return windows
         return glm_batches(windows, glm_ids, ctx.seed, start, cfg["glm_mask_ratio"], cfg["glm_mean_span"])

@@ -41,7 +41,8 @@ _TRAIN = {
     "checkpoint_every": 50,
     "log_every": 10,
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
-    "compile": False,
+    "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
+    "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
 
 # Held-out answer accuracy before and after sft/rl: greedy exact match of the final number
@@ -59,14 +60,27 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_threshold": 0.8,
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
+        "languages": [],  # keep only these languages (ISO 639-1, e.g. [en, zh]); []: no language id
+        "engine": "local",  # or datatrove: the same steps on datatrove's executors
+        "datatrove_tasks": 2,
     },
-    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    "tokenizer-train": {
+        "vocab_size": 4096,
+        "min_frequency": 2,
+        "split_digits": True,
+        "whitespace_runs": 0,
+        "byte_fallback": False,
+        "special_tokens": [],
+        "extend": None,
+        "pretrained": None,
+    },
     "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
     "pretrain": {
         **_TRAIN,
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
     },
     "extend-context": {
         **_TRAIN,
@@ -77,6 +91,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "rope_theta": 100_000.0,
         "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
         "eval_windows": 16,
+        "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
         **_TRAIN,
@@ -128,7 +143,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_gen_toks": 64,
     },
     "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "hf", "verify": True},
+    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
@@ -250,7 +265,9 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
     return merged
 
 
-def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[str, dict]:
+def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> tuple[str, dict]:
+    """(preset name, ModelConfig fields): the preset with the recipe's overrides; the
+    vocabulary is the tokenizer's (`vocab_size`), or the preset's when None."""
     from llm_lifecycle.models.config import ModelConfig
     from llm_lifecycle.models.presets import list_presets, load_preset
 
@@ -262,7 +279,8 @@ def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[st
         fields = {**load_preset(preset), **overrides}
     except ValueError as err:
         raise ConfigError(f"{recipe_file}: model.preset: {err}") from None
-    fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
     try:
         cfg = ModelConfig.from_dict(fields)
         cfg.validate()
@@ -309,7 +327,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
-    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
+    tokenizer_sized = "vocab_size" in (stages_given.get("tokenizer-train") or {})
+    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"] if tokenizer_sized else None)
+    stages["tokenizer-train"]["vocab_size"] = model["vocab_size"]
     _check_objective(path, stages["pretrain"], model)
     return Recipe(
         name=str(data.get("name") or path.stem),
