@@ -145,6 +145,7 @@ def test_reward_model_saves_its_head_and_keeps_the_policy(workspace, sft_model_d
     assert "heldout_after.rm_accuracy" in result.metrics
 
 
+@pytest.mark.slow  # the default pipeline test already runs DPO end to end
 def test_dpo_reports_heldout_margin_before_and_after(workspace, sft_model_dir):
     result = _run_rl(workspace, sft_model_dir, "dpo")
     assert result.metrics["heldout_before.reward_margin"] == 0.0  # policy == reference

@@ -34,6 +34,7 @@ class RewardModel(nn.Module):
 
 def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) -> tuple[torch.Tensor, dict]:
     loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    chosen, rejected = chosen.detach(), rejected.detach()
     return loss, {"rm_accuracy": float(pair_accuracy(chosen, rejected)), "rm_margin": float((chosen - rejected).mean())}
 
 
