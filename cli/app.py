@@ -40,6 +40,9 @@ err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe value: stage.key=value (repeatable).")
 RecipeOption = typer.Option(..., "--recipe", "-r", help="Recipe name (llm recipes list) or path to a .yaml.")
+InitOption = typer.Option(
+    None, "--init", help="Start from this model: a Hugging Face folder or hub id, models:/NAME@ALIAS, or our folder."
+)
 NprocOption = typer.Option(1, "--nproc", help="Processes per node: >1 runs under torchrun with FSDP2.")
 NnodesOption = typer.Option(1, "--nnodes", help="Nodes taking part (torchrun).")
 RdzvOption = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the torchrun rendezvous (multi-node).")
@@ -89,12 +92,15 @@ def pipeline(
     from_stage: Optional[str] = typer.Option(None, "--from", help="Run this stage and every later one."),
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and those after it) even if cached."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache state and memory estimate."),
+    init: Optional[str] = InitOption,
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
 ) -> None:
-    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused."""
+    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused.
+    With --init the pipeline starts from that model at SFT (its tokenizer replaces training one)."""
+    set_ = [*(set_ or []), *([f"sft.init={init}"] if init else [])]
     if dry_run:
         _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
         return
@@ -129,6 +135,8 @@ def _stage_command(stage: str, doc: str):
 
 
 def _training_command(stage: str, doc: str):
+    """A training stage; --nproc etc. run it under torchrun."""
+
     def command(
         recipe: str = RecipeOption,
         set_: Optional[List[str]] = SetOption,
@@ -138,6 +146,24 @@ def _training_command(stage: str, doc: str):
     ) -> None:
         _relaunch(nproc, nnodes, rdzv_endpoint)
         _run_stages(recipe, set_, stages=[stage])
+
+    command.__doc__ = doc
+    return command
+
+
+def _init_training_command(stage: str, doc: str):
+    """A training stage that --init starts from any model instead of the upstream stage's."""
+
+    def command(
+        recipe: str = RecipeOption,
+        init: Optional[str] = InitOption,
+        set_: Optional[List[str]] = SetOption,
+        nproc: int = NprocOption,
+        nnodes: int = NnodesOption,
+        rdzv_endpoint: Optional[str] = RdzvOption,
+    ) -> None:
+        _relaunch(nproc, nnodes, rdzv_endpoint)
+        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], stages=[stage])
 
     command.__doc__ = doc
     return command
@@ -171,9 +197,9 @@ def tokenizer_train(
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch."))
+app.command("pretrain")(_init_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("sft")(_init_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
 app.command("quantize")(_stage_command("quantize", "Quantize the final model (int8 weight-only)."))
 
 
@@ -273,6 +299,18 @@ def export(
 
     arch = export_model(model, out)
     console.print(f"exported {model} to {out} ({arch})")
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="A Hugging Face folder (config.json + safetensors) or hub repo id."),
+    out: Path = typer.Option(..., help="Write our model folder here."),
+) -> None:
+    """Import a Hugging Face checkpoint (weights and tokenizer) as one of our model folders."""
+    from llm_lifecycle.workflows.model_ref import import_model
+
+    cfg = import_model(source, out)
+    console.print(f"imported {source} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) to {out}")
 
 
 @recipes_app.command("list")

@@ -52,6 +52,13 @@ KNOB_CONFIGS = {
     "window-logn-bias": dict(sliding_window=8, window_layers=1, logn_train_len=16, qkv_bias=True),
     "moe-shared-dense-first": dict(MOE, n_layers=3, n_shared_experts=2, n_dense_layers=1, mlp="geglu"),
     "glm-2d": dict(rope_2d=True, rotary_pct=0.5, norm="layernorm"),
+    # the interop knobs (their computation is checked against transformers in tests/test_hf_parity.py)
+    "phi-biases-gemma-scale": dict(norm="layernorm", mlp="gelu", mlp_bias=True, o_bias=True, head_bias=True,
+                                   tie_embeddings=False, scale_embeddings=True),
+    "mla-deepseek-routing": dict(
+        MOE, n_kv_heads=4, head_dim=None, kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, router_score="sigmoid", router_bias=True, n_expert_groups=2, topk_groups=1, routed_scale=2.0,
+    ),
 }
 
 

@@ -727,3 +727,21 @@ def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
     assert report["steps"]["min_chars"]["removed"] == 1
     assert report["steps"]["minhash_dedup"]["removed"] == 2  # the exact copy and the near copy
     assert tracker.dicts["report.json"] == report
+
+
+def test_a_recipe_with_every_data_setting_loads(tmp_path):
+    import yaml
+
+    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+
+    docs = (Path(data.__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    stages = yaml.safe_load(docs.split("```yaml\n")[1].split("```")[0])["stages"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "model": {"preset": "llama-small"}, "stages": stages}))
+    recipe = load_recipe(str(path))
+    assert recipe.stages["data-clean"]["rules"]["min_stop_words"] == 2
+    assert data.CleanConfig.from_cfg(recipe.stages["data-clean"]).rules.c4_bad_content is True
+    assert tokenizer.TokenizerConfig.from_cfg(recipe.stages["tokenizer-train"]).whitespace_runs == 16
+    assert recipe.stages["pretrain"]["schedule"][1]["mixture"] == {"general": 0.3, "knowledge": 0.7}
+    with pytest.raises(ConfigError, match="stages.pretrain.schedule"):
+        load_recipe(str(path), ["pretrain.schedule=3"])

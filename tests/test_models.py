@@ -51,7 +51,7 @@ def tiny_tokenizer():
         (dict(family="gpt2"), "family 'gpt2'"),
         (dict(n_layers=0), "n_layers must be a positive integer"),
         (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_seq_len"),
-        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling.type"),
+        (dict(rope_scaling={"type": "longrope", "factor": 2.0}), "rope_scaling.type"),
         (dict(head_dim=15, dim=60), "head_dim \\(15\\) must be even"),
         (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta": 1}), "unknown key\\(s\\) beta"),
         (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "required for llama3"),

@@ -76,6 +76,20 @@ class PlannedStage:
         return self.selected and not self.cached
 
 
+def stage_upstream(recipe: Recipe, name: str) -> tuple[str, ...]:
+    """The stages `name` needs: one that starts from an `init` model needs no earlier model."""
+    upstream = STAGES[name].upstream
+    if recipe.stages[name].get("init"):
+        return tuple(u for u in upstream if not STAGES[u].uses_model)
+    return upstream
+
+
+def _replaced_by_init(recipe: Recipe) -> set[str]:
+    """Model-making stages before a stage that starts from `init`: nothing would use their model."""
+    starts = [i for i, s in enumerate(STAGE_ORDER) if recipe.stages[s].get("init")]
+    return {s for s in STAGE_ORDER[: max(starts, default=0)] if STAGES[s].uses_model}
+
+
 def fingerprints(recipe: Recipe) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in STAGE_ORDER:
@@ -83,9 +97,9 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         payload = {
             "stage": name,
             "config": recipe.stages[name],
-            "model": recipe.model if spec.uses_model else None,
+            "model": recipe.model if spec.uses_model and not recipe.stages[name].get("init") else None,
             "seed": recipe.seed,
-            "upstream": [out[u] for u in spec.upstream],
+            "upstream": [out[u] for u in stage_upstream(recipe, name)],
             "version": __version__,
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -116,7 +130,7 @@ def plan(
         _parse_stage_list(from_stage)
         start = STAGE_ORDER.index(from_stage)
         chosen = [s for s in (chosen or STAGE_ORDER) if STAGE_ORDER.index(s) >= start]
-    chosen = chosen or STAGE_ORDER
+    chosen = [s for s in chosen or STAGE_ORDER if s not in _replaced_by_init(recipe)]
     # Forcing a stage re-runs everything after it that depends on it, as make would.
     force = tuple(s for s in STAGE_ORDER if s in force or set(_all_upstream(s)) & set(force))
     fps = fingerprints(recipe)
@@ -134,7 +148,7 @@ def _check_upstream(recipe: Recipe, planned: list[PlannedStage]) -> None:
     for p in planned:
         if not p.will_run:
             continue
-        for up in STAGES[p.name].upstream:
+        for up in stage_upstream(recipe, p.name):
             u = by_name[up]
             if not (u.cached or u.selected):
                 raise UserError(

@@ -81,6 +81,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
         "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
+        # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
+        "init": None,
     },
     "extend-context": {
         **_TRAIN,
@@ -89,8 +91,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-4,
         "warmup_steps": 5,
         "rope_theta": 100_000.0,
-        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
+        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}; types: linear, ntk, dynamic, yarn, llama3
+        "logn": False,  # LogN attention scaling past the pretraining length (Qwen)
         "eval_windows": 16,
+        "eval_lengths": None,  # perplexity at these lengths too (default: twice seq_len)
+        "passkey_trials": 8,  # passkey-retrieval probe at seq_len (0: off)
         "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
@@ -101,6 +106,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
+        "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
         "packing": False,  # several chats per row, each attending only to itself
         "lora_rank": 0,  # > 0: train rank-r LoRA adapters on the projections, merged into the saved model
         "lora_alpha": 16.0,
@@ -219,6 +225,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Settings that take either their default's type or a mapping (rules: true, or its thresholds).
+MAPPING_OR_DEFAULT = {("data-clean", "rules")}
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if default is None or value is None and default is None:
         return
@@ -260,7 +270,8 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"valid: {', '.join(sorted(defaults))}"
             )
         value = _coerce_number(value, defaults[key])
-        _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+        if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
+            _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
         merged[key] = value
     return merged
 
@@ -325,6 +336,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if stage not in STAGE_DEFAULTS:
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
+    if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
+        stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
