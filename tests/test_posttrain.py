@@ -126,7 +126,7 @@ def _run_rl(workspace, sft_dir, method):
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_online_methods_train_two_steps_and_report_rewards(workspace, sft_model_dir, method):
     result = _run_rl(workspace, sft_model_dir, method)
-    assert result.aliases == [method, "rl"]
+    assert (result.model_alias, result.aliases) == (method, ["rl"])
     assert {"heldout_accuracy_before", "heldout_accuracy", "final_loss"} <= result.metrics.keys()
     assert math.isfinite(result.metrics["final_loss"])
     state = torch.load(workspace / method / "checkpoint.pt", weights_only=False)
@@ -139,7 +139,7 @@ def test_reward_model_saves_its_head_and_keeps_the_policy(workspace, sft_model_d
     from llm_lifecycle.workflows.reward_model import load_reward_model
 
     result = _run_rl(workspace, sft_model_dir, "rm")
-    assert result.aliases == ["rm"] and result.outputs["model"] == str(sft_model_dir)
+    assert (result.model_alias, result.aliases) == ("rm", []) and result.outputs["model"] == str(sft_model_dir)
     model, _ = load_reward_model(result.model_dir)
     assert model.head.proj.weight.abs().sum() > 0  # trained away from its zero init
     assert "heldout_after.rm_accuracy" in result.metrics

@@ -148,8 +148,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "max_gen_toks": 64,
     },
-    "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
+    # method rtn | gptq | awq; bits 8 | 4; group_size 0 = one scale per output row
+    "quantize": {"method": "rtn", "bits": 8, "group_size": 128, "calib_windows": 32, "eval_windows": 32},
+    # format auto (hf when transformers has the layout, else ours) | hf | gguf | safetensors (ours);
+    # gguf_type f32 | f16 | q8_0 | q4_0 (GGUF only)
+    "export": {"format": "auto", "verify": True, "gguf_type": "q8_0"},
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)

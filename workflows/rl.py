@@ -257,11 +257,11 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
                                    extra={"stage": ctx.stage, "recipe": ctx.recipe.name, "method": method})
         # The policy is unchanged: later stages keep evaluating and exporting the SFT model.
         return StageResult(outputs={"model": str(sft_dir), "reward_model": str(rm_dir)}, metrics=summary,
-                           model_dir=str(rm_dir), aliases=["rm"])
+                           model_dir=str(rm_dir), model_alias="rm")
     if before:
         after = heldout_answer_accuracy(ctx, cfg, trained.cpu(), tokenizer)
         summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],
                         "heldout_format_rate": after["format_rate"]})
     model_dir = save_stage_model(ctx, trained, tokenizer, extra={"method": method})
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir),
-                       aliases=[method, "rl"])
+                       model_alias=method, aliases=["rl"])
