@@ -164,7 +164,9 @@ class ValueHead(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, 1)
-        nn.init.zeros_(self.proj.weight)
+        # Unit-scale scores from unit-RMS hidden states; a zero weight would also stop every
+        # gradient into the backbone until the head had grown.
+        nn.init.normal_(self.proj.weight, std=dim**-0.5)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

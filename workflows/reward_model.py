@@ -39,7 +39,7 @@ def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) ->
 
 
 def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Share of pairs ranked right; a tie counts half (an untrained head ties every pair)."""
+    """Share of pairs ranked right; a tie counts half."""
     return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
 
 
