@@ -181,7 +181,6 @@ def test_import_reads_a_sharded_checkpoint(tmp_path):
 NO_HF_LAYOUT = {
     "qwen-small": "no transformers layout",
     "chatglm-small": "no transformers layout",
-    "deepseek-v2-small": "no transformers layout",
     "baichuan2-alibi-small": "cannot hold position='alibi'",
 }
 
