@@ -219,15 +219,50 @@ def quantize(
 @app.command()
 def rl(
     recipe: str = RecipeOption,
-    method: str = typer.Option("dpo", help="Preference method: dpo."),
+    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
 ) -> None:
-    """Align the SFT model with preference pairs."""
+    """Align the SFT model: reward model, DPO, PPO, GRPO or rejection-sampling SFT.
+    The model is registered as models:/RECIPE@METHOD."""
+    from llm_lifecycle.workflows.rl import METHODS
+
+    if method is not None and method not in METHODS:
+        raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, [*(set_ or []), f"rl.method={method}"], stages=["rl"])
+    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], stages=["rl"])
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, min=0.0),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(128, min=1),
+    prompt: Optional[List[str]] = typer.Option(None, help="Say this (repeatable) and exit instead of reading stdin."),
+) -> None:
+    """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
+    if not 0 < top_p <= 1:
+        raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
+    from llm_lifecycle.workflows.chat import ChatSession
+
+    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
+    turns = iter(prompt) if prompt else None
+    while True:
+        if turns is not None:
+            text = next(turns, "")
+            console.print(f"[bold]you>[/bold] {text}" if text else "", highlight=False)
+        else:
+            try:
+                text = console.input("[bold]you>[/bold] ")
+            except EOFError:
+                text = ""
+        if not text.strip():
+            return
+        console.print(f"[bold cyan]model>[/bold cyan] {session.reply(text)}", highlight=False)
 
 
 @app.command("eval")

@@ -218,10 +218,10 @@ def log_and_register_model(
     tracker: MlflowTracker,
     model_dir: str | Path,
     registered_name: str,
-    alias: str,
+    aliases: list[str],
     tags: dict[str, str],
 ) -> str:
-    """Log `model_dir` as a pyfunc text-generation model; register it; set the alias.
+    """Log `model_dir` as a pyfunc text-generation model; register it; point the aliases at it.
 
     Returns the new version number.
     """
@@ -242,7 +242,8 @@ def log_and_register_model(
         )
     client = MlflowClient()
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(registered_name, alias, version)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, version)
     for key, value in {**hardware_profile(), **tags}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return version

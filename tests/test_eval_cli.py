@@ -105,7 +105,7 @@ def test_eval_run_and_model_version_point_at_each_other(model_dir, data_dir, wor
 
     tracking.configure(workspace)
     with tracking.start_run("tiny", "sft", {"llm.stage": "sft"}) as tracker:
-        version = tracking.log_and_register_model(tracker, model_dir, "tiny", "sft", {"llm.stage": "sft"})
+        version = tracking.log_and_register_model(tracker, model_dir, "tiny", ["sft"], {"llm.stage": "sft"})
     outcome = evaluate_model("models:/tiny@sft", ["gsm8k", "ppl"], data_dir=str(data_dir), limit=2, num_fewshot=1,
                              batch_size=4, max_gen_toks=8)
     client = MlflowClient()
