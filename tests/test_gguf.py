@@ -4,6 +4,8 @@ template; an Ollama Modelfile sits beside it."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -63,9 +65,9 @@ def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int) -> list[int]:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_file), n_ctx=128, n_threads=1, verbose=False)
-    out = list(llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True))
+    out = [int(t) for t in itertools.islice(llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0), n)]
     llm.close()
-    return [int(t) for t in out[:n]]
+    return out
 
 
 @pytest.mark.parametrize("family", TESTED)
@@ -78,7 +80,9 @@ def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, toke
         ours = model(torch.tensor([prompt])).logits[0].numpy()
     ours_greedy = generate(model, [prompt], max_new_tokens=12)[0]
 
-    for gguf_type, tolerance in (("f16", 1e-2), ("q8_0", 0.1)):
+    # F16: weights rounded to half precision, within 1e-2. Q8_0: llama.cpp also rounds the
+    # activations to 8 bits for its int8 dot products: within 2% of the largest logit.
+    for gguf_type, tolerance in (("f16", 1e-2), ("q8_0", 0.02 * np.abs(ours).max())):
         export_model(str(model_dir), tmp_path / gguf_type, "gguf", gguf_type)
         gguf_file = tmp_path / gguf_type / f"{gguf_type}-{gguf_type}.gguf"
         theirs = llama_cpp_logits(gguf_file, prompt)
