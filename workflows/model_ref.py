@@ -38,7 +38,7 @@ def _import_hf_folder(folder: Path, workspace: Path) -> Path:
     if not (out / "config.json").is_file():
         try:
             model, tokenizer = load_hf(folder)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:
             raise UserError(f"cannot import {folder}: {err}") from None
         save_model_dir(out, model, tokenizer, extra={"imported_from": str(folder)})
     return out

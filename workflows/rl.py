@@ -85,7 +85,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
 
     summary = train(
         ctx, policy, settings, data.batches, loss_fn,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
     )

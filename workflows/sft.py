@@ -30,7 +30,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=tokenizer.token_to_id("<|endoftext|>"))
     summary = train(
         ctx, model, settings, data.batches, lm_loss,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=model.cfg.flops_per_token(settings.seq_len),
         description="sft",
     )

@@ -10,6 +10,7 @@ index, so a run killed at step k and resumed sees exactly the data it would have
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from llm_lifecycle.registry.hardware import best_device
-from llm_lifecycle.workflows.stage import StageContext, atomic_path
+from llm_lifecycle.workflows.stage import StageContext, UserError, atomic_path
 
 Batch = tuple[torch.Tensor, ...]
 # loss_fn(model, batch) -> (loss to minimise, extra scalar metrics)
@@ -44,6 +45,7 @@ class TrainSettings:
     eps: float
     grad_clip: float
     checkpoint_every: int
+    keep_checkpoints: int
     log_every: int
     precision: str
     compile: bool
@@ -108,19 +110,57 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer, extra: dict | None = None) -> None:
+def checkpoint_file(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step-{step:08d}.pt"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    files = sorted(ckpt_dir.glob("step-*.pt"))  # zero-padded: name order is step order
+    return files[-1] if files else None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, keep: int, extra: dict | None = None) -> Path:
+    """Write the checkpoint of `step` atomically, then drop all but the newest `keep`."""
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": _rng_state(), **(extra or {})}
+    path = checkpoint_file(ckpt_dir, step)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's state: tensors and plain containers only. Anything else (a pickle
+    that would run code when loaded) is refused with a UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise UserError(
+            f"refused to load checkpoint {path}: it is not a plain tensor checkpoint ({reason}); "
+            "it was not executed; delete it (or its folder) to start this stage afresh"
+        ) from None
 
 
 def load_checkpoint(path: Path, model, optimizer) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _diverged(ctx: StageContext, description: str, step: int, loss: float, grad_norm: float,
+              settings: TrainSettings, ckpt_dir: Path) -> UserError:
+    last = latest_checkpoint(ckpt_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return UserError(
+        f"{description}: the training diverged at step {step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); "
+        f"stopped before updating the weights, {kept}; try a lower learning rate "
+        f"(--set {ctx.stage}.lr={settings.lr / 10:g}), more warmup_steps, a smaller grad_clip, or precision=fp32"
+    )
 
 
 def _maybe_compile(model: torch.nn.Module, enabled: bool, ctx: StageContext) -> torch.nn.Module:
@@ -139,12 +179,13 @@ def train(
     settings: TrainSettings,
     batches: Callable[[int], Iterator[Batch]],
     loss_fn: LossFn,
-    ckpt_path: Path,
+    ckpt_dir: Path,
     flops_per_token: float,
     trainable: list[tuple[str, torch.nn.Parameter]] | None = None,
     description: str = "training",
 ) -> dict[str, float]:
-    """Train `model` for settings.steps optimizer steps, resuming from `ckpt_path` if present.
+    """Train `model` for settings.steps optimizer steps, resuming from the latest checkpoint
+    in `ckpt_dir` if there is one.
 
     `batches(start_micro_step)` yields micro-batches from that index on; each batch's first
     tensor is [B, T] inputs, used to count tokens.
@@ -154,9 +195,10 @@ def train(
     trainable = trainable or [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, settings, device)
     start = 0
-    if ckpt_path.is_file():
-        start = load_checkpoint(ckpt_path, model, optimizer)
-        ctx.progress.log(f"  resuming {description} from step {start} ({ckpt_path.name})")
+    resume_from = latest_checkpoint(ckpt_dir)
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer)
+        ctx.progress.log(f"  resuming {description} from step {start} ({resume_from.name})")
         ctx.tracker.set_tags({"llm.resumed_from_step": str(start)})
     run_model = _maybe_compile(model, settings.compile, ctx)
     amp = autocast_dtype(settings.precision, device)
@@ -183,6 +225,8 @@ def train(
                 for k, v in metrics.items():
                     extras[k] = extras.get(k, 0.0) + v / settings.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], settings.grad_clip)
+            if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                raise _diverged(ctx, description, step, loss_sum, float(grad_norm), settings, ckpt_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -200,7 +244,7 @@ def train(
                 ctx.tracker.log_metrics(metrics, step=step)
                 bar.update(description=f"{description} loss {loss_sum:.3f}")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-                save_checkpoint(ckpt_path, step + 1, model, optimizer)
+                save_checkpoint(ckpt_dir, step + 1, model, optimizer, settings.keep_checkpoints)
     elapsed = time.perf_counter() - t_start
     model.eval()
     return {
