@@ -10,8 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("llama", "qwen3_moe")  # decides the Hugging Face layout used by export/import
+# Decides the Hugging Face layout used by export/import (the transformers model_type).
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "geglu", "gelu")
+POSITIONS = ("rope", "alibi")
+MOE_BALANCE = ("micro_batch", "global_batch")
 
 
 @dataclass
@@ -23,27 +28,58 @@ class ModelConfig:
     n_heads: int = 8
     n_kv_heads: int = 4  # == n_heads: MHA; 1: MQA; in between: GQA
     head_dim: int | None = None  # None: dim // n_heads
-    ffn_dim: int = 688  # SwiGLU hidden size of the dense MLP
+    norm: str = "rmsnorm"  # rmsnorm (LLaMA, Qwen) | layernorm (GPT-J, Phi, with bias)
+    mlp: str = "swiglu"  # swiglu | geglu (gated, GELU-tanh) | gelu (plain two-layer MLP)
+    ffn_dim: int | None = 688  # hidden size of the dense MLP; None: sized from dim (see _default_ffn_dim)
+    ffn_multiple_of: int = 256  # the None sizing rounds up to a multiple of this (LLaMA's multiple_of)
     norm_eps: float = 1e-5
+    position: str = "rope"  # rope | alibi (Baichuan2-13B: a per-head linear distance penalty, no rotation)
     rope_theta: float = 10_000.0
+    rotary_pct: float = 1.0  # rotate only the first fraction of each head's dims (Phi 0.4, ChatGLM2 0.5)
+    rope_2d: bool = False  # GLM 2D positions: half the rotary dims carry the position, half the span position
     # None or {"type": "linear" | "ntk" | "yarn" | "llama3", "factor": float, "original_max_seq_len": int}
     # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4)
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
+    # Sliding-window attention: each query sees its last `sliding_window` keys (itself included).
+    # An int applies to every layer (Mistral), or to the lowest `window_layers` layers only
+    # (Qwen: smaller windows in lower layers); a list gives each layer's window (null = full).
+    sliding_window: int | list[int | None] | None = None
+    window_layers: int | None = None
+    # Qwen1 LogN scaling: at positions past this training length, q is scaled by log_len(pos).
+    logn_train_len: int | None = None
     qkv_bias: bool = False
+    o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, Phi)
     tie_embeddings: bool = True
-    # Mixture of experts (n_experts == 0: every layer is a dense SwiGLU MLP)
+    norm_head: bool = False  # Baichuan2 NormHead: the output head's rows are L2-normalised
+    max_z_loss_coef: float = 0.0  # Baichuan2 max-z loss: coef * (max logit)^2, added to aux_loss (2e-4)
+    # Mixture of experts (n_experts == 0: every layer is a dense MLP)
     n_experts: int = 0
     n_experts_per_token: int = 2
     moe_ffn_dim: int = 256
+    n_shared_experts: int = 0  # DeepSeekMoE: experts every token uses, besides its routed top-k
+    n_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek's first_k_dense_replace)
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss (e.g. 1e-3) keeps router logits small
+    # "micro_batch": balance each micro-batch; "global_batch": count expert loads over the
+    # whole step (all micro-batches and data-parallel ranks), as Qwen3 does
+    moe_balance: str = "micro_batch"
 
     def __post_init__(self) -> None:
         # Resolve the default head size; left None when it would not be whole so validate() says so.
         if self.head_dim is None and self.n_heads > 0 and self.dim % self.n_heads == 0:
             self.head_dim = self.dim // self.n_heads
+        if self.ffn_dim is None and self.dim > 0 and self.ffn_multiple_of > 0:
+            self.ffn_dim = self._default_ffn_dim()
+
+    def _default_ffn_dim(self) -> int:
+        """4 * dim for a plain MLP; gated MLPs have three matrices, so 2/3 of that (8/3 * dim)
+        keeps the parameters equal (LLaMA), rounded up to a multiple of ffn_multiple_of."""
+        hidden = 4 * self.dim if self.mlp == "gelu" else int(2 * 4 * self.dim / 3)
+        return self.ffn_multiple_of * -(-hidden // self.ffn_multiple_of)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -59,6 +95,24 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims RoPE rotates (0 with ALiBi)."""
+        if self.position != "rope":
+            return 0
+        rotary = int(self.head_dim * self.rotary_pct)
+        return rotary - rotary % (4 if self.rope_2d else 2)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.n_dense_layers
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's attention window (None: full causal attention)."""
+        if isinstance(self.sliding_window, list):
+            return list(self.sliding_window)
+        windowed = self.n_layers if self.window_layers is None else self.window_layers
+        return [self.sliding_window if i < windowed else None for i in range(self.n_layers)]
 
     def validate(self) -> None:
         """Raise ValueError naming the first impossible setting."""
@@ -76,16 +130,39 @@ class ModelConfig:
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}) "
                 "so each key/value head serves a whole group of query heads"
             )
-        if self.head_dim % 2:
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("moe_balance", MOE_BALANCE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} '{getattr(self, name)}' is not one of {', '.join(allowed)}")
+        _require_positive_int("ffn_multiple_of", self.ffn_multiple_of)
+        if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if not 0 < self.rotary_pct <= 1:
+            raise ValueError(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        if self.position == "rope" and self.rotary_dim == 0:
+            raise ValueError(f"rotary_pct ({self.rotary_pct}) of head_dim ({self.head_dim}) rotates no dims; raise it")
+        if self.rope_2d and self.position != "rope":
+            raise ValueError("rope_2d (GLM 2D positions) needs position: rope")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         self._validate_rope_scaling()
+        self._validate_windows()
+        if self.logn_train_len is not None:
+            _require_positive_int("logn_train_len", self.logn_train_len)
+        if self.norm_head and self.tie_embeddings:
+            raise ValueError("norm_head normalises the output head's rows; it needs tie_embeddings: false")
+        if self.max_z_loss_coef < 0:
+            raise ValueError(f"max_z_loss_coef must be >= 0, got {self.max_z_loss_coef}")
         if self.n_experts < 0:
             raise ValueError(f"n_experts must be >= 0 (0 = dense), got {self.n_experts}")
+        if self.n_shared_experts < 0 or (self.n_shared_experts and not self.is_moe):
+            raise ValueError(f"n_shared_experts ({self.n_shared_experts}) must be >= 0, and needs n_experts > 0")
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be between 0 and n_layers ({self.n_layers})")
         if self.is_moe:
+            if self.mlp == "gelu":
+                raise ValueError("MoE experts are gated MLPs; use mlp: swiglu or geglu with n_experts > 0")
             if not 1 <= self.n_experts_per_token <= self.n_experts:
                 raise ValueError(
                     f"n_experts_per_token ({self.n_experts_per_token}) must be between 1 and n_experts ({self.n_experts})"
@@ -94,6 +171,23 @@ class ModelConfig:
                 raise ValueError(f"moe_ffn_dim must be positive, got {self.moe_ffn_dim}")
             if self.router_aux_loss_coef < 0:
                 raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+            if self.router_z_loss_coef < 0:
+                raise ValueError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
+
+    def _validate_windows(self) -> None:
+        window = self.sliding_window
+        if isinstance(window, list):
+            if len(window) != self.n_layers:
+                raise ValueError(f"sliding_window lists {len(window)} windows for {self.n_layers} layers; give one per layer")
+            if self.window_layers is not None:
+                raise ValueError("window_layers applies to a single sliding_window; with a per-layer list leave it unset")
+        elif window is None and self.window_layers is not None:
+            raise ValueError("window_layers needs a sliding_window size")
+        for w in self.layer_windows():
+            if w is not None:
+                _require_positive_int("sliding_window", w)
+        if self.window_layers is not None and not (isinstance(self.window_layers, int) and 0 <= self.window_layers <= self.n_layers):
+            raise ValueError(f"window_layers must be between 0 and n_layers ({self.n_layers}), got {self.window_layers!r}")
 
     def _validate_rope_scaling(self) -> None:
         scaling = self.rope_scaling
@@ -131,42 +225,55 @@ class ModelConfig:
         params = self.dim * (q_out + 2 * kv_out) + q_out * self.dim
         if self.qkv_bias:
             params += q_out + 2 * kv_out
+        if self.o_bias:
+            params += self.dim
         if self.qk_norm:
             params += 2 * self.head_dim
         return params
 
-    def _layer_params(self, experts_counted: int) -> int:
-        """One block; `experts_counted` experts of the MoE layer (all for total, top-k for active)."""
-        norms = 2 * self.dim
-        if self.is_moe:
-            mlp = self.dim * self.n_experts + experts_counted * 3 * self.dim * self.moe_ffn_dim
+    def _norm_params(self) -> int:
+        return 2 * self.dim if self.norm == "layernorm" else self.dim  # LayerNorm has a bias
+
+    def _mlp_params(self, hidden: int) -> int:
+        return (2 if self.mlp == "gelu" else 3) * self.dim * hidden
+
+    def _layer_params(self, layer: int, experts_counted: int) -> int:
+        """One block; `experts_counted` routed experts of an MoE layer (all for total, top-k for active)."""
+        norms = (1 if self.parallel_block else 2) * self._norm_params()
+        if self.is_moe_layer(layer):
+            router = self.dim * self.n_experts
+            mlp = router + self._mlp_params(self.moe_ffn_dim) * (experts_counted + self.n_shared_experts)
         else:
-            mlp = 3 * self.dim * self.ffn_dim
+            mlp = self._mlp_params(self.ffn_dim)
         return norms + self._attention_params() + mlp
 
     def _head_params(self) -> int:
         return 0 if self.tie_embeddings else self.vocab_size * self.dim
 
+    def _count(self, experts_counted: int) -> int:
+        layers = sum(self._layer_params(i, experts_counted) for i in range(self.n_layers))
+        return self.vocab_size * self.dim + layers + self._norm_params() + self._head_params()
+
     def num_params(self) -> int:
         """Every parameter (tied embedding/head counted once) == sum(p.numel()) of the Decoder."""
-        embedding = self.vocab_size * self.dim
-        return embedding + self.n_layers * self._layer_params(self.n_experts) + self.dim + self._head_params()
+        return self._count(self.n_experts)
 
     def active_params(self) -> int:
-        """Parameters one token uses: MoE layers count only their top-k experts."""
-        embedding = self.vocab_size * self.dim
-        return embedding + self.n_layers * self._layer_params(self.n_experts_per_token) + self.dim + self._head_params()
+        """Parameters one token uses: MoE layers count only their top-k (and shared) experts."""
+        return self._count(self.n_experts_per_token)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Q T.
 
         N is the active parameters that take part in matmuls: the input embedding is a lookup,
         so it is left out, but the output head (tied or not) is a vocab x dim matmul and is in.
+        T is what a query attends to: the sequence, or the layer's window when that is shorter.
         """
         matmul_params = self.active_params() - self.vocab_size * self.dim
         if self.tie_embeddings:
             matmul_params += self.vocab_size * self.dim
-        attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        context = sum(min(seq_len, w or seq_len) for w in self.layer_windows())
+        attention = 12 * self.n_heads * self.head_dim * context
         return float(6 * matmul_params + attention)
 
 
@@ -188,15 +295,18 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, dtype_bytes
     master = n * 4 if dtype_bytes < 4 else 0
     optimizer = 2 * n * 4 + master
     q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    # attn: norm in/out, q, k, v, attention output; mlp: norm in/out, then the SwiGLU
-    # gate, up and product (for MoE: per routed copy of the token, plus its gathered input).
+    # attn: norm in/out, q, k, v, attention output; mlp: norm in/out, then the MLP's hidden
+    # tensors (for MoE: per routed copy of the token, plus its gathered input; shared experts).
     attention_elems = 2 * cfg.dim + q_out + 2 * kv_out + q_out
-    if cfg.is_moe:
-        mlp_elems = 2 * cfg.dim + cfg.n_experts_per_token * (cfg.dim + 3 * cfg.moe_ffn_dim) + cfg.n_experts
-    else:
-        mlp_elems = 2 * cfg.dim + 3 * cfg.ffn_dim
+    per_hidden = 2 if cfg.mlp == "gelu" else 3  # gelu: up and activation; gated: gate, up, product
+    dense_elems = 2 * cfg.dim + per_hidden * cfg.ffn_dim
+    moe_elems = (2 * cfg.dim + cfg.n_experts_per_token * (cfg.dim + per_hidden * cfg.moe_ffn_dim) + cfg.n_experts
+                 + cfg.n_shared_experts * per_hidden * cfg.moe_ffn_dim)
+    if cfg.parallel_block:  # one shared norm: its input and output are saved once
+        attention_elems -= 2 * cfg.dim
     tokens = batch_size * seq_len
-    activations = cfg.n_layers * tokens * (attention_elems + mlp_elems) * dtype_bytes
+    layer_elems = sum(attention_elems + (moe_elems if cfg.is_moe_layer(i) else dense_elems) for i in range(cfg.n_layers))
+    activations = tokens * layer_elems * dtype_bytes
     activations += tokens * cfg.vocab_size * 4  # logits upcast to fp32 for the loss
     kv_cache = 2 * cfg.n_layers * kv_out * tokens * dtype_bytes
     return {

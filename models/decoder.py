@@ -1,19 +1,22 @@
-"""One decoder-only transformer that covers the LLaMA and Qwen3(-MoE) designs.
+"""One decoder-only transformer that covers the designs of the LLaMA, Qwen, Baichuan, GLM,
+Mistral/Mixtral, DeepSeek-MoE, Gemma and Phi families, chosen by ModelConfig.
 
-Read top to bottom: RoPE -> RMSNorm -> attention (with a KV cache) -> SwiGLU MLP and MoE ->
-block -> Decoder. The math follows the Hugging Face implementations of those families
-step for step (RMSNorm in fp32, rotate-half RoPE, q/k-norm before RoPE, fp32 router
-softmax), so exported checkpoints give the same logits in transformers.
+Read top to bottom: positions (RoPE, ALiBi, LogN) -> norms -> attention (masks, sliding
+windows, a KV cache) -> MLPs and MoE -> block -> Decoder. The math follows the Hugging Face
+implementations of those families step for step (norms in fp32, rotate-half RoPE, q/k-norm
+before RoPE, fp32 router softmax), so exported checkpoints give the same logits in transformers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llm_lifecycle.models.config import ModelConfig
 
@@ -21,15 +24,22 @@ from llm_lifecycle.models.config import ModelConfig
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # [B, T, V]
-    aux_loss: torch.Tensor  # scalar: MoE load-balancing loss * coef, summed over layers (0 when dense)
+    # scalar the trainer adds to its loss: MoE balance and z losses times their coefs over
+    # layers, plus Baichuan2's max-z loss (0 when none is configured)
+    aux_loss: torch.Tensor
+    expert_load: torch.Tensor | None = None  # [moe layers, n_experts] assignments per expert (MoE only)
 
 
 # ---- rotary position embedding -------------------------------------------------------------
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim / 2] in fp32, scale applied to cos and sin)."""
-    dim, base = cfg.head_dim, cfg.rope_theta
+    """(inverse frequencies [rotated dims / 2] in fp32, scale applied to cos and sin).
+
+    The rotated dims are the first rotary_pct of each head (GPT-NeoX / Phi partial rotary);
+    with GLM's 2D positions each of the two position ids rotates half of them.
+    """
+    dim, base = cfg.rotary_dim // (2 if cfg.rope_2d else 1), cfg.rope_theta
     scaling = cfg.rope_scaling or {}
     kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
@@ -80,29 +90,83 @@ def _llama3_frequencies(inv_freq: torch.Tensor, factor: float, scaling: dict) ->
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the positions asked, computed in fp32 on every call (cheap, and
-    exact at any length). The frequencies are a plain attribute, not a buffer, so casting
-    the model to bf16 cannot round them and checkpoints do not carry them."""
+    """cos/sin tables in fp32, computed once per length and device and sliced per call.
+    The frequencies are a plain attribute, not a buffer, so casting the model to bf16
+    cannot round them and checkpoints do not carry them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inv_freq, self.scale = rope_frequencies(cfg)
+        self.two_d = cfg.rope_2d
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim], the rotate-half layout
-        return angles.cos() * self.scale, angles.sin() * self.scale
+    def forward(self, start: int, length: int, device: torch.device,
+                position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One (cos, sin_signed) pair per rotated chunk of the head dims (see apply_rope):
+        for positions start .. start+length-1, each [length, 1, chunk] (broadcast over
+        heads), or for `position_ids` [B, T] — or GLM's [B, 2, T] (position, position inside
+        the blank span) — each [B, T, 1, chunk]."""
+        if position_ids is None:
+            cos, sin = self._table(start + length, device)
+            pairs = [(cos[start : start + length], sin[start : start + length])]
+        else:
+            ids = [position_ids[:, 0], position_ids[:, 1]] if position_ids.dim() == 3 else [position_ids]
+            cos, sin = self._table(int(position_ids.max()) + 1, device)
+            pairs = [(cos[i], sin[i]) for i in ids]
+        if self.two_d and len(pairs) == 1:  # text outside a blank has span position 0: no rotation
+            pairs.append((cos[:1], sin[:1]))
+        return pairs
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._tables.get(device, (None, None))
+        if cos is None or cos.size(0) < length:
+            positions = torch.arange(max(length, 2 * (0 if cos is None else cos.size(0))), device=device)
+            freqs = positions.float()[:, None] * self.inv_freq.to(device)[None, :]
+            half = freqs.size(-1)
+            angles = torch.cat((freqs, freqs), dim=-1)  # [T, chunk], the rotate-half layout
+            cos, sin = angles.cos() * self.scale, angles.sin() * self.scale
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            cos, sin = cos[:, None, :], sin[:, None, :]
+            self._tables[device] = (cos, sin)
+        return cos, sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, rope: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """x: [B, T, H, head_dim]; each (cos, sin_signed) pair rotates the next chunk of dims and
+    the dims after them pass through (partial rotary). Rotated in fp32, returned in x's dtype.
+
+    The rotate-half form x cos + rotate_half(x) sin with rotate_half(x) = (-x2, x1) equals
+    x cos + roll(x) (-sin1, sin2): one roll and one fused multiply-add instead of a negation,
+    a concatenation and two products."""
+    xf, parts, start = x.float(), [], 0
+    for cos, sin_signed in rope:
+        chunk = xf[..., start : start + cos.size(-1)]
+        parts.append(torch.addcmul(chunk * cos, chunk.roll(chunk.size(-1) // 2, dims=-1), sin_signed))
+        start += cos.size(-1)
+    if start < x.size(-1):
+        parts.append(xf[..., start:])
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, head_dim]; rotated in fp32, returned in x's dtype."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes, the geometric sequence 2^(-8/n) ... 2^(-8); for a head count
+    that is not a power of two, the closest power's slopes plus every other slope of the next
+    power's (Press et al.; Baichuan2-13B uses the same)."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def logn_scale(positions: torch.Tensor, train_len: int) -> torch.Tensor:
+    """Qwen1 LogN attention scaling: a query at 0-based position p > train_len - 1 is scaled
+    by log_{train_len}(p + 1), keeping attention entropy steady past the trained length."""
+    p = positions.float() + 1
+    return torch.where(p > train_len, torch.log(p) / math.log(train_len), torch.ones_like(p))
 
 
 # ---- normalisation -------------------------------------------------------------------------
@@ -115,10 +179,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (a bf16 mean of squares loses too much), scale in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32:  # one fused kernel (3x faster on CPU than the ops spelt out)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Lower precision: normalise in fp32 (a bf16 mean of squares loses too much), round,
+        # then scale in the input dtype, as the Hugging Face models do.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -166,6 +235,14 @@ def attention_mask(past: int, n_new: int, key_padding: torch.Tensor | None, devi
     return allowed[:, None]  # broadcast over heads
 
 
+def sliding_window_mask(mask: torch.Tensor, past: int, window: int) -> torch.Tensor:
+    """`mask` further limited to the last `window` keys of each query (itself included)."""
+    n_new, n_keys = mask.shape[-2:]
+    q_pos = torch.arange(past, past + n_new, device=mask.device)[:, None]
+    k_pos = torch.arange(n_keys, device=mask.device)[None, :]
+    return mask & (q_pos - k_pos < window)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -174,102 +251,189 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         # Qwen3: RMSNorm over each head's q and k (before RoPE) keeps attention logits bounded.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.alibi = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None  # not a buffer, like inv_freq
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | None,
+                q_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`rope`: (cos, sin) chunks (empty with ALiBi); `mask`: Bool[..., T, S] or None for
+        plain causal; `q_scale`: per-position query scale [T] or [B, T] (LogN) or None."""
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, self.wq, self.wk, self.wv)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if rope:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if q_scale is not None:
+            q = q * q_scale[..., None, None].to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
+        if self.alibi is not None:
+            mask = self._alibi_bias(mask, past, seq, k.size(2), q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def _alibi_bias(self, mask: torch.Tensor, past: int, n_new: int, n_keys: int, dtype) -> torch.Tensor:
+        """ALiBi: slope_h * -(distance to the key), -inf where `mask` forbids attending."""
+        q_pos = torch.arange(past, past + n_new, device=mask.device)[:, None]
+        k_pos = torch.arange(n_keys, device=mask.device)[None, :]
+        bias = (self.alibi.to(mask.device)[:, None, None] * (k_pos - q_pos)).to(dtype)  # [H, T, S]
+        return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 
-# ---- feed-forward: dense SwiGLU and mixture of experts ---------------------------------------
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Several projections of the same input as one matmul (one larger GEMM runs faster than
+    three small ones). Quantized stand-ins for nn.Linear run their own kernels one by one."""
+    if not all(type(layer) is nn.Linear for layer in linears):
+        return tuple(layer(x) for layer in linears)
+    weight = torch.cat([layer.weight for layer in linears])
+    bias = None if linears[0].bias is None else torch.cat([layer.bias for layer in linears])
+    return F.linear(x, weight, bias).split([layer.out_features for layer in linears], dim=-1)
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+# ---- feed-forward: dense MLPs and mixture of experts ------------------------------------------
+
+
+def mlp_activation(kind: str):
+    """SwiGLU gates with SiLU; GeGLU (Gemma) and the plain GELU MLP (GPT-J, Phi) use GELU's
+    tanh approximation, as those checkpoints were trained with."""
+    return F.silu if kind == "swiglu" else partial(F.gelu, approximate="tanh")
+
+
+class MLP(nn.Module):
+    """Gated: w_down(act(w_gate x) * w_up x) (SwiGLU, GeGLU); plain: w_down(act(w_up x))."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int):
         super().__init__()
-        self.w_gate = nn.Linear(dim, hidden, bias=False)
-        self.w_up = nn.Linear(dim, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.act = mlp_activation(cfg.mlp)
+        self.w_gate = nn.Linear(cfg.dim, hidden, bias=False) if cfg.mlp != "gelu" else None
+        self.w_up = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.w_gate is None:
+            return self.w_down(self.act(self.w_up(x)))
+        gate, up = project(x, self.w_gate, self.w_up)
+        return self.w_down(self.act(gate) * up)
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer's router did on this batch; the decoder turns it into losses."""
+
+    mean_prob: torch.Tensor  # [E] mean router probability per expert (differentiable)
+    counts: torch.Tensor  # [E] (token, expert) assignments per expert, int64
+    z_loss: torch.Tensor  # scalar mean logsumexp(router logits)^2 (ST-MoE), differentiable
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts. Expert weights are stacked [n_experts, out, in]."""
+    """Top-k routed gated experts, stacked [n_experts, out, in], plus optional shared experts
+    that every token passes through (DeepSeekMoE; n of them are one MLP n times as wide).
+
+    Dispatch sorts the N*k (token, expert) assignments by expert, so each expert's tokens
+    are one contiguous block; the experts then run as one grouped matmul per projection
+    (torch._grouped_mm on CUDA, one padded bmm elsewhere), never a Python loop over experts.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k, self.norm_topk_prob = cfg.n_experts, cfg.n_experts_per_token, cfg.norm_topk_prob
+        self.act = mlp_activation(cfg.mlp)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim))
+        self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, dim]
-        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # [N, E]
+        logits = self.router(x).float()
+        probs = F.softmax(logits, dim=-1)  # [N, E], fp32
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        top_probs = top_probs.to(x.dtype)
 
-        # Group the N*k (token, expert) assignments by expert: each expert then runs one
-        # matmul on its contiguous slice instead of every expert seeing every token.
         flat_experts = top_experts.flatten()
         order = flat_experts.argsort(stable=True)
         token_of = order // self.top_k
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        slices = x[token_of].split(counts.tolist())
-        expert_out = torch.cat([self._expert(e, tokens) for e, tokens in enumerate(slices)])
-        weighted = expert_out * top_probs.flatten()[order, None]
+        expert_out = self._run_experts(x[token_of], flat_experts[order], counts)
+        weighted = expert_out * top_probs.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        stats = RouterStats(probs.mean(dim=0), counts, torch.logsumexp(logits, dim=-1).pow(2).mean())
+        return out.view(shape), stats
 
-        # Switch-style balance loss n_experts * sum_i f_i P_i: f_i the share of assignments
-        # routed to expert i (not differentiable), P_i its mean router probability. 1 when uniform.
-        share = counts.float() / flat_experts.numel()
-        balance = self.n_experts * (share * probs.mean(dim=0)).sum()
-        return out.view(shape), balance
+    def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The gated MLP of each row of `tokens` [M, dim] by its expert; rows sorted by expert."""
+        # [:] dequantizes all experts at once when int8 weights stand in for the parameters.
+        w_gate, w_up, w_down = self.w_gate[:], self.w_up[:], self.w_down[:]
+        if _grouped_mm_applies(tokens):
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(tokens, w_gate.transpose(1, 2), offs=offsets)
+            up = torch._grouped_mm(tokens, w_up.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(self.act(gate) * up, w_down.transpose(1, 2), offs=offsets)
+        # Padded batch: expert e's rows go to slots e*C .. e*C+count_e-1 of an [E, C, dim]
+        # buffer (C the largest count), so one bmm per projection serves every expert.
+        capacity = int(counts.max())
+        first_row = counts.cumsum(0) - counts
+        slots = experts * capacity + torch.arange(len(experts), device=tokens.device) - first_row[experts]
+        buffer = tokens.new_zeros(self.n_experts * capacity, tokens.size(-1)).index_copy(0, slots, tokens)
+        buffer = buffer.view(self.n_experts, capacity, -1)
+        gate_up = torch.bmm(buffer, torch.cat((w_gate, w_up), dim=1).transpose(1, 2))
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = torch.bmm(self.act(gate) * up, w_down.transpose(1, 2))
+        return hidden.view(self.n_experts * capacity, -1)[slots]
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
+
+def _grouped_mm_applies(x: torch.Tensor) -> bool:
+    """torch._grouped_mm's fast kernels: CUDA, bf16, Hopper or newer (its documented limits)."""
+    return (
+        x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
 
 
 # ---- the model -----------------------------------------------------------------------------
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x)); or, with parallel_block (GPT-J,
+    Phi), x + attn(norm(x)) + ffn(norm(x)) from one shared norm."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe else SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.ffn_norm = None if cfg.parallel_block else make_norm(cfg, cfg.dim)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, kv_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+    def forward(self, x, rope, mask, kv_cache, q_scale=None) -> tuple[torch.Tensor, RouterStats | None]:
+        h = self.attn_norm(x)
+        attn = self.attn(h, rope, mask, kv_cache, q_scale)
+        if self.ffn_norm is None:
+            out, stats = self._ffn(h)
+            return x + attn + out, stats
+        x = x + attn
+        out, stats = self._ffn(self.ffn_norm(x))
+        return x + out, stats
+
+    def _ffn(self, h: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
         if isinstance(self.ffn, MoE):
-            out, balance = self.ffn(self.ffn_norm(x))
-            return x + out, balance
-        return x + self.ffn(self.ffn_norm(x)), None
+            return self.ffn(h)
+        return self.ffn(h), None
 
 
 class Decoder(nn.Module):
@@ -278,12 +442,17 @@ class Decoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg)
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        self.windows = cfg.layer_windows()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        # Training-engine switch: recompute each block's activations in the backward pass
+        # instead of keeping them (less memory, about one more forward of compute).
+        self.activation_checkpointing = False
+        self._batch_counts: torch.Tensor | None = None  # global-batch expert counts so far
         self.reset_parameters()
 
     @torch.no_grad()
@@ -305,21 +474,88 @@ class Decoder(nn.Module):
     def new_kv_cache(self, key_padding: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, key_padding)
 
-    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> DecoderOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """`attn_mask`: optional Bool[B, T, S] (True = may attend; S = cached + new tokens) in
+        place of the causal mask, e.g. GLM's prefix-LM mask. `position_ids`: optional [B, T]
+        or, for GLM's 2D positions, [B, 2, T] (position, position inside the blank span)."""
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        positions = torch.arange(past, past + seq, device=input_ids.device)
-        cos, sin = self.rope(positions)
-        # The fused causal kernel covers plain training/prefill; a cache with earlier tokens
-        # or left-padding needs an explicit mask.
-        needs_mask = kv_cache is not None and (past > 0 or kv_cache.key_padding is not None)
-        mask = attention_mask(past, seq, kv_cache.key_padding, input_ids.device) if needs_mask else None
+        rope = self.rope(past, seq, input_ids.device, position_ids) if self.rope is not None else []
+        q_scale = None
+        if self.cfg.logn_train_len is not None:
+            if position_ids is None:
+                absolute = torch.arange(past, past + seq, device=input_ids.device)
+            else:
+                absolute = position_ids[:, 0] if position_ids.dim() == 3 else position_ids
+            q_scale = logn_scale(absolute, self.cfg.logn_train_len)
+        masks = self._masks(past, seq, kv_cache, attn_mask, input_ids.device)
 
         x = self.tok_embeddings(input_ids)
-        balance = torch.zeros((), device=input_ids.device)
-        for layer in self.layers:
-            x, layer_balance = layer(x, cos, sin, mask, kv_cache)
-            if layer_balance is not None:
-                balance = balance + layer_balance
-        logits = self.lm_head(self.norm(x))
-        return DecoderOutput(logits=logits, aux_loss=balance * self.cfg.router_aux_loss_coef)
+        routers: list[RouterStats] = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer, window in zip(self.layers, self.windows):
+            if recompute:
+                x, stats = checkpoint(layer, x, rope, masks[window], kv_cache, q_scale, use_reentrant=False)
+            else:
+                x, stats = layer(x, rope, masks[window], kv_cache, q_scale)
+            if stats is not None:
+                routers.append(stats)
+        h = self.norm(x)
+        if self.cfg.norm_head:  # Baichuan2: unit-norm rows keep the logits' scale in check
+            logits = F.linear(h, F.normalize(self.lm_head.weight, dim=-1))
+        else:
+            logits = self.lm_head(h)
+        aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)
+        if self.cfg.max_z_loss_coef:  # Baichuan2 max-z loss: penalise the largest logit, squared
+            aux_loss = aux_loss + self.cfg.max_z_loss_coef * logits.float().amax(dim=-1).pow(2).mean()
+        expert_load = torch.stack([r.counts for r in routers]) if routers else None
+        return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load)
+
+    def _masks(self, past, seq, kv_cache, attn_mask, device) -> dict[int | None, torch.Tensor | None]:
+        """The attention mask of each distinct layer window. None (the fused causal kernel)
+        covers plain training/prefill; a cache with earlier tokens or left-padding, an
+        explicit mask, a window or ALiBi's bias need a mask tensor."""
+        if attn_mask is not None:
+            base = attn_mask[:, None]
+        elif kv_cache is not None and (past > 0 or kv_cache.key_padding is not None):
+            base = attention_mask(past, seq, kv_cache.key_padding, device)
+        elif self.cfg.position == "alibi" or any(self.windows):
+            base = attention_mask(past, seq, None, device)
+        else:
+            base = None
+        return {w: base if w is None else sliding_window_mask(base, past, w) for w in set(self.windows)}
+
+    def begin_global_batch(self) -> None:
+        """Forget the expert counts of the last optimizer step (the trainer calls this before
+        each step's first micro-batch) for the global-batch balance loss."""
+        self._batch_counts = None
+
+    def _router_loss(self, routers: list[RouterStats]) -> torch.Tensor:
+        """coef * balance + z_coef * z-loss, summed over MoE layers.
+
+        Balance (Switch): n_experts * sum_i f_i P_i per layer, f_i the share of assignments
+        routed to expert i (not differentiable), P_i its mean router probability; 1 when
+        uniform. With moe_balance "global_batch" (Qwen3) f_i counts every micro-batch of
+        the step so far on every data-parallel rank, so a micro-batch that specialises is
+        not pushed to balance on its own.
+        """
+        counts = torch.stack([r.counts for r in routers]).float()  # [layers, E]
+        if self.cfg.moe_balance == "global_batch" and self.training:
+            counts = self._global_batch_counts(counts)
+        share = counts / counts.sum(dim=-1, keepdim=True)
+        balance = self.cfg.n_experts * (share * torch.stack([r.mean_prob for r in routers])).sum()
+        z_loss = torch.stack([r.z_loss for r in routers]).sum()
+        return self.cfg.router_aux_loss_coef * balance + self.cfg.router_z_loss_coef * z_loss
+
+    @torch.no_grad()
+    def _global_batch_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self._batch_counts = counts if self._batch_counts is None else self._batch_counts + counts
+        return self._batch_counts

@@ -1,16 +1,20 @@
-"""Hugging Face checkpoints: export ours as LlamaForCausalLM / Qwen3MoeForCausalLM folders,
-and import those families' folders (from the Hub or disk) as a ModelConfig + our state_dict.
+"""Hugging Face checkpoints: one table says how each transformers family maps onto ours.
 
-The files are written in the layout the published checkpoints use (config.json with
-`rope_theta`/`rope_scaling`, one tensor per expert), which every transformers version reads;
-transformers 5 fuses the experts itself when it loads them.
+A `Family` row names the transformers class, which config.json keys carry which of our
+ModelConfig fields, what the architecture fixes (Qwen2 always has q/k/v biases), and how
+its tensors are named (and fused or permuted) relative to ours. Export writes the layout
+the published checkpoints use (config.json with `rope_theta`/`rope_scaling`, one tensor
+per expert), which every transformers version reads; import takes that layout and
+transformers 5's fused-expert layout. Nothing here runs remote code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,6 @@ from llm_lifecycle.models.atomic import atomic_dir
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, load_model_dir
 from llm_lifecycle.models.config import ModelConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -30,8 +33,23 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Our parameter names -> Hugging Face names, inside layer i ("layers.{i}." / "model.layers.{i}.").
-_LAYER_NAMES = {
+# ---- the family table --------------------------------------------------------------------------
+
+# config.json key -> our ModelConfig field, for every family (a family's own `config` overrides by key).
+COMMON_CONFIG = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "ffn_dim",
+    "max_position_embeddings": "max_seq_len",
+    "rms_norm_eps": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings",
+}
+# Our parameter name inside layer i ("layers.{i}.") -> the HF name inside "model.layers.{i}.".
+COMMON_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn.wq.weight": "self_attn.q_proj.weight",
     "attn.wk.weight": "self_attn.k_proj.weight",
@@ -40,6 +58,7 @@ _LAYER_NAMES = {
     "attn.wq.bias": "self_attn.q_proj.bias",
     "attn.wk.bias": "self_attn.k_proj.bias",
     "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.wo.bias": "self_attn.o_proj.bias",
     "attn.q_norm.weight": "self_attn.q_norm.weight",
     "attn.k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -48,8 +67,118 @@ _LAYER_NAMES = {
     "ffn.w_down.weight": "mlp.down_proj.weight",
     "ffn.router.weight": "mlp.gate.weight",
 }
-_EXPERT_NAMES = {"ffn.w_gate": "gate_proj", "ffn.w_up": "up_proj", "ffn.w_down": "down_proj"}
-_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+# Our stacked expert weights [n_experts, out, in] -> the projection name in the family's per-expert template.
+EXPERT_PROJS = {"ffn.w_gate": "gate_proj", "ffn.w_up": "up_proj", "ffn.w_down": "down_proj"}
+# Fields that only matter for MoE layers, and training settings no config.json needs to carry.
+MOE_FIELDS = ("n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "router_aux_loss_coef")
+TRAINING_ONLY = ("router_aux_loss_coef",)
+SILU = {"hidden_act": "silu"}
+# Other spellings of a config.json key that some transformers versions write (5.x: num_local_experts).
+KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers architecture maps onto our ModelConfig and parameter names."""
+
+    architecture: str
+    # config.json key -> our field, beyond COMMON_CONFIG; a tuple of fields: one flag sets them all on import
+    # and is on when any is on at export (the parameters of those that are off are written as zeros)
+    config: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    implied: dict[str, Any] = field(default_factory=dict)  # our fields the architecture fixes
+    # config.json values written on export and required on import (a tuple: the accepted spellings, first written)
+    constants: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # overrides of COMMON_NAMES
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # HF name in a layer -> our names, concatenated on dim 0
+    experts: str = "mlp.experts.{e}.{proj}.weight"  # per-expert tensor names, inside a layer
+    expert_projs: dict[str, str] = field(default_factory=lambda: dict(EXPERT_PROJS))
+    moe: bool = False
+
+    def config_keys(self) -> dict[str, str | tuple[str, ...]]:
+        """config.json key -> our field(s) (one key per field; a family's own key wins)."""
+        keys = {k: f for k, f in COMMON_CONFIG.items() if f not in self.config.values()}
+        return {**keys, **self.config}
+
+    def carried_fields(self) -> set[str]:
+        return {f for v in self.config_keys().values() for f in (v if isinstance(v, tuple) else (v,))}
+
+    def layer_names(self) -> dict[str, str]:
+        return {**COMMON_NAMES, **self.names}
+
+
+_MOE_CONFIG = {"num_experts_per_tok": "n_experts_per_token", "router_aux_loss_coef": "router_aux_loss_coef"}
+_ATTENTION_BIAS = {"attention_bias": ("qkv_bias", "o_bias")}  # one flag for q, k, v and o biases
+
+HF_FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "LlamaForCausalLM", config=_ATTENTION_BIAS,
+        constants={**SILU, "mlp_bias": False, "pretraining_tp": 1},
+    ),
+    "qwen2": Family("Qwen2ForCausalLM", implied={"qkv_bias": True}, constants={**SILU, "use_sliding_window": False}),
+    "qwen3": Family(
+        "Qwen3ForCausalLM", config=_ATTENTION_BIAS, implied={"qk_norm": True},
+        constants={**SILU, "use_sliding_window": False},
+    ),
+    "qwen3_moe": Family(
+        "Qwen3MoeForCausalLM",
+        config={
+            **_ATTENTION_BIAS, "num_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim",
+            "norm_topk_prob": "norm_topk_prob", **_MOE_CONFIG,
+        },
+        implied={"qk_norm": True},
+        constants={**SILU, "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False},
+        moe=True,
+    ),
+    "mistral": Family("MistralForCausalLM", constants={**SILU, "sliding_window": None}),
+    # Mixtral renormalises its top-k softmax probabilities, i.e. norm_topk_prob.
+    "mixtral": Family(
+        "MixtralForCausalLM",
+        config={"num_local_experts": "n_experts", "intermediate_size": "moe_ffn_dim", **_MOE_CONFIG},
+        implied={"norm_topk_prob": True},
+        constants={**SILU, "sliding_window": None, "router_jitter_noise": 0.0},
+        names={"ffn.router.weight": "block_sparse_moe.gate.weight"},
+        experts="block_sparse_moe.experts.{e}.{proj}.weight",
+        expert_projs={"ffn.w_gate": "w1", "ffn.w_up": "w3", "ffn.w_down": "w2"},
+        moe=True,
+    ),
+}
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    if cfg.family not in HF_FAMILIES:
+        raise ValueError(
+            f"family '{cfg.family}' has no transformers layout; families that export: {', '.join(HF_FAMILIES)}"
+        )
+    return HF_FAMILIES[cfg.family]
+
+
+def _unused_fields(cfg: ModelConfig) -> set[str]:
+    """Fields whose value does not change this model's computation."""
+    if not cfg.is_moe:
+        return set(MOE_FIELDS)
+    return {"ffn_dim"}  # every layer is MoE
+
+
+def check_exportable(cfg: ModelConfig) -> Family:
+    """The family's row, after checking that its layout holds every design choice of `cfg`."""
+    family = family_of(cfg)
+    if family.moe != cfg.is_moe:
+        need = "n_experts > 0" if family.moe else "n_experts = 0 (dense)"
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which needs {need}")
+    carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
+    skipped = _unused_fields(cfg) | set(TRAINING_ONLY)
+    defaults = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in carried or f.name in skipped:
+            continue
+        expected = family.implied.get(f.name, getattr(defaults, f.name))
+        if getattr(cfg, f.name) != expected:
+            raise ValueError(
+                f"family '{cfg.family}' exports as {family.architecture}, which cannot hold "
+                f"{f.name}={getattr(cfg, f.name)!r} (it has {f.name}={expected!r})"
+            )
+    return family
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -57,10 +186,25 @@ _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight
 
 def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, Any]:
     """config.json for the family's transformers class."""
-    if cfg.family == "llama" and (cfg.is_moe or cfg.qk_norm):
-        raise ValueError("family 'llama' exports as LlamaForCausalLM, which has no MoE layers and no q/k-norm")
-    if cfg.family == "qwen3_moe" and not (cfg.is_moe and cfg.qk_norm):
-        raise ValueError("family 'qwen3_moe' exports as Qwen3MoeForCausalLM, which needs n_experts > 0 and qk_norm")
+    family = check_exportable(cfg)
+    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": cfg.family}
+    for key, ours in family.config_keys().items():
+        config[key] = any(getattr(cfg, f) for f in ours) if isinstance(ours, tuple) else getattr(cfg, ours)
+    config.update(_rope_to_hf(cfg))
+    config.update({k: v[0] if isinstance(v, tuple) else v for k, v in family.constants.items()})
+    config.update(
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        use_cache=True,
+        torch_dtype="float32",
+        bos_token_id=None,
+        eos_token_id=token_ids[ENDOFTEXT],
+        pad_token_id=token_ids[ENDOFTEXT],
+    )
+    return config
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rope_theta, rope_scaling = cfg.rope_theta, None
     scaling = cfg.rope_scaling
     if scaling and scaling["type"] == "ntk":
@@ -82,87 +226,26 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, A
             "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
             "original_max_position_embeddings": scaling["original_max_seq_len"],
         }
-    config = {
-        "architectures": [ARCHITECTURES[cfg.family]],
-        "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": rope_theta,
-        "rope_scaling": rope_scaling,
-        # HF's attention_bias puts a bias on o_proj too; ours is exported as zeros.
-        "attention_bias": cfg.qkv_bias,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": token_ids[ENDOFTEXT],
-        "pad_token_id": token_ids[ENDOFTEXT],
-    }
-    if cfg.family == "llama":
-        config.update(mlp_bias=False, pretraining_tp=1)
-    else:
-        config.update(
-            num_experts=cfg.n_experts,
-            num_experts_per_tok=cfg.n_experts_per_token,
-            moe_intermediate_size=cfg.moe_ffn_dim,
-            norm_topk_prob=cfg.norm_topk_prob,
-            router_aux_loss_coef=cfg.router_aux_loss_coef,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            use_sliding_window=False,
-            sliding_window=None,
-            output_router_logits=False,
-        )
-    return config
+    return {"rope_theta": rope_theta, "rope_scaling": rope_scaling}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config.json of a supported family."""
-    family = hf.get("model_type")
-    if family not in ARCHITECTURES:
-        raise ValueError(
-            f"model_type {family!r} is not supported for import; supported: {', '.join(ARCHITECTURES)}"
-        )
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
-        raise ValueError("only SwiGLU MLPs without bias (hidden_act silu, mlp_bias false) can be imported")
-    fields: dict[str, Any] = dict(
-        family=family,
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        ffn_dim=hf["intermediate_size"],
-        norm_eps=hf["rms_norm_eps"],
-        max_seq_len=hf["max_position_embeddings"],
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        **_rope_from_hf(hf),
-    )
-    if family == "qwen3_moe":
-        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-            raise ValueError("Qwen3-MoE checkpoints with dense layers (decoder_sparse_step/mlp_only_layers) are not supported")
-        if hf.get("use_sliding_window"):
-            raise ValueError("Qwen3-MoE checkpoints with sliding-window attention are not supported")
-        fields.update(
-            qk_norm=True,
-            n_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 writes the alias
-            n_experts_per_token=hf["num_experts_per_tok"],
-            moe_ffn_dim=hf["moe_intermediate_size"],
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-        )
+    model_type = hf.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported for import; supported: {', '.join(HF_FAMILIES)}")
+    family = HF_FAMILIES[model_type]
+    for key, accepted in family.constants.items():
+        accepted = accepted if isinstance(accepted, tuple) else (accepted,)
+        if key in hf and hf[key] not in accepted:
+            raise ValueError(f"{family.architecture} checkpoints with {key}={hf[key]!r} are not supported (only {accepted[0]!r})")
+    fields: dict[str, Any] = {"family": model_type, **family.implied}
+    for key, ours in family.config_keys().items():
+        value = hf.get(key, hf.get(KEY_ALIASES.get(key, key)))
+        if value is not None:
+            fields.update(dict.fromkeys(ours, value) if isinstance(ours, tuple) else {ours: value})
+    fields.setdefault("n_kv_heads", hf["num_attention_heads"])  # absent: multi-head attention
+    fields.update(_rope_from_hf(hf))
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
@@ -198,52 +281,75 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    family = family_of(cfg)
+    names = family.layer_names()
+    fused_parts = {part: hf for hf, parts in family.fused.items() for part in parts}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # HF re-ties it from embed_tokens
         match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if not match:
-            out[_TOP_NAMES[name]] = tensor
+            out[TOP_NAMES[name]] = tensor
             continue
         layer, rest = match.groups()
         prefix = f"model.layers.{layer}."
-        if rest in _EXPERT_NAMES:  # stacked [E, out, in] -> one Linear weight per expert
+        if rest in family.expert_projs:  # stacked [E, out, in] -> one Linear weight per expert
             for e in range(tensor.size(0)):
-                out[f"{prefix}mlp.experts.{e}.{_EXPERT_NAMES[rest]}.weight"] = tensor[e]
-            continue
-        out[prefix + _LAYER_NAMES[rest]] = tensor
-        if rest == "attn.wq.bias":
-            out[prefix + "self_attn.o_proj.bias"] = torch.zeros(cfg.dim, dtype=tensor.dtype)
+                out[prefix + family.experts.format(e=e, proj=family.expert_projs[rest])] = tensor[e]
+        elif rest in fused_parts:
+            hf = fused_parts[rest]
+            out[prefix + hf] = torch.cat([state[f"layers.{layer}.{part}"] for part in family.fused[hf]])
+        else:
+            out[prefix + names[rest]] = tensor
+    for layer in range(cfg.n_layers):
+        for ours, zeros in _zero_biases(cfg, family).items():
+            out[f"model.layers.{layer}.{names[ours]}"] = zeros
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _zero_biases(cfg: ModelConfig, family: Family) -> dict[str, torch.Tensor]:
+    """Attention biases the HF layout has (its one `attention_bias` flag is on) that `cfg` lacks, as zeros."""
+    if family.config.get("attention_bias") != _ATTENTION_BIAS["attention_bias"] or not (cfg.qkv_bias or cfg.o_bias):
+        return {}
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    biases = {}
+    if not cfg.qkv_bias:
+        biases.update({"attn.wq.bias": torch.zeros(q_out), "attn.wk.bias": torch.zeros(kv_out), "attn.wv.bias": torch.zeros(kv_out)})
+    if not cfg.o_bias:
+        biases["attn.wo.bias"] = torch.zeros(cfg.dim)
+    return biases
 
 
 def from_hf_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state_dict (with lm_head.weight even when tied) from HF tensors of either expert layout."""
-    to_ours = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    family = family_of(cfg)
+    to_ours = {hf: ours for ours, hf in family.layer_names().items()}
+    top = {hf: ours for ours, hf in TOP_NAMES.items()}
+    proj_to_ours = {proj: ours for ours, proj in family.expert_projs.items()}
+    expert_prefix, _ = family.experts.split("{e}")
+    per_expert = re.compile(re.escape(expert_prefix) + r"(\d+)\." + r"(\w+)\.weight")
     state: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, tensor in hf_state.items():
-        top = {hf: ours for ours, hf in _TOP_NAMES.items()}.get(name)
-        if top:
-            state[top] = tensor
+        if name in top:
+            state[top[name]] = tensor
             continue
         match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
         if not match:
             raise ValueError(f"unexpected tensor {name!r} in a {cfg.family} checkpoint")
         layer, rest = match.groups()
         prefix = f"layers.{layer}."
-        per_expert = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", rest)
-        if per_expert:
-            e, proj = per_expert.groups()
-            experts.setdefault((prefix, f"ffn.w_{proj}"), {})[int(e)] = tensor
-        elif rest == "mlp.experts.gate_up_proj":  # transformers 5's fused layout [E, 2F, D]
+        expert = per_expert.fullmatch(rest)
+        if expert and expert.group(2) in proj_to_ours:
+            experts.setdefault((prefix, proj_to_ours[expert.group(2)]), {})[int(expert.group(1))] = tensor
+        elif rest == expert_prefix + "gate_up_proj":  # transformers 5's fused expert layout [E, 2F, D]
             state[prefix + "ffn.w_gate"], state[prefix + "ffn.w_up"] = tensor.chunk(2, dim=1)
-        elif rest == "mlp.experts.down_proj":
+        elif rest == expert_prefix + "down_proj":
             state[prefix + "ffn.w_down"] = tensor
-        elif rest == "self_attn.o_proj.bias":
-            if tensor.abs().max() > 0:
-                raise ValueError(f"{name}: a non-zero output-projection bias cannot be represented (qkv_bias only)")
+        elif rest in family.fused:
+            for part, piece in zip(family.fused[rest], tensor.chunk(len(family.fused[rest]))):
+                state[prefix + part] = piece
         elif rest in to_ours:
             state[prefix + to_ours[rest]] = tensor
         else:

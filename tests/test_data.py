@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from llm_lifecycle.workflows import data, shards, tokenizer  # noqa: E402
+from llm_lifecycle.workflows import data, encode, shards, tokenizer  # noqa: E402
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError  # noqa: E402
 
 C4_FILE = data.BUILTIN_DIR / "corpus" / "en_c4_demo.jsonl.gz"
@@ -150,7 +150,8 @@ def test_builtin_corpus_runs_all_data_stages_quickly(pipeline):
             "zh_chinese_poetry.jsonl.gz",
         )
     }
-    assert pipeline.ctx["data-fetch"].tracker.inputs == [(data.BUILTIN_DIR / "corpus", "builtin:corpus", "data-fetch")]
+    [(path, name, context)] = pipeline.ctx["data-fetch"].tracker.inputs
+    assert (path.resolve(), name, context) == ((data.BUILTIN_DIR / "corpus").resolve(), "builtin:corpus", "data-fetch")
     assert fetch.metrics["fetch.builtin:corpus.chars"] == sum(len(d["text"]) for d in docs)
 
 
@@ -401,6 +402,23 @@ def test_tokenize_packs_documents_with_end_of_text(pipeline):
         assert tok.decode(ids) == unicodedata.normalize("NFC", clean_docs[i]["text"])
     heldout = shards.TokenShards(result.outputs["heldout"])
     assert len(heldout) == result.metrics["tokens.heldout"] > 1000
+
+
+def test_parallel_encoding_is_identical_for_any_worker_count(pipeline, tmp_path):
+    tok = Tokenizer.from_file(pipeline.result["tokenizer-train"].outputs["tokenizer"])
+    text_path = pipeline.result["data-clean"].outputs["heldout"]
+    written = {}
+    for workers in (1, 2):
+        parts = encode.encode_file(tok.to_str(), 0, text_path, workers=workers, part_bytes=4096)  # many parts
+        written[workers] = shards.write_parts(tmp_path / str(workers), parts, vocab_size=tok.get_vocab_size(),
+                                              shard_tokens=5000)
+    assert written[1] == written[2] and written[1].shards > 2
+    files = [sorted(p.name for p in (tmp_path / str(w)).iterdir()) for w in (1, 2)]
+    assert files[0] == files[1]
+    assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files[0])
+    texts = [d["text"] for d in read_jsonl(text_path)]
+    expected = np.concatenate([e.ids + [0] for e in tok.encode_batch(texts)])
+    np.testing.assert_array_equal(np.asarray(shards.TokenShards(tmp_path / "2").tokens), expected)
 
 
 def test_tokenize_rerun_writes_nothing(pipeline):

@@ -98,7 +98,7 @@ def test_transformers_loads_the_export_with_matching_logits(exported):
 def test_import_round_trip_gives_identical_logits(exported):
     ours, hf_dir, _ = exported
     cfg, state = import_hf(hf_dir)
-    assert cfg.family == ours.cfg.family and cfg.num_params() == ours.cfg.num_params()
+    assert cfg.family == ours.cfg.family
     imported = Decoder(cfg).eval()
     imported.load_state_dict(state)
     x = batch()
@@ -146,14 +146,14 @@ def test_greedy_generation_matches_transformers(exported):
 def test_export_rejects_what_the_family_cannot_hold(tmp_path):
     model = random_model(dict(LLAMA, qk_norm=True))
     save_model_dir(tmp_path / "ours", model, tiny_tokenizer())
-    with pytest.raises(ValueError, match="no MoE layers and no q/k-norm"):
+    with pytest.raises(ValueError, match="exports as LlamaForCausalLM, which cannot hold qk_norm=True"):
         export_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
 def test_import_rejects_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen3_moe"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen2, qwen3"):
         import_hf(tmp_path)
 
 

@@ -164,8 +164,12 @@ def test_moe_routing_matches_dense_all_experts_reference():
     probs = torch.softmax(moe.router(flat).float(), dim=-1)
     top_p, top_e = probs.topk(moe.top_k, dim=-1)
     top_p = top_p / top_p.sum(-1, keepdim=True)
+
+    def expert(e, x):
+        return F.linear(F.silu(F.linear(x, moe.w_gate[e])) * F.linear(x, moe.w_up[e]), moe.w_down[e])
+
     expected = torch.stack([
-        sum(p * moe._expert(int(e), flat[n : n + 1])[0] for p, e in zip(top_p[n], top_e[n]))
+        sum(p * expert(int(e), flat[n : n + 1])[0] for p, e in zip(top_p[n], top_e[n]))
         for n in range(flat.size(0))
     ])
     torch.testing.assert_close(out.reshape(-1, MOE["dim"]), expected, rtol=0, atol=1e-6)

@@ -19,11 +19,11 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
+from llm_lifecycle.workflows.dedup import CJK, exact_duplicates, is_cjk, near_duplicates, normalize_for_dedup
 from llm_lifecycle.workflows.stage import (
     Progress,
     SilentProgress,
@@ -327,24 +327,9 @@ def fetch(ctx: StageContext, cfg: dict) -> StageResult:
 # ---------------------------------------------------------------------------------------
 # Cleaning
 
-# Han ideographs (with extensions and compatibility forms) and Japanese kana: scripts
-# written without spaces between words.
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
-
-
-def cjk_fraction(text: str) -> float:
-    visible = sum(map(len, text.split()))
-    return len(_CJK.findall(text)) / visible if visible else 0.0
-
-
-def is_cjk(text: str) -> bool:
-    """True for text mostly in a script without spaces between words (Chinese, Japanese)."""
-    return cjk_fraction(text) >= 0.3
-
-
 def word_count(text: str) -> int:
     """Words, counting each CJK character as one (their scripts put no spaces between words)."""
-    return len(_CJK.findall(text)) + len(_CJK.sub(" ", text).split())
+    return len(CJK.findall(text)) + len(CJK.sub(" ", text).split())
 
 
 @dataclass
@@ -446,44 +431,13 @@ def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def normalize_for_dedup(text: str) -> str:
-    """NFKC, lower case, whitespace collapsed: what 'the same text' means for exact dedup."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
-
-def shingles(normalized: str, n: int = 5) -> list[bytes]:
-    """Character n-grams for CJK text, word n-grams otherwise (MinHash features)."""
-    if is_cjk(normalized):
-        units: list[str] = list(normalized.replace(" ", ""))
-        sep = ""
-    else:
-        units = normalized.split()
-        sep = " "
-    grams = {sep.join(units[i : i + n]) for i in range(max(1, len(units) - n + 1))}
-    return [g.encode("utf-8") for g in grams]
-
-
-def near_duplicates(normalized: list[str], threshold: float, num_perm: int, progress: Progress) -> dict[int, int]:
-    """{index of a near-duplicate: index of the earlier document it duplicates}.
-
-    LSH proposes candidates; each is confirmed by its estimated Jaccard similarity, so a
-    chance band collision does not remove a distinct document.
-    """
-    from datasketch import MinHash, MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    kept: dict[int, MinHash] = {}
-    duplicates: dict[int, int] = {}
-    with progress.task("near-dedup (MinHash-LSH)", total=len(normalized)) as task:
-        for i, minhash in enumerate(MinHash.generator((shingles(t) for t in normalized), num_perm=num_perm, seed=1)):
-            match = next((j for j in sorted(lsh.query(minhash)) if kept[j].jaccard(minhash) >= threshold), None)
-            if match is None:
-                lsh.insert(i, minhash)
-                kept[i] = minhash
-            else:
-                duplicates[i] = match
-            task.advance(1)
-    return duplicates
+def _drop(docs: list[Document], normalized: list[str], duplicates: dict[int, int], steps, step: str):
+    """`docs` and `normalized` without the `duplicates`, each reported under `step`."""
+    steps[step] = StepReport()
+    for i, j in duplicates.items():
+        steps[step].add(docs[i], duplicate_of=docs[j])
+    keep = [i for i in range(len(docs)) if i not in duplicates]
+    return [docs[i] for i in keep], [normalized[i] for i in keep]
 
 
 @dataclass
@@ -514,25 +468,10 @@ def clean_documents(docs: list[Document], cfg: CleanConfig, progress: Progress |
     normalized = [normalize_for_dedup(d.text) for d in survivors]
 
     if cfg.exact_dedup:
-        steps["exact_dedup"] = StepReport()
-        first_by_digest: dict[str, int] = {}
-        unique = []
-        for i, (doc, norm) in enumerate(zip(survivors, normalized)):
-            digest = hashlib.sha1(norm.encode("utf-8")).hexdigest()
-            if digest in first_by_digest:
-                steps["exact_dedup"].add(doc, duplicate_of=survivors[first_by_digest[digest]])
-            else:
-                first_by_digest[digest] = i
-                unique.append(i)
-        survivors, normalized = [survivors[i] for i in unique], [normalized[i] for i in unique]
-
+        survivors, normalized = _drop(survivors, normalized, exact_duplicates(normalized), steps, "exact_dedup")
     if cfg.minhash_dedup:
-        steps["minhash_dedup"] = StepReport()
-        duplicates = near_duplicates(normalized, cfg.minhash_threshold, cfg.minhash_num_perm, progress)
-        for i, j in duplicates.items():
-            steps["minhash_dedup"].add(survivors[i], duplicate_of=survivors[j])
-        keep = [i for i in range(len(survivors)) if i not in duplicates]
-        survivors, normalized = [survivors[i] for i in keep], [normalized[i] for i in keep]
+        duplicates = near_duplicates(normalized, cfg.minhash_threshold, cfg.minhash_num_perm, progress=progress)
+        survivors, normalized = _drop(survivors, normalized, duplicates, steps, "minhash_dedup")
 
     # Held-out documents are chosen by a hash of their content, so the split is the same
     # whatever order or company they arrive in; dedup ran first, so no copy of a held-out

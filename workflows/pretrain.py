@@ -1,9 +1,11 @@
-"""Pretrain: next-token prediction from scratch on the packed token shards."""
+"""Pretrain from scratch on the packed token shards: next-token prediction, or GLM's
+autoregressive blank infilling (`objective: glm_blank_infilling`, see workflows/glm.py)."""
 
 from __future__ import annotations
 
 import torch
 
+from llm_lifecycle.workflows.glm import add_glm_tokens, glm_batches, packed_length
 from llm_lifecycle.workflows.model_stage import heldout_perplexity, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
@@ -20,12 +22,20 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     shards = TokenShards(ctx.upstream_output("tokenize", "train"))
     model_cfg = ctx.recipe.model_config()
     model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
+    glm = cfg["objective"] == "glm_blank_infilling"
+    if glm:  # [MASK] [sop] [eop] join the vocabulary (saved with the model's tokenizer)
+        glm_ids = add_glm_tokens(tokenizer)
+        model_cfg.vocab_size = max(model_cfg.vocab_size, tokenizer.get_vocab_size())
+        model_cfg.max_seq_len = max(model_cfg.max_seq_len, packed_length(settings.seq_len, cfg["glm_mask_ratio"], cfg["glm_mean_span"]))
     torch.manual_seed(ctx.seed)
     model = Decoder(model_cfg)
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
 
     def batches(start: int):
-        return shards.batches(settings.batch_size, settings.seq_len, seed=ctx.seed, start_step=start)
+        windows = shards.batches(settings.batch_size, settings.seq_len, seed=ctx.seed, start_step=start)
+        if not glm:
+            return windows
+        return glm_batches(windows, glm_ids, ctx.seed, start, cfg["glm_mask_ratio"], cfg["glm_mean_span"])
 
     summary = train(
         ctx, model, settings, batches, lm_loss,

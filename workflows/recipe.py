@@ -62,8 +62,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "holdout_fraction": 0.02,
     },
     "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
-    "tokenize": {"shard_tokens": 1 << 20},
-    "pretrain": {**_TRAIN},
+    "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
+    "pretrain": {
+        **_TRAIN,
+        "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
+        "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
+        "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+    },
     "extend-context": {
         **_TRAIN,
         "steps": 40,
@@ -329,6 +334,22 @@ def _check_extension(path: Path, model: dict[str, Any], stages: dict[str, dict[s
         raise ConfigError(f"{path}: stages.extend-context: {err}") from None
 
 
+OBJECTIVES = ("causal", "glm_blank_infilling")
+
+
+def _check_objective(recipe_file: Path, pretrain: dict, model: dict) -> None:
+    objective = pretrain["objective"]
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{recipe_file}: stages.pretrain.objective: '{objective}' is not one of {', '.join(OBJECTIVES)}")
+    if objective == "glm_blank_infilling" and not model["rope_2d"]:
+        raise ConfigError(
+            f"{recipe_file}: stages.pretrain.objective glm_blank_infilling needs GLM's 2D positions; "
+            "set model.rope_2d: true (as the chatglm-small preset does)"
+        )
+    if not 0 < pretrain["glm_mask_ratio"] < 0.5 or not pretrain["glm_mean_span"] >= 1:
+        raise ConfigError(f"{recipe_file}: stages.pretrain: need 0 < glm_mask_ratio < 0.5 and glm_mean_span >= 1")
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = recipe_path(name_or_path)
     data = read_yaml(path)
@@ -356,6 +377,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     if not 0 <= seed < 2**32:
         raise ConfigError(f"{path}: seed: expected an integer from 0 to 2**32-1, got {seed}")
     preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    _check_objective(path, stages["pretrain"], model)
     _check_extension(path, model, stages)
     parse_sources(stages["data-fetch"])  # a bad source is a one-line error now, not mid-pipeline
     return Recipe(

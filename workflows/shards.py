@@ -75,6 +75,9 @@ def _write_if_changed(path: Path, payload: bytes) -> None:
         tmp.write_bytes(payload)
 
 
+Part = tuple[np.ndarray, np.ndarray]  # (token ids of whole documents end to end, each document's length)
+
+
 def write_shards(
     directory: str | Path,
     documents: Iterable[Sequence[int] | np.ndarray],
@@ -84,6 +87,19 @@ def write_shards(
 ) -> ShardStats:
     """Pack `documents` (token id sequences, each already ending in its end-of-text id)
     into shards of `shard_tokens` tokens under `directory`; `task` advances per document."""
+    parts = ((np.asarray(doc), np.asarray([len(doc)], dtype=np.int64)) for doc in documents)
+    return write_parts(directory, parts, vocab_size, shard_tokens, task)
+
+
+def write_parts(
+    directory: str | Path,
+    parts: Iterable[Part],
+    vocab_size: int,
+    shard_tokens: int = 1 << 20,
+    task: ProgressTask | None = None,
+) -> ShardStats:
+    """`write_shards` for documents that arrive encoded in parts of many documents (from
+    the parallel encoder); `task` advances per document."""
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     directory = Path(directory)
@@ -113,18 +129,18 @@ def write_shards(
         # Record progress, so that a run killed after this point does not write this shard again.
         write_json_atomic(directory / INDEX_FILE, {**header, "shards": entries, "complete": False})
 
-    starts: list[int] = []
+    starts: list[np.ndarray] = []
     total = 0
     pending: list[np.ndarray] = []
     pending_tokens = 0
-    for doc in documents:
-        ids = np.asarray(doc, dtype=dtype)
-        if ids.size and int(ids.max()) >= vocab_size:
-            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of {vocab_size}")
-        starts.append(total)
-        total += ids.size
-        pending.append(ids)
-        pending_tokens += ids.size
+    for tokens, lengths in parts:
+        if tokens.size and int(tokens.max()) >= vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of {vocab_size}")
+        tokens = tokens.astype(dtype, copy=False)
+        starts.append(total + np.cumsum(lengths) - lengths)
+        total += tokens.size
+        pending.append(tokens)
+        pending_tokens += tokens.size
         if pending_tokens >= shard_tokens:
             stream = np.concatenate(pending)
             full = stream.size - stream.size % shard_tokens
@@ -133,25 +149,26 @@ def write_shards(
             rest = stream[full:]
             pending, pending_tokens = ([rest] if rest.size else []), rest.size
         if task is not None:
-            task.advance(1)
+            task.advance(len(lengths))
     if pending_tokens:
         flush(np.concatenate(pending))
 
+    documents = sum(len(s) for s in starts)
     offsets = io.BytesIO()
-    np.save(offsets, np.asarray([*starts, total], dtype=np.int64))
+    np.save(offsets, np.concatenate([*starts, [total]]).astype(np.int64))
     _write_if_changed(directory / OFFSETS_FILE, offsets.getvalue())
     index = {
         **header,
         "shards": entries,
         "complete": True,
         "tokens": total,
-        "documents": len(starts),
+        "documents": documents,
         "doc_offsets": OFFSETS_FILE,
     }
     _write_if_changed(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True).encode())
     for stale in set(directory.glob("shard_*.bin")) - {directory / e["file"] for e in entries}:
         stale.unlink()  # left by an earlier, longer attempt with other settings
-    return ShardStats(tokens=total, documents=len(starts), shards=len(entries), written=written)
+    return ShardStats(tokens=total, documents=documents, shards=len(entries), written=written)
 
 
 class TokenView:

@@ -9,18 +9,20 @@ first, with ids 0, 1, 2.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
-from llm_lifecycle.workflows.data import is_cjk, iter_texts
-from llm_lifecycle.workflows.shards import is_complete, read_index, write_shards
+from llm_lifecycle.workflows.data import iter_texts
+from llm_lifecycle.workflows.dedup import is_cjk
+from llm_lifecycle.workflows.encode import encode_file
+from llm_lifecycle.workflows.shards import is_complete, read_index, write_parts
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError, atomic_path
 
 EOT = SPECIAL_TOKENS[0]
-ENCODE_BATCH = 1024  # documents per encode_batch call (parallel in Rust)
 
 
 def new_tokenizer() -> Tokenizer:
@@ -89,18 +91,6 @@ def train_tokenizer(ctx: StageContext, cfg: dict) -> StageResult:
     return StageResult(outputs={"tokenizer": str(out)}, metrics=metrics)
 
 
-def encode_documents(tokenizer: Tokenizer, texts: Iterable[str], eot_id: int) -> Iterator[list[int]]:
-    """Token ids of each text followed by the end-of-text id, encoded in parallel batches."""
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == ENCODE_BATCH:
-            yield from (e.ids + [eot_id] for e in tokenizer.encode_batch(batch))
-            batch = []
-    if batch:
-        yield from (e.ids + [eot_id] for e in tokenizer.encode_batch(batch))
-
-
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)
@@ -113,6 +103,7 @@ def tokenize(ctx: StageContext, cfg: dict) -> StageResult:
     if eot_id is None:
         raise UserError(f"the tokenizer has no {EOT} token; train it with tokenizer-train")
     shard_tokens = int(cfg.get("shard_tokens", 1 << 20))
+    workers = int(cfg.get("workers", 0)) or os.cpu_count() or 1
     outputs: dict[str, str] = {}
     metrics: dict[str, float] = {}
     for split, text_name in (("train", "clean"), ("heldout", "heldout")):
@@ -125,9 +116,9 @@ def tokenize(ctx: StageContext, cfg: dict) -> StageResult:
         else:
             ctx.tracker.log_input(text_path, name=text_name, context="tokenize")
             with ctx.progress.task(f"tokenize {split}", total=_count_lines(text_path)) as task:
-                stats = write_shards(
+                stats = write_parts(
                     out_dir,
-                    encode_documents(tokenizer, iter_texts(text_path), eot_id),
+                    encode_file(tokenizer.to_str(), eot_id, text_path, workers),
                     vocab_size=tokenizer.get_vocab_size(),
                     shard_tokens=shard_tokens,
                     task=task,

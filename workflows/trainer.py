@@ -215,6 +215,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, settings)
             loss_sum, extras, step_tokens = 0.0, {}, 0
+            if hasattr(model, "begin_global_batch"):  # MoE global-batch balancing counts per step
+                model.begin_global_batch()
             for _ in range(settings.grad_accum):
                 batch = tuple(t.to(device) for t in next(stream))
                 with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
@@ -256,9 +258,11 @@ def train(
 
 
 def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token cross-entropy (targets of -100 are ignored) plus the MoE balance loss."""
+    """Next-token cross-entropy (targets of -100 are ignored) plus the model's aux_loss (MoE
+    balance, max-z). A batch is (inputs, targets), or (inputs, targets, position_ids,
+    attn_mask) for objectives with their own positions and mask (GLM blank infilling)."""
     inputs, targets = batch[0], batch[1]
-    out = model(inputs)
+    out = model(inputs, position_ids=batch[2], attn_mask=batch[3]) if len(batch) == 4 else model(inputs)
     ce = torch.nn.functional.cross_entropy(
         out.logits.float().view(-1, out.logits.size(-1)), targets.reshape(-1), ignore_index=-100
     )

@@ -1,0 +1,405 @@
+"""Each architecture knob changes the computation the way its report describes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_lifecycle.models.config import ModelConfig, estimate_memory
+from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
+from llm_lifecycle.models.upcycle import upcycle
+from llm_lifecycle.workflows.glm import GLMTokens, blank_infilling, glm_batches, packed_length
+from llm_lifecycle.workflows.trainer import lm_loss
+
+BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+MOE = dict(BASE, n_experts=4, n_experts_per_token=2, moe_ffn_dim=24)
+
+
+def make(seed: int = 0, **fields) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(ModelConfig(**{**BASE, **fields})).eval()
+
+
+def tokens(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def sharpen(model: Decoder, factor: float = 20.0) -> Decoder:
+    """Scale q and k so attention patterns (and so positions) matter at init scale."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.wq.weight.mul_(factor)
+            layer.attn.wk.weight.mul_(factor)
+    return model
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---- counting covers every knob --------------------------------------------------------------
+
+KNOB_CONFIGS = {
+    "layernorm-gelu-parallel": dict(norm="layernorm", mlp="gelu", parallel_block=True, rotary_pct=0.5),
+    "geglu-alibi-normhead": dict(mlp="geglu", position="alibi", tie_embeddings=False, norm_head=True),
+    "window-logn-bias": dict(sliding_window=8, window_layers=1, logn_train_len=16, qkv_bias=True),
+    "moe-shared-dense-first": dict(MOE, n_layers=3, n_shared_experts=2, n_dense_layers=1, mlp="geglu"),
+    "glm-2d": dict(rope_2d=True, rotary_pct=0.5, norm="layernorm"),
+}
+
+
+@pytest.mark.parametrize("name", KNOB_CONFIGS)
+def test_counts_match_the_module_for_every_knob(name):
+    cfg = ModelConfig(**{**BASE, **KNOB_CONFIGS[name]})
+    model = Decoder(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    if cfg.is_moe:
+        unused = (cfg.n_layers - cfg.n_dense_layers) * (cfg.n_experts - cfg.n_experts_per_token)
+        assert cfg.active_params() == cfg.num_params() - unused * 3 * cfg.dim * cfg.moe_ffn_dim
+    mem = estimate_memory(cfg, 2, 32)
+    assert mem["train_total"] == mem["weights"] + mem["grads"] + mem["optimizer"] + mem["activations"]
+    out = model(tokens(2, 12))
+    assert out.logits.shape == (2, 12, 97) and torch.isfinite(out.logits).all()
+
+
+def test_defaults_keep_the_original_architecture():
+    cfg = ModelConfig(**BASE)
+    assert (cfg.norm, cfg.mlp, cfg.position, cfg.rotary_dim) == ("rmsnorm", "swiglu", "rope", cfg.head_dim)
+    assert cfg.layer_windows() == [None, None] and not cfg.parallel_block and not cfg.norm_head
+
+
+# ---- norms and MLPs --------------------------------------------------------------------------
+
+
+def test_layernorm_centres_and_rmsnorm_does_not():
+    x = torch.randn(3, 32) + 5.0
+    ln = make(norm="layernorm").layers[0].attn_norm
+    rms = make().layers[0].attn_norm
+    assert isinstance(ln, torch.nn.LayerNorm) and ln.bias is not None
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (32,), eps=1e-5))
+    assert ln(x).mean(-1).abs().max() < 1e-5  # LayerNorm subtracts the mean ...
+    assert rms(x).mean(-1).min() > 0.5  # ... RMSNorm only rescales, the offset survives
+    torch.testing.assert_close(rms(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu"])
+def test_mlp_variants_compute_their_formula(kind):
+    mlp = make(mlp=kind).layers[0].ffn
+    x = torch.randn(5, 32)
+    up = x @ mlp.w_up.weight.T
+    if kind == "gelu":  # GPT-J / Phi: two matrices, GELU (tanh) in between
+        assert mlp.w_gate is None
+        expected = F.gelu(up, approximate="tanh") @ mlp.w_down.weight.T
+    else:
+        gate = x @ mlp.w_gate.weight.T
+        act = F.silu(gate) if kind == "swiglu" else F.gelu(gate, approximate="tanh")
+        expected = (act * up) @ mlp.w_down.weight.T
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_ffn_sizing_eight_thirds_rounded_to_a_multiple():
+    # LLaMA-7B: dim 4096 -> 8/3 * 4096 = 10922.67 -> multiple of 256 -> 11008
+    assert ModelConfig(dim=4096, n_heads=32, n_kv_heads=32, ffn_dim=None).ffn_dim == 11008
+    assert ModelConfig(dim=256, n_heads=8, ffn_dim=None, ffn_multiple_of=16).ffn_dim == 688
+    assert ModelConfig(dim=256, n_heads=8, ffn_dim=None, mlp="gelu").ffn_dim == 1024  # plain MLP: 4 * dim
+    gated, plain = ModelConfig(**{**BASE, "ffn_dim": None}), ModelConfig(**{**BASE, "ffn_dim": None, "mlp": "gelu"})
+    assert gated.ffn_dim == 256 and plain.ffn_dim == 256  # both rounded up to one multiple at this size
+
+
+def test_parallel_block_shares_one_norm():
+    model = make(parallel_block=True, n_layers=1)
+    block = model.layers[0]
+    assert block.ffn_norm is None
+    x = torch.randn(2, 6, 32)
+    rope = model.rope(0, 6, x.device)
+    h = block.attn_norm(x)
+    expected = x + block.attn(h, rope, None, None) + block.ffn(h)
+    out, _ = block(x, rope, None, None)
+    torch.testing.assert_close(out, expected)
+    sequential = make(n_layers=1)
+    sequential.load_state_dict(model.state_dict(), strict=False)  # same weights, ffn_norm = 1
+    assert max_diff(sequential(tokens(1, 6)).logits, model(tokens(1, 6)).logits) > 1e-4
+
+
+# ---- positions -------------------------------------------------------------------------------
+
+
+def test_partial_rotary_rotates_only_the_first_fraction():
+    cfg = ModelConfig(**{**BASE, "head_dim": 16, "rotary_pct": 0.25})
+    model = Decoder(cfg)
+    assert cfg.rotary_dim == 4 and model.rope.inv_freq.numel() == 2
+    # GPT-NeoX / Phi: frequencies of a rotary embedding of width rotary_dim
+    torch.testing.assert_close(model.rope.inv_freq, 1.0 / 10_000 ** (torch.arange(0, 4, 2).float() / 4))
+    x = torch.randn(1, 7, 4, 16)  # [B, T, H, head_dim]
+    rotated = apply_rope(x, model.rope(0, 7, x.device))
+    assert torch.equal(rotated[..., 4:], x[..., 4:])  # the pass-through dims
+    assert max_diff(rotated[..., :4], x[..., :4]) > 1e-2
+    torch.testing.assert_close(rotated[:, 0], x[:, 0])  # position 0: no rotation
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
+
+
+def test_alibi_slopes_follow_the_geometric_sequence():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # 12 heads (not a power of two): the 8-head slopes, then every other 16-head slope
+    sixteen = [2.0 ** (-(i + 1) / 2) for i in range(16)]
+    torch.testing.assert_close(alibi_slopes(12), torch.tensor([2.0 ** -(i + 1) for i in range(8)] + sixteen[0::2][:4]))
+
+
+def test_alibi_attention_adds_a_distance_penalty_and_no_rotation():
+    model = make(position="alibi", n_layers=1, n_kv_heads=4)
+    assert model.rope is None and model.cfg.rotary_dim == 0
+    attn, seq = model.layers[0].attn, 6
+    x = torch.randn(1, seq, 32)
+    q = attn.wq(x).view(1, seq, 4, 8).transpose(1, 2)
+    k = attn.wk(x).view(1, seq, 4, 8).transpose(1, 2)
+    v = attn.wv(x).view(1, seq, 4, 8).transpose(1, 2)
+    i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8) - alibi_slopes(4)[:, None, None] * (i - j)
+    scores = scores.masked_fill(j > i, float("-inf"))
+    expected = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, seq, 32))
+    mask = model._masks(0, seq, None, None, x.device)[None]
+    torch.testing.assert_close(attn(x, [], mask, None), expected)
+
+
+@pytest.mark.parametrize("fields", [dict(position="alibi"), dict(sliding_window=4), dict(logn_train_len=6)])
+def test_kv_cache_decoding_matches_full_forward(fields):
+    model = sharpen(make(**fields))
+    x = tokens(2, 14)
+    full = model(x).logits
+    cache = model.new_kv_cache()
+    parts = [model(x[:, :5], kv_cache=cache).logits] + [model(x[:, i : i + 1], kv_cache=cache).logits for i in range(5, 14)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-4)
+
+
+def test_logn_scales_queries_only_past_the_training_length():
+    plain = sharpen(make())
+    logn = make(logn_train_len=8)
+    logn.load_state_dict(plain.state_dict())
+    x = tokens(2, 14)
+    a, b = plain(x).logits, logn(x).logits
+    torch.testing.assert_close(b[:, :8], a[:, :8], rtol=0, atol=1e-6)  # positions 0..7: scale 1
+    assert (b[:, 8:] - a[:, 8:]).abs().amax(-1).min() > 1e-4
+    # Qwen1: the query at 0-based position p is scaled by log_8(p + 1)
+    from llm_lifecycle.models.decoder import logn_scale
+
+    torch.testing.assert_close(logn_scale(torch.tensor([0, 7, 8, 63]), 8), torch.tensor([1.0, 1.0, math.log(9, 8), 2.0]))
+
+
+# ---- sliding windows -------------------------------------------------------------------------
+
+
+def test_sliding_window_hides_keys_older_than_the_window():
+    model = sharpen(make(n_layers=1, sliding_window=4))
+    x = tokens(1, 12)
+    changed = x.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 97
+    diff = (model(changed).logits - model(x).logits).abs().amax(-1)[0]
+    assert diff[2:6].min() > 1e-4  # positions 2..5 have token 2 in their last 4 keys
+    assert diff[6:].max() < 1e-6  # later ones do not see it
+    full = make(n_layers=1)
+    full.load_state_dict(model.state_dict())
+    sharpen(full, 1.0)
+    assert (full(changed).logits - full(x).logits).abs().amax(-1)[0, 6:].min() > 1e-4
+
+
+def test_per_layer_windows():
+    assert ModelConfig(**{**BASE, "n_layers": 4, "sliding_window": 8, "window_layers": 2}).layer_windows() == [8, 8, None, None]
+    assert ModelConfig(**{**BASE, "sliding_window": [2, None]}).layer_windows() == [2, None]
+    # two layers with window 2 reach back 2 tokens in all; with [2, None] the second layer sees everything
+    narrow = sharpen(make(sliding_window=2))
+    mixed = make(sliding_window=[2, None])
+    mixed.load_state_dict(narrow.state_dict())
+    x = tokens(1, 10)
+    changed = x.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 97
+    assert (narrow(changed).logits - narrow(x).logits).abs().amax(-1)[0, 3:].max() < 1e-6
+    assert (mixed(changed).logits - mixed(x).logits).abs().amax(-1)[0, 3:].min() > 1e-4
+    cfg = ModelConfig(**{**BASE, "sliding_window": [4, None]})
+    assert cfg.flops_per_token(16) - ModelConfig(**BASE).flops_per_token(16) == -12 * 4 * 8 * 12
+    with pytest.raises(ValueError, match="2 layers"):
+        ModelConfig(**{**BASE, "sliding_window": [4]}).validate()
+
+
+# ---- NormHead and max-z loss (Baichuan2) -----------------------------------------------------
+
+
+def test_norm_head_uses_unit_rows():
+    model = make(tie_embeddings=False, norm_head=True)
+    x = tokens(2, 6)
+    before = model(x).logits
+    with torch.no_grad():
+        model.lm_head.weight.mul_(torch.rand(97, 1) * 10 + 0.1)  # rescale each row
+    torch.testing.assert_close(model(x).logits, before)  # only the rows' directions matter
+    plain = make(tie_embeddings=False)
+    plain.load_state_dict(model.state_dict())
+    assert max_diff(plain(x).logits, before) > 1e-3
+    with pytest.raises(ValueError, match="tie_embeddings: false"):
+        ModelConfig(**{**BASE, "norm_head": True}).validate()
+
+
+def test_max_z_loss_is_added_through_aux_loss():
+    model = make(max_z_loss_coef=2e-4)
+    x = tokens(2, 9)
+    out = model(x[:, :-1])
+    expected = 2e-4 * out.logits.float().amax(-1).pow(2).mean()
+    torch.testing.assert_close(out.aux_loss, expected)
+    loss, metrics = lm_loss(model, (x[:, :-1], x[:, 1:]))
+    assert loss.item() == pytest.approx(metrics["ce_loss"] + expected.item(), rel=1e-6)
+    assert make()(x).aux_loss.item() == 0.0
+
+
+# ---- mixture of experts ----------------------------------------------------------------------
+
+
+def test_shared_experts_add_a_dense_path_every_token_takes():
+    model = make(**{**MOE, "n_shared_experts": 2})
+    moe = model.layers[0].ffn
+    assert moe.shared.w_up.out_features == 2 * 24
+    x = torch.randn(7, 32)
+    out, _ = moe(x)
+    shared = moe.shared
+    moe.shared = None
+    routed, _ = moe(x)
+    torch.testing.assert_close(out, routed + shared(x))
+
+
+def test_dense_first_layers():
+    model = make(**{**MOE, "n_layers": 3, "n_dense_layers": 1})
+    from llm_lifecycle.models.decoder import MLP, MoE
+
+    assert [type(layer.ffn) for layer in model.layers] == [MLP, MoE, MoE]
+
+
+def test_global_batch_balance_counts_the_whole_step():
+    """Two micro-batches each routed to one expert are imbalanced alone, balanced together."""
+    fields = {**MOE, "n_layers": 1, "n_experts": 2, "n_experts_per_token": 1}
+    micro = make(**fields).train()
+    glob = make(**{**fields, "moe_balance": "global_batch"}).train()
+    first = RouterStats(torch.tensor([0.9, 0.1]), torch.tensor([8, 0]), torch.tensor(0.0))
+    second = RouterStats(torch.tensor([0.1, 0.9]), torch.tensor([0, 8]), torch.tensor(0.0))
+    coef = micro.cfg.router_aux_loss_coef
+    # Switch balance n * sum f_i P_i: 2 * 0.9 for each micro-batch on its own
+    assert micro._router_loss([first]).item() == pytest.approx(1.8 * coef)
+    assert micro._router_loss([second]).item() == pytest.approx(1.8 * coef)
+    glob.begin_global_batch()
+    assert glob._router_loss([first]).item() == pytest.approx(1.8 * coef)  # only itself so far
+    assert glob._router_loss([second]).item() == pytest.approx(1.0 * coef)  # f = (1/2, 1/2) over the step
+    glob.begin_global_batch()
+    assert glob._router_loss([second]).item() == pytest.approx(1.8 * coef)  # a new step counts afresh
+
+
+@pytest.mark.parametrize("moe_ffn_dim", [64, 32])
+def test_upcycled_experts_start_from_the_dense_mlp(moe_ffn_dim):
+    dense = make(n_layers=2)
+    moe = upcycle(dense, n_experts=4, n_experts_per_token=2, moe_ffn_dim=moe_ffn_dim)
+    assert moe.cfg.is_moe and moe.layers[0].ffn.router.weight.abs().max() < 0.01  # near-uniform router
+    torch.testing.assert_close(moe.tok_embeddings.weight, dense.tok_embeddings.weight)
+    x = tokens(2, 10)
+    if moe_ffn_dim == 64:  # every expert a whole (permuted) copy: exactly the dense model
+        torch.testing.assert_close(moe(x).logits, dense(x).logits, rtol=0, atol=1e-5)
+        e0, e1 = moe.layers[0].ffn.w_up[0], moe.layers[0].ffn.w_up[1]
+        assert not torch.equal(e0, e1)  # shuffled differently ...
+        assert torch.equal(e0.sort(0).values, dense.layers[0].ffn.w_up.weight.sort(0).values)  # ... same neurons
+    else:  # fine-grained: two experts together hold each copy of the dense neurons
+        ffn = moe.layers[1].ffn
+        neurons = torch.cat([ffn.w_up[0], ffn.w_up[1]])
+        assert torch.equal(neurons.sort(0).values, dense.layers[1].ffn.w_up.weight.sort(0).values)
+    with pytest.raises(ValueError, match="dense model"):
+        upcycle(moe, 4, 2)
+
+
+# ---- GLM blank infilling ---------------------------------------------------------------------
+
+GLM_IDS = GLMTokens(mask=90, sop=91, eop=92, pad=0)
+
+
+def test_glm_example_masks_positions_and_targets():
+    text = np.arange(3, 43)  # 40 distinct tokens
+    length = packed_length(40, 0.15, 3.0)
+    ids, targets, pos, mask = blank_infilling(text, np.random.default_rng(0), GLM_IDS, length)
+    n_mask = int((ids == GLM_IDS.mask).sum())
+    n_a = 40 - int((targets != -100).sum()) + 2 * n_mask  # part A = unmasked + one [MASK] per span
+    n = n_a + (targets[n_a:] != -100).sum().item()
+    assert n_mask >= 1 and (ids[n_a:n] == GLM_IDS.sop).sum() == n_mask
+    # Part A: bidirectional among itself, never sees Part B
+    assert mask[:n_a, :n_a].all() and not mask[:n_a, n_a:].any()
+    # Part B: sees all of A, and B causally
+    assert mask[n_a:n, :n_a].all()
+    assert torch.equal(mask[n_a:n, n_a:n], torch.ones(n - n_a, n - n_a, dtype=torch.bool).tril())
+    # padding sees only itself and nobody sees it
+    assert torch.equal(mask[n:, n:], torch.eye(length - n, dtype=torch.bool)) and not mask[:n, n:].any()
+    # targets: none in A; in B each span's tokens then [eop], and they are the cut-out text
+    assert (targets[:n_a] == -100).all()
+    assert (targets[n_a:n] == GLM_IDS.eop).sum() == n_mask
+    cut = sorted(t for t in targets[n_a:n].tolist() if t != GLM_IDS.eop)
+    kept = [t for t in ids[:n_a].tolist() if t != GLM_IDS.mask]
+    assert sorted(cut + kept) == text.tolist()
+    # 2D positions: A counts up with span position 0; a span's tokens share their [MASK]'s position
+    assert torch.equal(pos[0, :n_a], torch.arange(n_a)) and (pos[1, :n_a] == 0).all()
+    for i in range(n_a, n):
+        if ids[i] == GLM_IDS.sop:
+            assert ids[pos[0, i]] == GLM_IDS.mask and pos[1, i] == 1
+        else:
+            assert pos[0, i] == pos[0, i - 1] and pos[1, i] == pos[1, i - 1] + 1
+
+
+def test_glm_batches_are_a_pure_function_of_the_step_and_train():
+    windows = [(tokens(2, 32, seed=s), None) for s in range(3)]
+    first = list(glm_batches(iter(windows), GLM_IDS, seed=5, start_step=0, mask_ratio=0.15, mean_span=3.0))
+    resumed = list(glm_batches(iter(windows[2:]), GLM_IDS, seed=5, start_step=2, mask_ratio=0.15, mean_span=3.0))
+    assert all(torch.equal(a, b) for a, b in zip(first[2], resumed[0]))
+    model = make(rope_2d=True, vocab_size=97).train()
+    ids, targets, pos, mask = first[0]
+    assert pos.shape == (2, 2, ids.size(1)) and mask.shape == (2, ids.size(1), ids.size(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss, _ = lm_loss(model, first[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_glm_2d_positions_rotate_each_half_by_its_own_id():
+    model = make(rope_2d=True)
+    assert model.cfg.rotary_dim == 8 and model.rope.inv_freq.numel() == 2  # two halves of 4 dims
+    x = torch.randn(1, 5, 4, 8)  # [B, T, H, head_dim]
+    plain = apply_rope(x, model.rope(0, 5, x.device))  # 1D positions: span position 0
+    assert torch.equal(plain[..., 4:], x[..., 4:])
+    torch.testing.assert_close(apply_rope(x, model.rope(0, 5, x.device, torch.arange(5)[None])), plain)
+    both = torch.stack([torch.arange(5), torch.arange(5)])[None]
+    two_d = apply_rope(x, model.rope(0, 5, x.device, both))
+    torch.testing.assert_close(two_d[..., :4], plain[..., :4])
+    assert max_diff(two_d[..., 4:], x[..., 4:]) > 1e-2
+    # in the decoder: the prefix-LM mask lets early tokens see later ones
+    ids = tokens(1, 8)
+    mask = torch.ones(1, 8, 8, dtype=torch.bool)
+    changed = ids.clone()
+    changed[0, 7] = (changed[0, 7] + 1) % 97
+    sharpen(model)
+    diff = (model(changed, attn_mask=mask).logits - model(ids, attn_mask=mask).logits).abs().amax(-1)
+    assert diff[0, 0] > 1e-4
+
+
+def test_invalid_knob_values_say_what_to_do():
+    for change, message in [
+        (dict(norm="batchnorm"), "norm 'batchnorm' is not one of rmsnorm, layernorm"),
+        (dict(mlp="relu"), "mlp 'relu'"),
+        (dict(position="learned"), "position 'learned'"),
+        (dict(rotary_pct=0.0), "rotary_pct"),
+        (dict(rope_2d=True, position="alibi"), "rope_2d"),
+        (dict(window_layers=1), "window_layers needs a sliding_window"),
+        (dict(n_shared_experts=1), "needs n_experts > 0"),
+        (dict(MOE, mlp="gelu"), "gated"),
+        (dict(moe_balance="batch"), "moe_balance 'batch'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(**{**BASE, **change}).validate()
+    assert dataclasses.replace(ModelConfig(**BASE), norm="layernorm").norm == "layernorm"
