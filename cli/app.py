@@ -6,6 +6,7 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ class _OneLineErrors(TyperGroup):
     one line on stderr and exit code 2, whoever calls the app (the `llm` script or a test)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _quiet_mlflow()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError as err:
@@ -299,11 +301,16 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output.
+def _quiet_mlflow() -> None:
+    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output:
+    # the environment for an MLflow imported later, the logger for one imported already.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     # Per-artifact download bars from model registration interleave with our stage bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     app()

@@ -96,3 +96,17 @@ def test_two_pipelines_on_one_sqlite_store_lose_nothing(workspace):
             history = client.get_metric_history(by_stage["pretrain"].info.run_id, metric)
             assert sorted(m.step for m in history) == list(range(steps)), (recipe, metric)
         assert client.get_model_version_by_alias(recipe, "pretrain").tags["llm.recipe"] == recipe
+
+
+def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
+    from llm_lifecycle.workflows.pipeline import _stage_lock, plan
+    from llm_lifecycle.workflows.recipe import load_recipe
+
+    recipe = load_recipe("llama-small")
+    fetch = plan(recipe, workspace)[0]
+    with _stage_lock(recipe, fetch):  # as another `llm` process running data-fetch would hold it
+        result = CliRunner().invoke(app, ["pipeline", "llama-small", "--stages", "data-fetch"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
+    assert not (fetch.directory / "documents.jsonl").exists()

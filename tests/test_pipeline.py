@@ -230,10 +230,11 @@ class _Exploit:
 
 
 def _one_line_error(result) -> str:
+    """The one `error:` line of a failed in-process command (progress bars may precede it)."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
 
 
 def test_crafted_pickle_in_checkpoint_path_is_refused_not_executed(finished, tmp_path):

@@ -15,9 +15,10 @@ import importlib
 import json
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from llm_lifecycle import __version__
 from llm_lifecycle.workflows.recipe import STAGE_ORDER, Recipe
@@ -180,7 +181,8 @@ def run_pipeline(
                 continue
             if not p.selected:
                 continue
-            results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags)
+            with _stage_lock(recipe, p):
+                results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags)
         for name, result in results.items():
             parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
     return results
@@ -226,6 +228,25 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
     write_json_atomic(p.result_file, {"result": result.to_json(), "run_id": tracker.run_id,
                                       "model_version": version, "fingerprint": p.fingerprint})
     return result
+
+
+@contextmanager
+def _stage_lock(recipe: Recipe, p: PlannedStage) -> Iterator[None]:
+    """Hold an exclusive lock on the stage's directory while it runs: a second `llm` on the
+    same workspace and configuration is refused instead of writing the same files. The OS
+    drops the lock when the holder dies, even by SIGKILL."""
+    import fcntl
+
+    p.directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.directory.parent / f".{p.fingerprint}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"stage '{p.name}' of recipe {recipe.name} ({p.fingerprint}) is being run by another llm process "
+                "on this workspace; wait for it to finish (then re-run to reuse its result) or set another LLM_HOME"
+            ) from None
+        yield
 
 
 def _previous_attempt(recipe: Recipe, p: PlannedStage):

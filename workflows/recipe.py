@@ -128,7 +128,7 @@ _LIMITS: dict[str, tuple[Any, str]] = {
     "seq_len": (lambda v: v >= 2, "an integer >= 2 (an input and its next-token target)"),
     "vocab_size": (lambda v: v >= 260, "an integer >= 260 (256 byte tokens plus the special tokens)"),
     **{k: _POSITIVE for k in ("lr", "eps", "grad_clip", "rope_theta", "beta")},
-    **{k: _NON_NEGATIVE for k in ("weight_decay", "sft_weight", "warmup_steps", "min_chars", "max_chars")},
+    **{k: _NON_NEGATIVE for k in ("weight_decay", "sft_weight", "warmup_steps", "min_chars", "max_chars", "workers")},
     "min_lr_ratio": _FRACTION,
     "minhash_threshold": (lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
     "holdout_fraction": (lambda v: 0 < v < 1, "a number between 0 and 1"),
