@@ -74,6 +74,18 @@ app.add_typer(runs_app, name="runs")
 
 SetOption = typer.Option(None, "--set", help="Override a recipe value: stage.key=value (repeatable).")
 RecipeOption = typer.Option(..., "--recipe", "-r", help="Recipe name (llm recipes list) or path to a .yaml.")
+InitOption = typer.Option(
+    None, "--init", help="Start from this model: a Hugging Face folder or hub id, models:/NAME@ALIAS, or our folder."
+)
+NprocOption = typer.Option(1, "--nproc", help="Processes per node: >1 runs under torchrun with FSDP2.")
+NnodesOption = typer.Option(1, "--nnodes", help="Nodes taking part (torchrun).")
+RdzvOption = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the torchrun rendezvous (multi-node).")
+
+
+def _relaunch(nproc: int, nnodes: int, rdzv_endpoint: str | None) -> None:
+    from llm_lifecycle.workflows.launch import relaunch_if_asked
+
+    relaunch_if_asked(nproc, nnodes, rdzv_endpoint)
 
 
 def _workspace() -> Path:
@@ -114,12 +126,19 @@ def pipeline(
     from_stage: Optional[str] = typer.Option(None, "--from", help="Run this stage and every later one."),
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and those after it) even if cached."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache state and memory estimate."),
+    init: Optional[str] = InitOption,
     set_: Optional[List[str]] = SetOption,
+    nproc: int = NprocOption,
+    nnodes: int = NnodesOption,
+    rdzv_endpoint: Optional[str] = RdzvOption,
 ) -> None:
-    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused."""
+    """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused.
+    With --init the pipeline starts from that model at SFT (its tokenizer replaces training one)."""
+    set_ = [*(set_ or []), *([f"sft.init={init}"] if init else [])]
     if dry_run:
         _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
         return
+    _relaunch(nproc, nnodes, rdzv_endpoint)
     _run_stages(recipe, set_, stages=stages, from_stage=from_stage, force=tuple(force or ()))
 
 
@@ -149,13 +168,72 @@ def _stage_command(stage: str, doc: str):
     return command
 
 
+def _training_command(stage: str, doc: str):
+    """A training stage; --nproc etc. run it under torchrun."""
+
+    def command(
+        recipe: str = RecipeOption,
+        set_: Optional[List[str]] = SetOption,
+        nproc: int = NprocOption,
+        nnodes: int = NnodesOption,
+        rdzv_endpoint: Optional[str] = RdzvOption,
+    ) -> None:
+        _relaunch(nproc, nnodes, rdzv_endpoint)
+        _run_stages(recipe, set_, stages=[stage])
+
+    command.__doc__ = doc
+    return command
+
+
+def _init_training_command(stage: str, doc: str):
+    """A training stage that --init starts from any model instead of the upstream stage's."""
+
+    def command(
+        recipe: str = RecipeOption,
+        init: Optional[str] = InitOption,
+        set_: Optional[List[str]] = SetOption,
+        nproc: int = NprocOption,
+        nnodes: int = NnodesOption,
+        rdzv_endpoint: Optional[str] = RdzvOption,
+    ) -> None:
+        _relaunch(nproc, nnodes, rdzv_endpoint)
+        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], stages=[stage])
+
+    command.__doc__ = doc
+    return command
+
+
 data_app.command("fetch")(_stage_command("data-fetch", "Fetch the recipe's data sources (builtin:, local, hf://)."))
 data_app.command("clean")(_stage_command("data-clean", "Filter and deduplicate the fetched text."))
-tokenizer_app.command("train")(_stage_command("tokenizer-train", "Train a byte-level BPE tokenizer."))
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    recipe: str = RecipeOption,
+    vocab_size: Optional[int] = typer.Option(None, help="Tokens in all, special ones included."),
+    split_digits: Optional[bool] = typer.Option(None, "--split-digits/--no-split-digits", help="One token per digit."),
+    whitespace_runs: Optional[int] = typer.Option(None, help="Runs of 2..N spaces as single tokens (0: none)."),
+    byte_fallback: Optional[bool] = typer.Option(
+        None, "--byte-fallback/--byte-level", help="Character BPE with <0xXX> byte fallback, or GPT-2 byte-level BPE."
+    ),
+    special_token: Optional[List[str]] = typer.Option(None, help="An extra control token (repeatable)."),
+    extend: Optional[str] = typer.Option(None, help="Extend this tokenizer with tokens learned on the Chinese text."),
+    pretrained: Optional[str] = typer.Option(None, help="Use this tokenizer as it is (file, folder, models:/, hub id)."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Train a BPE tokenizer (options from the Qwen / LLaMA / Chinese-LLaMA reports) or take a pretrained one."""
+    import json
+
+    given = {"vocab_size": vocab_size, "split_digits": split_digits, "whitespace_runs": whitespace_runs,
+             "byte_fallback": byte_fallback, "special_tokens": special_token, "extend": extend, "pretrained": pretrained}
+    overrides = [f"tokenizer-train.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    _run_stages(recipe, [*(set_ or []), *overrides], stages=["tokenizer-train"])
+
+
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_stage_command("pretrain", "Pretrain the recipe's model from scratch."))
-app.command("extend-context")(_stage_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_stage_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("pretrain")(_init_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
+app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
+app.command("sft")(_init_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
 app.command("quantize")(_stage_command("quantize", "Quantize the final model (int8 weight-only)."))
 
 
@@ -164,8 +242,12 @@ def rl(
     recipe: str = RecipeOption,
     method: str = typer.Option("dpo", help="Preference method: dpo."),
     set_: Optional[List[str]] = SetOption,
+    nproc: int = NprocOption,
+    nnodes: int = NnodesOption,
+    rdzv_endpoint: Optional[str] = RdzvOption,
 ) -> None:
     """Align the SFT model with preference pairs."""
+    _relaunch(nproc, nnodes, rdzv_endpoint)
     _run_stages(recipe, [*(set_ or []), f"rl.method={method}"], stages=["rl"])
 
 
@@ -216,6 +298,18 @@ def export(
 
     arch = export_model(model, out)
     console.print(f"exported {model} to {out} ({arch})")
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="A Hugging Face folder (config.json + safetensors) or hub repo id."),
+    out: Path = typer.Option(..., help="Write our model folder here."),
+) -> None:
+    """Import a Hugging Face checkpoint (weights and tokenizer) as one of our model folders."""
+    from llm_lifecycle.workflows.model_ref import import_model
+
+    cfg = import_model(source, out)
+    console.print(f"imported {source} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) to {out}")
 
 
 @recipes_app.command("list")
@@ -281,6 +375,44 @@ def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--artifacts-destination", str(workspace() / "mlartifacts")]
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def plan(
+    preset: Optional[str] = typer.Argument(None, help="Model preset (llm models presets) to plan for."),
+    params: Optional[str] = typer.Option(None, "--params", help="Or a LLaMA-shaped model of this size: 7B, 500M."),
+    batch_size: int = typer.Option(1, help="Sequences per step (training) or generated at once (inference)."),
+    seq_len: int = typer.Option(2048, help="Tokens per sequence."),
+) -> None:
+    """Estimate training and inference memory by precision and quantization."""
+    from llm_lifecycle.registry.memory import format_bytes
+    from llm_lifecycle.workflows import planning
+
+    if (preset is None) == (params is None):
+        raise UserError("llm plan: give a preset name or --params (e.g. `llm plan llama3-8b`, `llm plan --params 7B`)")
+    if preset is not None:
+        from llm_lifecycle.models.config import ModelConfig
+        from llm_lifecycle.models.presets import load_preset
+
+        try:
+            shape = planning.shape_of(ModelConfig.from_dict(load_preset(preset)))
+        except ValueError as err:
+            raise UserError(f"llm plan: {err}") from None
+    else:
+        shape = planning.shape_for_params(planning.parse_params(params))
+    where, available = planning.available_memory()
+    table = Table(title=f"memory for {preset or params} ({shape.params / 1e9:.2f}B parameters), "
+                        f"batch {batch_size} x {seq_len} tokens")
+    for col in ("use", "precision", "weights", "optimizer", "grads", "activations / KV cache", "peak", f"fits {where}?"):
+        table.add_column(col)
+    for use, precision, est in planning.plan_rows(shape, batch_size, seq_len):
+        transient = est.get("activations", 0) + est.get("logits", 0) + est.get("kv_cache", 0) + est.get("working", 0)
+        fits = "yes" if est["total"] < available else "[red]no[/red]"
+        table.add_row(use, precision, *(format_bytes(est[k]) if k in est else "-" for k in ("weights", "optimizer", "grads")),
+                      format_bytes(transient), format_bytes(est["total"]), fits)
+    console.print(table)
+    console.print(f"Training peak: weights + optimizer + the larger of activations and grads (grads fill "
+                  f"as backward frees activations). {where} available here: {format_bytes(available)}")
 
 
 @app.command()

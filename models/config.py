@@ -12,11 +12,14 @@ from typing import Any
 
 # Decides the Hugging Face layout used by export/import (the transformers model_type).
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
-ROPE_SCALING_TYPES = ("linear", "ntk", "yarn", "llama3")
+# Families transformers has no layout for (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our own format.
+FAMILIES += ("qwen", "baichuan", "chatglm")
+ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
 POSITIONS = ("rope", "alibi")
 MOE_BALANCE = ("micro_batch", "global_batch")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -52,7 +55,10 @@ class ModelConfig:
     o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, Phi)
+    mlp_bias: bool = False  # biases on the dense MLP's projections (Phi)
     tie_embeddings: bool = True
+    scale_embeddings: bool = False  # token embeddings times sqrt(dim) (Gemma; keeps them on the scale of the stream)
+    head_bias: bool = False  # bias on the output head (Phi)
     norm_head: bool = False  # Baichuan2 NormHead: the output head's rows are L2-normalised
     max_z_loss_coef: float = 0.0  # Baichuan2 max-z loss: coef * (max logit)^2, added to aux_loss (2e-4)
     # Mixture of experts (n_experts == 0: every layer is a dense MLP)
@@ -67,9 +73,31 @@ class ModelConfig:
     # "micro_batch": balance each micro-batch; "global_batch": count expert loads over the
     # whole step (all micro-batches and data-parallel ranks), as Qwen3 does
     moe_balance: str = "micro_batch"
+    # DeepSeek-V3 routing: sigmoid affinities; a per-expert bias (router_bias, adjusted for
+    # balance instead of an aux loss) that only steers the top-k choice; experts in
+    # n_expert_groups groups of which each token may use topk_groups (ranked by the sum of a
+    # group's two best scores); the chosen weights times routed_scale.
+    router_score: str = "softmax"  # softmax | sigmoid
+    router_bias: bool = False
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scale: float = 1.0
+    # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0: keys and values
+    # are expanded from one kv_lora_rank latent per token (all the KV cache needs); each
+    # head's query/key is a part without RoPE (qk_nope_head_dim) plus a rotated part
+    # (qk_rope_head_dim) whose key is one vector shared by all heads (decoupled RoPE);
+    # values have v_head_dim. q_lora_rank > 0 sends queries through a low-rank latent too.
+    # head_dim is then qk_nope_head_dim + qk_rope_head_dim.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         # Resolve the default head size; left None when it would not be whole so validate() says so.
+        if self.head_dim is None and self.is_mla:
+            self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         if self.head_dim is None and self.n_heads > 0 and self.dim % self.n_heads == 0:
             self.head_dim = self.dim // self.n_heads
         if self.ffn_dim is None and self.dim > 0 and self.ffn_multiple_of > 0:
@@ -97,10 +125,16 @@ class ModelConfig:
         return self.n_experts > 0
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
     def rotary_dim(self) -> int:
         """How many of each head's dims RoPE rotates (0 with ALiBi)."""
         if self.position != "rope":
             return 0
+        if self.is_mla:
+            return self.qk_rope_head_dim
         rotary = int(self.head_dim * self.rotary_pct)
         return rotary - rotary % (4 if self.rope_2d else 2)
 
@@ -148,6 +182,7 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         self._validate_rope_scaling()
         self._validate_windows()
+        self._validate_mla()
         if self.logn_train_len is not None:
             _require_positive_int("logn_train_len", self.logn_train_len)
         if self.norm_head and self.tie_embeddings:
@@ -161,6 +196,8 @@ class ModelConfig:
         if not 0 <= self.n_dense_layers <= self.n_layers:
             raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be between 0 and n_layers ({self.n_layers})")
         if self.is_moe:
+            if self.mlp_bias:
+                raise ValueError("mlp_bias applies to dense MLPs; MoE experts have no biases")
             if self.mlp == "gelu":
                 raise ValueError("MoE experts are gated MLPs; use mlp: swiglu or geglu with n_experts > 0")
             if not 1 <= self.n_experts_per_token <= self.n_experts:
@@ -171,8 +208,43 @@ class ModelConfig:
                 raise ValueError(f"moe_ffn_dim must be positive, got {self.moe_ffn_dim}")
             if self.router_aux_loss_coef < 0:
                 raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+            self._validate_routing()
             if self.router_z_loss_coef < 0:
                 raise ValueError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
+
+    def _validate_mla(self) -> None:
+        if not self.is_mla:
+            return
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require_positive_int(name, getattr(self, name))
+        if self.q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank must be >= 0 (0: no query latent), got {self.q_lora_rank}")
+        if self.head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:
+            raise ValueError(
+                f"with MLA head_dim ({self.head_dim}) must be qk_nope_head_dim + qk_rope_head_dim "
+                f"({self.qk_nope_head_dim + self.qk_rope_head_dim}); leave it unset"
+            )
+        if self.n_kv_heads != self.n_heads or self.position != "rope" or self.qkv_bias or self.o_bias or self.qk_norm:
+            raise ValueError("MLA expands keys and values for every head from its latent: it needs n_kv_heads = n_heads, "
+                             "position rope, and no qkv_bias, o_bias or qk_norm")
+
+    def _validate_routing(self) -> None:
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"router_score '{self.router_score}' is not one of {', '.join(ROUTER_SCORES)}")
+        _require_positive_int("n_expert_groups", self.n_expert_groups)
+        per_group = self.n_experts // self.n_expert_groups
+        if self.n_experts % self.n_expert_groups or (self.n_expert_groups > 1 and per_group < 2):
+            raise ValueError(
+                f"n_experts ({self.n_experts}) must split into n_expert_groups ({self.n_expert_groups}) groups of at least 2"
+            )
+        if not 1 <= self.topk_groups <= self.n_expert_groups:
+            raise ValueError(f"topk_groups ({self.topk_groups}) must be between 1 and n_expert_groups ({self.n_expert_groups})")
+        if self.topk_groups * per_group < self.n_experts_per_token:
+            raise ValueError(
+                f"topk_groups ({self.topk_groups}) groups hold fewer experts than n_experts_per_token ({self.n_experts_per_token})"
+            )
+        if not self.routed_scale > 0:
+            raise ValueError(f"routed_scale must be positive, got {self.routed_scale}")
 
     def _validate_windows(self) -> None:
         window = self.sliding_window
@@ -208,7 +280,7 @@ class ModelConfig:
         factor = scaling.get("factor")
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
             raise ValueError(f"rope_scaling.factor must be a number >= 1, got {factor!r}")
-        if scaling["type"] in ("yarn", "llama3"):
+        if scaling["type"] in ("dynamic", "yarn", "llama3"):
             original = scaling.get("original_max_seq_len")
             if not isinstance(original, int) or original <= 0:
                 raise ValueError(
@@ -221,6 +293,8 @@ class ModelConfig:
     # ---- counting -------------------------------------------------------------------------
 
     def _attention_params(self) -> int:
+        if self.is_mla:
+            return self._mla_params()
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         params = self.dim * (q_out + 2 * kv_out) + q_out * self.dim
         if self.qkv_bias:
@@ -231,11 +305,21 @@ class ModelConfig:
             params += 2 * self.head_dim
         return params
 
+    def _mla_params(self) -> int:
+        q_out = self.n_heads * self.head_dim
+        q = self.dim * q_out if not self.q_lora_rank else self.q_lora_rank * (self.dim + 1 + q_out)
+        kv_a = self.dim * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv_b = self.kv_lora_rank * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv_a + kv_b + self.n_heads * self.v_head_dim * self.dim
+
     def _norm_params(self) -> int:
         return 2 * self.dim if self.norm == "layernorm" else self.dim  # LayerNorm has a bias
 
     def _mlp_params(self, hidden: int) -> int:
-        return (2 if self.mlp == "gelu" else 3) * self.dim * hidden
+        params = (2 if self.mlp == "gelu" else 3) * self.dim * hidden
+        if self.mlp_bias:
+            params += (1 if self.mlp == "gelu" else 2) * hidden + self.dim
+        return params
 
     def _layer_params(self, layer: int, experts_counted: int) -> int:
         """One block; `experts_counted` routed experts of an MoE layer (all for total, top-k for active)."""
@@ -248,7 +332,7 @@ class ModelConfig:
         return norms + self._attention_params() + mlp
 
     def _head_params(self) -> int:
-        return 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return (0 if self.tie_embeddings else self.vocab_size * self.dim) + (self.vocab_size if self.head_bias else 0)
 
     def _count(self, experts_counted: int) -> int:
         layers = sum(self._layer_params(i, experts_counted) for i in range(self.n_layers))
@@ -280,51 +364,3 @@ class ModelConfig:
 def _require_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, dtype_bytes: int = 2) -> dict[str, int]:
-    """Rough bytes needed to train (and to serve) `cfg` at this batch shape.
-
-    weights/grads in `dtype_bytes`; AdamW keeps two fp32 moments per parameter (plus an fp32
-    master copy when training in 16-bit). Activations count the tensors autograd saves per
-    layer with fused (flash/SDPA) attention and no recomputation, plus the fp32 logits.
-    """
-    n = cfg.num_params()
-    weights = n * dtype_bytes
-    grads = n * dtype_bytes
-    master = n * 4 if dtype_bytes < 4 else 0
-    optimizer = 2 * n * 4 + master
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    # attn: norm in/out, q, k, v, attention output; mlp: norm in/out, then the MLP's hidden
-    # tensors (for MoE: per routed copy of the token, plus its gathered input; shared experts).
-    attention_elems = 2 * cfg.dim + q_out + 2 * kv_out + q_out
-    per_hidden = 2 if cfg.mlp == "gelu" else 3  # gelu: up and activation; gated: gate, up, product
-    dense_elems = 2 * cfg.dim + per_hidden * cfg.ffn_dim
-    moe_elems = (2 * cfg.dim + cfg.n_experts_per_token * (cfg.dim + per_hidden * cfg.moe_ffn_dim) + cfg.n_experts
-                 + cfg.n_shared_experts * per_hidden * cfg.moe_ffn_dim)
-    if cfg.parallel_block:  # one shared norm: its input and output are saved once
-        attention_elems -= 2 * cfg.dim
-    tokens = batch_size * seq_len
-    layer_elems = sum(attention_elems + (moe_elems if cfg.is_moe_layer(i) else dense_elems) for i in range(cfg.n_layers))
-    activations = tokens * layer_elems * dtype_bytes
-    activations += tokens * cfg.vocab_size * 4  # logits upcast to fp32 for the loss
-    kv_cache = 2 * cfg.n_layers * kv_out * tokens * dtype_bytes
-    return {
-        "weights": weights,
-        "grads": grads,
-        "optimizer": optimizer,
-        "activations": activations,
-        "kv_cache": kv_cache,
-        "train_total": weights + grads + optimizer + activations,
-        "inference_total": weights + kv_cache,
-    }
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (for plans printed to people)."""
-    unit = "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            break
-        n /= 1024
-    return f"{n:.1f} {unit}"

@@ -99,6 +99,12 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq, self.scale = rope_frequencies(cfg)
         self.two_d = cfg.rope_2d
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        scaling = cfg.rope_scaling or {}
+        # Dynamic NTK: past the original length L the base grows with the current length l,
+        # base * (factor * l / L - (factor - 1)) ** (d / (d - 2)), so the tables depend on l.
+        self._dynamic = (float(scaling["factor"]), scaling["original_max_seq_len"], cfg.rope_theta,
+                         self.inv_freq.numel() * 2) if scaling.get("type") == "dynamic" else None
+        self._dynamic_len = 0
 
     def forward(self, start: int, length: int, device: torch.device,
                 position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -118,9 +124,17 @@ class RotaryEmbedding(nn.Module):
         return pairs
 
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dynamic is not None:
+            factor, original, base, dim = self._dynamic
+            seen = max(length, original)
+            if seen != self._dynamic_len:  # a new length: new base, new tables
+                self._dynamic_len, self._tables = seen, {}
+                base = base * (factor * seen / original - (factor - 1)) ** (dim / (dim - 2))
+                self.inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
         cos, sin = self._tables.get(device, (None, None))
         if cos is None or cos.size(0) < length:
-            positions = torch.arange(max(length, 2 * (0 if cos is None else cos.size(0))), device=device)
+            size = length if self._dynamic is not None else max(length, 2 * (0 if cos is None else cos.size(0)))
+            positions = torch.arange(size, device=device)
             freqs = positions.float()[:, None] * self.inv_freq.to(device)[None, :]
             half = freqs.size(-1)
             angles = torch.cat((freqs, freqs), dim=-1)  # [T, chunk], the rotate-half layout
@@ -291,6 +305,49 @@ class Attention(nn.Module):
         return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3). Keys and values are expanded per head
+    from a normalised kv_lora_rank latent; RoPE rotates only a qk_rope_head_dim slice of each
+    query and one key slice shared by every head (decoupled RoPE), since a rotation between
+    latent and key would keep the expansion from being folded into the query."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_heads = layer_idx, cfg.n_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        q_out = cfg.n_heads * cfg.head_dim
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, q_out, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | None,
+                q_scale: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_a_norm(self.wq_a(x)))
+        q_nope, q_rot = q.view(batch, seq, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rot = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(self.kv_a_norm(latent)).view(batch, seq, self.n_heads, -1)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q_rot, k_rot = apply_rope(q_rot, rope), apply_rope(k_rot.view(batch, seq, 1, self.rope_dim), rope)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(-1, -1, self.n_heads, -1)), dim=-1)
+        if q_scale is not None:
+            q = q * q_scale[..., None, None].to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, dims]
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
 def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """Several projections of the same input as one matmul (one larger GEMM runs faster than
     three small ones). Quantized stand-ins for nn.Linear run their own kernels one by one."""
@@ -316,9 +373,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden: int):
         super().__init__()
         self.act = mlp_activation(cfg.mlp)
-        self.w_gate = nn.Linear(cfg.dim, hidden, bias=False) if cfg.mlp != "gelu" else None
-        self.w_up = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, cfg.dim, bias=False)
+        self.w_gate = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias) if cfg.mlp != "gelu" else None
+        self.w_up = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_gate is None:
@@ -350,6 +407,10 @@ class MoE(nn.Module):
         self.n_experts, self.top_k, self.norm_topk_prob = cfg.n_experts, cfg.n_experts_per_token, cfg.norm_topk_prob
         self.act = mlp_activation(cfg.mlp)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.sigmoid, self.routed_scale = cfg.router_score == "sigmoid", cfg.routed_scale
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.topk_groups
+        # DeepSeek-V3's balancing bias: steers which experts are chosen, never their weights.
+        self.register_buffer("score_bias", torch.zeros(cfg.n_experts) if cfg.router_bias else None)
         self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim))
@@ -359,10 +420,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, dim]
         logits = self.router(x).float()
-        probs = F.softmax(logits, dim=-1)  # [N, E], fp32
-        top_probs, top_experts = probs.topk(self.top_k, dim=-1)  # [N, k]
-        if self.norm_topk_prob:
-            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        probs, top_probs, top_experts = self._route(logits)
 
         flat_experts = top_experts.flatten()
         order = flat_experts.argsort(stable=True)
@@ -375,6 +433,22 @@ class MoE(nn.Module):
             out = out + self.shared(x)
         stats = RouterStats(probs.mean(dim=0), counts, torch.logsumexp(logits, dim=-1).pow(2).mean())
         return out.view(shape), stats
+
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router probabilities [N, E], top-k weights [N, k], top-k experts [N, k]), in fp32."""
+        scores = logits.sigmoid() if self.sigmoid else F.softmax(logits, dim=-1)
+        choice = scores if self.score_bias is None else scores + self.score_bias
+        if self.n_groups > 1:  # keep the topk_groups groups whose two best experts score highest
+            grouped = choice.view(len(choice), self.n_groups, -1)
+            best_groups = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        top_experts = choice.topk(self.top_k, dim=-1).indices
+        top_probs = scores.gather(1, top_experts)
+        if self.norm_topk_prob:
+            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        probs = scores / scores.sum(dim=-1, keepdim=True) if self.sigmoid else scores
+        return probs, top_probs * self.routed_scale, top_experts
 
     def _run_experts(self, tokens: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The gated MLP of each row of `tokens` [M, dim] by its expert; rows sorted by expert."""
@@ -416,7 +490,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = make_norm(cfg, cfg.dim)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = LatentAttention(cfg, layer_idx) if cfg.is_mla else Attention(cfg, layer_idx)
         self.ffn_norm = None if cfg.parallel_block else make_norm(cfg, cfg.dim)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.ffn_dim)
 
@@ -446,7 +520,7 @@ class Decoder(nn.Module):
         self.windows = cfg.layer_windows()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.dim)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         # Training-engine switch: recompute each block's activations in the backward pass
@@ -497,6 +571,8 @@ class Decoder(nn.Module):
         masks = self._masks(past, seq, kv_cache, attn_mask, input_ids.device)
 
         x = self.tok_embeddings(input_ids)
+        if self.cfg.scale_embeddings:  # Gemma: the factor rounded to the embedding dtype, as HF does
+            x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
         routers: list[RouterStats] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, window in zip(self.layers, self.windows):
@@ -508,7 +584,7 @@ class Decoder(nn.Module):
                 routers.append(stats)
         h = self.norm(x)
         if self.cfg.norm_head:  # Baichuan2: unit-norm rows keep the logits' scale in check
-            logits = F.linear(h, F.normalize(self.lm_head.weight, dim=-1))
+            logits = F.linear(h, F.normalize(self.lm_head.weight, dim=-1), self.lm_head.bias)
         else:
             logits = self.lm_head(h)
         aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)

@@ -62,20 +62,34 @@ COMMON_NAMES = {
     "attn.q_norm.weight": "self_attn.q_norm.weight",
     "attn.k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_norm.bias": "input_layernorm.bias",  # LayerNorm
+    "ffn_norm.bias": "post_attention_layernorm.bias",
     "ffn.w_gate.weight": "mlp.gate_proj.weight",
     "ffn.w_up.weight": "mlp.up_proj.weight",
     "ffn.w_down.weight": "mlp.down_proj.weight",
     "ffn.router.weight": "mlp.gate.weight",
 }
-TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "norm.bias": "model.norm.bias",
+    "lm_head.weight": "lm_head.weight",
+    "lm_head.bias": "lm_head.bias",
+}
 # Our stacked expert weights [n_experts, out, in] -> the projection name in the family's per-expert template.
 EXPERT_PROJS = {"ffn.w_gate": "gate_proj", "ffn.w_up": "up_proj", "ffn.w_down": "down_proj"}
 # Fields that only matter for MoE layers, and training settings no config.json needs to carry.
-MOE_FIELDS = ("n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "router_aux_loss_coef")
-TRAINING_ONLY = ("router_aux_loss_coef",)
+MOE_FIELDS = (
+    "n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "n_dense_layers",
+    "router_score", "router_bias", "n_expert_groups", "topk_groups", "routed_scale",
+)
+TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "ffn_multiple_of")
 SILU = {"hidden_act": "silu"}
 # Other spellings of a config.json key that some transformers versions write (5.x: num_local_experts).
 KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}
+# What transformers assumes when a config.json leaves a key out (where that differs from our default).
+HF_DEFAULTS = {"tie_word_embeddings": False}
+ZERO_IS_NONE = ("q_lora_rank",)  # config.json says "none" with null where we say 0
 
 
 @dataclass(frozen=True)
@@ -89,11 +103,15 @@ class Family:
     implied: dict[str, Any] = field(default_factory=dict)  # our fields the architecture fixes
     # config.json values written on export and required on import (a tuple: the accepted spellings, first written)
     constants: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # the class's config defaults, beyond HF_DEFAULTS
     names: dict[str, str] = field(default_factory=dict)  # overrides of COMMON_NAMES
+    top: dict[str, str] = field(default_factory=dict)  # overrides of TOP_NAMES
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # HF name in a layer -> our names, concatenated on dim 0
     experts: str = "mlp.experts.{e}.{proj}.weight"  # per-expert tensor names, inside a layer
     expert_projs: dict[str, str] = field(default_factory=lambda: dict(EXPERT_PROJS))
     moe: bool = False
+    norm_offset: bool = False  # RMSNorm scales stored as w - 1 (Gemma computes x * (1 + w))
+    rope_interleaved: bool = False  # rotary dims paired (0, 1), (2, 3), ... (GLM, DeepSeek) instead of halves
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
         """config.json key -> our field(s) (one key per field; a family's own key wins)."""
@@ -105,6 +123,9 @@ class Family:
 
     def layer_names(self) -> dict[str, str]:
         return {**COMMON_NAMES, **self.names}
+
+    def top_names(self) -> dict[str, str]:
+        return {**TOP_NAMES, **self.top}
 
 
 _MOE_CONFIG = {"num_experts_per_tok": "n_experts_per_token", "router_aux_loss_coef": "router_aux_loss_coef"}
@@ -130,34 +151,110 @@ HF_FAMILIES: dict[str, Family] = {
         constants={**SILU, "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False},
         moe=True,
     ),
-    "mistral": Family("MistralForCausalLM", constants={**SILU, "sliding_window": None}),
+    "mistral": Family("MistralForCausalLM", config={"sliding_window": "sliding_window"}, constants=SILU),
     # Mixtral renormalises its top-k softmax probabilities, i.e. norm_topk_prob.
     "mixtral": Family(
         "MixtralForCausalLM",
-        config={"num_local_experts": "n_experts", "intermediate_size": "moe_ffn_dim", **_MOE_CONFIG},
+        config={
+            "num_local_experts": "n_experts", "intermediate_size": "moe_ffn_dim", "sliding_window": "sliding_window",
+            **_MOE_CONFIG,
+        },
         implied={"norm_topk_prob": True},
-        constants={**SILU, "sliding_window": None, "router_jitter_noise": 0.0},
+        constants={**SILU, "router_jitter_noise": 0.0},
         names={"ffn.router.weight": "block_sparse_moe.gate.weight"},
         experts="block_sparse_moe.experts.{e}.{proj}.weight",
         expert_projs={"ffn.w_gate": "w1", "ffn.w_up": "w3", "ffn.w_down": "w2"},
         moe=True,
     ),
+    "gemma": Family(
+        "GemmaForCausalLM", config=_ATTENTION_BIAS,
+        implied={"mlp": "geglu", "scale_embeddings": True},
+        constants={"hidden_act": ("gelu_pytorch_tanh", "gelu")},  # "gelu" in old configs meant the tanh form
+        defaults={"tie_word_embeddings": True}, norm_offset=True,
+    ),
+    "phi": Family(
+        "PhiForCausalLM",
+        config={"layer_norm_eps": "norm_eps", "partial_rotary_factor": "rotary_pct"},
+        implied={
+            "norm": "layernorm", "mlp": "gelu", "parallel_block": True,
+            "qkv_bias": True, "o_bias": True, "mlp_bias": True, "head_bias": True,
+        },
+        constants={"hidden_act": "gelu_new", "qk_layernorm": False},
+        defaults={"partial_rotary_factor": 0.5},
+        names={
+            "attn.wo.weight": "self_attn.dense.weight", "attn.wo.bias": "self_attn.dense.bias",
+            "ffn.w_up.weight": "mlp.fc1.weight", "ffn.w_up.bias": "mlp.fc1.bias",
+            "ffn.w_down.weight": "mlp.fc2.weight", "ffn.w_down.bias": "mlp.fc2.bias",
+        },
+        top={"norm.weight": "model.final_layernorm.weight", "norm.bias": "model.final_layernorm.bias"},
+    ),
+    # DeepSeek-V3: MLA, sigmoid routing with a balancing bias and group-limited top-k, shared
+    # experts, dense first layers. Its multi-token-prediction layers are not imported.
+    "deepseek_v3": Family(
+        "DeepseekV3ForCausalLM",
+        config={
+            "qk_head_dim": "head_dim", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+            "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
+            "n_routed_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim", "n_shared_experts": "n_shared_experts",
+            "first_k_dense_replace": "n_dense_layers", "norm_topk_prob": "norm_topk_prob",
+            "routed_scaling_factor": "routed_scale", "n_group": "n_expert_groups", "topk_group": "topk_groups",
+            "num_experts_per_tok": "n_experts_per_token",
+        },
+        implied={"router_score": "sigmoid", "router_bias": True},
+        constants={
+            **SILU, "attention_bias": False, "rope_interleave": True,
+            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
+        },
+        names={
+            "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+            "attn.q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+            "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+            "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+            "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+            "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+            "ffn.score_bias": "mlp.gate.e_score_correction_bias",
+            "ffn.shared.w_gate.weight": "mlp.shared_experts.gate_proj.weight",
+            "ffn.shared.w_up.weight": "mlp.shared_experts.up_proj.weight",
+            "ffn.shared.w_down.weight": "mlp.shared_experts.down_proj.weight",
+        },
+        moe=True, rope_interleaved=True,
+    ),
+    "glm": Family(
+        "GlmForCausalLM",
+        config={"attention_bias": "qkv_bias", "partial_rotary_factor": "rotary_pct"},
+        constants=SILU,
+        defaults={"partial_rotary_factor": 0.5, "attention_bias": True},
+        fused={"mlp.gate_up_proj.weight": ("ffn.w_gate.weight", "ffn.w_up.weight")},
+        rope_interleaved=True,
+    ),
 }
 
 
-def family_of(cfg: ModelConfig) -> Family:
-    if cfg.family not in HF_FAMILIES:
+# Our families that export through another's layout: Baichuan 2 (7B, RoPE) is the Llama
+# layout plus NormHead, which export folds into the output weights.
+EXPORTS_AS = {"baichuan": "llama"}
+FOLDED = ("norm_head",)  # knobs export bakes into the weights
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    model_type = EXPORTS_AS.get(cfg.family, cfg.family)
+    if model_type not in HF_FAMILIES:
         raise ValueError(
-            f"family '{cfg.family}' has no transformers layout; families that export: {', '.join(HF_FAMILIES)}"
+            f"family '{cfg.family}' has no transformers layout; families that export: "
+            f"{', '.join([*HF_FAMILIES, *EXPORTS_AS])}"
         )
-    return HF_FAMILIES[cfg.family]
+    return model_type
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    return HF_FAMILIES[hf_model_type(cfg)]
 
 
 def _unused_fields(cfg: ModelConfig) -> set[str]:
     """Fields whose value does not change this model's computation."""
     if not cfg.is_moe:
         return set(MOE_FIELDS)
-    return {"ffn_dim"}  # every layer is MoE
+    return set() if cfg.n_dense_layers else {"ffn_dim"}  # dense layers use ffn_dim
 
 
 def check_exportable(cfg: ModelConfig) -> Family:
@@ -166,8 +263,10 @@ def check_exportable(cfg: ModelConfig) -> Family:
     if family.moe != cfg.is_moe:
         need = "n_experts > 0" if family.moe else "n_experts = 0 (dense)"
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which needs {need}")
+    if isinstance(cfg.sliding_window, list):
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which has one sliding_window for all layers")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
-    skipped = _unused_fields(cfg) | set(TRAINING_ONLY)
+    skipped = _unused_fields(cfg) | set(TRAINING_ONLY) | set(FOLDED)
     defaults = ModelConfig()
     for f in dataclasses.fields(ModelConfig):
         if f.name in carried or f.name in skipped:
@@ -187,9 +286,11 @@ def check_exportable(cfg: ModelConfig) -> Family:
 def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, Any]:
     """config.json for the family's transformers class."""
     family = check_exportable(cfg)
-    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": cfg.family}
+    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": hf_model_type(cfg)}
     for key, ours in family.config_keys().items():
         config[key] = any(getattr(cfg, f) for f in ours) if isinstance(ours, tuple) else getattr(cfg, ours)
+        if key in ZERO_IS_NONE and config[key] == 0:
+            config[key] = None
     config.update(_rope_to_hf(cfg))
     config.update({k: v[0] if isinstance(v, tuple) else v for k, v in family.constants.items()})
     config.update(
@@ -212,6 +313,10 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope_theta = cfg.rope_theta * float(scaling["factor"]) ** (cfg.head_dim / (cfg.head_dim - 2))
     elif scaling and scaling["type"] == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}
+    elif scaling and scaling["type"] == "dynamic":
+        raise ValueError("rope_scaling type 'dynamic' has no faithful Hugging Face export "
+                         "(transformers takes the original length from max_position_embeddings); "
+                         "export a model with a fixed scaling (ntk, yarn, linear)")
     elif scaling and scaling["type"] == "yarn":
         rope_scaling = {
             "rope_type": "yarn",
@@ -241,7 +346,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise ValueError(f"{family.architecture} checkpoints with {key}={hf[key]!r} are not supported (only {accepted[0]!r})")
     fields: dict[str, Any] = {"family": model_type, **family.implied}
     for key, ours in family.config_keys().items():
-        value = hf.get(key, hf.get(KEY_ALIASES.get(key, key)))
+        value = _hf_value(hf, key, family)
         if value is not None:
             fields.update(dict.fromkeys(ours, value) if isinstance(ours, tuple) else {ours: value})
     fields.setdefault("n_kv_heads", hf["num_attention_heads"])  # absent: multi-head attention
@@ -249,6 +354,18 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
+
+
+def _hf_value(hf: dict[str, Any], key: str, family: Family) -> Any:
+    """A config.json value: under its key or another spelling, inside transformers 5's
+    rope_parameters, or the class default the file relies on."""
+    for k in (key, KEY_ALIASES.get(key)):
+        if k and hf.get(k) is not None:
+            return hf[k]
+    rope = hf.get("rope_parameters") or {}
+    if rope.get(key) is not None:
+        return rope[key]
+    return {**HF_DEFAULTS, **family.defaults}.get(key)
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +399,10 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     family = family_of(cfg)
-    names = family.layer_names()
+    state = _adapt(cfg, family, dict(state), to_hf=True)
+    if cfg.norm_head:  # Baichuan 2's NormHead: the head's rows at unit norm, as the model uses them
+        state["lm_head.weight"] = torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)
+    names, top = family.layer_names(), family.top_names()
     fused_parts = {part: hf for hf, parts in family.fused.items() for part in parts}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -290,7 +410,7 @@ def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
             continue  # HF re-ties it from embed_tokens
         match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if not match:
-            out[TOP_NAMES[name]] = tensor
+            out[top[name]] = tensor
             continue
         layer, rest = match.groups()
         prefix = f"model.layers.{layer}."
@@ -325,7 +445,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> d
     """Our state_dict (with lm_head.weight even when tied) from HF tensors of either expert layout."""
     family = family_of(cfg)
     to_ours = {hf: ours for ours, hf in family.layer_names().items()}
-    top = {hf: ours for ours, hf in TOP_NAMES.items()}
+    top = {hf: ours for ours, hf in family.top_names().items()}
     proj_to_ours = {proj: ours for ours, proj in family.expert_projs.items()}
     expert_prefix, _ = family.experts.split("{e}")
     per_expert = re.compile(re.escape(expert_prefix) + r"(\d+)\." + r"(\w+)\.weight")
@@ -339,6 +459,8 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> d
         if not match:
             raise ValueError(f"unexpected tensor {name!r} in a {cfg.family} checkpoint")
         layer, rest = match.groups()
+        if int(layer) >= cfg.n_layers:
+            continue  # DeepSeek-V3's multi-token-prediction layers: a training aid, not part of next-token logits
         prefix = f"layers.{layer}."
         expert = per_expert.fullmatch(rest)
         if expert and expert.group(2) in proj_to_ours:
@@ -358,7 +480,44 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> d
         state[prefix + ours] = torch.stack([by_index[e] for e in range(cfg.n_experts)])
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_embeddings.weight"]
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: v.contiguous() for k, v in _adapt(cfg, family, state, to_hf=False).items()}
+
+
+def _adapt(cfg: ModelConfig, family: Family, state: dict[str, torch.Tensor], to_hf: bool) -> dict[str, torch.Tensor]:
+    """The family's value conventions that differ from ours, applied to (our-named) tensors."""
+    if family.norm_offset:
+        for name in state:
+            if name.endswith("norm.weight"):
+                state[name] = state[name] - 1 if to_hf else state[name] + 1
+    if family.rope_interleaved:
+        for name, (heads, start) in _rotary_rows(cfg).items():
+            if name in state:
+                state[name] = _permute_rotary(state[name], heads, start, cfg.rotary_dim, to_hf)
+    return state
+
+
+def _rotary_rows(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Projections whose output rows RoPE rotates: name -> (heads, first rotated row in a head)."""
+    rows = {}
+    for layer in range(cfg.n_layers):
+        if cfg.is_mla:  # the rotated slice follows the no-RoPE part of each query head and the latent
+            rows[f"layers.{layer}.attn.{'wq_b' if cfg.q_lora_rank else 'wq'}.weight"] = (cfg.n_heads, cfg.qk_nope_head_dim)
+            rows[f"layers.{layer}.attn.wkv_a.weight"] = (1, cfg.kv_lora_rank)
+            continue
+        for proj, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
+            for kind in ("weight", "bias"):
+                rows[f"layers.{layer}.attn.{proj}.{kind}"] = (heads, 0)
+    return rows
+
+
+def _permute_rotary(t: torch.Tensor, heads: int, start: int, rotary: int, to_hf: bool) -> torch.Tensor:
+    """Reorder each head's rotated rows between the interleaved layout (pairs 2i, 2i+1) and
+    ours (pairs i, i + rotary/2): the same rotation, so q.k and the logits do not change."""
+    halves = torch.cat((torch.arange(0, rotary, 2), torch.arange(1, rotary, 2)))  # ours[j] = interleaved[halves[j]]
+    order = halves.argsort() if to_hf else halves
+    t = t.reshape(heads, -1, *t.shape[1:]).clone()
+    t[:, start : start + rotary] = t[:, start : start + rotary][:, order]
+    return t.reshape(-1, *t.shape[2:])
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -432,14 +591,45 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 
 
 def load_hf(hf_dir: str | Path, device: str = "cpu"):
-    """(Decoder in eval mode, tokenizers.Tokenizer or None) from a local Hugging Face folder."""
-    from tokenizers import Tokenizer
+    """(Decoder in eval mode, tokenizers.Tokenizer or None) from a local Hugging Face folder.
 
+    A tokenizer without our special tokens (docs/CONTRACTS.md) gets them added, and the
+    embedding (and head) grows by as many rows, each the mean of the existing rows."""
     from llm_lifecycle.models.decoder import Decoder
 
     cfg, state = import_hf(hf_dir)
+    tokenizer = _hf_tokenizer(Path(hf_dir))
+    if tokenizer is not None:
+        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        tokenizer.add_special_tokens(missing)
+        if tokenizer.get_vocab_size() > cfg.vocab_size:
+            cfg, state = _grow_vocab(cfg, state, tokenizer.get_vocab_size())
     model = Decoder(cfg)
     model.load_state_dict(state)
-    tokenizer_file = Path(hf_dir) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
     return model.to(device).eval(), tokenizer
+
+
+def _hf_tokenizer(hf_dir: Path):
+    """tokenizer.json, or the fast tokenizer transformers converts from the folder's files."""
+    from tokenizers import Tokenizer
+
+    if (hf_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    if not (hf_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False).backend_tokenizer
+
+
+def _grow_vocab(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int):
+    extra = vocab_size - cfg.vocab_size
+    for name in ("tok_embeddings.weight", "lm_head.weight"):
+        rows = state[name]
+        state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(extra, -1)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    if cfg.head_bias:
+        bias = state["lm_head.bias"]
+        state["lm_head.bias"] = torch.cat([bias, bias.mean().expand(extra)])
+    return dataclasses.replace(cfg, vocab_size=vocab_size), state

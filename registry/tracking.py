@@ -226,6 +226,36 @@ class MlflowTracker:
         mlflow.flush_async_logging()
 
 
+class NullTracker:
+    """The tracker of torchrun ranks other than 0: rank 0 alone records the run."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, data: dict | list, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_input(self, path: str | Path, name: str, context: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------------------
 # Run lifecycle: a run ends FINISHED, FAILED (an error) or KILLED (a signal, or its process
 # vanished). Each run records which process owns it, so the next start can close the runs
@@ -302,12 +332,18 @@ def _end_status(err: BaseException) -> str:
 @contextmanager
 def start_run(
     experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
-) -> Iterator[MlflowTracker]:
+) -> Iterator[MlflowTracker | NullTracker]:
     """An MLflow run with hardware and owner tags and system metrics; it ends FINISHED,
     FAILED (with the error as `llm.error`) or KILLED. A top-level run first closes the
-    runs that killed processes left RUNNING."""
+    runs that killed processes left RUNNING. Under torchrun only rank 0 opens runs; the
+    other ranks get a NullTracker."""
     import mlflow
 
+    from llm_lifecycle.registry.hardware import is_main_process
+
+    if not is_main_process():
+        yield NullTracker()
+        return
     if parent_run_id is None:
         mark_orphaned_runs()
     exp_id = ensure_experiment(experiment)

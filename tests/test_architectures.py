@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_lifecycle.models.config import ModelConfig, estimate_memory
+from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
 from llm_lifecycle.models.upcycle import upcycle
+from llm_lifecycle.registry.memory import training_memory
 from llm_lifecycle.workflows.glm import GLMTokens, blank_infilling, glm_batches, packed_length
+from llm_lifecycle.workflows.planning import shape_of
 from llm_lifecycle.workflows.trainer import lm_loss
 
 BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
@@ -50,6 +52,13 @@ KNOB_CONFIGS = {
     "window-logn-bias": dict(sliding_window=8, window_layers=1, logn_train_len=16, qkv_bias=True),
     "moe-shared-dense-first": dict(MOE, n_layers=3, n_shared_experts=2, n_dense_layers=1, mlp="geglu"),
     "glm-2d": dict(rope_2d=True, rotary_pct=0.5, norm="layernorm"),
+    # the interop knobs (their computation is checked against transformers in tests/test_hf_parity.py)
+    "phi-biases-gemma-scale": dict(norm="layernorm", mlp="gelu", mlp_bias=True, o_bias=True, head_bias=True,
+                                   tie_embeddings=False, scale_embeddings=True),
+    "mla-deepseek-routing": dict(
+        MOE, n_kv_heads=4, head_dim=None, kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, router_score="sigmoid", router_bias=True, n_expert_groups=2, topk_groups=1, routed_scale=2.0,
+    ),
 }
 
 
@@ -61,8 +70,8 @@ def test_counts_match_the_module_for_every_knob(name):
     if cfg.is_moe:
         unused = (cfg.n_layers - cfg.n_dense_layers) * (cfg.n_experts - cfg.n_experts_per_token)
         assert cfg.active_params() == cfg.num_params() - unused * 3 * cfg.dim * cfg.moe_ffn_dim
-    mem = estimate_memory(cfg, 2, 32)
-    assert mem["train_total"] == mem["weights"] + mem["grads"] + mem["optimizer"] + mem["activations"]
+    mem = training_memory(shape_of(cfg), 2, 32)
+    assert mem["total"] == mem["weights"] + mem["optimizer"] + max(mem["activations"] + mem["logits"], mem["grads"])
     out = model(tokens(2, 12))
     assert out.logits.shape == (2, 12, 97) and torch.isfinite(out.logits).all()
 

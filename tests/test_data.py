@@ -8,7 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import csv  # noqa: E402
 import gzip  # noqa: E402
+import io  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import unicodedata  # noqa: E402
@@ -245,7 +248,7 @@ def test_fetch_errors_are_one_clear_line(tmp_path):
         fetch_docs(tmp_path, [{"uri": "builtin:nope"}])
     assert "builtin:nope" in str(err.value) and "builtin:corpus" in str(err.value)
 
-    with pytest.raises(UserError, match=r"sources\[0\]\.uri: no \.txt, \.jsonl, \.jsonl\.gz, \.parquet files at"):
+    with pytest.raises(UserError, match=r"sources\[0\]\.uri: no \.txt, \.jsonl, \.jsonl\.gz, \.parquet, \.csv files at"):
         fetch_docs(tmp_path, [{"uri": "builtin:chat/zh_oasst1_sft_zh.json"}])
 
     with pytest.raises(UserError, match=r"sources\[0\]\.wieght: unknown setting"):
@@ -264,6 +267,56 @@ def test_fetch_hf_offline_is_a_user_error(tmp_path, monkeypatch):
         "cannot reach the Hugging Face hub to fetch hf://datasets/llm-lifecycle-tests/not-cached:"
     )
     assert "builtin:NAME" in message
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def make_hub_cache(root: Path, repo: str, commit: str, files: dict[str, str], refs: tuple[str, ...] = ("main",)) -> Path:
+    """A Hugging Face hub cache holding one dataset snapshot, laid out as huggingface_hub writes it."""
+    repo_dir = root / f"datasets--{repo.replace('/', '--')}"
+    for ref in refs:
+        (repo_dir / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+    for name, text in files.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(text.encode()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_text(text, encoding="utf-8")
+        link = repo_dir / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return root
+
+
+def test_fetch_hf_dataset_from_a_prepared_offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    english, _ = distinct_docs()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = make_hub_cache(tmp_path / "hub", "acme/corpus", commit, {
+        "data/train.jsonl": "".join(json.dumps({"body": t}) + "\n" for t in english[:5]),
+        "data/extra.csv": csv_text(["id", "body"], [[i, t] for i, t in enumerate(english[5:8])]),
+        "README.md": "# a dataset card",
+    }, refs=("main", "v1.0"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    docs, result = fetch_docs(tmp_path / "a", [
+        {"uri": "hf://datasets/acme/corpus/data", "text_field": "body", "revision": "v1.0"},
+    ])
+    assert [d["text"] for d in docs] == english[5:8] + english[:5]  # the files in path order
+    assert [docs[0]["source"], docs[-1]["source"]] == [
+        "hf://datasets/acme/corpus/data/extra.csv", "hf://datasets/acme/corpus/data/train.jsonl"]
+    pinned, _ = fetch_docs(tmp_path / "b", [
+        {"uri": f"hf://datasets/acme/corpus@{commit}", "text_field": "body", "allow_patterns": ["data/*.jsonl"]},
+    ])
+    assert [d["text"] for d in pinned] == english[:5]  # only the files the patterns allow
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub"):
+        fetch_docs(tmp_path / "c", [{"uri": "hf://datasets/acme/corpus", "revision": "v2.0"}])
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,6 +400,36 @@ def test_rule_filters_measure_cjk_in_characters():
     assert data.word_count("床前明月光 moon light") == 7
 
 
+def test_optional_gopher_and_c4_rules():
+    rules = data.QualityRules(min_alpha_word_fraction=0.8, min_stop_words=2, max_bullet_line_fraction=0.9,
+                              c4_bad_content=True)
+    english, chinese = distinct_docs()
+    assert data.rule_failure(english[0], rules) is None and data.rule_failure(chinese[0], rules) is None
+    assert data.rule_failure("1234 5678 9012 3456 7890 the and of 2345 6789 0123 4567", rules) == "alpha_words"
+    assert data.rule_failure("Buy cheap watches online today, great prices, fast shipping guaranteed", rules) == "stop_words"
+    bullets = "\n".join(f"• item {w} of the list and more" for w in "one two three four five six seven".split())
+    assert data.rule_failure(bullets, rules) == "bullet_lines"
+    assert data.rule_failure(english[0] + " Lorem ipsum dolor sit amet.", rules) == "c4_bad_content"
+    assert data.rule_failure(bullets, data.QualityRules()) is None  # off by default
+
+
+def test_clean_language_id_keeps_the_chosen_languages(tmp_path):
+    english, chinese = distinct_docs()
+    french = ("Le petit prince est un conte poétique et philosophique sous l'apparence d'un conte pour enfants, "
+              "écrit par Antoine de Saint-Exupéry et publié en 1943 à New York.")
+    german = ("Die Verwandlung ist eine Erzählung von Franz Kafka, die im Jahr 1912 entstand und 1915 erschien; "
+              "sie handelt von Gregor Samsa, der eines Morgens als Ungeziefer erwacht.")
+    docs = [{"text": t, "source": "t", "repeat": 1} for t in english[:5] + chinese[:5] + [french, german]]
+    result, tracker = run_clean(tmp_path, docs, {"languages": ["en", "ZH"], "holdout_fraction": 0})
+    report = json.loads(Path(result.outputs["report"]).read_text())
+    assert report["steps"]["language"]["removed"] == 2 and result.metrics["clean.removed.language"] == 2
+    notes = {e["note"] for e in report["steps"]["language"]["examples"]}
+    assert notes == {"detected: fr", "detected: de"}
+    assert report["train_documents"] == 10
+    with pytest.raises(UserError, match="'klingon' is not an ISO 639-1 code"):
+        run_clean(tmp_path / "bad", docs, {"languages": ["klingon"]})
+
+
 def test_clean_with_everything_removed_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="removed all 1 documents"):
         run_clean(tmp_path, [{"text": "too short", "source": "x"}])
@@ -380,6 +463,55 @@ def test_tokenizer_specials_digits_and_chinese(pipeline):
 def test_tokenizer_vocab_too_small_is_a_user_error():
     with pytest.raises(UserError, match="vocab_size: 100 is below 259"):
         tokenizer.train_bpe(["some text"], vocab_size=100)
+
+
+def small_corpus() -> list[str]:
+    return builtin_texts(C4_FILE)[:60] + builtin_texts(POETRY_FILE)[:400]
+
+
+def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
+    texts = small_corpus()
+    tok = tokenizer.train_bpe(texts, vocab_size=700, whitespace_runs=8, special_tokens=["<|tool|>", "<|im_start|>"])
+    assert tok.get_vocab_size() <= 700
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool|>")] == [0, 1, 2, 3]
+    code = "def f(x):\n        return x  # 12345"
+    pieces = [tok.id_to_token(i) for i in tok.encode(code).ids]
+    assert "\u0120" * 7 in pieces and "\u0120re" in pieces  # a 7-space run, and the word keeps its space
+    assert tok.decode(tok.encode(code).ids) == code
+
+    fallback = tokenizer.train_bpe(texts, vocab_size=700, byte_fallback=True)
+    assert fallback.get_vocab_size() == 700 and fallback.token_to_id("<0xE4>") is not None
+    rare = "𠀀🦙 mixed English 文本 123"  # characters never seen in training
+    ids = fallback.encode(rare).ids
+    assert any(fallback.id_to_token(i).startswith("<0x") for i in ids)
+    assert fallback.decode(ids) == rare
+    with pytest.raises(UserError, match="whitespace_runs: needs the byte-level model"):
+        tokenizer.TokenizerConfig.from_cfg({"byte_fallback": True, "whitespace_runs": 4})
+    with pytest.raises(UserError, match="unknown setting"):
+        tokenizer.TokenizerConfig.from_cfg({"vocab": 10})
+
+
+def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_one(tmp_path):
+    english, chinese = builtin_texts(C4_FILE)[:80], builtin_texts(POETRY_FILE)
+    base = tokenizer.train_bpe(english, vocab_size=400)
+    base_file = tmp_path / "base" / "tokenizer.json"  # a checkpoint folder holding a tokenizer.json
+    base_file.parent.mkdir()
+    base.save(str(base_file))
+    cfg = tokenizer.TokenizerConfig.from_cfg({"vocab_size": 800, "extend": str(base_file.parent)})
+    extended = tokenizer.build_tokenizer(cfg, english + chinese[:500])
+    assert extended.get_vocab_size() == 800
+    assert all(extended.id_to_token(i) == base.id_to_token(i) for i in range(400))  # old ids unchanged
+    heldout = chinese[-100:]
+    assert tokenizer.bytes_per_token(extended, heldout) > 1.3 * tokenizer.bytes_per_token(base, heldout)
+    assert extended.encode(english[0]).ids == base.encode(english[0]).ids  # English untouched
+    assert all(extended.decode(extended.encode(t).ids) == unicodedata.normalize("NFC", t) for t in heldout[:20])
+
+    same = tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 400, "pretrained": str(base_file)}), [])
+    assert same.to_str() == base.to_str()
+    with pytest.raises(UserError, match="is below the 400 tokens"):
+        tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 300, "pretrained": str(base_file)}), [])
+    with pytest.raises(UserError, match="cannot get tokenizer.json of nobody/nothing"):
+        tokenizer.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
 
 
 # ---------------------------------------------------------------------------------------
@@ -513,3 +645,103 @@ def test_token_view_and_sequential_windows_cover_the_stream(tmp_path):
     np.testing.assert_array_equal(inputs.numpy(), stream[: count * 64])
     np.testing.assert_array_equal(targets.numpy(), stream[1 : count * 64 + 1])
     assert len(list(packed.sequential_windows(seq_len=64, max_windows=2))) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Mixtures and schedules
+
+
+def test_mixture_schedule_samples_groups_by_phase_and_long_documents(tmp_path):
+    from llm_lifecycle.workflows.mixture import parse_schedule, phase_at, scheduled_batches
+    from llm_lifecycle.workflows.trainer import TrainSettings
+
+    # Group "general" uses ids 10-19 in short documents, "knowledge" 20-29, "long" 30-39 in long ones.
+    rng = np.random.default_rng(0)
+    docs, groups = [], []
+    for i in range(300):
+        group = ["general", "knowledge", "long"][i % 3]
+        base, size = {"general": (10, 20), "knowledge": (20, 20), "long": (30, 300)}[group]
+        docs.append(np.append(rng.integers(base, base + 10, size=size), 0))
+        groups.append(group)
+    shards.write_shards(tmp_path, docs, vocab_size=64, shard_tokens=4096)
+    shards.write_groups(tmp_path, groups)
+    packed = shards.TokenShards(tmp_path)
+    assert packed.group_names == ["general", "knowledge", "long"]
+
+    schedule = parse_schedule(
+        [{"until": 0.5, "mixture": {"general": 1.0}}, {"until": 1.0, "mixture": {"knowledge": 3, "general": 1}},
+         ], "stages.pretrain.schedule")
+    assert phase_at(schedule, 4, 10).mixture == {"general": 1.0} and phase_at(schedule, 5, 10).until == 1.0
+    settings = TrainSettings.from_cfg({**dict.fromkeys(TrainSettings.__dataclass_fields__, 0), "steps": 10,
+                                       "batch_size": 64, "seq_len": 8, "grad_accum": 1})
+    stream = scheduled_batches(packed, schedule, settings, seed=3, start_micro_step=0)
+    batches = [next(stream)[0] for _ in range(10)]
+
+    def group_of(row):  # the group of a window's first token (windows may run into the next document)
+        return int(row[0]) // 10 if row[0] else None
+
+    first = [group_of(r) for b in batches[:5] for r in b if group_of(r)]
+    later = [group_of(r) for b in batches[5:] for r in b if group_of(r)]
+    assert set(first) == {1}
+    assert 0.6 < later.count(2) / len(later) < 0.9 and set(later) == {1, 2}
+    resumed = scheduled_batches(packed, schedule, settings, seed=3, start_micro_step=7)
+    assert torch.equal(next(resumed)[0], batches[7])  # a resumed run reads the same data
+
+    long_only = packed.batch(0, 64, 32, seed=1, min_doc_tokens=100)[0]
+    assert all(int(row[0]) // 10 == 3 for row in long_only if row[0])
+    uniform = packed.batch(0, 4, 8, seed=1)
+    assert torch.equal(uniform[0], packed.batches(4, 8, seed=1).__next__()[0])  # no schedule: as before
+    with pytest.raises(UserError, match="mixture group 'code' has no documents"):
+        packed.batch(0, 4, 8, seed=1, mixture={"code": 1.0})
+    with pytest.raises(UserError, match="last phase must end at until: 1.0"):
+        parse_schedule([{"until": 0.5, "mixture": {"general": 1}}], "stages.pretrain.schedule")
+    with pytest.raises(UserError, match="until: expected a fraction"):
+        parse_schedule([{"until": 2, "mixture": {}}], "stages.pretrain.schedule")
+
+
+def test_fetch_records_groups_and_tokenize_carries_them(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"general text number {i} " * 5 for i in range(6)), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n\n".join(f"knowledge fact number {i} " * 5 for i in range(4)), encoding="utf-8")
+    ctx = make_ctx(tmp_path, "data-fetch")
+    result = data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt")},
+                                          {"uri": str(tmp_path / "b.txt"), "group": "knowledge", "weight": 2}]})
+    docs = read_jsonl(result.outputs["documents"])
+    assert [d["group"] for d in docs] == ["general"] * 6 + ["knowledge"] * 4
+    with pytest.raises(UserError, match="group: expected a name"):
+        data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt"), "group": "a b"}]})
+
+
+def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
+    pytest.importorskip("datatrove")
+    english, chinese = distinct_docs()
+    words = english[7].split()
+    words[len(words) // 2] = "zebra"
+    texts = english + chinese + ["  " + english[3].upper() + " ", " ".join(words), "too short"]
+    docs = [{"text": t, "source": "test", "group": "g", "repeat": 1} for t in texts]
+    cfg = {"holdout_fraction": 0.1}
+    local, _ = run_clean(tmp_path / "local", docs, cfg)
+    spread, tracker = run_clean(tmp_path / "datatrove", docs, {**cfg, "engine": "datatrove", "datatrove_tasks": 1})
+    for name in ("clean", "heldout"):
+        assert read_jsonl(spread.outputs[name]) == read_jsonl(local.outputs[name])
+    report = json.loads(Path(spread.outputs["report"]).read_text())
+    assert report["steps"]["min_chars"]["removed"] == 1
+    assert report["steps"]["minhash_dedup"]["removed"] == 2  # the exact copy and the near copy
+    assert tracker.dicts["report.json"] == report
+
+
+def test_a_recipe_with_every_data_setting_loads(tmp_path):
+    import yaml
+
+    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+
+    docs = (Path(data.__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    stages = yaml.safe_load(docs.split("```yaml\n")[1].split("```")[0])["stages"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "model": {"preset": "llama-small"}, "stages": stages}))
+    recipe = load_recipe(str(path))
+    assert recipe.stages["data-clean"]["rules"]["min_stop_words"] == 2
+    assert data.CleanConfig.from_cfg(recipe.stages["data-clean"]).rules.c4_bad_content is True
+    assert tokenizer.TokenizerConfig.from_cfg(recipe.stages["tokenizer-train"]).whitespace_runs == 16
+    assert recipe.stages["pretrain"]["schedule"][1]["mixture"] == {"general": 0.3, "knowledge": 0.7}
+    with pytest.raises(ConfigError, match="stages.pretrain.schedule"):
+        load_recipe(str(path), ["pretrain.schedule=3"])

@@ -106,7 +106,7 @@ BAD_RANGES = {
     "num_fewshot": st.integers(max_value=-1) | not_a_number,
     "precision": st.text(max_size=6).filter(lambda t: t not in ("auto", "fp32", "bf16")),
     "method": st.text(max_size=6).filter(lambda t: t not in ("dpo", "int8")),
-    "format": st.text(max_size=6).filter(lambda t: t != "hf"),
+    "format": st.text(max_size=6).filter(lambda t: t not in ("auto", "hf", "native")),
     "data": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)

@@ -32,8 +32,17 @@ FAMILIES = {
     "qwen2": dict(tie_word_embeddings=False),
     "qwen3": dict(head_dim=24, tie_word_embeddings=False),
     "qwen3_moe": dict(MOE, num_experts=4, norm_topk_prob=True, tie_word_embeddings=False),
-    "mistral": dict(sliding_window=None, tie_word_embeddings=False),
+    "mistral": dict(sliding_window=16, tie_word_embeddings=False),  # shorter than the prompts: windows matter
     "mixtral": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "gemma": dict(head_dim=24, hidden_act="gelu_pytorch_tanh"),
+    "phi": dict(partial_rotary_factor=0.5, hidden_act="gelu_new", tie_word_embeddings=False),
+    "glm": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),
+    "deepseek_v3": dict(
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, moe_intermediate_size=16,
+        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        tie_word_embeddings=False,
+    ),
 }
 
 

@@ -30,18 +30,41 @@ def _from_mlflow(ref: str) -> Path:
 
 
 def _import_hf_folder(folder: Path, workspace: Path) -> Path:
-    from llm_lifecycle.models.checkpoint import save_model_dir
-    from llm_lifecycle.models.hf import load_hf
-
+    """Imported once into the workspace (keyed by the folder's path), then reused."""
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
     out = workspace / "imports" / key
     if not (out / "config.json").is_file():
-        try:
-            model, tokenizer = load_hf(folder)
-        except (ValueError, FileNotFoundError) as err:
-            raise UserError(f"cannot import {folder}: {err}") from None
-        save_model_dir(out, model, tokenizer, extra={"imported_from": str(folder)})
+        import_model(str(folder), out)
     return out
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The hub repo's config, safetensors weights and tokenizer files, downloaded (or cached)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # offline, unknown repo, auth: all a user's fix
+        raise UserError(f"cannot fetch {repo_id} from the Hugging Face hub ({type(err).__name__}); "
+                        "check the id and the network, or pass a local folder or a models:/ URI") from None
+
+
+def import_model(source: str, out: Path):
+    """`llm import`: a Hugging Face folder or hub id -> our model folder at `out`; its ModelConfig."""
+    from llm_lifecycle.models.checkpoint import save_model_dir
+    from llm_lifecycle.models.hf import load_hf
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        if source.count("/") != 1:
+            raise UserError(f"{source}: not a folder or a Hugging Face repo id (OWNER/NAME)")
+        folder = _hub_snapshot(source)
+    try:
+        model, tokenizer = load_hf(folder)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"cannot import {source}: {err}") from None
+    save_model_dir(out, model, tokenizer, extra={"imported_from": source})
+    return model.cfg
 
 
 def resolve_model_dir(ref: str) -> Path:
@@ -57,12 +80,5 @@ def resolve_model_dir(ref: str) -> Path:
         config = json.loads(config_file.read_text())
         return path if config.get("format") == "llm-lifecycle" else _import_hf_folder(path, workspace())
     if ref.count("/") == 1 and not path.exists():
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-        except Exception as err:  # offline, unknown repo, auth: all a user's fix
-            raise UserError(f"cannot fetch {ref} from the Hugging Face hub ({type(err).__name__}); "
-                            "pass a local folder or a models:/ URI") from None
-        return _import_hf_folder(Path(folder), workspace())
+        return _import_hf_folder(_hub_snapshot(ref), workspace())
     raise UserError(f"model not found: {ref}; give models:/NAME@ALIAS, a folder, or a Hugging Face repo id")

@@ -28,10 +28,25 @@ def load_upstream_model(ctx: StageContext, stage: str):
     return model, tokenizer, model_dir
 
 
+def load_init_model(ref: str, where: str):
+    """(model, tokenizer) a stage starts from instead of an upstream stage's: `stages.X.init`."""
+    from llm_lifecycle.models.checkpoint import load_model_dir
+    from llm_lifecycle.workflows.model_ref import resolve_model_dir
+
+    model, tokenizer = load_model_dir(resolve_model_dir(ref))
+    if tokenizer is None:
+        raise UserError(f"{where}: {ref} has no tokenizer.json; give a model that ships its tokenizer")
+    return model, tokenizer
+
+
 def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = None) -> Path:
     from llm_lifecycle.models.checkpoint import save_model_dir
 
+    from llm_lifecycle.registry.hardware import is_main_process
+
     out = ctx.stage_dir / "model"
+    if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them
+        return out
     save_model_dir(out, model.cpu(), tokenizer, extra={"stage": ctx.stage, "recipe": ctx.recipe.name, **(extra or {})})
     return out
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from llm_lifecycle import __version__
+from llm_lifecycle.registry.hardware import is_main_process
+from llm_lifecycle.workflows.distributed import barrier
 from llm_lifecycle.workflows.recipe import STAGE_ORDER, Recipe
 from llm_lifecycle.workflows.stage import (
     Progress,
@@ -57,6 +59,8 @@ STAGES: dict[str, StageSpec] = {
     ]
 }
 assert list(STAGES) == STAGE_ORDER
+# Stages that run on every torchrun rank (data-parallel training); rank 0 runs the others.
+TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
 
 
 @dataclass
@@ -76,6 +80,20 @@ class PlannedStage:
         return self.selected and not self.cached
 
 
+def stage_upstream(recipe: Recipe, name: str) -> tuple[str, ...]:
+    """The stages `name` needs: one that starts from an `init` model needs no earlier model."""
+    upstream = STAGES[name].upstream
+    if recipe.stages[name].get("init"):
+        return tuple(u for u in upstream if not STAGES[u].uses_model)
+    return upstream
+
+
+def _replaced_by_init(recipe: Recipe) -> set[str]:
+    """Model-making stages before a stage that starts from `init`: nothing would use their model."""
+    starts = [i for i, s in enumerate(STAGE_ORDER) if recipe.stages[s].get("init")]
+    return {s for s in STAGE_ORDER[: max(starts, default=0)] if STAGES[s].uses_model}
+
+
 def fingerprints(recipe: Recipe) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in STAGE_ORDER:
@@ -83,9 +101,9 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
         payload = {
             "stage": name,
             "config": recipe.stages[name],
-            "model": recipe.model if spec.uses_model else None,
+            "model": recipe.model if spec.uses_model and not recipe.stages[name].get("init") else None,
             "seed": recipe.seed,
-            "upstream": [out[u] for u in spec.upstream],
+            "upstream": [out[u] for u in stage_upstream(recipe, name)],
             "version": __version__,
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -116,7 +134,7 @@ def plan(
         _parse_stage_list(from_stage)
         start = STAGE_ORDER.index(from_stage)
         chosen = [s for s in (chosen or STAGE_ORDER) if STAGE_ORDER.index(s) >= start]
-    chosen = chosen or STAGE_ORDER
+    chosen = [s for s in chosen or STAGE_ORDER if s not in _replaced_by_init(recipe)]
     # Forcing a stage re-runs everything after it that depends on it, as make would.
     force = tuple(s for s in STAGE_ORDER if s in force or set(_all_upstream(s)) & set(force))
     fps = fingerprints(recipe)
@@ -134,7 +152,7 @@ def _check_upstream(recipe: Recipe, planned: list[PlannedStage]) -> None:
     for p in planned:
         if not p.will_run:
             continue
-        for up in STAGES[p.name].upstream:
+        for up in stage_upstream(recipe, p.name):
             u = by_name[up]
             if not (u.cached or u.selected):
                 raise UserError(
@@ -166,7 +184,7 @@ def run_pipeline(
     ran = [p.name for p in planned if p.will_run]
     base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}
     parent_tags = {**base_tags, "llm.stage": "pipeline"}
-    interrupted = [a for p in planned if p.will_run and (a := _previous_attempt(recipe, p))]
+    interrupted = [a for p in planned if p.will_run and is_main_process() and (a := _previous_attempt(recipe, p))]
     if interrupted and interrupted[0].parent_run_id:
         parent_tags["llm.resumes_run"] = interrupted[0].parent_run_id
     with tracking.start_run(recipe.name, "pipeline", parent_tags) as parent:
@@ -174,6 +192,10 @@ def run_pipeline(
                            "overrides": recipe.overrides, "stages_run": ran})
         parent.log_params({"model": recipe.model})
         for p in planned:
+            if not p.cached and p.selected and not is_main_process() and p.name not in TRAINING_STAGES:
+                barrier()  # under torchrun rank 0 alone runs the data and evaluation stages
+                results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
+                continue
             if p.cached:
                 results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
                 if p.selected:
@@ -183,6 +205,7 @@ def run_pipeline(
                 continue
             with _stage_lock(recipe, p):
                 results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags)
+            barrier()  # the next stage on any rank reads what this one wrote
         for name, result in results.items():
             parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
     return results
@@ -194,12 +217,15 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
     spec = STAGES[p.name]
     tags = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
             "llm.parent_stage": ",".join(spec.upstream)}
-    previous = _previous_attempt(recipe, p)
-    if previous:
-        tags["llm.resumes_run"] = previous.run_id
-    if p.result_file.exists():
-        shutil.rmtree(p.directory)  # --force: start the stage afresh, not from old checkpoints
-    p.directory.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        previous = _previous_attempt(recipe, p)
+        if previous:
+            tags["llm.resumes_run"] = previous.run_id
+        if p.result_file.exists():
+            shutil.rmtree(p.directory)  # --force: start the stage afresh, not from old checkpoints
+        p.directory.mkdir(parents=True, exist_ok=True)
+    if p.name in TRAINING_STAGES:
+        barrier()  # every rank trains; none starts before rank 0 has made the stage directory
     progress.log(f"[bold]{p.name}[/bold] ({p.fingerprint})")
     with tracking.start_run(recipe.name, p.name, tags, parent_run_id=parent.run_id) as tracker:
         _seed_everything(recipe.seed)
@@ -217,6 +243,8 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
             seed=recipe.seed,
         )
         result = _stage_function(spec)(ctx, recipe.stages[p.name])
+        if not is_main_process():
+            return result
         tracker.log_metrics(result.metrics)
         version = None
         if result.model_dir and spec.alias:
@@ -237,6 +265,9 @@ def _stage_lock(recipe: Recipe, p: PlannedStage) -> Iterator[None]:
     drops the lock when the holder dies, even by SIGKILL."""
     import fcntl
 
+    if not is_main_process():  # torchrun ranks share rank 0's hold
+        yield
+        return
     p.directory.parent.mkdir(parents=True, exist_ok=True)
     with open(p.directory.parent / f".{p.fingerprint}.lock", "w") as lock:
         try:

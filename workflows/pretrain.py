@@ -1,13 +1,14 @@
-"""Pretrain from scratch on the packed token shards: next-token prediction, or GLM's
-autoregressive blank infilling (`objective: glm_blank_infilling`, see workflows/glm.py)."""
+"""Pretrain on the packed token shards, from scratch or from `init`: next-token prediction, or
+GLM's autoregressive blank infilling (`objective: glm_blank_infilling`, see workflows/glm.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from llm_lifecycle.workflows.glm import add_glm_tokens, glm_batches, packed_length
-from llm_lifecycle.workflows.model_stage import heldout_perplexity, save_stage_model
-from llm_lifecycle.workflows.stage import StageContext, StageResult
+from llm_lifecycle.workflows.mixture import parse_schedule, scheduled_batches
+from llm_lifecycle.workflows.model_stage import heldout_perplexity, load_init_model, save_stage_model
+from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
 
 
@@ -18,21 +19,34 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.workflows.shards import TokenShards
 
     settings = TrainSettings.from_cfg(cfg)
+    schedule = parse_schedule(cfg["schedule"], "stages.pretrain.schedule")
     tokenizer = Tokenizer.from_file(str(ctx.upstream_output("tokenizer-train", "tokenizer")))
     shards = TokenShards(ctx.upstream_output("tokenize", "train"))
-    model_cfg = ctx.recipe.model_config()
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
     glm = cfg["objective"] == "glm_blank_infilling"
-    if glm:  # [MASK] [sop] [eop] join the vocabulary (saved with the model's tokenizer)
-        glm_ids = add_glm_tokens(tokenizer)
-        model_cfg.vocab_size = max(model_cfg.vocab_size, tokenizer.get_vocab_size())
-        model_cfg.max_seq_len = max(model_cfg.max_seq_len, packed_length(settings.seq_len, cfg["glm_mask_ratio"], cfg["glm_mean_span"]))
     torch.manual_seed(ctx.seed)
-    model = Decoder(model_cfg)
+    if cfg["init"]:  # continued pretraining of an existing model, on shards made with its own tokenizer
+        if glm:
+            raise UserError("stages.pretrain.init continues causal pretraining; objective glm_blank_infilling starts from scratch")
+        model, init_tokenizer = load_init_model(cfg["init"], "stages.pretrain.init")
+        if init_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"stages.pretrain.init: {cfg['init']}'s tokenizer differs from tokenizer-train's; "
+                "leave tokenizer-train.pretrained unset so the recipe uses the init model's tokenizer"
+            )
+        model_cfg = model.cfg
+        model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
+    else:
+        model_cfg = ctx.recipe.model_config()
+        model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
+        if glm:  # [MASK] [sop] [eop] join the vocabulary (saved with the model's tokenizer)
+            glm_ids = add_glm_tokens(tokenizer)
+            model_cfg.vocab_size = max(model_cfg.vocab_size, tokenizer.get_vocab_size())
+            model_cfg.max_seq_len = max(model_cfg.max_seq_len, packed_length(settings.seq_len, cfg["glm_mask_ratio"], cfg["glm_mean_span"]))
+        model = Decoder(model_cfg)
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
 
     def batches(start: int):
-        windows = shards.batches(settings.batch_size, settings.seq_len, seed=ctx.seed, start_step=start)
+        windows = scheduled_batches(shards, schedule, settings, seed=ctx.seed, start_micro_step=start)
         if not glm:
             return windows
         return glm_batches(windows, glm_ids, ctx.seed, start, cfg["glm_mask_ratio"], cfg["glm_mean_span"])

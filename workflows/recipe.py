@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from llm_lifecycle.workflows.data import parse_sources
+from llm_lifecycle.workflows.export import FORMATS as EXPORT_FORMATS
 from llm_lifecycle.workflows.stage import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -46,7 +47,8 @@ _TRAIN = {
     "keep_checkpoints": 2,  # the newest K checkpoints stay on disk
     "log_every": 10,
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
-    "compile": False,
+    "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
+    "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -60,14 +62,29 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "minhash_threshold": 0.8,
         "minhash_num_perm": 128,
         "holdout_fraction": 0.02,
+        "languages": [],  # keep only these languages (ISO 639-1, e.g. [en, zh]); []: no language id
+        "engine": "local",  # or datatrove: the same steps on datatrove's executors
+        "datatrove_tasks": 2,
     },
-    "tokenizer-train": {"vocab_size": 4096, "min_frequency": 2},
+    "tokenizer-train": {
+        "vocab_size": 4096,
+        "min_frequency": 2,
+        "split_digits": True,
+        "whitespace_runs": 0,
+        "byte_fallback": False,
+        "special_tokens": [],
+        "extend": None,
+        "pretrained": None,
+    },
     "tokenize": {"shard_tokens": 1 << 20, "workers": 0},  # 0: one worker process per CPU core
     "pretrain": {
         **_TRAIN,
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
+        # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
+        "init": None,
     },
     "extend-context": {
         **_TRAIN,
@@ -76,8 +93,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 3e-4,
         "warmup_steps": 5,
         "rope_theta": 100_000.0,
-        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}
+        "rope_scaling": None,  # e.g. {"type": "yarn", "factor": 2.0}; types: linear, ntk, dynamic, yarn, llama3
+        "logn": False,  # LogN attention scaling past the pretraining length (Qwen)
         "eval_windows": 16,
+        "eval_lengths": None,  # perplexity at these lengths too (default: twice seq_len)
+        "passkey_trials": 8,  # passkey-retrieval probe at seq_len (0: off)
+        "schedule": [],  # e.g. [{until: 1.0, mixture: {long: 0.7, general: 0.3}, min_doc_tokens: 512}]
     },
     "sft": {
         **_TRAIN,
@@ -87,6 +108,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
+        "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
     },
     "rl": {
         **_TRAIN,
@@ -110,7 +132,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_gen_toks": 64,
     },
     "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "hf", "verify": True},
+    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
@@ -143,7 +165,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     **{(stage, "precision"): ("auto", "fp32", "bf16") for stage in ("pretrain", "extend-context", "sft", "rl")},
     ("rl", "method"): ("dpo",),
     ("quantize", "method"): ("int8",),
-    ("export", "format"): ("hf",),
+    ("export", "format"): EXPORT_FORMATS,
 }
 TOP_LEVEL_KEYS = {"name", "description", "seed", "model", "stages"}
 
@@ -217,6 +239,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Settings that take either their default's type or a mapping (rules: true, or its thresholds).
+MAPPING_OR_DEFAULT = {("data-clean", "rules")}
+
+
 def _check_type(where: str, value: Any, default: Any) -> None:
     if default is None or value is None and default is None:
         return
@@ -259,8 +285,9 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
             )
         value = _coerce_number(value, defaults[key])
         where = f"{recipe_file}: stages.{stage}.{key}"
-        _check_type(where, value, defaults[key])
-        _check_value(where, stage, key, value)
+        if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
+            _check_type(where, value, defaults[key])
+            _check_value(where, stage, key, value)
         merged[key] = value
     return merged
 
@@ -284,7 +311,9 @@ def _check_across_stages(path: Path, stages: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(f"{path}: stages.extend-context.seq_len ({long}) must exceed pretrain.seq_len ({short})")
 
 
-def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[str, dict]:
+def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> tuple[str, dict]:
+    """(preset name, ModelConfig fields): the preset with the recipe's overrides; the
+    vocabulary is the tokenizer's (`vocab_size`), or the preset's when None."""
     from llm_lifecycle.models.config import ModelConfig
     from llm_lifecycle.models.presets import list_presets, load_preset
 
@@ -296,7 +325,8 @@ def _resolve_model(recipe_file: Path, section: Any, vocab_size: int) -> tuple[st
         fields = {**load_preset(preset), **overrides}
     except ValueError as err:
         raise ConfigError(f"{recipe_file}: model.preset: {err}") from None
-    fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size  # the model's vocabulary is the tokenizer's
     try:
         cfg = ModelConfig.from_dict(fields)
         cfg.validate()
@@ -372,11 +402,16 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
     _check_across_stages(path, stages)
+    if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
+        stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     if not 0 <= seed < 2**32:
         raise ConfigError(f"{path}: seed: expected an integer from 0 to 2**32-1, got {seed}")
-    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"])
+    # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
+    tokenizer_sized = "vocab_size" in (stages_given.get("tokenizer-train") or {})
+    preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"] if tokenizer_sized else None)
+    stages["tokenizer-train"]["vocab_size"] = model["vocab_size"]
     _check_objective(path, stages["pretrain"], model)
     _check_extension(path, model, stages)
     parse_sources(stages["data-fetch"])  # a bad source is a one-line error now, not mid-pipeline

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_lifecycle.workflows.model_stage import builtin_or_path, load_upstream_model, save_stage_model
+from llm_lifecycle.workflows.model_stage import builtin_or_path, load_init_model, load_upstream_model, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
 
@@ -25,7 +25,10 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.workflows.chat_data import SFTBatches
 
     settings = TrainSettings.from_cfg(cfg)
-    model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
+    if cfg["init"]:
+        model, tokenizer = load_init_model(cfg["init"], "stages.sft.init")
+    else:
+        model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
     examples = load_examples(ctx, cfg, tokenizer)
     data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=tokenizer.token_to_id("<|endoftext|>"))
     summary = train(

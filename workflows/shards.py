@@ -4,6 +4,7 @@ A shard folder holds
 
     shard_00000.bin ...  raw little-endian token ids (uint16 when the vocabulary fits, else uint32)
     doc_offsets.npy      int64 start of every document in the token stream, then the total
+    doc_groups.npy       uint16 mixture group of every document, named in groups.json
     index.json           dtype, vocabulary size, shards (file, tokens, sha1), totals, "complete"
 
 `write_shards` is resumable: the index is rewritten after every shard, and a shard that an
@@ -28,6 +29,8 @@ from llm_lifecycle.workflows.stage import ProgressTask, UserError, atomic_path, 
 
 INDEX_FILE = "index.json"
 OFFSETS_FILE = "doc_offsets.npy"
+GROUPS_FILE = "doc_groups.npy"  # each document's mixture group id
+GROUP_NAMES_FILE = "groups.json"
 FORMAT = "llm-lifecycle-tokens"
 
 
@@ -171,6 +174,17 @@ def write_parts(
     return ShardStats(tokens=total, documents=documents, shards=len(entries), written=written)
 
 
+def write_groups(directory: str | Path, groups: list[str]) -> None:
+    """Record each document's mixture group (data-fetch's `group`), for mixture sampling."""
+    directory = Path(directory)
+    names = sorted(set(groups))
+    ids = {name: i for i, name in enumerate(names)}
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray([ids[g] for g in groups], dtype=np.uint16))
+    _write_if_changed(directory / GROUPS_FILE, buffer.getvalue())
+    _write_if_changed(directory / GROUP_NAMES_FILE, json.dumps(names).encode())
+
+
 class TokenView:
     """All shards as one read-only token sequence: `view[a:b]` is a numpy array."""
 
@@ -222,6 +236,7 @@ class TokenShards:
             for e in index["shards"]
         ]
         self._starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self._samplers: dict = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -264,12 +279,77 @@ class TokenShards:
                 "lower seq_len or add data"
             )
 
-    def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def group_names(self) -> list[str]:
+        path = self.directory / GROUP_NAMES_FILE
+        return json.loads(path.read_text()) if path.is_file() else ["general"]
+
+    def mixture_sampler(self, mixture: dict[str, float] | None, min_doc_tokens: int = 0):
+        """(group probabilities, per group: cumulative lengths and starts of its eligible
+        documents); without a mixture every group weighs its eligible tokens. Raises a
+        UserError for a group the data lacks, so a schedule can be checked up front."""
+        key = (tuple(sorted((mixture or {}).items())), min_doc_tokens)
+        if key in self._samplers:
+            return self._samplers[key]
+        names = self.group_names
+        unknown = sorted(set(mixture or {}) - set(names))
+        if unknown:
+            raise UserError(
+                f"mixture group '{unknown[0]}' has no documents; the data has groups: {', '.join(names)} "
+                "(set `group` on the data-fetch sources)"
+            )
+        path = self.directory / GROUPS_FILE
+        offsets = np.asarray(self.doc_offsets)
+        lengths = np.diff(offsets)
+        groups = np.load(path) if path.is_file() else np.zeros(len(lengths), dtype=np.uint16)
+        probs, tables = [], []
+        for name in mixture or names:
+            eligible = (groups == names.index(name)) & (lengths >= max(1, min_doc_tokens))
+            weight = mixture[name] if mixture else float(lengths[eligible].sum())
+            if weight == 0:
+                continue
+            if not eligible.any():
+                raise UserError(f"mixture group '{name}' has no document of at least {min_doc_tokens} tokens")
+            probs.append(weight)
+            tables.append((np.cumsum(lengths[eligible]), offsets[:-1][eligible]))
+        if not probs:
+            raise UserError(f"no document of at least {min_doc_tokens} tokens in the training data")
+        sampler = (np.asarray(probs) / sum(probs), tables)
+        self._samplers[key] = sampler
+        return sampler
+
+    def _mixture_starts(self, rng, batch_size: int, seq_len: int, mixture, min_doc_tokens: int) -> np.ndarray:
+        """Window starts: a group drawn by its weight, then a token of its eligible documents
+        drawn uniformly (so longer documents give more windows)."""
+        probs, tables = self.mixture_sampler(mixture, min_doc_tokens)
+        starts = np.empty(batch_size, dtype=np.int64)
+        for row, g in enumerate(rng.choice(len(tables), size=batch_size, p=probs)):
+            cumulative, doc_starts = tables[g]
+            position = int(rng.integers(0, cumulative[-1]))
+            doc = int(np.searchsorted(cumulative, position, side="right"))
+            offset = position - (int(cumulative[doc - 1]) if doc else 0)
+            starts[row] = min(int(doc_starts[doc]) + offset, len(self) - seq_len - 1)
+        return starts
+
+    def batch(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        mixture: dict[str, float] | None = None,
+        min_doc_tokens: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The (inputs, targets) pair of `step`: [batch_size, seq_len] int64 windows at random
-        offsets drawn from a generator seeded by (seed, step) alone."""
+        offsets drawn from a generator seeded by (seed, step) alone: uniform over the stream,
+        or, given a `mixture` ({group: weight}) or `min_doc_tokens`, from the documents of
+        each group (of at least that many tokens) in proportion to the weights."""
         self._check_window(seq_len)
         rng = np.random.default_rng([seed % (1 << 64), step])
-        starts = rng.integers(0, len(self) - seq_len, size=batch_size)
+        if mixture or min_doc_tokens:
+            starts = self._mixture_starts(rng, batch_size, seq_len, mixture, min_doc_tokens)
+        else:
+            starts = rng.integers(0, len(self) - seq_len, size=batch_size)
         windows = torch.from_numpy(np.stack([self.read(int(s), int(s) + seq_len + 1) for s in starts]).astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 

@@ -1,0 +1,125 @@
+"""Every small preset trains through the generic recipe, all in one workspace (the data and
+tokenizer stages run once and are reused from their fingerprints); the full-size presets
+are only counted, never built, and match their published sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import TINY_OVERRIDES
+from llm_lifecycle.models.config import ModelConfig
+from llm_lifecycle.models.presets import list_presets, load_preset
+from llm_lifecycle.workflows.pipeline import plan, run_pipeline
+from llm_lifecycle.workflows.recipe import STAGE_ORDER, load_recipe
+from llm_lifecycle.workflows.stage import SilentProgress
+
+SMALL = [p for p in list_presets() if p.endswith("-small")]
+# A recipe option a preset is made for (the objective is a pretrain setting, not a model field).
+PRESET_OVERRIDES = {"chatglm-small": ["pretrain.objective=glm_blank_infilling"]}
+# The one preset the default run takes through every stage; the slow test runs them all.
+FULL_IN_DEFAULT_RUN = "chatglm-small"
+
+# Published totals (reports / model cards), parameters: total, and active for MoE.
+PUBLISHED = {
+    "llama2-7b": (6.74e9, None),
+    "llama3-8b": (8.03e9, None),
+    "qwen2-7b": (7.62e9, None),
+    "mistral-7b": (7.24e9, None),
+    "mixtral-8x7b": (46.7e9, 12.9e9),
+    "gemma-7b": (8.54e9, None),
+    "phi-2": (2.78e9, None),
+    "qwen3-30b-a3b": (30.5e9, 3.3e9),
+}
+
+
+def recipe_for(preset: str, *extra: str):
+    return load_recipe("generic", [*TINY_OVERRIDES, f"model.preset={preset}", *PRESET_OVERRIDES.get(preset, []), *extra])
+
+
+@pytest.fixture(scope="module")
+def shared_workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("presets") / "llm-runs"
+    os.environ["LLM_HOME"] = str(ws)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield ws
+    os.environ.pop("LLM_HOME", None)
+
+
+def test_the_zoo_has_every_family():
+    expected = {
+        "llama-small", "llama2-small", "llama3-small", "qwen-small", "qwen2-small", "qwen3-small", "qwen3-moe-small",
+        "baichuan2-small", "baichuan2-alibi-small", "chatglm-small", "mistral-small", "mixtral-small",
+        "gemma-small", "phi-small",
+    }
+    assert expected <= set(SMALL)
+    assert set(PUBLISHED) <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_full_size_presets_match_published_sizes(name):
+    cfg = ModelConfig.from_dict(load_preset(name))  # counted only: never instantiated
+    cfg.validate()
+    total, active = PUBLISHED[name]
+    assert cfg.num_params() == pytest.approx(total, rel=0.01)
+    if active:
+        assert cfg.active_params() == pytest.approx(active, rel=0.03)
+
+
+def test_small_presets_are_small_and_use_their_knobs():
+    for name in SMALL:
+        cfg = ModelConfig.from_dict(load_preset(name))
+        head = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+        assert 2.5e6 < cfg.num_params() - head < 8e6, name
+    knobs = {name: ModelConfig.from_dict(load_preset(name)) for name in SMALL}
+    assert knobs["baichuan2-alibi-small"].position == "alibi" and knobs["baichuan2-small"].position == "rope"
+    assert knobs["baichuan2-small"].norm_head and knobs["baichuan2-small"].max_z_loss_coef == 2e-4
+    assert knobs["qwen-small"].logn_train_len and knobs["qwen-small"].layer_windows()[0] is not None
+    assert knobs["qwen-small"].layer_windows()[-1] is None  # smaller windows in the lower layers only
+    assert knobs["mistral-small"].sliding_window and knobs["mixtral-small"].n_experts == 8
+    assert knobs["phi-small"].parallel_block and knobs["phi-small"].rotary_pct == 0.4
+    assert knobs["gemma-small"].mlp == "geglu" and knobs["gemma-small"].n_kv_heads == 1
+    assert knobs["chatglm-small"].rope_2d and knobs["llama3-small"].rope_theta == 500_000
+    assert knobs["llama2-small"].n_kv_heads < knobs["llama2-small"].n_heads
+
+
+def test_the_generic_recipe_takes_the_presets_vocabulary():
+    assert load_recipe("generic", ["model.preset=llama3-small"]).stages["tokenizer-train"]["vocab_size"] == 16384
+    assert load_recipe("generic", ["model.preset=llama-small"]).model["vocab_size"] == 4096
+    tiny = recipe_for("llama3-small")
+    assert tiny.model["vocab_size"] == tiny.stages["tokenizer-train"]["vocab_size"] == 512
+
+
+def _check_finished(results, stages):
+    assert list(results)[-1] == stages[-1]
+    for name in stages:
+        assert results[name].metrics is not None
+
+
+def test_every_small_preset_pretrains_in_one_shared_workspace(shared_workspace):
+    """Pretrain for each preset; the stages before it run once for all of them."""
+    stages = STAGE_ORDER[: STAGE_ORDER.index("pretrain") + 1]
+    for i, name in enumerate(SMALL):
+        recipe = recipe_for(name)
+        planned = {p.name: p for p in plan(recipe, shared_workspace, stages)}
+        assert all(planned[s].cached for s in stages[:-1]) == (i > 0), name  # data reused after the first
+        results = run_pipeline(recipe, shared_workspace, SilentProgress(), stages=stages)
+        _check_finished(results, stages)
+        assert results["pretrain"].metrics["final_loss"] < 8.0, name  # ln(512) = 6.2 at the start
+
+
+def test_a_glm_preset_runs_every_stage_and_exports_in_our_layout(shared_workspace):
+    results = run_pipeline(recipe_for(FULL_IN_DEFAULT_RUN), shared_workspace, SilentProgress())
+    assert list(results) == STAGE_ORDER
+    assert "native" in results["export"].outputs  # 2D positions: no transformers layout
+    assert results["quantize"].metrics["compression"] > 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in SMALL if n != FULL_IN_DEFAULT_RUN])
+def test_every_small_preset_runs_every_stage(shared_workspace, name):
+    results = run_pipeline(recipe_for(name), shared_workspace, SilentProgress())
+    assert list(results) == STAGE_ORDER
+    export = results["export"]
+    assert ("hf" in export.outputs and export.metrics["max_logit_diff"] < 1e-4) or "native" in export.outputs
