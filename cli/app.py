@@ -234,7 +234,20 @@ app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into m
 app.command("pretrain")(_init_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
 app.command("sft")(_init_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
-app.command("quantize")(_stage_command("quantize", "Quantize the final model (int8 weight-only)."))
+
+
+@app.command()
+def quantize(
+    recipe: str = RecipeOption,
+    method: Optional[str] = typer.Option(None, help="rtn | gptq | awq (gptq and awq calibrate on training text)."),
+    bits: Optional[int] = typer.Option(None, help="8 or 4."),
+    group_size: Optional[int] = typer.Option(None, help="Input columns per scale, e.g. 128; 0: one per output row."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Weight-only quantization of the recipe's final model; registers it as @int8 / @int4."""
+    given = {"method": method, "bits": bits, "group_size": group_size}
+    overrides = [f"quantize.{k}={v}" for k, v in given.items() if v is not None]
+    _run_stages(recipe, [*(set_ or []), *overrides], stages=["quantize"])
 
 
 @app.command()
@@ -285,19 +298,21 @@ def eval_(
 def export(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's export stage."),
     model: Optional[str] = typer.Option(None, help="Or export this model (models:/…, folder) ..."),
-    out: Optional[Path] = typer.Option(None, help="... into this folder (Hugging Face layout)."),
+    out: Optional[Path] = typer.Option(None, help="... into this folder."),
+    format_: Optional[str] = typer.Option(None, "--format", help="auto (hf if transformers has the layout, else ours; default) | hf | gguf (llama.cpp, Ollama) | safetensors (ours)."),
+    gguf_type: Optional[str] = typer.Option(None, help="GGUF weights: f32 | f16 (default) | q8_0 | q4_0."),
     set_: Optional[List[str]] = SetOption,
 ) -> None:
-    """Export to a Hugging Face folder (safetensors + config.json) that transformers loads."""
+    """Export to a Hugging Face folder, a GGUF file with an Ollama Modelfile, or our safetensors folder."""
     if recipe:
-        _run_stages(recipe, set_, stages=["export"])
+        given = {"format": format_, "gguf_type": gguf_type}
+        _run_stages(recipe, [*(set_ or []), *(f"export.{k}={v}" for k, v in given.items() if v)], stages=["export"])
         return
     if not (model and out):
         raise UserError("llm export: give --recipe, or both --model and --out")
     from llm_lifecycle.workflows.export import export_model
 
-    arch = export_model(model, out)
-    console.print(f"exported {model} to {out} ({arch})")
+    console.print(f"exported {model} to {export_model(model, out, format_ or 'auto', gguf_type or 'f16')}")
 
 
 @app.command("import")
@@ -375,6 +390,23 @@ def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--artifacts-destination", str(workspace() / "mlartifacts")]
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., help="A registered version: models:/NAME@ALIAS (e.g. @int4) or models:/NAME/VERSION."),
+    port: int = 5001,
+    host: str = "127.0.0.1",
+) -> None:
+    """Serve a registered model with `mlflow models serve` (POST /invocations {"inputs": ["prompt"]})."""
+    import subprocess
+
+    from llm_lifecycle.workflows.serve import check_registered, serve_command
+
+    check_registered(model)
+    argv, env = serve_command(model, host, port)
+    console.print(f"serving {model} on http://{host}:{port}/invocations")
+    raise typer.Exit(subprocess.call(argv, env=env))
 
 
 @app.command()

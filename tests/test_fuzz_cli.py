@@ -80,7 +80,7 @@ def _parses_as_float(text: str) -> bool:
 
 POSITIVE_INTS = ["steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
                  "minhash_num_perm", "min_frequency", "shard_tokens", "eval_windows", "max_examples", "max_pairs",
-                 "heldout_pairs", "limit", "max_gen_toks"]
+                 "heldout_pairs", "limit", "max_gen_toks", "calib_windows"]
 BAD_RANGES = {
     **{k: st.integers(max_value=0) for k in POSITIVE_INTS},
     "seq_len": st.integers(max_value=1),
@@ -105,8 +105,11 @@ BAD_RANGES = {
     "holdout_fraction": st.floats(max_value=0) | st.floats(min_value=1.0),
     "num_fewshot": st.integers(max_value=-1) | not_a_number,
     "precision": st.text(max_size=6).filter(lambda t: t not in ("auto", "fp32", "bf16")),
-    "method": st.text(max_size=6).filter(lambda t: t not in ("dpo", "int8")),
-    "format": st.text(max_size=6).filter(lambda t: t not in ("auto", "hf", "native")),
+    "method": st.text(max_size=6).filter(lambda t: t not in ("dpo", "rtn", "gptq", "awq")),
+    "format": st.text(max_size=6).filter(lambda t: t not in ("auto", "hf", "gguf", "safetensors")),
+    "bits": st.integers().filter(lambda b: b not in (4, 8)),
+    "group_size": st.integers(max_value=-1),
+    "calib_windows": st.integers(max_value=0),
     "data": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)

@@ -157,3 +157,16 @@ def test_import_reads_the_fused_expert_layout():
     state = from_hf_state_dict(model.cfg, fused)
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_import_reads_a_sharded_checkpoint(tmp_path):
+    """Large checkpoints come as several safetensors files named by model.safetensors.index.json."""
+    ours = random_model(dict(LLAMA, tie_embeddings=False))
+    save_model_dir(tmp_path / "ours", ours, tiny_tokenizer())
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    load_transformers(tmp_path / "hf").save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    model, _ = load_hf(tmp_path / "sharded")
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ours(x).logits)

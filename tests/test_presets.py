@@ -112,7 +112,7 @@ def test_every_small_preset_pretrains_in_one_shared_workspace(shared_workspace):
 def test_a_glm_preset_runs_every_stage_and_exports_in_our_layout(shared_workspace):
     results = run_pipeline(recipe_for(FULL_IN_DEFAULT_RUN), shared_workspace, SilentProgress())
     assert list(results) == STAGE_ORDER
-    assert "native" in results["export"].outputs  # 2D positions: no transformers layout
+    assert "safetensors" in results["export"].outputs  # 2D positions: no transformers layout
     assert results["quantize"].metrics["compression"] > 2
 
 
@@ -122,4 +122,4 @@ def test_every_small_preset_runs_every_stage(shared_workspace, name):
     results = run_pipeline(recipe_for(name), shared_workspace, SilentProgress())
     assert list(results) == STAGE_ORDER
     export = results["export"]
-    assert ("hf" in export.outputs and export.metrics["max_logit_diff"] < 1e-4) or "native" in export.outputs
+    assert ("hf" in export.outputs and export.metrics["max_logit_diff"] < 1e-4) or "safetensors" in export.outputs

@@ -1,4 +1,5 @@
-"""Int8 weight-only quantization: accuracy, both matmul paths, dense and MoE decoders, model dirs."""
+"""Weight-only quantization (RTN, GPTQ, AWQ at 8 and 4 bits): the grid, the algorithms'
+defining properties on one layer, dense and MoE decoders, and quantized model directories."""
 
 from __future__ import annotations
 
@@ -14,14 +15,21 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.load import load_model
 from llm_lifecycle.models.quantize import (
-    Int8ExpertWeights,
-    Int8Linear,
-    _int8_kernel_applies,
-    int8_state_dict_size_bytes,
+    QuantConfig,
+    QuantizedExperts,
+    QuantizedLinear,
+    awq,
+    from_codes,
+    gptq,
+    grid_params,
     load_quantized,
-    quantize_int8,
-    quantize_per_channel,
+    pack_codes,
+    quantize_model,
+    rtn,
     save_quantized,
+    state_dict_bytes,
+    to_codes,
+    unpack_codes,
 )
 
 
@@ -30,8 +38,26 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+MOE = dict(family="qwen3_moe", qk_norm=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=48, tie_embeddings=False)
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def dequantize(q, bits: int, in_features: int = 128) -> torch.Tensor:
+    """The matrix a Quantized result stands for (AWQ's s divided back out)."""
+    weight = from_codes(unpack_codes(q.packed, bits, in_features), q.scale, q.zero, 32, torch.float32)
+    return weight if q.act_scale is None else weight / q.act_scale
+
+
+def correlated_inputs(n: int, dim: int, outliers: bool = False) -> torch.Tensor:
+    """Activations with correlated channels (as real ones are), optionally a few large ones."""
+    torch.manual_seed(1)
+    x = torch.randn(n, dim) @ (torch.randn(dim, dim) / dim**0.5 + torch.eye(dim))
+    if outliers:
+        x[:, :4] *= 20
+    return x
 
 
 @pytest.fixture(scope="module")
@@ -44,103 +70,108 @@ def tokenizer() -> Tokenizer:
     return tok
 
 
-def test_per_channel_scales_reconstruct_each_row():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grid_reconstructs_every_group_within_one_step(bits):
     torch.manual_seed(0)
-    weight = torch.randn(48, 80) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different size
+    weight = torch.randn(24, 72) * torch.logspace(-3, 1, 24)[:, None]  # rows of very different size
     weight[5] = 0.0
-    q, scale = quantize_per_channel(weight)
-    assert q.dtype == torch.int8 and scale.shape == (48,)
-    assert q.abs().amax(dim=1)[torch.arange(48) != 5].eq(127).all()  # each row uses the full range
-    error = (q.float() * scale[:, None] - weight).abs()
-    assert (error <= scale[:, None] / 2 + 1e-9).all()  # at most half a step per element
-    assert (q[5] == 0).all()
+    weight[7, :32] += 3.0  # a group that is all positive
+    scale, zero = grid_params(weight, bits, 32)  # 72 columns: groups of 32, 32 and a short one of 8
+    assert scale.shape == zero.shape == (24, 3)
+    codes = to_codes(weight, scale, zero, bits, 32)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    error = (from_codes(codes, scale, zero, 32, torch.float32) - weight).abs()
+    step = scale.repeat_interleave(32, dim=1)[:, :72]
+    # Rounding error: half a step; the extremes may lose up to one step to the rounded zero point.
+    assert (error <= step + 1e-6).all()
+    assert (error / step).mean() < 0.3
+    assert (from_codes(codes, scale, zero, 32, torch.float32)[5] == 0).all()  # zero stays exactly zero
 
 
-def test_int8_linear_matches_float_linear_within_one_percent():
+def test_four_bit_codes_pack_two_to_a_byte():
+    codes = torch.randint(0, 16, (3, 5, 9), dtype=torch.uint8)  # odd width: padded by one nibble
+    packed = pack_codes(codes, 4)
+    assert packed.shape == (3, 5, 5)
+    assert torch.equal(unpack_codes(packed, 4, 9), codes)
+
+
+def test_gptq_keeps_a_layers_output_closer_than_rounding_to_nearest():
     torch.manual_seed(0)
-    linear = nn.Linear(256, 384, bias=True)
-    x = torch.randn(4, 7, 256)
-    q = Int8Linear.from_linear(linear)
-    assert q.weight.dtype == torch.int8 and q.scale.shape == (384,)
-    with torch.no_grad():
-        assert relative_error(q(x), linear(x)) < 0.01
+    weight = torch.randn(96, 128) / 128**0.5
+    calib, held_out = correlated_inputs(2048, 128).split(1024)
+    want = held_out @ weight.T
+    error = {
+        "rtn": relative_error(held_out @ dequantize(rtn(weight, 4, 32), 4).T, want),
+        "gptq": relative_error(held_out @ dequantize(gptq(weight, calib, 4, 32), 4).T, want),
+    }
+    assert error["gptq"] < 0.8 * error["rtn"], error  # on inputs it did not see
 
 
-@pytest.mark.parametrize("in_features", [64, 36])  # 36: not a multiple of 8, must not take the int8 kernel
-def test_bf16_int8_kernel_and_dequantize_paths_agree(in_features):
+def test_awq_protects_the_channels_with_large_activations():
     torch.manual_seed(0)
-    linear = nn.Linear(in_features, 96).to(torch.bfloat16)
-    q = Int8Linear.from_linear(linear)
-    x = torch.randn(3, 5, in_features, dtype=torch.bfloat16)
-    assert _int8_kernel_applies(x, in_features) == (in_features == 64 and hasattr(torch, "_weight_int8pack_mm"))
-    with torch.no_grad():
-        fast = q(x)
-        dequantized = nn.functional.linear(x.float(), q.weight.float() * q.scale.float()[:, None], q.bias.float())
-        reference = linear(x)
-    assert fast.dtype == torch.bfloat16 and fast.shape == (3, 5, 96)
-    assert relative_error(fast, dequantized) < 0.01
-    assert relative_error(fast, reference) < 0.02
-
-
-def test_quantize_sequential_replaces_linears_but_skipped_names():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.Linear(64, 16))
-    x = torch.randn(8, 32)
-    with torch.no_grad():
-        want = model(x)
-        quantize_int8(model, skip=("2",))
-        got = model(x)
-    assert [type(m).__name__ for m in model] == ["Int8Linear", "GELU", "Linear", "Int8Linear"]
-    assert relative_error(got, want) < 0.01
-    assert model.quantization == {"method": "int8-weight-only", "skip": ["2"]}
-
-
-def test_dense_decoder_quantizes_linear_weights_to_a_quarter():
-    torch.manual_seed(0)
-    model = Decoder(tiny_config()).eval()
-    ids = torch.randint(0, 512, (2, 24))
-    linear_fp_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
-                          if isinstance(m, nn.Linear) and "lm_head" not in n)
-    before = int8_state_dict_size_bytes(model)
-    with torch.no_grad():
-        want = model(ids).logits
-        quantize_int8(model)
-        got = model(ids).logits
-    assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n != "lm_head")
-    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.tok_embeddings.weight
-    saved = before - int8_state_dict_size_bytes(model)
-    # int8 (1 byte) + one fp32 scale per row in place of 4 bytes per weight: ~3/4 saved.
-    assert 0.72 * linear_fp_bytes < saved < 0.75 * linear_fp_bytes
-    assert relative_error(got, want) < 0.01
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
-
-
-def test_moe_expert_weights_are_quantized_per_expert_and_channel():
-    torch.manual_seed(0)
-    cfg = tiny_config(family="qwen3_moe", qk_norm=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=48)
-    model = Decoder(cfg).eval()
-    ids = torch.randint(0, 512, (2, 24))
-    w_up = model.layers[0].ffn.w_up.detach().clone()
-    with torch.no_grad():
-        want = model(ids).logits
-        quantize_int8(model)
-        got = model(ids).logits
-    experts = model.layers[0].ffn.w_up
-    assert isinstance(experts, Int8ExpertWeights) and experts.scale.shape == (4, 48)
-    assert relative_error(experts[2], w_up[2]) < 0.01
-    assert isinstance(model.layers[0].ffn.router, nn.Linear)  # routing stays in full precision
-    assert relative_error(got, want) < 0.01
+    weight = torch.randn(96, 128) / 128**0.5
+    x = correlated_inputs(1024, 128, outliers=True)
+    want = x @ weight.T
+    plain = relative_error(x @ dequantize(rtn(weight, 4, 32), 4).T, want)
+    scaled = awq(weight, x, 4, 32)
+    assert scaled.act_scale[:4].mean() > scaled.act_scale[4:].mean()  # the outlier channels scaled up
+    assert relative_error(x @ dequantize(scaled, 4).T, want) < 0.8 * plain
 
 
 @pytest.mark.parametrize("moe", [False, True])
-def test_quantized_model_dir_round_trips_with_identical_logits(tmp_path, tokenizer, moe):
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_decoder_quantizes_to_the_promised_accuracy_and_size(moe, method):
     torch.manual_seed(0)
-    cfg = tiny_config(n_experts=4, moe_ffn_dim=48) if moe else tiny_config(tie_embeddings=False, qkv_bias=True)
-    model = quantize_int8(Decoder(cfg).eval())
+    model = Decoder(tiny_config(**(MOE if moe else {}))).eval()
+    ids = torch.randint(0, 512, (2, 24))
+    calibration = [torch.randint(0, 512, (4, 32))]
+    with torch.no_grad():
+        want = model(ids).logits
+    errors, sizes = {}, {}
+    for bits in (8, 4):
+        q = quantize_model(copy_of(model), QuantConfig(method, bits, 32), calibration)
+        with torch.no_grad():
+            errors[bits] = relative_error(q(ids).logits, want)
+        sizes[bits] = state_dict_bytes(q)
+    assert errors[8] < 0.01 and errors[4] < 0.1, errors
+    assert errors[8] < errors[4]
+    assert state_dict_bytes(model) > sizes[8] > sizes[4]
+    assert isinstance(q.layers[0].attn.wq, QuantizedLinear)
+    if moe:
+        assert isinstance(q.layers[0].ffn.w_up, QuantizedExperts)
+        assert type(q.layers[0].ffn.router) is nn.Linear  # routing stays in full precision
+    assert type(q.lm_head) is nn.Linear and q.quantization["method"] == method
+
+
+def copy_of(model: Decoder) -> Decoder:
+    clone = Decoder(model.cfg)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval()
+
+
+def test_linear_weights_shrink_to_a_quarter_and_an_eighth():
+    torch.manual_seed(0)
+    model = Decoder(tiny_config(dim=128, head_dim=32, ffn_dim=256))
+    linear_fp_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear) and "lm_head" not in n)
+    before = state_dict_bytes(model)
+    saved = {bits: before - state_dict_bytes(quantize_model(copy_of(model), QuantConfig("rtn", bits, 128)))
+             for bits in (8, 4)}
+    # per 128 weights: 128 (8-bit) or 64 (4-bit) code bytes + a 4-byte scale + a 1-byte zero
+    assert saved[8] == pytest.approx(linear_fp_bytes * (1 - 133 / 512), rel=1e-3)
+    assert saved[4] == pytest.approx(linear_fp_bytes * (1 - 69 / 512), rel=1e-3)
+
+
+@pytest.mark.parametrize("moe,method", [(False, "gptq"), (True, "awq")])
+def test_quantized_model_dir_round_trips_with_identical_logits(tmp_path, tokenizer, moe, method):
+    torch.manual_seed(0)
+    cfg = tiny_config(**MOE) if moe else tiny_config(tie_embeddings=False, qkv_bias=True)
+    model = quantize_model(Decoder(cfg).eval(), QuantConfig(method, 4, 32), [torch.randint(0, 512, (2, 16))])
     save_quantized(tmp_path / "q", model, tokenizer, cfg.to_dict(), extra={"source": "unit-test"})
 
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert config["quantization"] == {"method": "int8-weight-only", "skip": ["lm_head", "embed", "router"]}
+    assert config["quantization"] == {"method": method, "bits": 4, "group_size": 32,
+                                      "skip": ["lm_head", "embed", "router"]}
     assert config["source"] == "unit-test" and config["model"] == cfg.to_dict()
 
     loaded, loaded_tokenizer = load_quantized(tmp_path / "q")
@@ -148,13 +179,18 @@ def test_quantized_model_dir_round_trips_with_identical_logits(tmp_path, tokeniz
     ids = torch.randint(0, 512, (2, 20))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert int8_state_dict_size_bytes(loaded) == int8_state_dict_size_bytes(model)
+    assert state_dict_bytes(loaded) == state_dict_bytes(model)
     via_loader, _ = load_model(tmp_path / "q")  # the generic loader dispatches on "quantization"
     with torch.no_grad():
         assert torch.equal(via_loader(ids).logits, model(ids).logits)
 
 
-def test_saving_an_unquantized_model_is_refused(tmp_path, tokenizer):
+def test_bad_settings_and_unquantized_saves_are_refused(tmp_path, tokenizer):
+    for bad in (QuantConfig("nf4", 4, 128), QuantConfig("rtn", 3, 128), QuantConfig("rtn", 4, -1)):
+        with pytest.raises(ValueError):
+            quantize_model(Decoder(tiny_config()), bad)
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(Decoder(tiny_config()), QuantConfig("gptq", 4, 128))
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(tmp_path / "q", Decoder(tiny_config()), tokenizer)
     assert not (tmp_path / "q").exists()

@@ -39,7 +39,7 @@ class StageSpec:
     entry: str  # "module:function" under llm_lifecycle.workflows
     upstream: tuple[str, ...]
     uses_model: bool = False
-    alias: str | None = None  # registry alias for the model this stage makes
+    alias: str | None = None  # registry alias for the model this stage makes (or the result's model_alias)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -54,7 +54,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "sft:run", ("extend-context",), True, "sft"),
         StageSpec("rl", "rl:run", ("sft",), True, "rl"),
         StageSpec("eval", "evaluate:run", ("rl", "tokenize"), True),
-        StageSpec("quantize", "quantize:run", ("rl", "tokenize"), True, "int8"),
+        StageSpec("quantize", "quantize:run", ("rl", "tokenize"), True),  # alias int<bits>, from the result
         StageSpec("export", "export:run", ("rl",), True),
     ]
 }
@@ -247,12 +247,13 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
             return result
         tracker.log_metrics(result.metrics)
         version = None
-        if result.model_dir and spec.alias:
+        alias = result.model_alias or spec.alias
+        if result.model_dir and alias:
             lineage = {"llm.stage": p.name, "llm.fingerprint": p.fingerprint, "llm.source_run": tracker.run_id,
                        "llm.recipe": recipe.name, "llm.parent_stage": ",".join(spec.upstream)}
-            version = tracking.log_and_register_model(tracker, result.model_dir, recipe.name, spec.alias, lineage)
-            result.model_alias = spec.alias
-            progress.log(f"  registered models:/{recipe.name}@{spec.alias} (version {version})")
+            version = tracking.log_and_register_model(tracker, result.model_dir, recipe.name, alias, lineage)
+            result.model_alias = alias
+            progress.log(f"  registered models:/{recipe.name}@{alias} (version {version})")
     write_json_atomic(p.result_file, {"result": result.to_json(), "run_id": tracker.run_id,
                                       "model_version": version, "fingerprint": p.fingerprint})
     return result

@@ -8,6 +8,7 @@ become one clear line each (a `ConfigError`).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ from typing import Any
 import yaml
 
 from llm_lifecycle.workflows.data import parse_sources
-from llm_lifecycle.workflows.export import FORMATS as EXPORT_FORMATS
 from llm_lifecycle.workflows.stage import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -131,8 +131,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "max_gen_toks": 64,
     },
-    "quantize": {"method": "int8", "eval_windows": 16},
-    "export": {"format": "auto", "verify": True},  # auto: hf when transformers has the layout, else ours
+    # method rtn | gptq | awq; bits 8 | 4; group_size 0 = one scale per output row
+    "quantize": {"method": "rtn", "bits": 8, "group_size": 128, "calib_windows": 32, "eval_windows": 32},
+    # format auto (hf when transformers has the layout, else ours) | hf | gguf | safetensors (ours);
+    # gguf_type f32 | f16 | q8_0 | q4_0 (GGUF only)
+    "export": {"format": "auto", "verify": True, "gguf_type": "q8_0"},
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
@@ -146,11 +149,12 @@ _FRACTION = (lambda v: 0 <= v <= 1, "a number from 0 to 1")
 _LIMITS: dict[str, tuple[Any, str]] = {
     **{k: _AT_LEAST_1 for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                                 "log_every", "minhash_num_perm", "min_frequency", "shard_tokens", "eval_windows",
-                                "max_examples", "max_pairs", "heldout_pairs", "limit", "max_gen_toks")},
+                                "max_examples", "max_pairs", "heldout_pairs", "limit", "max_gen_toks", "calib_windows")},
     "seq_len": (lambda v: v >= 2, "an integer >= 2 (an input and its next-token target)"),
     "vocab_size": (lambda v: v >= 260, "an integer >= 260 (256 byte tokens plus the special tokens)"),
     **{k: _POSITIVE for k in ("lr", "eps", "grad_clip", "rope_theta", "beta")},
-    **{k: _NON_NEGATIVE for k in ("weight_decay", "sft_weight", "warmup_steps", "min_chars", "max_chars", "workers")},
+    **{k: _NON_NEGATIVE for k in ("weight_decay", "sft_weight", "warmup_steps", "min_chars", "max_chars", "workers",
+                                  "group_size")},
     "min_lr_ratio": _FRACTION,
     "minhash_threshold": (lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
     "holdout_fraction": (lambda v: 0 < v < 1, "a number between 0 and 1"),
@@ -161,12 +165,22 @@ _LIMITS: dict[str, tuple[Any, str]] = {
     "data": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of file names"),
     "suites": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of suite names"),
 }
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    **{(stage, "precision"): ("auto", "fp32", "bf16") for stage in ("pretrain", "extend-context", "sft", "rl")},
-    ("rl", "method"): ("dpo",),
-    ("quantize", "method"): ("int8",),
-    ("export", "format"): EXPORT_FORMATS,
-}
+
+
+@functools.cache
+def _choices() -> dict[tuple[str, str], tuple]:
+    """Settings that take one of a few values; the stage modules own the lists (imported
+    here, lazily: they bring torch)."""
+    from llm_lifecycle.models.quantize import BITS, METHODS
+    from llm_lifecycle.workflows.export import FORMATS
+
+    return {
+        **{(stage, "precision"): ("auto", "fp32", "bf16") for stage in ("pretrain", "extend-context", "sft", "rl")},
+        ("rl", "method"): ("dpo",),
+        ("quantize", "method"): METHODS,
+        ("quantize", "bits"): BITS,
+        ("export", "format"): FORMATS,
+    }
 TOP_LEVEL_KEYS = {"name", "description", "seed", "model", "stages"}
 
 
@@ -293,7 +307,7 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
 
 
 def _check_value(where: str, stage: str, key: str, value: Any) -> None:
-    choices = _CHOICES.get((stage, key))
+    choices = _choices().get((stage, key))
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not available; choose one of {', '.join(choices)}")
     limit = _LIMITS.get(key)

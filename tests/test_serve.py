@@ -1,0 +1,91 @@
+"""`llm serve` (a thin wrapper over `mlflow models serve`) answers HTTP requests for a
+registered int4 version with the same text the in-process pyfunc model generates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import pytest
+import torch
+
+from llm_lifecycle.models.config import ModelConfig
+from llm_lifecycle.models.decoder import Decoder
+from llm_lifecycle.models.quantize import QuantConfig, quantize_model, save_quantized
+from llm_lifecycle.registry import tracking
+from llm_lifecycle.workflows.tokenizer import train_bpe
+
+PROMPTS = ["The quick brown fox", "A stitch in time"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llm(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llm_lifecycle.cli.app", *args], **kwargs)
+
+
+@pytest.fixture()
+def registered_int4(workspace, tmp_path) -> str:
+    tokenizer = train_bpe(["The quick brown fox jumps over the lazy dog. A stitch in time saves nine."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=tokenizer.get_vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=128, max_seq_len=64))
+    quantize_model(model, QuantConfig("rtn", 4, 32))
+    model_dir = save_quantized(tmp_path / "int4", model, tokenizer)
+    tracking.configure(workspace)
+    with tracking.start_run("tiny", "quantize", {"llm.stage": "quantize"}) as tracker:
+        tracking.log_and_register_model(tracker, model_dir, "tiny", "int4", {"llm.stage": "quantize"})
+    return "models:/tiny@int4"
+
+
+def post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited with {server.returncode}: {server.stdout.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    raise AssertionError(f"no answer from {url} within {timeout} s")
+
+
+def test_llm_serve_answers_with_the_registered_models_text(registered_int4):
+    want = mlflow.pyfunc.load_model(registered_int4).predict(PROMPTS)
+    assert len(want) == 2 and all(isinstance(t, str) and t for t in want)
+    port = free_port()
+    server = llm("serve", "--model", registered_int4, "--port", str(port), start_new_session=True,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
+        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": PROMPTS})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the wrapper, mlflow and its uvicorn workers
+        server.wait(timeout=60)
+    assert answer == {"predictions": want}
+
+
+def test_serving_an_unknown_version_is_one_clear_line(registered_int4):
+    result = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "serve", "--model", "models:/tiny@int3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "int3" in result.stderr and "Traceback" not in result.stderr
