@@ -309,7 +309,7 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
 def _check_value(where: str, stage: str, key: str, value: Any) -> None:
     choices = _choices().get((stage, key))
     if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not available; choose one of {', '.join(choices)}")
+        raise ConfigError(f"{where}: {value!r} is not available; choose one of {', '.join(map(str, choices))}")
     limit = _LIMITS.get(key)
     if limit is not None and not limit[0](value):
         raise ConfigError(f"{where}: expected {limit[1]}, got {value!r}")
