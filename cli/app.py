@@ -168,29 +168,13 @@ def _stage_command(stage: str, doc: str):
     return command
 
 
-def _training_command(stage: str, doc: str):
-    """A training stage; --nproc etc. run it under torchrun."""
+def _training_command(stage: str, doc: str, can_init: bool = False):
+    """A training stage; --nproc etc. run it under torchrun. With `can_init`, --init starts it
+    from any model instead of the upstream stage's (hidden elsewhere)."""
 
     def command(
         recipe: str = RecipeOption,
-        set_: Optional[List[str]] = SetOption,
-        nproc: int = NprocOption,
-        nnodes: int = NnodesOption,
-        rdzv_endpoint: Optional[str] = RdzvOption,
-    ) -> None:
-        _relaunch(nproc, nnodes, rdzv_endpoint)
-        _run_stages(recipe, set_, stages=[stage])
-
-    command.__doc__ = doc
-    return command
-
-
-def _init_training_command(stage: str, doc: str):
-    """A training stage that --init starts from any model instead of the upstream stage's."""
-
-    def command(
-        recipe: str = RecipeOption,
-        init: Optional[str] = InitOption,
+        init: Optional[str] = InitOption if can_init else typer.Option(None, "--init", hidden=True),
         set_: Optional[List[str]] = SetOption,
         nproc: int = NprocOption,
         nnodes: int = NnodesOption,
@@ -231,9 +215,9 @@ def tokenizer_train(
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_init_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
+app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model).", True))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_init_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss).", True))
 
 
 @app.command()
@@ -253,45 +237,93 @@ def quantize(
 @app.command()
 def rl(
     recipe: str = RecipeOption,
-    method: str = typer.Option("dpo", help="Preference method: dpo."),
+    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
 ) -> None:
-    """Align the SFT model with preference pairs."""
+    """Align the SFT model: reward model, DPO, PPO, GRPO or rejection-sampling SFT.
+    The model is registered as models:/RECIPE@METHOD."""
+    from llm_lifecycle.workflows.rl import METHODS
+
+    if method is not None and method not in METHODS:
+        raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, [*(set_ or []), f"rl.method={method}"], stages=["rl"])
+    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], stages=["rl"])
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, min=0.0),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(128, min=1),
+    prompt: Optional[List[str]] = typer.Option(None, help="Say this (repeatable) and exit instead of reading stdin."),
+) -> None:
+    """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
+    if not 0 < top_p <= 1:
+        raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
+    from llm_lifecycle.workflows.chat import ChatSession
+
+    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
+    turns = iter(prompt) if prompt else None
+    while True:
+        if turns is not None:
+            text = next(turns, "")
+            console.print(f"[bold]you>[/bold] {text}" if text else "", highlight=False)
+        else:
+            try:
+                text = console.input("[bold]you>[/bold] ")
+            except EOFError:
+                text = ""
+        if not text.strip():
+            return
+        console.print(f"[bold cyan]model>[/bold cyan] {session.reply(text)}", highlight=False)
 
 
 @app.command("eval")
 def eval_(
     model: Optional[str] = typer.Option(None, help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
-    suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, ppl (repeatable)."),
+    suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, cmmlu, ppl, long (repeatable)."),
     data_dir: Optional[str] = typer.Option(
-        None, envvar="LLM_EVAL_DATA", help="Local copy of the benchmarks in their official layouts ('builtin' for the shipped mirror)."
+        None, envvar="LLM_EVAL_DATA",
+        help="Local copy of the benchmarks in their official layouts ('builtin' for the shipped mirror); "
+        "default: the Hugging Face hub.",
     ),
-    limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's)."),
-    batch_size: int = typer.Option(8, help="Batch size for scoring."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task (per subject)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's, 5)."),
+    batch_size: int = typer.Option(8, help="Batch size for scoring and generation."),
+    backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
+    seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
     set_: Optional[List[str]] = SetOption,
 ) -> None:
-    """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval)."""
+    """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval, CMMLU), perplexity and long-context probes."""
     if recipe:
         _run_stages(recipe, set_, stages=["eval"])
         return
     if not model:
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
+    if limit is not None and limit < 1:
+        raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
     from llm_lifecycle.workflows.evaluate import evaluate_model
 
-    metrics = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
-    table = Table(title=f"eval of {model}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in sorted(metrics.items()):
-        table.add_row(k, f"{v:.4f}")
+    outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
+                             batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template)
+    metrics = sorted({k for row in outcome.rows for k in row} - {"task", "group", "n"})
+    table = Table(title=f"eval of {model} ({backend} backend)")
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    for row in outcome.rows:
+        table.add_row(row["task"], str(row["n"] or ""), *(f"{row[m]:.4f}" if m in row else "" for m in metrics))
     console.print(table)
+    linked = f"; linked to {outcome.model_version_uri}" if outcome.model_version_uri else ""
+    console.print(f"MLflow run {outcome.run_id}{linked}; per-subject tables under its artifacts eval/<suite>/")
 
 
 @app.command()

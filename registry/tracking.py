@@ -382,10 +382,10 @@ def log_and_register_model(
     tracker: MlflowTracker,
     model_dir: str | Path,
     registered_name: str,
-    alias: str,
+    aliases: list[str],
     tags: dict[str, str],
 ) -> str:
-    """Log `model_dir` as a pyfunc text-generation model; register it; set the alias.
+    """Log `model_dir` as a pyfunc text-generation model; register it; point the aliases at it.
 
     Returns the new version number.
     """
@@ -406,7 +406,8 @@ def log_and_register_model(
         )
     client = MlflowClient()
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(registered_name, alias, version)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, version)
     for key, value in {**hardware_profile(), **tags}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return version
@@ -423,3 +424,42 @@ def _active(run_id: str) -> Iterator[None]:
         return
     with mlflow.start_run(run_id=run_id, nested=active is not None):
         yield
+
+
+def registered_version(ref: str) -> tuple[str, str] | None:
+    """(name, version) that `models:/NAME@ALIAS` or `models:/NAME/VERSION` points at; None otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    if not ref.startswith("models:/"):
+        return None
+    name, _, rest = ref.removeprefix("models:/").partition("/")
+    client = MlflowClient()
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    return (name, rest) if rest.isdigit() else None
+
+
+def version_with_fingerprint(name: str, fingerprint: str) -> str | None:
+    """The version of `name` a pipeline stage with this fingerprint registered, if any."""
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    found = [v for v in versions if v.tags.get("llm.fingerprint") == fingerprint]
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def link_eval_run(tracker: MlflowTracker, name: str, version: str, scores: dict[str, float]) -> None:
+    """Make an eval run and the model version it scored point at each other: tags on both, and
+    the scores also logged against the version's MLflow model (they show on its model page)."""
+    import mlflow
+
+    client = tracker.client
+    model_version = client.get_model_version(name, version)
+    tracker.set_tags({"llm.model_version_uri": f"models:/{name}/{version}", "llm.model_name": name,
+                      "llm.model_version": version})
+    client.set_model_version_tag(name, version, "llm.eval_run_id", tracker.run_id)
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, key, f"{value:.6g}")
+    if model_version.model_id:
+        mlflow.log_metrics(scores, run_id=tracker.run_id, model_id=model_version.model_id)

@@ -109,6 +109,19 @@ def test_killed_pretrain_resumes_from_checkpoint(workspace):
     assert resumed and int(resumed[0].data.tags["llm.resumed_from_step"]) >= 5
 
 
+def test_gptq_int4_quantize_registers_the_int4_alias(finished):
+    recipe, ws, _ = finished
+    gptq = load_recipe("qwen3-moe-small", [*TINY_OVERRIDES, "quantize.method=gptq", "quantize.bits=4",
+                                           "quantize.group_size=32", "quantize.calib_windows=4"])
+    result = run_pipeline(gptq, ws, SilentProgress(), stages=["quantize"])["quantize"]
+    assert result.model_alias == "int4" and result.metrics["compression"] > 3.5
+    configure(ws)
+    client = MlflowClient()
+    int4, int8 = (client.get_model_version_by_alias(recipe.name, a) for a in ("int4", "int8"))
+    assert int4.version != int8.version
+    assert mlflow.pyfunc.load_model(f"models:/{recipe.name}@int4").predict(["The king said"])[0] is not None
+
+
 # ---------------------------------------------------------------------------------------
 # SIGKILL at random points: every re-run completes, resumes, and makes the same model.
 

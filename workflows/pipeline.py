@@ -251,9 +251,10 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
         if result.model_dir and alias:
             lineage = {"llm.stage": p.name, "llm.fingerprint": p.fingerprint, "llm.source_run": tracker.run_id,
                        "llm.recipe": recipe.name, "llm.parent_stage": ",".join(spec.upstream)}
-            version = tracking.log_and_register_model(tracker, result.model_dir, recipe.name, alias, lineage)
+            aliases = [alias, *result.aliases]
+            version = tracking.log_and_register_model(tracker, result.model_dir, recipe.name, aliases, lineage)
             result.model_alias = alias
-            progress.log(f"  registered models:/{recipe.name}@{alias} (version {version})")
+            progress.log(f"  registered models:/{recipe.name}@{'|'.join(aliases)} (version {version})")
     write_json_atomic(p.result_file, {"result": result.to_json(), "run_id": tracker.run_id,
                                       "model_version": version, "fingerprint": p.fingerprint})
     return result

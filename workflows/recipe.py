@@ -51,6 +51,10 @@ _TRAIN = {
     "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
 
+# Held-out answer accuracy before and after sft/rl: greedy exact match of the final number
+# on GSM8K-format problems ("" = not measured); max_new_tokens also bounds rl's samples.
+_ANSWER_EVAL = {"eval_data": "", "eval_n": 200, "max_new_tokens": 96}
+
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "data-fetch": {"sources": [{"uri": "builtin:corpus"}]},
     "data-clean": {
@@ -109,6 +113,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
         "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
+        "packing": False,  # several chats per row, each attending only to itself
+        "lora_rank": 0,  # > 0: train rank-r LoRA adapters on the projections, merged into the saved model
+        "lora_alpha": 16.0,
+        **_ANSWER_EVAL,
     },
     "rl": {
         **_TRAIN,
@@ -122,6 +130,21 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz", "builtin:chat/zh_oasst1_rm_zh.json"],
         "max_pairs": 2000,
         "heldout_pairs": 64,
+        "rm_margin": 0.5,  # rm: ranking loss -log σ(r_chosen - r_rejected - margin) (Llama 2)
+        # ppo, grpo, rs-sft: GSM8K-format problems, rewarded for the exact final number and the format
+        "problems": ["builtin:arith/train.jsonl.gz"],
+        "group_size": 8,  # samples per prompt (batch_size prompts per step)
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "kl_coef": 0.04,  # KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)
+        "format_reward": 0.2,  # paid for ending with a '#### N' line; a right answer pays 1
+        "clip": 0.2,
+        "ppo_epochs": 2,
+        "gamma": 1.0,
+        "gae_lambda": 0.95,
+        "vf_coef": 0.5,
+        "rs_prompts": 256,
+        **_ANSWER_EVAL,
     },
     "eval": {
         "suites": ["mmlu", "gsm8k"],

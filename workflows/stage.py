@@ -30,6 +30,7 @@ class StageResult:
     # MLflow model and register under the recipe's name with `model_alias` as alias.
     model_dir: str | None = None
     model_alias: str | None = None
+    aliases: list[str] = field(default_factory=list)  # more aliases for the same version (rl: "rl")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
