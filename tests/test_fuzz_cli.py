@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.workflows.recipe import STAGE_DEFAULTS, STAGE_ORDER
+from llm_lifecycle.workflows.rl import METHODS as RL_METHODS
 
 RUNNER = CliRunner()
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -105,7 +106,7 @@ BAD_RANGES = {
     "holdout_fraction": st.floats(max_value=0) | st.floats(min_value=1.0),
     "num_fewshot": st.integers(max_value=-1) | not_a_number,
     "precision": st.text(max_size=6).filter(lambda t: t not in ("auto", "fp32", "bf16")),
-    "method": st.text(max_size=6).filter(lambda t: t not in ("dpo", "rtn", "gptq", "awq")),
+    "method": st.text(max_size=6).filter(lambda t: t not in (*RL_METHODS, "rtn", "gptq", "awq")),
     "format": st.text(max_size=6).filter(lambda t: t not in ("auto", "hf", "gguf", "safetensors")),
     "bits": st.integers().filter(lambda b: b not in (4, 8)),
     "group_size": st.integers(max_value=-1),

@@ -194,13 +194,15 @@ _LIMITS: dict[str, tuple[Any, str]] = {
 def _choices() -> dict[tuple[str, str], tuple]:
     """Settings that take one of a few values; the stage modules own the lists (imported
     here, lazily: they bring torch)."""
-    from llm_lifecycle.models.quantize import BITS, METHODS
+    from llm_lifecycle.models.quantize import BITS
+    from llm_lifecycle.models.quantize import METHODS as QUANT_METHODS
     from llm_lifecycle.workflows.export import FORMATS
+    from llm_lifecycle.workflows.rl import METHODS as RL_METHODS
 
     return {
         **{(stage, "precision"): ("auto", "fp32", "bf16") for stage in ("pretrain", "extend-context", "sft", "rl")},
-        ("rl", "method"): ("dpo",),
-        ("quantize", "method"): METHODS,
+        ("rl", "method"): RL_METHODS,
+        ("quantize", "method"): QUANT_METHODS,
         ("quantize", "bits"): BITS,
         ("export", "format"): FORMATS,
     }
