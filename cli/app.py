@@ -134,29 +134,13 @@ def _stage_command(stage: str, doc: str):
     return command
 
 
-def _training_command(stage: str, doc: str):
-    """A training stage; --nproc etc. run it under torchrun."""
+def _training_command(stage: str, doc: str, can_init: bool = False):
+    """A training stage; --nproc etc. run it under torchrun. With `can_init`, --init starts it
+    from any model instead of the upstream stage's (hidden elsewhere)."""
 
     def command(
         recipe: str = RecipeOption,
-        set_: Optional[List[str]] = SetOption,
-        nproc: int = NprocOption,
-        nnodes: int = NnodesOption,
-        rdzv_endpoint: Optional[str] = RdzvOption,
-    ) -> None:
-        _relaunch(nproc, nnodes, rdzv_endpoint)
-        _run_stages(recipe, set_, stages=[stage])
-
-    command.__doc__ = doc
-    return command
-
-
-def _init_training_command(stage: str, doc: str):
-    """A training stage that --init starts from any model instead of the upstream stage's."""
-
-    def command(
-        recipe: str = RecipeOption,
-        init: Optional[str] = InitOption,
+        init: Optional[str] = InitOption if can_init else typer.Option(None, "--init", hidden=True),
         set_: Optional[List[str]] = SetOption,
         nproc: int = NprocOption,
         nnodes: int = NnodesOption,
@@ -197,9 +181,9 @@ def tokenizer_train(
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_init_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
+app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model).", True))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_init_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss).", True))
 
 
 @app.command()
