@@ -66,6 +66,7 @@ def _pipeline(recipe, workspace, overrides):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two pipelines through pretrain: ~2 min on 2 shared cores, over the default-suite budget
 def test_two_pipelines_on_one_sqlite_store_lose_nothing(workspace):
     """Two recipes (two experiments) run at once against one fresh store; afterwards every
     stage run is FINISHED with its params and every metric its result.json reports, every
