@@ -6,6 +6,7 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -14,11 +15,47 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from typer.core import TyperGroup
 
 from llm_lifecycle.workflows.stage import UserError
 
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Every mistake a user can make (a bad option, a bad recipe, a missing file) ends as
+    one line on stderr and exit code 2, whoever calls the app (the `llm` script or a test)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _quiet_mlflow()
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(0)
+        except ClickException as err:  # usage: an unknown option, a missing argument, a bad value
+            command = err.ctx.command_path if getattr(err, "ctx", None) else "llm"
+            _fail(f"{command}: {err.format_message().rstrip('.')}; see `{command} --help`", err.exit_code)
+        except typer.Abort:
+            _fail("aborted", 1)
+        except UserError as err:
+            _fail(str(err))
+        if code == 130:
+            err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Take a language model through its whole life; every stage an MLflow run.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,9 +71,6 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
-
-console = Console()
-err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe value: stage.key=value (repeatable).")
 RecipeOption = typer.Option(..., "--recipe", "-r", help="Recipe name (llm recipes list) or path to a .yaml.")
@@ -459,24 +493,23 @@ def hw() -> None:
 
 
 def _terminate(signum, frame):
-    # Unwind normally so MLflow marks runs failed and atomic writes clean up.
+    # Unwind normally, so runs are marked KILLED and temporary files are removed.
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output.
+def _quiet_mlflow() -> None:
+    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output:
+    # the environment for an MLflow imported later, the logger for one imported already.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     # Per-artifact download bars from model registration interleave with our stage bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        app()
-    except UserError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
-        sys.exit(130)
+
+
+def main() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    app()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, atomic_dir, load_model_dir
+from llm_lifecycle.models.atomic import atomic_dir
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, load_model_dir
 from llm_lifecycle.models.config import ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
@@ -539,7 +540,11 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         return {k: v for shard in shards for k, v in load_file(str(hf_dir / shard)).items()}
     single = hf_dir / "model.safetensors"
     if not single.is_file():
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        # Pickled weights (pytorch_model.bin) can run code when loaded: we never unpickle them.
+        raise FileNotFoundError(
+            f"{hf_dir}: no model.safetensors or model.safetensors.index.json; only safetensors weights are "
+            "loaded (pickle files such as pytorch_model.bin are never opened); convert them to safetensors first"
+        )
     return load_file(str(single))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from llm_lifecycle.registry.tracking import configure
+from llm_lifecycle.registry.tracking import configure, mark_orphaned_runs
 
 
 def _when(ms: int | None) -> str:
@@ -33,6 +33,7 @@ def recent_runs(recipe: str | None, limit: int) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
     configure()
+    mark_orphaned_runs()  # a run whose process was killed reads KILLED, not RUNNING
     client = MlflowClient()
     experiments = [e for e in client.search_experiments() if recipe in (None, e.name)]
     if not experiments:

@@ -129,7 +129,7 @@ def test_online_methods_train_two_steps_and_report_rewards(workspace, sft_model_
     assert (result.model_alias, result.aliases) == (method, ["rl"])
     assert {"heldout_accuracy_before", "heldout_accuracy", "final_loss"} <= result.metrics.keys()
     assert math.isfinite(result.metrics["final_loss"])
-    state = torch.load(workspace / method / "checkpoint.pt", weights_only=False)
+    state = torch.load(workspace / method / "checkpoints" / "step-00000002.pt", weights_only=True)
     assert state["step"] == 2
     before = json.loads((Path(sft_model_dir) / "config.json").read_text())["model"]
     assert json.loads((Path(result.model_dir) / "config.json").read_text())["model"] == before

@@ -112,7 +112,7 @@ def run_dpo(ctx: StageContext, cfg: dict, policy, tokenizer):
 
     summary = train(
         ctx, policy, settings, data.batches, loss_fn,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
     )
@@ -134,7 +134,7 @@ def run_rm(ctx: StageContext, cfg: dict, policy, tokenizer):
     data = PairBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
     summary = train(
         ctx, model, settings, data.batches, rm_loss(cfg["rm_margin"]),
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len),
         description="reward model",
     )
@@ -173,7 +173,7 @@ def run_grpo(ctx: StageContext, cfg: dict, policy, tokenizer):
                            ctx.seed, pad_id_of(tokenizer))
     summary = train(
         ctx, policy, settings, batches, grpo_loss(cfg["kl_coef"]),
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=_rollout_flops(policy, settings),
         description="grpo",
     )
@@ -192,7 +192,7 @@ def run_ppo(ctx: StageContext, cfg: dict, policy, tokenizer):
                           cfg["gae_lambda"])
     summary = train(
         ctx, model, settings, batches, ppo_loss(cfg["clip"], cfg["vf_coef"]),
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=_rollout_flops(policy, settings) * 2,  # + the critic
         description="ppo",
     )
@@ -230,7 +230,7 @@ def run_rs_sft(ctx: StageContext, cfg: dict, policy, tokenizer):
     data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=pad_id_of(tokenizer))
     summary = train(
         ctx, policy, settings, data.batches, lm_loss,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len),
         description="rs-sft",
     )

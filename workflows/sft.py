@@ -43,7 +43,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     trainable = apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"]) if cfg["lora_rank"] else None
     summary = train(
         ctx, model, settings, data.batches, lm_loss,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=model.cfg.flops_per_token(settings.seq_len),
         trainable=trainable,
         description="sft",
