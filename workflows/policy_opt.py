@@ -226,7 +226,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def ppo_batches(model: ActorCritic, reference, tokenizer, problems, per_step: int, s: RolloutSettings, seed: int,
                 pad_id: int, kl_coef: float, epochs: int, gamma: float, lam: float):
     """batches(start): one rollout every `epochs` steps, yielded `epochs` times. Batch:
-    (inputs, targets, old_logps, old_values, advantages, returns, rewards, correct, lengths)."""
+    (inputs, targets, old_logps, old_values, advantages, returns, rewards, correct, lengths).
+    A run resumed between the epochs of one rollout samples it again with the weights it has
+    then, so only a resume on a rollout boundary repeats the original run exactly."""
     pick = _problem_batches(problems, per_step, seed)
 
     def rollout(step: int):

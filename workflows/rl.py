@@ -158,7 +158,7 @@ def _rollout_settings(ctx: StageContext, cfg: dict):
     )
 
 
-def _rollout_flops(policy, settings: TrainSettings, cfg: dict) -> float:
+def _rollout_flops(policy, settings: TrainSettings) -> float:
     # Per trained token: the update (6N) plus sampling and the reference pass (~2N each).
     return policy.cfg.flops_per_token(settings.seq_len) * 5 / 3
 
@@ -174,7 +174,7 @@ def run_grpo(ctx: StageContext, cfg: dict, policy, tokenizer):
     summary = train(
         ctx, policy, settings, batches, grpo_loss(cfg["kl_coef"]),
         ckpt_dir=ctx.stage_dir / "checkpoints",
-        flops_per_token=_rollout_flops(policy, settings, cfg),
+        flops_per_token=_rollout_flops(policy, settings),
         description="grpo",
     )
     return policy, summary
@@ -193,7 +193,7 @@ def run_ppo(ctx: StageContext, cfg: dict, policy, tokenizer):
     summary = train(
         ctx, model, settings, batches, ppo_loss(cfg["clip"], cfg["vf_coef"]),
         ckpt_dir=ctx.stage_dir / "checkpoints",
-        flops_per_token=_rollout_flops(policy, settings, cfg) * 2,  # + the critic
+        flops_per_token=_rollout_flops(policy, settings) * 2,  # + the critic
         description="ppo",
     )
     return model.policy, summary
