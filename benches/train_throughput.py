@@ -120,13 +120,33 @@ def bench_pair(name: str, compile_: bool, rounds: int, steps_per_round: int, war
             "ours_model_flops_per_s": tps["ours"] * cfg.flops_per_token(SEQ)}
 
 
+def profile_ours(name: str) -> None:
+    """Where our eager training step spends its time, op by op (to find overheads)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    step = make_step(model, ours_forward, False)
+    data = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
+    batch = (data[:, :-1].contiguous(), data[:, 1:].contiguous())
+    step(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batch)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier)")
     parser.add_argument("--mode", choices=("eager", "compiled", "both"), default="both")
     parser.add_argument("--models", default="llama,moe", help="comma-separated: llama, moe")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--profile", choices=tuple(CONFIGS), help="instead: torch.profiler table of our eager step")
     args = parser.parse_args()
+    if args.profile:
+        profile_ours(args.profile)
+        return
     rounds, per_round, warmup = (2, 1, 1) if args.quick else (4, 2, 2)
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.mode]
     results = []

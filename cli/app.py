@@ -6,6 +6,7 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -14,11 +15,47 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from typer.core import TyperGroup
 
 from llm_lifecycle.workflows.stage import UserError
 
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Every mistake a user can make (a bad option, a bad recipe, a missing file) ends as
+    one line on stderr and exit code 2, whoever calls the app (the `llm` script or a test)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _quiet_mlflow()
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(0)
+        except ClickException as err:  # usage: an unknown option, a missing argument, a bad value
+            command = err.ctx.command_path if getattr(err, "ctx", None) else "llm"
+            _fail(f"{command}: {err.format_message().rstrip('.')}; see `{command} --help`", err.exit_code)
+        except typer.Abort:
+            _fail("aborted", 1)
+        except UserError as err:
+            _fail(str(err))
+        if code == 130:
+            err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Take a language model through its whole life; every stage an MLflow run.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,9 +71,6 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
-
-console = Console()
-err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe value: stage.key=value (repeatable).")
 RecipeOption = typer.Option(..., "--recipe", "-r", help="Recipe name (llm recipes list) or path to a .yaml.")
@@ -134,29 +168,13 @@ def _stage_command(stage: str, doc: str):
     return command
 
 
-def _training_command(stage: str, doc: str):
-    """A training stage; --nproc etc. run it under torchrun."""
+def _training_command(stage: str, doc: str, can_init: bool = False):
+    """A training stage; --nproc etc. run it under torchrun. With `can_init`, --init starts it
+    from any model instead of the upstream stage's (hidden elsewhere)."""
 
     def command(
         recipe: str = RecipeOption,
-        set_: Optional[List[str]] = SetOption,
-        nproc: int = NprocOption,
-        nnodes: int = NnodesOption,
-        rdzv_endpoint: Optional[str] = RdzvOption,
-    ) -> None:
-        _relaunch(nproc, nnodes, rdzv_endpoint)
-        _run_stages(recipe, set_, stages=[stage])
-
-    command.__doc__ = doc
-    return command
-
-
-def _init_training_command(stage: str, doc: str):
-    """A training stage that --init starts from any model instead of the upstream stage's."""
-
-    def command(
-        recipe: str = RecipeOption,
-        init: Optional[str] = InitOption,
+        init: Optional[str] = InitOption if can_init else typer.Option(None, "--init", hidden=True),
         set_: Optional[List[str]] = SetOption,
         nproc: int = NprocOption,
         nnodes: int = NnodesOption,
@@ -197,9 +215,9 @@ def tokenizer_train(
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_init_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model)."))
+app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model).", True))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_init_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss).", True))
 
 
 @app.command()
@@ -219,45 +237,93 @@ def quantize(
 @app.command()
 def rl(
     recipe: str = RecipeOption,
-    method: str = typer.Option("dpo", help="Preference method: dpo."),
+    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
 ) -> None:
-    """Align the SFT model with preference pairs."""
+    """Align the SFT model: reward model, DPO, PPO, GRPO or rejection-sampling SFT.
+    The model is registered as models:/RECIPE@METHOD."""
+    from llm_lifecycle.workflows.rl import METHODS
+
+    if method is not None and method not in METHODS:
+        raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, [*(set_ or []), f"rl.method={method}"], stages=["rl"])
+    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], stages=["rl"])
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, min=0.0),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(128, min=1),
+    prompt: Optional[List[str]] = typer.Option(None, help="Say this (repeatable) and exit instead of reading stdin."),
+) -> None:
+    """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
+    if not 0 < top_p <= 1:
+        raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
+    from llm_lifecycle.workflows.chat import ChatSession
+
+    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
+    turns = iter(prompt) if prompt else None
+    while True:
+        if turns is not None:
+            text = next(turns, "")
+            console.print(f"[bold]you>[/bold] {text}" if text else "", highlight=False)
+        else:
+            try:
+                text = console.input("[bold]you>[/bold] ")
+            except EOFError:
+                text = ""
+        if not text.strip():
+            return
+        console.print(f"[bold cyan]model>[/bold cyan] {session.reply(text)}", highlight=False)
 
 
 @app.command("eval")
 def eval_(
     model: Optional[str] = typer.Option(None, help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
-    suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, ppl (repeatable)."),
+    suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, cmmlu, ppl, long (repeatable)."),
     data_dir: Optional[str] = typer.Option(
-        None, envvar="LLM_EVAL_DATA", help="Local copy of the benchmarks in their official layouts ('builtin' for the shipped mirror)."
+        None, envvar="LLM_EVAL_DATA",
+        help="Local copy of the benchmarks in their official layouts ('builtin' for the shipped mirror); "
+        "default: the Hugging Face hub.",
     ),
-    limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's)."),
-    batch_size: int = typer.Option(8, help="Batch size for scoring."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task (per subject)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's, 5)."),
+    batch_size: int = typer.Option(8, help="Batch size for scoring and generation."),
+    backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
+    seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
     set_: Optional[List[str]] = SetOption,
 ) -> None:
-    """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval)."""
+    """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval, CMMLU), perplexity and long-context probes."""
     if recipe:
         _run_stages(recipe, set_, stages=["eval"])
         return
     if not model:
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
+    if limit is not None and limit < 1:
+        raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
     from llm_lifecycle.workflows.evaluate import evaluate_model
 
-    metrics = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
-    table = Table(title=f"eval of {model}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in sorted(metrics.items()):
-        table.add_row(k, f"{v:.4f}")
+    outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
+                             batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template)
+    metrics = sorted({k for row in outcome.rows for k in row} - {"task", "group", "n"})
+    table = Table(title=f"eval of {model} ({backend} backend)")
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    for row in outcome.rows:
+        table.add_row(row["task"], str(row["n"] or ""), *(f"{row[m]:.4f}" if m in row else "" for m in metrics))
     console.print(table)
+    linked = f"; linked to {outcome.model_version_uri}" if outcome.model_version_uri else ""
+    console.print(f"MLflow run {outcome.run_id}{linked}; per-subject tables under its artifacts eval/<suite>/")
 
 
 @app.command()
@@ -469,24 +535,23 @@ def hw() -> None:
 
 
 def _terminate(signum, frame):
-    # Unwind normally so MLflow marks runs failed and atomic writes clean up.
+    # Unwind normally, so runs are marked KILLED and temporary files are removed.
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output.
+def _quiet_mlflow() -> None:
+    # MLflow's INFO chatter (table creation, system-metrics threads) would bury our output:
+    # the environment for an MLflow imported later, the logger for one imported already.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     # Per-artifact download bars from model registration interleave with our stage bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        app()
-    except UserError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
-        sys.exit(130)
+
+
+def main() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    app()
 
 
 if __name__ == "__main__":

@@ -37,13 +37,14 @@ __all__ = [
     "EvalReport",
     "LifecycleLM",
     "evaluate_suite",
+    "score_rows",
 ]
 
 # Suite name (as on the command line) -> lm-eval task or group names.
-SUITES = {"mmlu": ["mmlu"], "gsm8k": ["gsm8k"], "ceval": ["ceval-valid"]}
-DEFAULT_FEWSHOT = {"mmlu": 5, "gsm8k": 5, "ceval": 5}
+SUITES = {"mmlu": ["mmlu"], "gsm8k": ["gsm8k"], "ceval": ["ceval-valid"], "cmmlu": ["cmmlu"]}
+DEFAULT_FEWSHOT = {"mmlu": 5, "gsm8k": 5, "ceval": 5, "cmmlu": 5}
 # Where lm-eval keeps each suite's YAML; indexing only these takes 0.1 s instead of ~15 s for all tasks.
-_TASK_DIRS = {"mmlu": "mmlu/default", "gsm8k": "gsm8k", "ceval": "ceval"}
+_TASK_DIRS = {"mmlu": "mmlu/default", "gsm8k": "gsm8k", "ceval": "ceval", "cmmlu": "cmmlu"}
 _EOT = "<|endoftext|>"
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,23 @@ class LifecycleLM(LM):
         whole = self.tok_encode(context + continuation)
         context_ids = self.tok_encode(context)
         return context_ids, whole[len(context_ids):]
+
+    # --- chat template (--apply-chat-template) --------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "llm-lifecycle-chatml"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        from llm_lifecycle.models.hf import CHATML_TEMPLATE
+
+        return CHATML_TEMPLATE
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """ChatML, the template our SFT stage trains with and our Hugging Face export ships."""
+        from jinja2 import Template
+
+        return Template(self.chat_template()).render(messages=chat_history, add_generation_prompt=add_generation_prompt)
 
     # --- lm-eval request types -----------------------------------------------------------
 
@@ -180,29 +198,84 @@ class LifecycleLM(LM):
 
     @torch.no_grad()
     def _score(self, sequences: list[tuple[list[int], int]], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(sum of log-probs, all greedy) of the last n tokens of each sequence given the ones before."""
+        """(sum of log-probs, all greedy) of the last n tokens of each sequence given the ones before.
+
+        Sequences are grouped by context. A context whose continuations fit in one model input
+        (the four one-token answer letters of MMLU) costs one row of a length-sorted batch; a
+        context with several longer continuations is encoded once into the KV cache, and only
+        the continuations run per choice.
+        """
         results: list[tuple[float, bool] | None] = [(0.0, True) if n == 0 else None for _, n in sequences]
-        rows = _plan_rows(sequences, [i for i, result in enumerate(results) if result is None])
-        for start in tqdm(range(0, len(rows), self.batch_size), desc="score", disable=disable_tqdm):
-            batch = rows[start : start + self.batch_size]
-            # Right padding cannot change earlier positions of a causal model.
-            ids = torch.full((len(batch), len(batch[0][0])), self.eot_token_id, dtype=torch.long)
-            for row, (inp, _) in enumerate(batch):
-                ids[row, : len(inp)] = torch.tensor(inp)
-            logits = self.model(ids.to(self._device)).logits
-            for row, (_, readers) in enumerate(batch):
-                for i in readers:
-                    tokens, n = sequences[i]
-                    end = len(tokens) - 1  # this sequence's own input length
-                    logprobs = logits[row, end - n : end].float().log_softmax(-1)
-                    targets = torch.tensor(tokens[-n:], device=logprobs.device)
-                    chosen = logprobs.gather(-1, targets[:, None]).sum()
-                    results[i] = (float(chosen), bool((logprobs.argmax(-1) == targets).all()))
+        groups = _plan_groups(sequences, [i for i, result in enumerate(results) if result is None])
+        # The cache pays off when a context (at least 2 tokens: one to cache, one to start the rows) has 2+ rows.
+        shared = [(context, rows) for context, rows in groups if len(rows) > 1 and len(context) >= 2]
+        single = [row for context, rows in groups if not (len(rows) > 1 and len(context) >= 2) for row in rows]
+        single.sort(key=lambda r: -len(r[0]))  # longest first: batch widths shrink, an OOM shows at once
+        shared.sort(key=lambda g: -len(g[0]))
+        with tqdm(total=len(single) + sum(len(rows) for _, rows in shared), desc="score", disable=disable_tqdm) as bar:
+            for start in range(0, len(single), self.batch_size):
+                batch = single[start : start + self.batch_size]
+                logits = self.model(_right_padded([inp for inp, _ in batch], self.eot_token_id, self._device)).logits
+                for row, (inp, readers) in enumerate(batch):
+                    for i in readers:
+                        tokens, n = sequences[i]
+                        results[i] = _read(logits[row, len(tokens) - 1 - n : len(tokens) - 1], tokens[-n:])
+                bar.update(len(batch))
+            for batch in _fill_batches(shared, self.batch_size):
+                self._score_shared(batch, sequences, results)
+                bar.update(sum(len(rows) for _, rows in batch))
         return results
 
+    def _score_shared(self, groups, sequences, results) -> None:
+        """Contexts encoded once (left-padded, batched) into a KV cache, copied to each of their
+        continuation rows, which then run as one right-padded batch after the cache."""
+        from llm_lifecycle.models.decoder import KVCache
 
-def _plan_rows(sequences: list[tuple[list[int], int]], todo: list[int]) -> list[tuple[list[int], list[int]]]:
-    """The model inputs to run, longest first, each with the sequences that read its logits.
+        contexts = [context[:-1] for context, _ in groups]  # the last context token starts each row
+        width = max(map(len, contexts))
+        ids = torch.full((len(contexts), width), self.eot_token_id, dtype=torch.long)
+        real = torch.zeros((len(contexts), width), dtype=torch.bool)
+        for g, context in enumerate(contexts):
+            ids[g, width - len(context) :] = torch.tensor(context)
+            real[g, width - len(context) :] = True
+        real = real.to(self._device)
+        # Each token keeps its unpadded position (what position-dependent scalings such as LogN see).
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model.new_kv_cache(key_padding=None if bool(real.all()) else real)
+        self.model(ids.to(self._device), kv_cache=cache, position_ids=positions)
+
+        owner = torch.tensor([g for g, (_, rows) in enumerate(groups) for _ in rows], device=self._device)
+        rows = [(inp[len(context) - 1 :], readers) for context, group_rows in groups for inp, readers in group_rows]
+        row_ids = _right_padded([inp for inp, _ in rows], self.eot_token_id, self._device)
+        start = torch.tensor([len(contexts[g]) for g in owner.tolist()], device=self._device)
+        per_row = KVCache(len(cache.keys), None if cache.key_padding is None else cache.key_padding[owner])
+        per_row.keys = [k[owner] for k in cache.keys]
+        per_row.values = [v[owner] for v in cache.values]
+        logits = self.model(row_ids, kv_cache=per_row,
+                            position_ids=start[:, None] + torch.arange(row_ids.size(1), device=self._device)).logits
+        for row, (_, readers) in enumerate(rows):
+            for i in readers:
+                tokens, n = sequences[i]
+                results[i] = _read(logits[row, :n], tokens[-n:])
+
+
+def _right_padded(inputs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Right padding cannot change earlier positions of a causal model."""
+    ids = torch.full((len(inputs), max(map(len, inputs))), pad_id, dtype=torch.long)
+    for row, inp in enumerate(inputs):
+        ids[row, : len(inp)] = torch.tensor(inp)
+    return ids.to(device)
+
+
+def _read(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
+    """(log p(targets), whether each target is the argmax) from the logits that predict them."""
+    logprobs = logits.float().log_softmax(-1)
+    target = torch.tensor(targets, device=logprobs.device)
+    return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+
+def _plan_groups(sequences: list[tuple[list[int], int]], todo: list[int]):
+    """[(context tokens, [(model input, readers)])]: the inputs to run per shared context.
 
     A causal model's logits at a position depend only on the tokens up to it, so a sequence
     whose input is a prefix of another's input (same context) reads that row: the four answer
@@ -212,19 +285,31 @@ def _plan_rows(sequences: list[tuple[list[int], int]], todo: list[int]) -> list[
     for i in todo:
         tokens, n = sequences[i]
         by_context[tuple(tokens[:-n])].append(i)
-    rows = []
-    for members in by_context.values():
-        context_rows: list[tuple[list[int], list[int]]] = []
+    groups = []
+    for context, members in by_context.items():
+        rows: list[tuple[list[int], list[int]]] = []
         for i in sorted(members, key=lambda i: -len(sequences[i][0])):
             inp = sequences[i][0][:-1]
-            row = next((r for r in context_rows if r[0][: len(inp)] == inp), None)
+            row = next((r for r in rows if r[0][: len(inp)] == inp), None)
             if row is None:
-                context_rows.append((inp, [i]))
+                rows.append((inp, [i]))
             else:
                 row[1].append(i)
-        rows.extend(context_rows)
-    # Longest first: batch widths shrink, and an out-of-memory shows at once.
-    return sorted(rows, key=lambda r: -len(r[0]))
+        groups.append((list(context), rows))
+    return groups
+
+
+def _fill_batches(groups, batch_size: int):
+    """Consecutive groups until their continuation rows reach batch_size (a big group goes alone)."""
+    batch, n_rows = [], 0
+    for group in groups:
+        if batch and n_rows + len(group[1]) > batch_size:
+            yield batch
+            batch, n_rows = [], 0
+        batch.append(group)
+        n_rows += len(group[1])
+    if batch:
+        yield batch
 
 
 def _context_length(model: torch.nn.Module) -> int:
@@ -262,7 +347,7 @@ class EvalReport:
 
 
 def evaluate_suite(
-    lm: LifecycleLM,
+    lm: LM,
     suite: str,
     *,
     data_dir: str | Path | None = None,
@@ -271,12 +356,15 @@ def evaluate_suite(
     seed: int = 0,
     batch_size: int | None = None,
     log_samples: bool = False,
+    apply_chat_template: bool = False,
 ) -> EvalReport:
     """Run one suite with lm-eval's own task definitions.
 
+    lm: our LifecycleLM, or any lm-eval LM (its `hf` and `vllm` backends on an exported folder).
     data_dir: None -> lm-eval reads the hub datasets; a folder -> the official layouts under it
     (local_data.py); "builtin" -> the shipped MIT mirror. limit: documents per task (per subject
-    for MMLU and C-Eval). Raises EvalError (a ValueError) for an unknown suite or missing data.
+    for MMLU and C-Eval). apply_chat_template: prompts (few-shot turns included) in the model's
+    chat template. Raises EvalError (a ValueError) for an unknown suite or missing data.
     """
     import lm_eval
     from lm_eval.utils import handle_non_serializable
@@ -285,7 +373,7 @@ def evaluate_suite(
         raise EvalError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be a positive number of examples, got {limit}")
-    if batch_size:
+    if batch_size and isinstance(lm, LifecycleLM):
         lm.batch_size = batch_size
     fewshot = DEFAULT_FEWSHOT[suite] if num_fewshot is None else num_fewshot
     root = resolve_data_dir(data_dir)
@@ -300,6 +388,8 @@ def evaluate_suite(
             batch_size=lm.batch_size,
             task_manager=task_manager,
             log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=apply_chat_template,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -333,9 +423,21 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return flat
 
 
+def score_rows(report: EvalReport) -> list[dict]:
+    """One row per lm-eval group then task: {"task", "group" (bool), "n", metric: value}; stderrs left out."""
+    groups = set(report.results.get("groups", {}))
+    rows = []
+    for task in sorted(report.results["results"], key=lambda t: (t not in groups, t)):
+        values = {k: v for k, v in flat_metrics({"results": {task: report.results["results"][task]}}).items()
+                  if "_stderr" not in k}
+        rows.append({"task": task, "group": task in groups, "n": report.n_samples.get(task),
+                     **{k.split(".", 2)[2]: v for k, v in values.items()}})
+    return rows
+
+
 def _task_manager(suite: str, root: Path | None, work_dir: Path):
-    """A TaskManager that knows only this suite's tasks; with local data, their configs point
-    `dataset_path` at a converted mirror (an override YAML that includes lm-eval's own)."""
+    """A TaskManager that knows only this suite's tasks; with local data, each leaf task is
+    overridden (a YAML that includes lm-eval's own) to read its converted subject file."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
@@ -348,32 +450,36 @@ def _task_manager(suite: str, root: Path | None, work_dir: Path):
             f"{suite}: data folder {root} does not exist; expected {BENCHMARKS[suite].layout} under it "
             "(or --data-dir builtin, or no --data-dir to read the hub)"
         )
-    subjects = sorted(_dataset_names(stock.task_index, SUITES[suite]))
-    mirror = build_mirror(suite, root, subjects, work_dir / "data")
+    leaves = _leaf_tasks(stock.task_index, SUITES[suite])
+    mirror = build_mirror(suite, root, sorted(set(leaves.values())), work_dir / "data")
     override_dir = work_dir / "tasks"
     override_dir.mkdir()
-    for name in SUITES[suite]:
-        spec = {"include": str(stock.task_index[name].yaml_path), **mirror.task_overrides}
-        (override_dir / f"{name}.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    (override_dir / "mirror_loader.py").write_text("from llm_lifecycle.evals.local_data import load_config\n")
+    for name, subject in leaves.items():
+        lines = [f"include: {json.dumps(str(stock.task_index[name].yaml_path))}",
+                 "custom_dataset: !function mirror_loader.load_config",
+                 f"dataset_kwargs: {json.dumps({'file': str(mirror.path / f'{subject}.json')})}"]
+        lines += [f"{key}: {json.dumps(value)}" for key, value in mirror.task_overrides.items()]
+        (override_dir / f"{name}.yaml").write_text("\n".join(lines) + "\n")  # JSON scalars are YAML
     source = "builtin" if root.resolve() == BUILTIN_DATA_DIR.resolve() else "local"
     data = {"source": source, "where": str(root / suite), "splits": mirror.splits, "notes": mirror.notes}
     return TaskManager(include_defaults=False, include_path=[task_dir, override_dir]), data
 
 
-def _dataset_names(index: dict, names: list[str]) -> set[str]:
-    """The hub config names (MMLU/C-Eval subjects) the leaf tasks under `names` read."""
+def _leaf_tasks(index: dict, names: list[str]) -> dict[str, str]:
+    """{leaf task name: the hub config (MMLU/C-Eval subject, GSM8K 'main') it reads} under `names`."""
     from lm_eval.tasks._index import Kind
 
-    found = set()
+    found = {}
     for name in names:
         entry = index[name]
         if entry.kind == Kind.GROUP:
             children = [c if isinstance(c, str) else c.get("task") or c.get("group") for c in entry.cfg["task"]]
-            found |= _dataset_names(index, children)
+            found |= _leaf_tasks(index, children)
         elif entry.kind == Kind.TAG:
-            found |= _dataset_names(index, sorted(entry.tags))
+            found |= _leaf_tasks(index, sorted(entry.tags))
         elif entry.cfg.get("dataset_name"):
-            found.add(entry.cfg["dataset_name"])
+            found[name] = entry.cfg["dataset_name"]
     return found
 
 

@@ -4,11 +4,14 @@ A data folder holds one sub-folder per benchmark:
 
     DIR/mmlu/{dev,val,test}/<subject>_<split>.csv   no header: question,A,B,C,D,answer-letter
     DIR/ceval/{dev,val}/<subject>_<split>.csv       header: id,question,A,B,C,D,answer[,explanation]
+    DIR/cmmlu/{dev,test}/<subject>.csv              header: ,Question,A,B,C,D,Answer
     DIR/gsm8k/{train,test}.jsonl                    {"question", "answer"}
 
-`build_mirror` converts one benchmark into a folder that `datasets.load_dataset(folder, name)`
-reads exactly like the hub repository lm-eval's task points at (same configs, split names and
-columns), so the real lm-eval task runs unchanged except for `dataset_path`.
+`build_mirror` converts one benchmark into one JSON file per hub config (subject) holding the
+splits and columns of the hub repository lm-eval's task points at; lm-eval's own task then
+runs unchanged except that its `custom_dataset` hook (`load_config`) reads that file. That hook
+skips `datasets.load_dataset`, whose dataset-card parsing and Arrow caching cost ~1 s per MMLU
+subject, more than scoring them.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "builtin"
 
@@ -44,6 +45,9 @@ BENCHMARKS = {
     "mmlu": Benchmark("mmlu", "cais/mmlu", "mmlu/{test,val,dev}/<subject>_<split>.csv (official MMLU CSVs, no header)"),
     "ceval": Benchmark(
         "ceval", "ceval/ceval-exam", "ceval/{val,dev}/<subject>_<split>.csv (official C-Eval CSVs, with header)"
+    ),
+    "cmmlu": Benchmark(
+        "cmmlu", "haonan-li/cmmlu", "cmmlu/{test,dev}/<subject>.csv (official CMMLU CSVs, header ,Question,A,B,C,D,Answer)"
     ),
     "gsm8k": Benchmark("gsm8k", "openai/gsm8k", "gsm8k/test.jsonl and gsm8k/train.jsonl (official GSM8K jsonl)"),
 }
@@ -74,11 +78,8 @@ def build_mirror(benchmark: str, data_dir: Path, subjects: list[str], out_dir: P
     `subjects` are the dataset config names lm-eval's tasks ask for (e.g. 'abstract_algebra'),
     ignored for GSM8K which has one config.
     """
-    build = {"mmlu": _mmlu, "ceval": _ceval, "gsm8k": _gsm8k}[benchmark]
+    build = {"mmlu": _mmlu, "ceval": _ceval, "cmmlu": _cmmlu, "gsm8k": _gsm8k}[benchmark]
     mirror = build(data_dir / benchmark, subjects, out_dir / benchmark)
-    mirror.task_overrides["dataset_path"] = str(mirror.path)
-    # Keep datasets' Arrow cache with the mirror so nothing is left behind in ~/.cache.
-    mirror.task_overrides["dataset_kwargs"] = {"cache_dir": str(out_dir / "hf-datasets-cache")}
     if data_dir.resolve() == BUILTIN_DATA_DIR.resolve() and benchmark in BUILTIN_SPLIT_NOTES:
         mirror.notes.append(BUILTIN_SPLIT_NOTES[benchmark])
     return mirror
@@ -137,6 +138,30 @@ def _ceval(root: Path, subjects: list[str], out: Path) -> LocalMirror:
     return _write_mirror(out, configs, {}, {"eval": "val", "fewshot": "dev"}, [])
 
 
+def _cmmlu(root: Path, subjects: list[str], out: Path) -> LocalMirror:
+    """CMMLU as `haonan-li/cmmlu`: columns Question, A-D, Answer (letter); splits test/dev; files
+    `<split>/<subject>.csv` (no split suffix, unlike MMLU and C-Eval)."""
+    for split, role in (("test", "the evaluation split"), ("dev", "few-shot examples")):
+        missing = [root / split / f"{s}.csv" for s in subjects if not (root / split / f"{s}.csv").is_file()]
+        if missing:
+            raise EvalError(f"cmmlu: {role} not found: missing {_shown(missing)}; "
+                            f"expected the official layout {BENCHMARKS['cmmlu'].layout} under the data folder")
+
+    def rows(subject: str, split: str):
+        path = root / split / f"{subject}.csv"
+        reader = _read_csv(path)
+        header = next(reader, [])
+        missing = {"Question", "A", "B", "C", "D", "Answer"} - set(header)
+        if missing:
+            raise EvalError(f"{path}: header lacks {sorted(missing)}; expected ,Question,A,B,C,D,Answer")
+        for row in reader:
+            record = dict(zip(header, row))
+            yield {k: record[k] for k in ("Question", "A", "B", "C", "D", "Answer")}
+
+    configs = {s: {split: list(rows(s, split)) for split in ("test", "dev")} for s in subjects}
+    return _write_mirror(out, configs, {}, {"eval": "test", "fewshot": "dev"}, [])
+
+
 def _gsm8k(root: Path, subjects: list[str], out: Path) -> LocalMirror:
     """GSM8K as `openai/gsm8k` config `main`: columns question, answer; splits train/test."""
     paths = {split: root / f"{split}.jsonl" for split in ("test", "train")}
@@ -162,11 +187,14 @@ def _gsm8k(root: Path, subjects: list[str], out: Path) -> LocalMirror:
 def _require_split(root: Path, split: str, subjects: list[str], benchmark: str, role: str) -> None:
     missing = [root / split / f"{s}_{split}.csv" for s in subjects if not (root / split / f"{s}_{split}.csv").is_file()]
     if missing:
-        shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise EvalError(
-            f"{benchmark}: {role} not found: missing {shown}; "
+            f"{benchmark}: {role} not found: missing {_shown(missing)}; "
             f"expected the official layout {BENCHMARKS[benchmark].layout} under the data folder"
         )
+
+
+def _shown(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _read_csv(path: Path):
@@ -175,15 +203,17 @@ def _read_csv(path: Path):
 
 
 def _write_mirror(out: Path, configs: dict, overrides: dict, splits: dict, notes: list) -> LocalMirror:
-    """One jsonl per (config, split) and a README whose `configs:` block maps them like a hub repo."""
-    card = []
+    """One `<config>.json` per hub config: {split: [records]}."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, by_split in configs.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for split, records in by_split.items():
-            with (out / name / f"{split}.jsonl").open("w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        card.append(
-            {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}.jsonl"} for s in by_split]}
-        )
-    (out / "README.md").write_text("---\n" + yaml.safe_dump({"configs": card}) + "---\n", encoding="utf-8")
+        (out / f"{name}.json").write_text(json.dumps(by_split, ensure_ascii=False), encoding="utf-8")
     return LocalMirror(out, dict(overrides), splits, list(notes))
+
+
+def load_config(file: str, **_task_metadata):
+    """lm-eval's `custom_dataset` hook: one converted config as a DatasetDict (lm-eval passes the
+    task's metadata, e.g. its version, as keyword arguments too)."""
+    import datasets
+
+    by_split = json.loads(Path(file).read_text(encoding="utf-8"))
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in by_split.items()})

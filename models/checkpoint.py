@@ -7,16 +7,12 @@ then renamed into place, so a crash leaves either the old directory or the new o
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_model, save_model
 
+from llm_lifecycle.models.atomic import atomic_dir
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 
@@ -38,38 +34,6 @@ def save_model_dir(path: str | Path, model: Decoder, tokenizer, extra: dict[str,
         if tokenizer is not None:
             tokenizer.save(str(tmp / TOKENIZER_FILE))
     return Path(path)
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `path`; on success it replaces `path`,
-    on any error it is removed and `path` is left as it was."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`. A directory cannot be renamed over a non-empty one, so the
-    old one is first moved aside (one rename), then removed once the new one is in place."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)  # put the old one back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 # Decides the Hugging Face layout used by export/import (the transformers model_type).
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v3", "gemma", "phi", "glm")
-# Families transformers has no layout for (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our own format.
+FAMILIES = (
+    "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v2", "deepseek_v3", "gemma", "phi", "glm",
+)
+# Families with no transformers layout (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our
+# own format (Baichuan 2 with RoPE exports as Llama, see models/hf.py).
 FAMILIES += ("qwen", "baichuan", "chatglm")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")

@@ -28,6 +28,7 @@ class DecoderOutput:
     # layers, plus Baichuan2's max-z loss (0 when none is configured)
     aux_loss: torch.Tensor
     expert_load: torch.Tensor | None = None  # [moe layers, n_experts] assignments per expert (MoE only)
+    hidden: torch.Tensor | None = None  # [B, T, dim] final-norm states, for value and reward heads
 
 
 # ---- rotary position embedding -------------------------------------------------------------
@@ -591,7 +592,7 @@ class Decoder(nn.Module):
         if self.cfg.max_z_loss_coef:  # Baichuan2 max-z loss: penalise the largest logit, squared
             aux_loss = aux_loss + self.cfg.max_z_loss_coef * logits.float().amax(dim=-1).pow(2).mean()
         expert_load = torch.stack([r.counts for r in routers]) if routers else None
-        return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load)
+        return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load, hidden=h)
 
     def _masks(self, past, seq, kv_cache, attn_mask, device) -> dict[int | None, torch.Tensor | None]:
         """The attention mask of each distinct layer window. None (the fused causal kernel)

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, atomic_dir, load_model_dir
+from llm_lifecycle.models.atomic import atomic_dir
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, load_model_dir
 from llm_lifecycle.models.config import ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
@@ -130,6 +131,26 @@ class Family:
 _MOE_CONFIG = {"num_experts_per_tok": "n_experts_per_token", "router_aux_loss_coef": "router_aux_loss_coef"}
 _ATTENTION_BIAS = {"attention_bias": ("qkv_bias", "o_bias")}  # one flag for q, k, v and o biases
 
+# DeepSeek's multi-head latent attention, shared experts and dense first layers (V2 and V3).
+_DEEPSEEK_CONFIG = {
+    "qk_head_dim": "head_dim", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
+    "n_routed_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim", "n_shared_experts": "n_shared_experts",
+    "first_k_dense_replace": "n_dense_layers", "routed_scaling_factor": "routed_scale",
+    "num_experts_per_tok": "n_experts_per_token",
+}
+_MLA_NAMES = {
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "ffn.shared.w_gate.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared.w_up.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.shared.w_down.weight": "mlp.shared_experts.down_proj.weight",
+}
+
 HF_FAMILIES: dict[str, Family] = {
     "llama": Family(
         "LlamaForCausalLM", config=_ATTENTION_BIAS,
@@ -187,35 +208,28 @@ HF_FAMILIES: dict[str, Family] = {
         },
         top={"norm.weight": "model.final_layernorm.weight", "norm.bias": "model.final_layernorm.bias"},
     ),
-    # DeepSeek-V3: MLA, sigmoid routing with a balancing bias and group-limited top-k, shared
-    # experts, dense first layers. Its multi-token-prediction layers are not imported.
+    # DeepSeek-V2: MLA, softmax routing without renormalisation, shared experts, dense first
+    # layers (transformers' group-limited variant is not supported: topk_method greedy only).
+    "deepseek_v2": Family(
+        "DeepseekV2ForCausalLM",
+        config=_DEEPSEEK_CONFIG,
+        implied={"norm_topk_prob": False},  # transformers' V2 router never renormalises
+        constants={**SILU, "attention_bias": False, "mlp_bias": False, "topk_method": "greedy"},
+        names=_MLA_NAMES, moe=True, rope_interleaved=True,
+    ),
+    # DeepSeek-V3: adds sigmoid routing with a balancing bias and group-limited top-k. Its
+    # multi-token-prediction layers are not imported.
     "deepseek_v3": Family(
         "DeepseekV3ForCausalLM",
         config={
-            "qk_head_dim": "head_dim", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
-            "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
-            "n_routed_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim", "n_shared_experts": "n_shared_experts",
-            "first_k_dense_replace": "n_dense_layers", "norm_topk_prob": "norm_topk_prob",
-            "routed_scaling_factor": "routed_scale", "n_group": "n_expert_groups", "topk_group": "topk_groups",
-            "num_experts_per_tok": "n_experts_per_token",
+            **_DEEPSEEK_CONFIG, "norm_topk_prob": "norm_topk_prob", "n_group": "n_expert_groups", "topk_group": "topk_groups",
         },
         implied={"router_score": "sigmoid", "router_bias": True},
         constants={
             **SILU, "attention_bias": False, "rope_interleave": True,
             "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
         },
-        names={
-            "attn.wq_a.weight": "self_attn.q_a_proj.weight",
-            "attn.q_a_norm.weight": "self_attn.q_a_layernorm.weight",
-            "attn.wq_b.weight": "self_attn.q_b_proj.weight",
-            "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
-            "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
-            "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
-            "ffn.score_bias": "mlp.gate.e_score_correction_bias",
-            "ffn.shared.w_gate.weight": "mlp.shared_experts.gate_proj.weight",
-            "ffn.shared.w_up.weight": "mlp.shared_experts.up_proj.weight",
-            "ffn.shared.w_down.weight": "mlp.shared_experts.down_proj.weight",
-        },
+        names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
         moe=True, rope_interleaved=True,
     ),
     "glm": Family(
@@ -526,7 +540,11 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         return {k: v for shard in shards for k, v in load_file(str(hf_dir / shard)).items()}
     single = hf_dir / "model.safetensors"
     if not single.is_file():
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        # Pickled weights (pytorch_model.bin) can run code when loaded: we never unpickle them.
+        raise FileNotFoundError(
+            f"{hf_dir}: no model.safetensors or model.safetensors.index.json; only safetensors weights are "
+            "loaded (pickle files such as pytorch_model.bin are never opened); convert them to safetensors first"
+        )
     return load_file(str(single))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from llm_lifecycle.registry.tracking import configure, tracking_uri
+from llm_lifecycle.registry.tracking import configure, mark_orphaned_runs, tracking_uri
 
 
 def _when(ms: int | None) -> str:
@@ -34,6 +34,7 @@ def recent_runs(recipe: str | None, limit: int) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
     configure()
+    mark_orphaned_runs()  # a run whose process was killed reads KILLED, not RUNNING
     client = MlflowClient()
     experiments = [e for e in client.search_experiments() if recipe in (None, e.name)]
     if not experiments:

@@ -11,14 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from llm_lifecycle.registry.hardware import hardware_profile
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+REDACTED = "[REDACTED]"
+# Setting names whose (text) values are credentials. "token" but not "tokenizer"/"tokenize".
+SECRET_NAME = re.compile(r"secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz])", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+_ASSIGNED_SECRET = re.compile(
+    r"([\w.-]*(?:secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz]))[\w.-]*[\"']?\s*[=:]\s*[\"']?)"
+    r"(?![\d.]+\b|\[REDACTED\])[^\s,;'\"}\]]+",
+    re.IGNORECASE,
+)
 
 
 def workspace() -> Path:
@@ -43,11 +56,28 @@ def configure(ws: Path | None = None) -> str:
     uri = tracking_uri(ws)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if is_embedded_store(uri):
+        _create_store_once(ws)
     return uri
+
+
+def _create_store_once(ws: Path) -> None:
+    """Open (and on first use create) the sqlite store under a file lock: two processes
+    creating the same fresh store at once would both try to create its tables."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    with open(ws / ".mlflow.db.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient()
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
 
 
 def ensure_experiment(name: str, ws: Path | None = None) -> str:
     """The experiment id for `name`; new embedded experiments keep artifacts in the workspace."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -57,20 +87,65 @@ def ensure_experiment(name: str, ws: Path | None = None) -> str:
     location = None
     if is_embedded_store(tracking_uri(ws)):
         location = ((ws or workspace()) / "mlartifacts" / name).as_uri()
-    # Without the kind, MLflow 3's UI opens experiments on its GenAI trace views.
-    return client.create_experiment(name, artifact_location=location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    try:
+        # Without the kind, MLflow 3's UI opens experiments on its GenAI trace views.
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except MlflowException:  # another process created it a moment ago
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets (HF tokens, MLflow credentials, anything named *token*/*secret*/*password*) never
+# reach the tracking store: every param, tag and text artifact we log goes through these.
+
+
+def _secret_env_values() -> list[str]:
+    """Values of environment variables named like credentials (HF_TOKEN, MLFLOW_TRACKING_PASSWORD...)."""
+    return sorted(
+        (v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6),
+        key=len, reverse=True,
+    )
+
+
+def redact_text(text: str) -> str:
+    """`text` with credentials in URLs, HF tokens, `password=...` pairs and the values of
+    secret environment variables replaced by [REDACTED]."""
+    for value in _secret_env_values():
+        text = text.replace(value, REDACTED)
+    text = _URL_CREDENTIALS.sub(rf"\1{REDACTED}@", text)
+    text = _HF_TOKEN.sub(REDACTED, text)
+    return _ASSIGNED_SECRET.sub(rf"\1{REDACTED}", text)
+
+
+def redact(data: Any, key: str = "") -> Any:
+    """A copy of `data` (nested dicts/lists/strings) safe to log: text under a secret-looking
+    name is replaced whole; other text is scrubbed. Numbers and booleans are never secrets
+    (so `train_tokens` stays), only text is."""
+    if isinstance(data, dict):
+        return {k: redact(v, str(k)) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact(v, key) for v in data]
+    if isinstance(data, str):
+        return REDACTED if SECRET_NAME.search(key.rsplit(".", 1)[-1]) else redact_text(data)
+    return data
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; lists are JSON-encoded; long values truncated."""
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists are JSON-encoded; long values truncated;
+    secrets redacted."""
     if isinstance(config, dict):
         out: dict[str, str] = {}
         for key, value in config.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
+    key = prefix.rstrip(".")
+    config = redact(config, key)
     text = json.dumps(config) if isinstance(config, (list, tuple)) else str(config)
-    return {prefix.rstrip("."): text[:PARAM_VALUE_LIMIT]}
+    return {key: text[:PARAM_VALUE_LIMIT]}
 
 
 def git_commit() -> str | None:
@@ -122,7 +197,7 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.client.set_tag(self.run_id, key, redact(str(value), key))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -132,10 +207,10 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: dict | list, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.client.log_dict(self.run_id, redact(data), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def log_input(self, path: str | Path, name: str, context: str) -> None:
         from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -183,12 +258,87 @@ class NullTracker:
         pass
 
 
+# ---------------------------------------------------------------------------------------
+# Run lifecycle: a run ends FINISHED, FAILED (an error) or KILLED (a signal, or its process
+# vanished). Each run records which process owns it, so the next start can close the runs
+# of a process that was SIGKILLed or lost its machine's power.
+
+
+def _owner_tags() -> dict[str, str]:
+    import psutil
+
+    me = psutil.Process()
+    return {"llm.host": socket.gethostname(), "llm.pid": str(me.pid), "llm.pid_started": f"{me.create_time():.3f}"}
+
+
+def _owner_gone(tags: dict[str, str]) -> bool:
+    """True when the run's process is known to be gone: it ran on this host and that pid is
+    free, a zombie, or now belongs to a process started at another time. Runs from other
+    hosts, or without owner tags, are never judged."""
+    import psutil
+
+    if tags.get("llm.host") != socket.gethostname() or not tags.get("llm.pid", "").isdigit():
+        return False
+    try:
+        proc = psutil.Process(int(tags["llm.pid"]))
+        return proc.status() == psutil.STATUS_ZOMBIE or f"{proc.create_time():.3f}" != tags.get("llm.pid_started")
+    except psutil.NoSuchProcess:
+        return True
+
+
+def mark_orphaned_runs() -> list[str]:
+    """Mark KILLED every RUNNING run whose owning process is gone; returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    orphans = [
+        r for r in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000)
+        if _owner_gone(r.data.tags)
+    ]
+    for run in orphans:
+        client.set_tag(run.info.run_id, "llm.end_reason",
+                       f"process {run.data.tags['llm.pid']} ended without closing the run (killed)")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [r.info.run_id for r in orphans]
+
+
+@dataclass
+class RunRef:
+    run_id: str
+    parent_run_id: str | None
+
+
+def unfinished_run(experiment: str, tags: dict[str, str]) -> RunRef | None:
+    """The latest run in `experiment` with these tags that did not finish (killed, failed)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status != 'FINISHED'"])
+    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    return RunRef(runs[0].info.run_id, runs[0].data.tags.get("mlflow.parentRunId"))
+
+
+def _end_status(err: BaseException) -> str:
+    # SIGTERM/SIGHUP become SystemExit (cli/app.py) and SIGINT KeyboardInterrupt: a kill, not a bug.
+    return "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
 @contextmanager
 def start_run(
     experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
 ) -> Iterator[MlflowTracker | NullTracker]:
-    """An MLflow run with hardware tags and system metrics; marked FAILED/KILLED on error.
-    Under torchrun only rank 0 opens runs; the other ranks get a NullTracker."""
+    """An MLflow run with hardware and owner tags and system metrics; it ends FINISHED,
+    FAILED (with the error as `llm.error`) or KILLED. A top-level run first closes the
+    runs that killed processes left RUNNING. Under torchrun only rank 0 opens runs; the
+    other ranks get a NullTracker."""
     import mlflow
 
     from llm_lifecycle.registry.hardware import is_main_process
@@ -196,34 +346,48 @@ def start_run(
     if not is_main_process():
         yield NullTracker()
         return
+    if parent_run_id is None:
+        mark_orphaned_runs()
     exp_id = ensure_experiment(experiment)
-    all_tags = {**hardware_profile(), **tags}
+    all_tags = {**hardware_profile(), **_owner_tags(), **tags}
     commit = git_commit()
     if commit:
         all_tags["llm.git_commit"] = commit
-    with mlflow.start_run(
+    run = mlflow.start_run(
         experiment_id=exp_id,
         run_name=run_name,
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
-        tags=all_tags,
+        tags={k: redact(str(v), k) for k, v in all_tags.items()},
         log_system_metrics=True,
-    ) as run:
-        tracker = MlflowTracker(run.info.run_id)
+    )
+    tracker = MlflowTracker(run.info.run_id)
+    status = "FINISHED"
+    try:
+        yield tracker
+    except BaseException as err:
+        status = _end_status(err)
+        message = " ".join(str(err).split())[:500] or type(err).__name__
         try:
-            yield tracker
-        finally:
+            tracker.set_tags({"llm.error": f"{type(err).__name__}: {message}"})
+        except Exception:  # the store itself may be what failed; the status still matters
+            pass
+        raise
+    finally:
+        try:
             tracker.flush()
+        finally:
+            mlflow.end_run(status)
 
 
 def log_and_register_model(
     tracker: MlflowTracker,
     model_dir: str | Path,
     registered_name: str,
-    alias: str,
+    aliases: list[str],
     tags: dict[str, str],
 ) -> str:
-    """Log `model_dir` as a pyfunc text-generation model; register it; set the alias.
+    """Log `model_dir` as a pyfunc text-generation model; register it; point the aliases at it.
 
     Returns the new version number.
     """
@@ -244,7 +408,8 @@ def log_and_register_model(
         )
     client = MlflowClient()
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(registered_name, alias, version)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, version)
     for key, value in {**hardware_profile(), **tags}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return version
@@ -261,3 +426,42 @@ def _active(run_id: str) -> Iterator[None]:
         return
     with mlflow.start_run(run_id=run_id, nested=active is not None):
         yield
+
+
+def registered_version(ref: str) -> tuple[str, str] | None:
+    """(name, version) that `models:/NAME@ALIAS` or `models:/NAME/VERSION` points at; None otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    if not ref.startswith("models:/"):
+        return None
+    name, _, rest = ref.removeprefix("models:/").partition("/")
+    client = MlflowClient()
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    return (name, rest) if rest.isdigit() else None
+
+
+def version_with_fingerprint(name: str, fingerprint: str) -> str | None:
+    """The version of `name` a pipeline stage with this fingerprint registered, if any."""
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    found = [v for v in versions if v.tags.get("llm.fingerprint") == fingerprint]
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def link_eval_run(tracker: MlflowTracker, name: str, version: str, scores: dict[str, float]) -> None:
+    """Make an eval run and the model version it scored point at each other: tags on both, and
+    the scores also logged against the version's MLflow model (they show on its model page)."""
+    import mlflow
+
+    client = tracker.client
+    model_version = client.get_model_version(name, version)
+    tracker.set_tags({"llm.model_version_uri": f"models:/{name}/{version}", "llm.model_name": name,
+                      "llm.model_version": version})
+    client.set_model_version_tag(name, version, "llm.eval_run_id", tracker.run_id)
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, key, f"{value:.6g}")
+    if model_version.model_id:
+        mlflow.log_metrics(scores, run_id=tracker.run_id, model_id=model_version.model_id)

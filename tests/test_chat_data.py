@@ -121,9 +121,16 @@ def test_chatml_jsonl_loads_and_bad_records_are_named(tmp_path, oasst):
         load_conversations(bad)
 
 
+def test_gsm8k_problems_are_conversations_with_the_worked_solution_as_reply():
+    chats = load_conversations(DATA / "gsm8k" / "train.jsonl")
+    assert len(chats) == 7473
+    assert [m["role"] for m in chats[0]] == ["user", "assistant"]
+    assert chats[0][0]["content"].startswith("Natalia sold clips") and chats[0][1]["content"].endswith("#### 72")
+
+
 def test_unknown_formats_name_the_file_and_the_accepted_formats():
-    with pytest.raises(ValueError, match=r"train\.jsonl: unknown conversation format.*messages"):
-        load_conversations(DATA / "gsm8k" / "train.jsonl")
+    with pytest.raises(ValueError, match=r"test\.jsonl\.gz: unknown conversation format.*messages"):
+        load_conversations(DATA / "pref" / "en_hh_rlhf_harmless-base_test.jsonl.gz")
     with pytest.raises(ValueError, match=r"llamafactory\.json: unknown preference format.*hh-rlhf"):
         load_preference_pairs(OASST_SFT)
 

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -97,6 +98,22 @@ def test_loglikelihood_matches_hand_computed_log_softmax(model, tokenizer):
     assert batched[3][0] == pytest.approx(_hand_logprob(model, [eot], tokenizer.encode("whole text").ids), abs=1e-4)
 
 
+def test_shared_contexts_run_once_through_the_kv_cache(model, tokenizer):
+    """Contexts of different lengths, each with several multi-token continuations (a HellaSwag
+    shape): the cached path gives what one-request-at-a-time scoring gives."""
+    contexts = ["To be, or not to be", "Now is the winter of our discontent made glorious summer", "Friends,"]
+    endings = [" that is the question", " a tale told by an idiot", " to sleep", " perchance to dream, ay"]
+    args = [(c, e) for c in contexts for e in endings]
+    batched = _lm(model, tokenizer, batch_size=6).loglikelihood(_requests("loglikelihood", args))
+    one_by_one = _lm(model, tokenizer, batch_size=1)
+    for arg, got in zip(args, batched):
+        ref = one_by_one.loglikelihood(_requests("loglikelihood", [arg]))[0]
+        assert got[0] == pytest.approx(ref[0], abs=1e-4) and got[1] == ref[1]
+    ctx_ids = tokenizer.encode(contexts[1]).ids
+    cont_ids = tokenizer.encode(contexts[1] + endings[0]).ids[len(ctx_ids):]
+    assert batched[4][0] == pytest.approx(_hand_logprob(model, ctx_ids, cont_ids), abs=1e-4)
+
+
 def test_loglikelihood_truncates_long_context_from_the_left(model, tokenizer):
     lm = _lm(model, tokenizer, max_length=16)
     context = "Now is the winter of our discontent made glorious summer by this sun of York"
@@ -167,23 +184,18 @@ def test_perplexity_is_exp_mean_nll_over_disjoint_windows(model, tokenizer):
 # --- suites through lm_eval.simple_evaluate ------------------------------------------------
 
 
-@pytest.fixture()
-def data_dir(tmp_path) -> Path:
+def _bench():
+    """benches/eval_parity.py, whose official-layout builder and backend comparison the tests share."""
+    spec = importlib.util.spec_from_file_location("eval_parity", Path(__file__).parents[1] / "benches" / "eval_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
     """Official layouts: MMLU val copied as test, C-Eval dev copied as val, GSM8K train split in two."""
-    root = tmp_path / "bench"
-    shutil.copytree(SHARED_DATA / "mmlu" / "dev", root / "mmlu" / "dev")
-    (root / "mmlu" / "test").mkdir(parents=True)
-    for f in (SHARED_DATA / "mmlu" / "val").iterdir():
-        shutil.copy(f, root / "mmlu" / "test" / f.name.replace("_val.csv", "_test.csv"))
-    shutil.copytree(SHARED_DATA / "ceval" / "dev", root / "ceval" / "dev")
-    (root / "ceval" / "val").mkdir()
-    for f in (SHARED_DATA / "ceval" / "dev").iterdir():
-        shutil.copy(f, root / "ceval" / "val" / f.name.replace("_dev.csv", "_val.csv"))
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()
-    (root / "gsm8k").mkdir()
-    (root / "gsm8k" / "train.jsonl").write_text("\n".join(lines[:50]) + "\n")
-    (root / "gsm8k" / "test.jsonl").write_text("\n".join(lines[-20:]) + "\n")
-    return root
+    return _bench().official_layout(tmp_path_factory.mktemp("bench"), SHARED_DATA, gsm8k_test=20, gsm8k_train=50)
 
 
 def _assert_scores(report, suite_metric: str, limit: int):
@@ -215,6 +227,16 @@ def test_gsm8k_from_local_jsonl(model, tokenizer, data_dir):
     assert {s["doc_id"] for s in report.results["samples"]["gsm8k"]} == {0, 1, 2}
 
 
+def test_chat_template_wraps_prompts_and_fewshot_turns_in_chatml(model, tokenizer, data_dir):
+    lm = _lm(model, tokenizer, batch_size=4, max_gen_toks=4)
+    report = evaluate_suite(lm, "gsm8k", data_dir=data_dir, limit=1, num_fewshot=1, log_samples=True,
+                            apply_chat_template=True)
+    samples = report.results["samples"]["gsm8k"]  # one per answer filter, the same prompt
+    prompt = samples[0]["arguments"][0][0]
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.count("<|im_start|>assistant\n") == 2  # the few-shot answer is its own assistant turn
+
+
 def test_builtin_mirror_reports_what_its_splits_are(model, tokenizer):
     lm = _lm(model, tokenizer, batch_size=16)
     report = evaluate_suite(lm, "mmlu", data_dir="builtin", limit=1, num_fewshot=0)
@@ -236,3 +258,29 @@ def test_missing_data_is_a_clear_error(model, tokenizer, tmp_path):
         evaluate_suite(lm, "ceval", limit=1)
     with pytest.raises(EvalError, match="unknown eval suite"):
         evaluate_suite(lm, "hellaswag")
+
+
+# --- parity with lm-eval's own `hf` backend -------------------------------------------------
+
+
+def test_same_scores_as_lm_evals_hf_backend_on_the_exported_model(tokenizer, data_dir, tmp_path):
+    """A random model exported with models/hf.py: LifecycleLM and HFLM (transformers on the folder)
+    choose the same answers and score the same on mmlu, ceval-valid and gsm8k (the bench does
+    this at limit 100 on a trained model)."""
+    from llm_lifecycle.models.checkpoint import save_model_dir
+    from llm_lifecycle.models.hf import export_hf
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_dim=64, max_seq_len=288)  # room for lm-eval's 256 generated tokens after a prompt
+    save_model_dir(tmp_path / "model", Decoder(cfg), tokenizer)
+    hf_dir = export_hf(tmp_path / "model", tmp_path / "hf")
+    bench = _bench()
+    for suite, limit in (("mmlu", 1), ("ceval", 1), ("gsm8k", 2)):
+        row = bench.compare(tmp_path / "model", hf_dir, suite, data_dir, limit, batch_size=16, num_fewshot=1)
+        for metric, ours in row["ours"].items():
+            assert abs(ours - row["hf"][metric]) <= 0.005, (suite, metric, row)
+        assert row["agreement"] >= 0.98, row  # the same answer chosen (or text generated), document by document
+        if row["max_logprob_gap"] is not None:
+            assert row["max_logprob_gap"] < 1e-3, row
+    assert row["docs"] == 2 and row["ours"]["eval.gsm8k.exact_match_flexible-extract"] is not None

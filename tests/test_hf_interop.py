@@ -14,6 +14,7 @@ from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # no
 from llm_lifecycle.models.config import ModelConfig  # noqa: E402
 from llm_lifecycle.models.decoder import Decoder  # noqa: E402
 from llm_lifecycle.models.hf import export_hf, import_hf, load_hf  # noqa: E402
+from llm_lifecycle.models.presets import list_presets, load_preset  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,11 +60,15 @@ def random_model(fields: dict) -> Decoder:
     model = Decoder(ModelConfig(**fields)).eval()
     with torch.no_grad():
         for layer in model.layers:
-            layer.attn.wq.weight.mul_(20)
-            layer.attn.wk.weight.mul_(20)
+            for name, param in layer.attn.named_parameters():
+                if name in ("wq.weight", "wk.weight", "wq_b.weight", "wkv_a.weight"):  # the projections RoPE rotates
+                    param.mul_(20)
             for name, param in layer.named_parameters():
                 if name.endswith("bias") or name.endswith("norm.weight"):
                     param.add_(0.5 * torch.randn_like(param))
+            for name, buffer in layer.named_buffers():
+                if name.endswith("score_bias"):
+                    buffer.normal_(0.0, 0.1)
     return model
 
 
@@ -170,3 +175,29 @@ def test_import_reads_a_sharded_checkpoint(tmp_path):
     x = batch()
     with torch.no_grad():
         assert torch.equal(model(x).logits, ours(x).logits)
+
+
+# Small presets whose family transformers has no class for, or whose knobs its layout cannot hold.
+NO_HF_LAYOUT = {
+    "qwen-small": "no transformers layout",
+    "chatglm-small": "no transformers layout",
+    "baichuan2-alibi-small": "cannot hold position='alibi'",
+}
+
+
+@pytest.mark.parametrize("name", [p for p in list_presets() if p.endswith("-small")])
+def test_every_small_preset_exports_to_transformers_or_says_why(name, tmp_path):
+    """Each family row of docs/models.md: the preset's knobs (at 2 layers, vocab 97) either
+    export with transformers' logits equal to ours, or are refused with the reason."""
+    fields = {**load_preset(name), "vocab_size": 97, "n_layers": 2, "max_seq_len": 64}
+    fields["n_dense_layers"] = min(fields.get("n_dense_layers", 0), 1)
+    model = random_model(fields)
+    save_model_dir(tmp_path / "ours", model, tiny_tokenizer())
+    if name in NO_HF_LAYOUT:
+        with pytest.raises(ValueError, match=NO_HF_LAYOUT[name]):
+            export_hf(tmp_path / "ours", tmp_path / "hf")
+        return
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    x = batch(24)
+    with torch.no_grad():
+        assert (load_transformers(tmp_path / "hf")(x).logits - model(x).logits).abs().max() < 1e-4

@@ -37,6 +37,11 @@ FAMILIES = {
     "gemma": dict(head_dim=24, hidden_act="gelu_pytorch_tanh"),
     "phi": dict(partial_rotary_factor=0.5, hidden_act="gelu_new", tie_word_embeddings=False),
     "glm": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),
+    "deepseek_v2": dict(  # queries without a latent here (V3 below has one)
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, topk_method="greedy", tie_word_embeddings=False,
+    ),
     "deepseek_v3": dict(
         num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
         n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, moe_intermediate_size=16,

@@ -16,8 +16,15 @@ from llm_lifecycle.workflows.recipe import STAGE_ORDER, load_recipe
 from llm_lifecycle.workflows.stage import SilentProgress
 
 SMALL = [p for p in list_presets() if p.endswith("-small")]
-# A recipe option a preset is made for (the objective is a pretrain setting, not a model field).
-PRESET_OVERRIDES = {"chatglm-small": ["pretrain.objective=glm_blank_infilling"]}
+# A recipe option a preset is made for (the objective is a pretrain setting, not a model
+# field), and MLA's own head sizes in place of the tiny run's head_dim and GQA.
+TINY_MLA = ["model.n_kv_heads=4", "model.head_dim=null", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+            "model.v_head_dim=16", "model.kv_lora_rank=32"]
+PRESET_OVERRIDES = {
+    "chatglm-small": ["pretrain.objective=glm_blank_infilling"],
+    "deepseek-v2-small": TINY_MLA,
+    "deepseek-v3-small": [*TINY_MLA, "model.q_lora_rank=48"],
+}
 # The one preset the default run takes through every stage; the slow test runs them all.
 FULL_IN_DEFAULT_RUN = "chatglm-small"
 
@@ -31,6 +38,8 @@ PUBLISHED = {
     "gemma-7b": (8.54e9, None),
     "phi-2": (2.78e9, None),
     "qwen3-30b-a3b": (30.5e9, 3.3e9),
+    "deepseek-v2": (236e9, 21e9),
+    "deepseek-v3": (671e9, 37e9),
 }
 
 
@@ -51,7 +60,7 @@ def test_the_zoo_has_every_family():
     expected = {
         "llama-small", "llama2-small", "llama3-small", "qwen-small", "qwen2-small", "qwen3-small", "qwen3-moe-small",
         "baichuan2-small", "baichuan2-alibi-small", "chatglm-small", "mistral-small", "mixtral-small",
-        "gemma-small", "phi-small",
+        "gemma-small", "phi-small", "deepseek-v2-small", "deepseek-v3-small",
     }
     assert expected <= set(SMALL)
     assert set(PUBLISHED) <= set(list_presets())
@@ -82,6 +91,10 @@ def test_small_presets_are_small_and_use_their_knobs():
     assert knobs["gemma-small"].mlp == "geglu" and knobs["gemma-small"].n_kv_heads == 1
     assert knobs["chatglm-small"].rope_2d and knobs["llama3-small"].rope_theta == 500_000
     assert knobs["llama2-small"].n_kv_heads < knobs["llama2-small"].n_heads
+    for name in ("deepseek-v2-small", "deepseek-v3-small"):  # MLA + fine-grained and shared experts
+        cfg = knobs[name]
+        assert cfg.is_mla and cfg.n_shared_experts and cfg.moe_ffn_dim * 4 <= cfg.ffn_dim and cfg.n_dense_layers == 1
+    assert knobs["deepseek-v3-small"].router_score == "sigmoid" and knobs["deepseek-v3-small"].q_lora_rank
 
 
 def test_the_generic_recipe_takes_the_presets_vocabulary():

@@ -46,7 +46,7 @@ def registered_int4(workspace, tmp_path) -> str:
     model_dir = save_quantized(tmp_path / "int4", model, tokenizer)
     tracking.configure(workspace)
     with tracking.start_run("tiny", "quantize", {"llm.stage": "quantize"}) as tracker:
-        tracking.log_and_register_model(tracker, model_dir, "tiny", "int4", {"llm.stage": "quantize"})
+        tracking.log_and_register_model(tracker, model_dir, "tiny", ["int4"], {"llm.stage": "quantize"})
     return "models:/tiny@int4"
 
 

@@ -78,7 +78,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(stage="pretrain", recipe=None, workspace=args.out, stage_dir=args.out, upstream={},
                        tracker=JsonlTracker(args.out / f"metrics.rank{rank()}.jsonl"), progress=SilentProgress())
-    train(ctx, model, settings, batches, lm_loss, args.out / "checkpoint.pt",
+    train(ctx, model, settings, batches, lm_loss, args.out / "checkpoints",
           flops_per_token=cfg.flops_per_token(SEQ))
     if rank() == 0:
         torch.save(model.state_dict(), args.out / "final.pt")

@@ -5,7 +5,8 @@ order fixed by (seed, step), and score them (sequence log-probs, the DPO loss).
 Formats read (detected from the first record):
   conversations     dolly/Alpaca-prompt jsonl {"prompt", "response"} (mosaicml llm-foundry);
                     LLaMA-Factory alpaca JSON {instruction, input, output, history[, system]};
-                    ChatML jsonl {"messages": [{"role", "content"}, ...]}
+                    ChatML jsonl {"messages": [{"role", "content"}, ...]};
+                    GSM8K jsonl {"question", "answer"} (the worked solution is the reply)
   preference pairs  Anthropic hh-rlhf jsonl(.gz) {"chosen", "rejected"} whole transcripts;
                     LLaMA-Factory rm JSON {instruction, input, output: [better, worse], history};
                     TRL-style {"prompt", "chosen", "rejected"} (prompt a string or messages)
@@ -38,7 +39,8 @@ IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 CONVERSATION_FORMATS = (
     'dolly/Alpaca-prompt jsonl {"prompt", "response"}; LLaMA-Factory alpaca JSON '
-    '{"instruction", "input", "output", "history"}; ChatML jsonl {"messages": [{"role", "content"}]}'
+    '{"instruction", "input", "output", "history"}; ChatML jsonl {"messages": [{"role", "content"}]}; '
+    'GSM8K jsonl {"question", "answer"}'
 )
 PREFERENCE_FORMATS = (
     'hh-rlhf jsonl(.gz) {"chosen", "rejected"} transcripts; LLaMA-Factory rm JSON '
@@ -145,6 +147,10 @@ def _chatml_conversation(record: dict) -> Conversation:
     return record["messages"]
 
 
+def _question_answer_conversation(record: dict) -> Conversation:
+    return [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
+
+
 def _checked_training_conversation(messages: Conversation) -> Conversation:
     messages = _check_conversation(messages)
     if not any(m["role"] == "assistant" for m in messages):
@@ -163,6 +169,8 @@ def load_conversations(path: str | Path) -> list[Conversation]:
         convert = _prompt_response_conversation
     elif {"instruction", "output"} <= first.keys() and isinstance(first["output"], str):
         convert = _alpaca_conversation
+    elif {"question", "answer"} <= first.keys():
+        convert = _question_answer_conversation
     else:
         raise ValueError(
             f"{path}: unknown conversation format (first record has keys {sorted(first)}); "
@@ -359,6 +367,71 @@ class SFTBatches:
         return _pad_rows(rows, max(len(ids) for ids, _ in rows) - 1, self.pad_id)
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches from `start_step` on."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def pack(examples: Sequence[Encoded], seq_len: int) -> list[list[int]]:
+    """Example indices per row of at most `seq_len + 1` tokens, first fit in the given order
+    (an example longer than that is cut to fit a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, (ids, _) in enumerate(examples):
+        n = min(len(ids), seq_len + 1)
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(seq_len + 1)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= n
+    return rows
+
+
+class PackedSFTBatches:
+    """SFT batches with several examples per row and no attention between them:
+    (inputs [B, T], targets [B, T], position_ids [B, T], attn_mask Bool[B, T, T]), T = seq_len.
+    Each example keeps its own positions (from 0) and a causal mask inside its block, so a
+    packed row computes exactly what the examples would compute one by one, with far less
+    padding. Rows are packed once, in an order fixed by the seed."""
+
+    def __init__(self, examples: Sequence[Encoded], batch_size: int, seq_len: int, seed: int, pad_id: int = 0):
+        examples = [e for e in examples if _trainable(e)]
+        if not examples:
+            raise ValueError("no example has a trained token (are the assistant replies cut off by max_len?)")
+        order = np.random.default_rng([seed % (1 << 64), 1 << 20]).permutation(len(examples))
+        shuffled = [examples[i] for i in order]
+        self.rows = [[shuffled[i] for i in row] for row in pack(shuffled, seq_len)]
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self._order = _EpochOrder(len(self.rows), seed)
+
+    def _row(self, parts: list[Encoded]) -> tuple[torch.Tensor, ...]:
+        length = self.seq_len
+        inputs = torch.full((length,), self.pad_id, dtype=torch.long)
+        targets = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros(length, dtype=torch.long)
+        doc = torch.full((length,), -1, dtype=torch.long)  # padding: a document of its own
+        start = 0
+        for d, (ids, mask) in enumerate(parts):
+            ids, mask = ids[: length + 1], mask[: length + 1]
+            x, y = _pad_rows([(ids, mask)], len(ids) - 1, self.pad_id)
+            n = min(len(ids) - 1, length - start)
+            inputs[start : start + n], targets[start : start + n] = x[0, :n], y[0, :n]
+            positions[start : start + n] = torch.arange(n)
+            doc[start : start + n] = d
+            start += n
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        same_doc = doc[:, None] == doc[None, :]
+        return inputs, targets, positions, causal & (same_doc | torch.eye(length, dtype=torch.bool))
+
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        rows = [self._row(self.rows[i]) for i in self._order.indices(step, self.batch_size)]
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Endless batches from `start_step` on."""
         step = start_step
         while True:

@@ -51,7 +51,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
 
     summary = train(
         ctx, model, settings, batches, lm_loss,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=long_cfg.flops_per_token(long_len),
         description="extend-context",
     )

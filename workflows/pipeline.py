@@ -3,7 +3,9 @@
 Each stage's fingerprint hashes (stage name, its config, the model config when the stage
 uses a model, the seed, upstream fingerprints, the package version). A stage whose
 `result.json` exists for that fingerprint is reused; a stage directory without one is a
-stage that died half-way, and the stage resumes from its own checkpoints there.
+stage that died half-way, and the stage resumes from its own checkpoints there; its new
+MLflow run links to the run that died (`llm.resumes_run`), as the new pipeline run links
+to the pipeline run that died.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from llm_lifecycle import __version__
 from llm_lifecycle.registry.hardware import is_main_process
@@ -192,8 +196,12 @@ def run_pipeline(
     base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}
     if sweep is not None:
         base_tags |= {"llm.sweep": sweep.parent_run_id, "llm.variant": sweep.variant}
+    parent_tags = {**base_tags, "llm.stage": "pipeline"}
+    interrupted = [a for p in planned if p.will_run and is_main_process() and (a := _previous_attempt(recipe, p))]
+    if interrupted and interrupted[0].parent_run_id:
+        parent_tags["llm.resumes_run"] = interrupted[0].parent_run_id
     run_name = f"pipeline [{sweep.variant}]" if sweep else "pipeline"
-    with tracking.start_run(recipe.name, run_name, {**base_tags, "llm.stage": "pipeline"},
+    with tracking.start_run(recipe.name, run_name, parent_tags,
                             parent_run_id=sweep.parent_run_id if sweep else None) as parent:
         parent.log_params({"recipe": str(recipe.path), "preset": recipe.preset, "seed": recipe.seed,
                            "overrides": recipe.overrides, "stages_run": ran})
@@ -212,7 +220,9 @@ def run_pipeline(
                 continue
             if not p.selected:
                 continue
-            results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags, registered_name)
+            with _stage_lock(recipe, p):
+                results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags,
+                                             registered_name)
             barrier()  # the next stage on any rank reads what this one wrote
         for name, result in results.items():
             parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
@@ -237,16 +247,20 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
     from llm_lifecycle.registry import tracking
 
     spec = STAGES[p.name]
+    tags = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
+            "llm.parent_stage": ",".join(spec.upstream)}
     if is_main_process():
+        previous = _previous_attempt(recipe, p)
+        if previous:
+            tags["llm.resumes_run"] = previous.run_id
         if p.result_file.exists():
             shutil.rmtree(p.directory)  # --force: start the stage afresh, not from old checkpoints
         p.directory.mkdir(parents=True, exist_ok=True)
     if p.name in TRAINING_STAGES:
         barrier()  # every rank trains; none starts before rank 0 has made the stage directory
-    tags = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
-            "llm.parent_stage": ",".join(spec.upstream)}
     progress.log(f"[bold]{p.name}[/bold] ({p.fingerprint})")
     with tracking.start_run(recipe.name, p.name, tags, parent_run_id=parent.run_id) as tracker:
+        _seed_everything(recipe.seed)
         tracker.log_params(recipe.stages[p.name])
         if spec.uses_model:
             tracker.log_params({"model": recipe.model})
@@ -269,12 +283,56 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
         if result.model_dir and alias:
             lineage = {**base_tags, "llm.stage": p.name, "llm.fingerprint": p.fingerprint,
                        "llm.source_run": tracker.run_id, "llm.parent_stage": ",".join(spec.upstream)}
-            version = tracking.log_and_register_model(tracker, result.model_dir, registered_name, alias, lineage)
+            aliases = [alias, *result.aliases]
+            version = tracking.log_and_register_model(tracker, result.model_dir, registered_name, aliases, lineage)
             result.model_alias = alias
-            progress.log(f"  registered models:/{registered_name}@{alias} (version {version})")
+            progress.log(f"  registered models:/{registered_name}@{'|'.join(aliases)} (version {version})")
     write_json_atomic(p.result_file, {"result": result.to_json(), "run_id": tracker.run_id,
                                       "model_version": version, "fingerprint": p.fingerprint})
     return result
+
+
+@contextmanager
+def _stage_lock(recipe: Recipe, p: PlannedStage) -> Iterator[None]:
+    """Hold an exclusive lock on the stage's directory while it runs: a second `llm` on the
+    same workspace and configuration is refused instead of writing the same files. The OS
+    drops the lock when the holder dies, even by SIGKILL."""
+    import fcntl
+
+    if not is_main_process():  # torchrun ranks share rank 0's hold
+        yield
+        return
+    p.directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.directory.parent / f".{p.fingerprint}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"stage '{p.name}' of recipe {recipe.name} ({p.fingerprint}) is being run by another llm process "
+                "on this workspace; wait for it to finish (then re-run to reuse its result) or set another LLM_HOME"
+            ) from None
+        yield
+
+
+def _previous_attempt(recipe: Recipe, p: PlannedStage):
+    """The MLflow run of an unfinished earlier attempt at this stage, when its directory
+    (and so its checkpoints) is what this run resumes from."""
+    from llm_lifecycle.registry import tracking
+
+    if not p.directory.is_dir() or p.result_file.exists():
+        return None
+    return tracking.unfinished_run(recipe.name, {"llm.stage": p.name, "llm.fingerprint": p.fingerprint})
+
+
+def _seed_everything(seed: int) -> None:
+    """The same random state at every stage start, whatever ran before it in this process,
+    so that a stage resumed in a new process computes what an uninterrupted run would."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _all_upstream(stage: str) -> list[str]:

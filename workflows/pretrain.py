@@ -53,7 +53,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
 
     summary = train(
         ctx, model, settings, batches, lm_loss,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=model_cfg.flops_per_token(settings.seq_len),
         description="pretrain",
     )

@@ -21,21 +21,19 @@ def quant_config(cfg: dict):
     return qcfg
 
 
-def calibration_batches(ctx: StageContext, seq_len: int, windows: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """`windows` random windows of training text (not the held-out text perplexity is measured
-    on), seeded by the recipe, in batches."""
-    from llm_lifecycle.workflows.shards import TokenShards
-
-    tokens = TokenShards(ctx.upstream_output("tokenize", "train")).tokens
+def calibration_batches(tokens, seq_len: int, windows: int, seed: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """`windows` random windows of `tokens` (training text, not the held-out text perplexity
+    is measured on), drawn with `seed`, in batches."""
     if len(tokens) <= seq_len:
         raise UserError(f"the training text has {len(tokens)} tokens, fewer than one calibration window of {seq_len}")
-    starts = np.random.default_rng(ctx.seed).integers(0, len(tokens) - seq_len, size=windows)
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - seq_len, size=windows)
     rows = torch.stack([torch.as_tensor(tokens[s : s + seq_len].astype("int64")) for s in starts])
     return list(rows.split(batch_size))
 
 
 def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.models.quantize import quantize_model, save_quantized, state_dict_bytes
+    from llm_lifecycle.workflows.shards import TokenShards
 
     qcfg = quant_config(cfg)
     model, tokenizer, _ = load_upstream_model(ctx, "rl")
@@ -43,7 +41,10 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     seq_len = ctx.recipe.stages["pretrain"]["seq_len"]
     size_before = state_dict_bytes(model)
     ppl_before = heldout_perplexity(ctx, model, seq_len, cfg["eval_windows"])
-    calibration = calibration_batches(ctx, seq_len, cfg["calib_windows"]) if qcfg.method != "rtn" else []
+    calibration = []
+    if qcfg.method != "rtn":
+        train = TokenShards(ctx.upstream_output("tokenize", "train")).tokens
+        calibration = calibration_batches(train, seq_len, cfg["calib_windows"], ctx.seed)
     with ctx.progress.task(f"{qcfg.method} int{qcfg.bits} (group {qcfg.group_size})", total=None):
         quantize_model(model, qcfg, calibration)
     size_after = state_dict_bytes(model)

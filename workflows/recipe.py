@@ -8,15 +8,20 @@ become one clear line each (a `ConfigError`).
 from __future__ import annotations
 
 import copy
+import functools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llm_lifecycle.workflows.data import parse_sources
 from llm_lifecycle.workflows.stage import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
 
 
 class ConfigError(UserError):
@@ -39,11 +44,16 @@ _TRAIN = {
     "eps": 1e-8,
     "grad_clip": 1.0,
     "checkpoint_every": 50,
+    "keep_checkpoints": 2,  # the newest K checkpoints stay on disk
     "log_every": 10,
     "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
     "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
     "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
+
+# Held-out answer accuracy before and after sft/rl: greedy exact match of the final number
+# on GSM8K-format problems ("" = not measured); max_new_tokens also bounds rl's samples.
+_ANSWER_EVAL = {"eval_data": "", "eval_n": 200, "max_new_tokens": 96}
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "data-fetch": {"sources": [{"uri": "builtin:corpus"}]},
@@ -103,6 +113,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_examples": 2000,
         "system_prompt": "You are a helpful assistant.",
         "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
+        "packing": False,  # several chats per row, each attending only to itself
+        "lora_rank": 0,  # > 0: train rank-r LoRA adapters on the projections, merged into the saved model
+        "lora_alpha": 16.0,
+        **_ANSWER_EVAL,
     },
     "rl": {
         **_TRAIN,
@@ -116,6 +130,21 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "data": ["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz", "builtin:chat/zh_oasst1_rm_zh.json"],
         "max_pairs": 2000,
         "heldout_pairs": 64,
+        "rm_margin": 0.5,  # rm: ranking loss -log σ(r_chosen - r_rejected - margin) (Llama 2)
+        # ppo, grpo, rs-sft: GSM8K-format problems, rewarded for the exact final number and the format
+        "problems": ["builtin:arith/train.jsonl.gz"],
+        "group_size": 8,  # samples per prompt (batch_size prompts per step)
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "kl_coef": 0.04,  # KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)
+        "format_reward": 0.2,  # paid for ending with a '#### N' line; a right answer pays 1
+        "clip": 0.2,
+        "ppo_epochs": 2,
+        "gamma": 1.0,
+        "gae_lambda": 0.95,
+        "vf_coef": 0.5,
+        "rs_prompts": 256,
+        **_ANSWER_EVAL,
     },
     "eval": {
         "suites": ["mmlu", "gsm8k"],
@@ -133,6 +162,50 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 STAGE_ORDER = list(STAGE_DEFAULTS)
+
+# What a value must be beyond its type, by setting name (the same name means the same
+# thing in every stage): (test, what to tell the user).
+_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "a number from 0 to 1")
+_LIMITS: dict[str, tuple[Any, str]] = {
+    **{k: _AT_LEAST_1 for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                                "log_every", "minhash_num_perm", "min_frequency", "shard_tokens", "eval_windows",
+                                "max_examples", "max_pairs", "heldout_pairs", "limit", "max_gen_toks", "calib_windows")},
+    "seq_len": (lambda v: v >= 2, "an integer >= 2 (an input and its next-token target)"),
+    "vocab_size": (lambda v: v >= 260, "an integer >= 260 (256 byte tokens plus the special tokens)"),
+    **{k: _POSITIVE for k in ("lr", "eps", "grad_clip", "rope_theta", "beta")},
+    **{k: _NON_NEGATIVE for k in ("weight_decay", "sft_weight", "warmup_steps", "min_chars", "max_chars", "workers",
+                                  "group_size")},
+    "min_lr_ratio": _FRACTION,
+    "minhash_threshold": (lambda v: 0 < v <= 1, "a number above 0 and at most 1"),
+    "holdout_fraction": (lambda v: 0 < v < 1, "a number between 0 and 1"),
+    "beta1": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "beta2": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "num_fewshot": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                    "empty (the suite's default) or an integer >= 0"),
+    "data": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of file names"),
+    "suites": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of suite names"),
+}
+
+
+@functools.cache
+def _choices() -> dict[tuple[str, str], tuple]:
+    """Settings that take one of a few values; the stage modules own the lists (imported
+    here, lazily: they bring torch)."""
+    from llm_lifecycle.models.quantize import BITS
+    from llm_lifecycle.models.quantize import METHODS as QUANT_METHODS
+    from llm_lifecycle.workflows.export import FORMATS
+    from llm_lifecycle.workflows.rl import METHODS as RL_METHODS
+
+    return {
+        **{(stage, "precision"): ("auto", "fp32", "bf16") for stage in ("pretrain", "extend-context", "sft", "rl")},
+        ("rl", "method"): RL_METHODS,
+        ("quantize", "method"): QUANT_METHODS,
+        ("quantize", "bits"): BITS,
+        ("export", "format"): FORMATS,
+    }
 TOP_LEVEL_KEYS = {"name", "description", "seed", "model", "stages"}
 
 
@@ -180,7 +253,7 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -256,10 +329,31 @@ def _merge_stage(recipe_file: Path, stage: str, given: Any) -> dict[str, Any]:
                 f"valid: {', '.join(sorted(defaults))}"
             )
         value = _coerce_number(value, defaults[key])
+        where = f"{recipe_file}: stages.{stage}.{key}"
         if (stage, key) not in MAPPING_OR_DEFAULT or not isinstance(value, dict):
-            _check_type(f"{recipe_file}: stages.{stage}.{key}", value, defaults[key])
+            _check_type(where, value, defaults[key])
+            _check_value(where, stage, key, value)
         merged[key] = value
     return merged
+
+
+def _check_value(where: str, stage: str, key: str, value: Any) -> None:
+    choices = _choices().get((stage, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not available; choose one of {', '.join(map(str, choices))}")
+    limit = _LIMITS.get(key)
+    if limit is not None and not limit[0](value):
+        raise ConfigError(f"{where}: expected {limit[1]}, got {value!r}")
+
+
+def _check_across_stages(path: Path, stages: dict[str, dict[str, Any]]) -> None:
+    clean = stages["data-clean"]
+    if clean["max_chars"] < clean["min_chars"]:
+        raise ConfigError(f"{path}: stages.data-clean.max_chars ({clean['max_chars']}) is below min_chars "
+                          f"({clean['min_chars']}); no document could pass")
+    short, long = stages["pretrain"]["seq_len"], stages["extend-context"]["seq_len"]
+    if long <= short:
+        raise ConfigError(f"{path}: stages.extend-context.seq_len ({long}) must exceed pretrain.seq_len ({short})")
 
 
 def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> tuple[str, dict]:
@@ -284,6 +378,35 @@ def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> t
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{recipe_file}: model: {err}") from None
     return preset, cfg.to_dict()
+
+
+# The name becomes an MLflow experiment, a registered model and a workspace folder.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_name(path: Path, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{path}: name: expected letters, digits, '.', '_' or '-' (at most 100, "
+                          f"starting with a letter or digit), got {name!r}")
+    return name
+
+
+def _check_extension(path: Path, model: dict[str, Any], stages: dict[str, dict[str, Any]]) -> None:
+    """The extended model extend-context will build must be a valid one."""
+    from llm_lifecycle.models.config import ModelConfig
+
+    ext = stages["extend-context"]
+    scaling = ext["rope_scaling"]
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{path}: stages.extend-context.rope_scaling: expected a mapping "
+                          f"(e.g. {{type: yarn, factor: 2.0}}) or null, got {scaling!r}")
+    if scaling is not None:
+        scaling = {"original_max_seq_len": stages["pretrain"]["seq_len"], **scaling}
+    try:
+        ModelConfig.from_dict({**model, "rope_theta": float(ext["rope_theta"]), "rope_scaling": scaling,
+                               "max_seq_len": ext["seq_len"]}).validate()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: stages.extend-context: {err}") from None
 
 
 OBJECTIVES = ("causal", "glm_blank_infilling")
@@ -315,24 +438,30 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         raise ConfigError(
             f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(TOP_LEVEL_KEYS))}"
         )
-    stages_given = data.get("stages") or {}
+    stages_given = data.get("stages")
+    stages_given = {} if stages_given is None else stages_given
     if not isinstance(stages_given, dict):
         raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
     for stage in stages_given:
         if stage not in STAGE_DEFAULTS:
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
+    _check_across_stages(path, stages)
     if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
         stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{path}: seed: expected an integer from 0 to 2**32-1, got {seed}")
     # A recipe that does not size its tokenizer takes the preset's vocabulary (llama3-small: 4x).
     tokenizer_sized = "vocab_size" in (stages_given.get("tokenizer-train") or {})
     preset, model = _resolve_model(path, data.get("model"), stages["tokenizer-train"]["vocab_size"] if tokenizer_sized else None)
     stages["tokenizer-train"]["vocab_size"] = model["vocab_size"]
     _check_objective(path, stages["pretrain"], model)
+    _check_extension(path, model, stages)
+    parse_sources(stages["data-fetch"])  # a bad source is a one-line error now, not mid-pipeline
     return Recipe(
-        name=str(data.get("name") or path.stem),
+        name=_check_name(path, data.get("name", path.stem)),
         path=path,
         model=model,
         preset=preset,

@@ -1,18 +1,34 @@
-"""RL from preferences: DPO against a frozen reference (the SFT model), optionally with an
-added language-model loss on the chosen answer (Qwen2). Preference accuracy and reward
-margin are measured on held-out pairs before and after."""
+"""Stage rl: align the SFT model. One method per run (`rl.method`, `llm rl --method`):
+
+  rm      reward model: value head on the last token, ranking loss with margin (Llama 2)
+  dpo     DPO against the frozen SFT model, optional language-model term (Qwen2)
+  ppo     PPO with a critic, KL 0.04 to the reference, running reward normalisation (Qwen)
+  grpo    GRPO: group sampling, group-relative advantages, KL to the reference (DeepSeek-R1, Qwen3)
+  rs-sft  rejection sampling: keep correct samples of the SFT model, fine-tune on them (DeepSeek-R1)
+
+rm and dpo learn from preference pairs (`data`); ppo, grpo and rs-sft from problems with a
+checkable final answer (`problems`, GSM8K format) scored by workflows/verifiable.py. Each
+run registers its model under the method's name as alias (the policies also as `rl`).
+Held-out preference accuracy (rm, dpo) and held-out answer accuracy (`eval_data`) are
+measured before and after.
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 
 from llm_lifecycle.workflows.model_stage import builtin_or_path, load_upstream_model, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, train
+from llm_lifecycle.workflows.verifiable import heldout_answer_accuracy, load_problem_files
 
-METHODS = ("dpo",)
+METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft")
+
+
+# ---- data ---------------------------------------------------------------------------------------
 
 
 def _pairs(ctx: StageContext, cfg: dict, tokenizer) -> list:
@@ -24,10 +40,27 @@ def _pairs(ctx: StageContext, cfg: dict, tokenizer) -> list:
             raw.extend(load_preference_pairs(builtin_or_path(uri, "stages.rl.data")))
         except ValueError as err:
             raise UserError(f"stages.rl.data: {err}") from None
-    encoded = (encode_preference(tokenizer, p, c, r, cfg["seq_len"]) for p, c, r in raw)
-    # Pairs whose answers fall past seq_len carry no signal: skip them.
-    usable = [e for e in encoded if any(e[0][1]) and any(e[1][1])]
-    return usable[: cfg["max_pairs"] + cfg["heldout_pairs"]]
+    system = ctx.recipe.stages["sft"]["system_prompt"]
+    encoded = (encode_preference(tokenizer, p, c, r, cfg["seq_len"], default_system=system) for p, c, r in raw)
+    # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).
+    usable = (e for e in encoded if any(e[0][1]) and any(e[1][1]))
+    return list(itertools.islice(usable, cfg["max_pairs"] + cfg["heldout_pairs"]))
+
+
+def _split_pairs(ctx: StageContext, cfg: dict, tokenizer) -> tuple[list, list]:
+    pairs = _pairs(ctx, cfg, tokenizer)
+    heldout, train_pairs = pairs[: cfg["heldout_pairs"]], pairs[cfg["heldout_pairs"]:]
+    if not train_pairs or not heldout:
+        raise UserError(f"stages.rl: {len(pairs)} usable pairs cannot fill heldout_pairs={cfg['heldout_pairs']} "
+                        "and leave some to train on; add data or lower heldout_pairs")
+    return heldout, train_pairs
+
+
+def _train_settings(cfg: dict, **changes) -> TrainSettings:
+    return TrainSettings.from_cfg({**cfg, **changes})
+
+
+# ---- preference methods -----------------------------------------------------------------------
 
 
 def _logps(model, batch):
@@ -43,7 +76,7 @@ def _logps(model, batch):
     return logps[:n], logps[n:], tgt[:n]
 
 
-def _heldout_metrics(policy, reference, batches, beta) -> dict[str, float]:
+def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
     from llm_lifecycle.workflows.chat_data import dpo_loss
 
     totals: dict[str, float] = {}
@@ -57,22 +90,16 @@ def _heldout_metrics(policy, reference, batches, beta) -> dict[str, float]:
     return totals
 
 
-def run(ctx: StageContext, cfg: dict) -> StageResult:
+def run_dpo(ctx: StageContext, cfg: dict, policy, tokenizer):
     from llm_lifecycle.workflows.chat_data import PreferenceBatches, dpo_loss
 
-    if cfg["method"] not in METHODS:
-        raise UserError(f"stages.rl.method: '{cfg['method']}' is not available; choose one of {', '.join(METHODS)}")
-    settings = TrainSettings.from_cfg(cfg)
-    policy, tokenizer, _ = load_upstream_model(ctx, "sft")
+    settings = _train_settings(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    pairs = _pairs(ctx, cfg, tokenizer)
-    heldout, train_pairs = pairs[: cfg["heldout_pairs"]], pairs[cfg["heldout_pairs"]:]
-    if not train_pairs:
-        raise UserError("stages.rl: no training pairs left after the held-out split; raise max_pairs")
+    heldout, train_pairs = _split_pairs(ctx, cfg, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = PreferenceBatches(heldout, settings.batch_size, seed=ctx.seed, pad_id=pad)
     held_batches = [held.batch(i) for i in range(max(1, len(heldout) // settings.batch_size))]
-    before = _heldout_metrics(policy, reference, held_batches, cfg["beta"])
+    before = _dpo_heldout(policy, reference, held_batches, cfg["beta"])
     data = PreferenceBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
 
     def loss_fn(model, batch):
@@ -85,12 +112,156 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
 
     summary = train(
         ctx, policy, settings, data.batches, loss_fn,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
     )
-    after = _heldout_metrics(policy.cpu(), reference.cpu(), held_batches, cfg["beta"])
+    after = _dpo_heldout(policy.cpu(), reference.cpu(), held_batches, cfg["beta"])
     summary.update({f"heldout_before.{k}": v for k, v in before.items()})
     summary.update({f"heldout_after.{k}": v for k, v in after.items()})
-    model_dir = save_stage_model(ctx, policy, tokenizer, extra={"method": cfg["method"]})
-    return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
+    return policy, summary
+
+
+def run_rm(ctx: StageContext, cfg: dict, policy, tokenizer):
+    from llm_lifecycle.workflows.reward_model import PairBatches, RewardModel, heldout_accuracy, rm_loss
+
+    settings = _train_settings(cfg)
+    model = RewardModel(policy)
+    heldout, train_pairs = _split_pairs(ctx, cfg, tokenizer)
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    held = PairBatches(heldout, settings.batch_size, seed=ctx.seed, pad_id=pad)
+    before = heldout_accuracy(model, held)
+    data = PairBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
+    summary = train(
+        ctx, model, settings, data.batches, rm_loss(cfg["rm_margin"]),
+        ckpt_dir=ctx.stage_dir / "checkpoints",
+        flops_per_token=policy.cfg.flops_per_token(settings.seq_len),
+        description="reward model",
+    )
+    after = heldout_accuracy(model.cpu(), held)
+    summary.update({f"heldout_before.{k}": v for k, v in before.items()})
+    summary.update({f"heldout_after.{k}": v for k, v in after.items()})
+    return model, summary
+
+
+# ---- methods that sample from the policy ----------------------------------------------------------
+
+
+def _rollout_settings(ctx: StageContext, cfg: dict):
+    from llm_lifecycle.workflows.policy_opt import RolloutSettings
+    from llm_lifecycle.workflows.verifiable import RewardWeights
+
+    return RolloutSettings(
+        group_size=cfg["group_size"], max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+        top_p=cfg["top_p"], system_prompt=ctx.recipe.stages["sft"]["system_prompt"],
+        weights=RewardWeights(correct=1.0, format=cfg["format_reward"]),
+    )
+
+
+def _rollout_flops(policy, settings: TrainSettings) -> float:
+    # Per trained token: the update (6N) plus sampling and the reference pass (~2N each).
+    return policy.cfg.flops_per_token(settings.seq_len) * 5 / 3
+
+
+def run_grpo(ctx: StageContext, cfg: dict, policy, tokenizer):
+    from llm_lifecycle.workflows.policy_opt import grpo_batches, grpo_loss, pad_id_of
+
+    settings = _train_settings(cfg, grad_accum=1)
+    problems = load_problem_files(cfg["problems"], "stages.rl.problems")
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    batches = grpo_batches(policy, reference, tokenizer, problems, settings.batch_size, _rollout_settings(ctx, cfg),
+                           ctx.seed, pad_id_of(tokenizer))
+    summary = train(
+        ctx, policy, settings, batches, grpo_loss(cfg["kl_coef"]),
+        ckpt_dir=ctx.stage_dir / "checkpoints",
+        flops_per_token=_rollout_flops(policy, settings),
+        description="grpo",
+    )
+    return policy, summary
+
+
+def run_ppo(ctx: StageContext, cfg: dict, policy, tokenizer):
+    from llm_lifecycle.workflows.policy_opt import ActorCritic, pad_id_of, ppo_batches, ppo_loss
+
+    settings = _train_settings(cfg, grad_accum=1)
+    problems = load_problem_files(cfg["problems"], "stages.rl.problems")
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    model = ActorCritic(policy)
+    batches = ppo_batches(model, reference, tokenizer, problems, settings.batch_size, _rollout_settings(ctx, cfg),
+                          ctx.seed, pad_id_of(tokenizer), cfg["kl_coef"], cfg["ppo_epochs"], cfg["gamma"],
+                          cfg["gae_lambda"])
+    summary = train(
+        ctx, model, settings, batches, ppo_loss(cfg["clip"], cfg["vf_coef"]),
+        ckpt_dir=ctx.stage_dir / "checkpoints",
+        flops_per_token=_rollout_flops(policy, settings) * 2,  # + the critic
+        description="ppo",
+    )
+    return model.policy, summary
+
+
+def run_rs_sft(ctx: StageContext, cfg: dict, policy, tokenizer):
+    """Sample `group_size` answers for each of `rs_prompts` problems, keep one correct,
+    well-formed answer per problem, and fine-tune on those (assistant-only loss)."""
+    from llm_lifecycle.workflows.chat_data import SFTBatches, encode_chat
+    from llm_lifecycle.workflows.policy_opt import pad_id_of, sample
+    from llm_lifecycle.workflows.trainer import lm_loss
+
+    settings = _train_settings(cfg)
+    rollout = _rollout_settings(ctx, cfg)
+    problems = load_problem_files(cfg["problems"], "stages.rl.problems")[: cfg["rs_prompts"]]
+    kept: list = []
+    per_call = max(1, 64 // rollout.group_size)
+    with ctx.progress.task("rejection sampling", total=len(problems)) as bar:
+        for start in range(0, len(problems), per_call):
+            chunk = problems[start : start + per_call]
+            out = sample(policy, tokenizer, chunk, rollout, seed=ctx.seed + start, pad_id=pad_id_of(tokenizer))
+            for i, problem in enumerate(chunk):
+                rows = range(i * rollout.group_size, (i + 1) * rollout.group_size)
+                best = max(rows, key=lambda r: float(out.rewards[r]))
+                if out.correct[best] and float(out.rewards[best]) >= rollout.weights.correct + rollout.weights.format:
+                    mask = out.targets[best] != -100
+                    answer = tokenizer.decode(out.targets[best][mask].tolist()[:-1])  # without the stop token
+                    kept.append([{"role": "user", "content": problem["question"]},
+                                 {"role": "assistant", "content": answer}])
+            bar.advance(len(chunk))
+    if not kept:
+        raise UserError("rs-sft: no sampled answer was correct; train the SFT model longer or raise group_size")
+    examples = [encode_chat(tokenizer, c, cfg["seq_len"], default_system=rollout.system_prompt) for c in kept]
+    data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=pad_id_of(tokenizer))
+    summary = train(
+        ctx, policy, settings, data.batches, lm_loss,
+        ckpt_dir=ctx.stage_dir / "checkpoints",
+        flops_per_token=policy.cfg.flops_per_token(settings.seq_len),
+        description="rs-sft",
+    )
+    summary.update({"rs_kept": float(len(kept)), "rs_acceptance": len(kept) / len(problems)})
+    return policy, summary
+
+
+RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": run_ppo, "grpo": run_grpo, "rs-sft": run_rs_sft}
+
+
+def run(ctx: StageContext, cfg: dict) -> StageResult:
+    method = cfg["method"]
+    if method not in METHODS:
+        raise UserError(f"stages.rl.method: '{method}' is not available; choose one of {', '.join(METHODS)}")
+    ctx.tracker.set_tags({"llm.rl_method": method})
+    torch.manual_seed(ctx.seed)
+    policy, tokenizer, sft_dir = load_upstream_model(ctx, "sft")
+    before = heldout_answer_accuracy(ctx, cfg, policy, tokenizer) if method != "rm" else {}
+    trained, summary = RUNNERS[method](ctx, cfg, policy, tokenizer)
+    if method == "rm":
+        from llm_lifecycle.workflows.reward_model import save_reward_model
+
+        rm_dir = save_reward_model(ctx.stage_dir / "reward_model", trained, tokenizer,
+                                   extra={"stage": ctx.stage, "recipe": ctx.recipe.name, "method": method})
+        # The policy is unchanged: later stages keep evaluating and exporting the SFT model.
+        return StageResult(outputs={"model": str(sft_dir), "reward_model": str(rm_dir)}, metrics=summary,
+                           model_dir=str(rm_dir), model_alias="rm")
+    if before:
+        after = heldout_answer_accuracy(ctx, cfg, trained.cpu(), tokenizer)
+        summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],
+                        "heldout_format_rate": after["format_rate"]})
+    model_dir = save_stage_model(ctx, trained, tokenizer, extra={"method": method})
+    return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir),
+                       model_alias=method, aliases=["rl"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from llm_lifecycle.workflows.model_stage import builtin_or_path, load_init_model, load_upstream_model, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
+from llm_lifecycle.workflows.verifiable import heldout_answer_accuracy
 
 
 def load_examples(ctx: StageContext, cfg: dict, tokenizer) -> list:
@@ -22,7 +23,8 @@ def load_examples(ctx: StageContext, cfg: dict, tokenizer) -> list:
 
 
 def run(ctx: StageContext, cfg: dict) -> StageResult:
-    from llm_lifecycle.workflows.chat_data import SFTBatches
+    from llm_lifecycle.models.lora import apply_lora, merge_lora
+    from llm_lifecycle.workflows.chat_data import PackedSFTBatches, SFTBatches
 
     settings = TrainSettings.from_cfg(cfg)
     if cfg["init"]:
@@ -30,13 +32,29 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     else:
         model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
     examples = load_examples(ctx, cfg, tokenizer)
-    data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=tokenizer.token_to_id("<|endoftext|>"))
+    before = heldout_answer_accuracy(ctx, cfg, model, tokenizer)
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    if cfg["packing"]:
+        data = PackedSFTBatches(examples, settings.batch_size, settings.seq_len, seed=ctx.seed, pad_id=pad)
+    else:
+        data = SFTBatches(examples, settings.batch_size, seed=ctx.seed, pad_id=pad)
+    if cfg["lora_rank"] < 0:
+        raise UserError(f"stages.sft.lora_rank: expected 0 (full fine-tuning) or a positive rank, got {cfg['lora_rank']}")
+    trainable = apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"]) if cfg["lora_rank"] else None
     summary = train(
         ctx, model, settings, data.batches, lm_loss,
-        ckpt_path=ctx.stage_dir / "checkpoint.pt",
+        ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=model.cfg.flops_per_token(settings.seq_len),
+        trainable=trainable,
         description="sft",
     )
+    if trainable:
+        merge_lora(model)
+        summary["lora_trainable_params"] = float(sum(p.numel() for _, p in trainable))
     summary["examples"] = float(len(examples))
+    if before:
+        after = heldout_answer_accuracy(ctx, cfg, model.cpu(), tokenizer)
+        summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],
+                        "heldout_format_rate": after["format_rate"]})
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))

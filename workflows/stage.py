@@ -9,13 +9,13 @@ registration, so a stage module stays one readable function.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
+
+# Stages write files through these (re-exported here): complete on disk or absent.
+from llm_lifecycle.models.atomic import atomic_path, write_json_atomic  # noqa: F401
 
 
 class UserError(Exception):
@@ -30,6 +30,7 @@ class StageResult:
     # MLflow model and register under the recipe's name with `model_alias` as alias.
     model_dir: str | None = None
     model_alias: str | None = None
+    aliases: list[str] = field(default_factory=list)  # more aliases for the same version (rl: "rl")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,31 +84,6 @@ class StageContext:
                 f"run `llm pipeline {self.recipe.name} --stages {stage},{self.stage}`"
             )
         return Path(result.outputs[name])
-
-
-# ---------------------------------------------------------------------------------------
-# Atomic file writes: a crash or kill never leaves a half-written file behind.
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
 
 
 class _SilentTask:

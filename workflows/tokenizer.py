@@ -193,7 +193,7 @@ def load_tokenizer(ref: str, key: str) -> Tokenizer:
         from llm_lifecycle.workflows.model_ref import resolve_model_dir
 
         path = resolve_model_dir(ref)
-    elif not path.exists() and ref.count("/") == 1:
+    elif not path.exists() and ref.count("/") == 1 and not ref.startswith(("/", ".", "~")):
         from huggingface_hub import hf_hub_download
 
         try:

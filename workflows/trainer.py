@@ -7,12 +7,18 @@ to eager) and activation checkpointing as switches, FSDP2 under torchrun, and at
 checkpoints holding model, optimizer, scheduler, RNG states and the data position. Batches
 are a pure function of the micro-step index, so a run killed at step k and resumed sees
 exactly the data it would have seen and produces the same losses.
+
+Checkpoints are `checkpoints/step-NNNNNNNN.pt`, the newest `keep_checkpoints` kept, loaded
+with `torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused,
+never run. A non-finite loss or gradient stops training before the optimizer step, so the
+newest checkpoint on disk is the last good one.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from llm_lifecycle.workflows import distributed
-from llm_lifecycle.workflows.stage import StageContext, atomic_path
+from llm_lifecycle.workflows.stage import StageContext, UserError, atomic_path
 
 Batch = tuple[torch.Tensor, ...]
 # loss_fn(model, batch) -> (loss to minimise, extra scalar metrics)
@@ -52,6 +58,7 @@ class TrainSettings:
     precision: str
     compile: bool
     activation_checkpointing: bool
+    keep_checkpoints: int = 2  # the newest K checkpoints stay on disk
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "TrainSettings":
@@ -114,7 +121,11 @@ def peak_memory_mb(device: str) -> float:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's state as a tensor and plain numbers: a weights_only load accepts nothing else.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -123,32 +134,69 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer, scheduler, data_position: int) -> None:
+def checkpoint_file(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step-{step:08d}.pt"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    files = sorted(ckpt_dir.glob("step-*.pt"))  # zero-padded: name order is step order
+    return files[-1] if files else None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, data_position: int, keep: int) -> None:
     """Everything a resumed run needs to continue exactly: weights, optimizer moments, the
     schedule, every RNG and how many micro-batches were consumed. Under FSDP the full
     state is gathered and rank 0 writes it (atomically), so the file is the same as one
-    process would write and a run may resume with another number of processes."""
+    process would write and a run may resume with another number of processes. Only the
+    newest `keep` checkpoints stay."""
     model_state, optim_state = distributed.full_state_dicts(model, optimizer)
     if not distributed.is_main_process():
         return
     state = {"step": step, "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "data_position": data_position}
-    with atomic_path(path) as tmp:
+    with atomic_path(checkpoint_file(ckpt_dir, step)) as tmp:
         torch.save(state, tmp)
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's state: tensors and plain containers only. Anything else (a pickle
+    that would run code when loaded) is refused with a UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise UserError(
+            f"refused to load checkpoint {path}: it is not a plain tensor checkpoint ({reason}); "
+            "it was not executed; delete it (or its folder) to start this stage afresh"
+        ) from None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, int]:
     """Restore a checkpoint; returns (optimizer step, data position in micro-batches)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     distributed.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return int(state["step"]), int(state["data_position"])
+
+
+def _diverged(ctx: StageContext, description: str, step: int, loss: float, grad_norm: float,
+              settings: TrainSettings, ckpt_dir: Path) -> UserError:
+    last = latest_checkpoint(ckpt_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return UserError(
+        f"{description}: the training diverged at step {step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); "
+        f"stopped before updating the weights, {kept}; try a lower learning rate "
+        f"(--set {ctx.stage}.lr={settings.lr / 10:g}), more warmup_steps, a smaller grad_clip, or precision=fp32"
+    )
 
 
 class CompiledWithFallback:
@@ -204,12 +252,13 @@ def train(
     settings: TrainSettings,
     batches: Callable[[int], Iterator[Batch]],
     loss_fn: LossFn,
-    ckpt_path: Path,
+    ckpt_dir: Path,
     flops_per_token: float,
     trainable: list[tuple[str, torch.nn.Parameter]] | None = None,
     description: str = "training",
 ) -> dict[str, float]:
-    """Train `model` for settings.steps optimizer steps, resuming from `ckpt_path` if present.
+    """Train `model` for settings.steps optimizer steps, resuming from the newest checkpoint
+    in `ckpt_dir` if there is one.
 
     `batches(start_micro_step)` yields global micro-batches from that index on; each batch's
     first tensor is [B, T] inputs, used to count tokens. Under torchrun each rank takes its
@@ -228,9 +277,10 @@ def train(
     optimizer = make_optimizer(trainable, settings, device)
     scheduler = make_scheduler(optimizer, settings)
     start, data_position = 0, 0
-    if ckpt_path.is_file():
-        start, data_position = load_checkpoint(ckpt_path, model, optimizer, scheduler)
-        ctx.progress.log(f"  resuming {description} from step {start} ({ckpt_path.name})")
+    resume_from = latest_checkpoint(ckpt_dir)
+    if resume_from is not None:
+        start, data_position = load_checkpoint(resume_from, model, optimizer, scheduler)
+        ctx.progress.log(f"  resuming {description} from step {start} ({resume_from.name})")
         ctx.tracker.set_tags({"llm.resumed_from_step": str(start)})
     run_model = maybe_compile(model, settings.compile, ctx.progress.log)
     amp = autocast_dtype(settings.precision, device)
@@ -260,6 +310,8 @@ def train(
                 for k, v in metrics.items():
                     extras[k] = extras.get(k, 0.0) + v / settings.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], settings.grad_clip)
+            if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                raise _diverged(ctx, description, step, loss_sum, float(grad_norm), settings, ckpt_dir)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -279,7 +331,8 @@ def train(
                 ctx.tracker.log_metrics(metrics, step=step)
                 bar.update(description=f"{description} loss {loss_sum:.3f}")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-                save_checkpoint(ckpt_path, step + 1, model, optimizer, scheduler, data_position)
+                save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, data_position,
+                                settings.keep_checkpoints)
     elapsed = time.perf_counter() - t_start
     if world > 1:
         result_model.load_state_dict(distributed.full_model_state(model))
