@@ -188,6 +188,7 @@ def _check_killed_runs_closed_and_linked(ws, recipe_name):
     return runs
 
 
+@pytest.mark.slow  # ~4 min on 2 cores: over CI's share; run with -m slow
 def test_sigkill_at_random_points_resumes_to_the_same_model(finished, tmp_path):
     """Kills at 3 seeded-random points in 3 stages (one data stage, pretrain, one later training
     stage); the resumed pipeline's final (DPO) model is
