@@ -98,7 +98,6 @@ def run_sweep(
     tracking.configure(workspace)
     tags = {"llm.recipe": base.name, "llm.stage": "sweep", "llm.version": __version__}
     label = " x ".join(f"{k}={','.join(vs)}" for k, vs in varied)
-    pipeline_ids = []
     with tracking.start_run(base.name, f"sweep [{label}]", tags) as sweep_run:
         sweep_run.log_params({"vary": vary, "overrides": overrides, "variants": len(planned)})
         sweep_run.log_params({"tokens": token_budget(base)})
@@ -106,21 +105,9 @@ def run_sweep(
             progress.log(f"[bold magenta]variant {variant.label}[/bold magenta]")
             member = SweepMember(sweep_run.run_id, variant.label, f"{recipe.name}-{variant.slug}")
             run_pipeline(recipe, workspace, progress, sweep=member)
-            pipeline_ids.append(_last_pipeline_run(recipe.name, sweep_run.run_id, variant.label))
         report_dir = workspace / "reports" / f"sweep-{sweep_run.run_id[:8]}"
-        build_report(pipeline_ids, report_dir)
+        report = build_report([sweep_run.run_id], report_dir)  # a sweep run resolves to its pipelines
+        pipeline_ids = [r.run_id for r in report.runs]
         sweep_run.log_artifact(report_dir, "report")
     return SweepResult(sweep_run.run_id, pipeline_ids, report_dir)
 
-
-def _last_pipeline_run(experiment: str, sweep_run_id: str, variant: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.llm.sweep = '{sweep_run_id}' AND tags.llm.stage = 'pipeline'",
-        order_by=["attributes.start_time DESC"],
-    )
-    return next(r.info.run_id for r in runs if r.data.tags.get("llm.variant") == variant)
