@@ -34,6 +34,7 @@ from llm_lifecycle.workflows.stage import (
     StageResult,
     UserError,
     atomic_path,
+    reject_unknown_settings,
     write_json_atomic,
 )
 
@@ -446,10 +447,7 @@ class CleanConfig:
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "CleanConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise UserError(f"stages.data-clean.{unknown[0]}: unknown setting; valid: {', '.join(sorted(known))}")
+        reject_unknown_settings("stages.data-clean", cfg, {f.name for f in fields(cls)})
         values = dict(cfg)
         rules = values.pop("rules", True)
         if isinstance(rules, dict):  # thresholds given: {max_duplicate_line_fraction: 0.5, ...}

@@ -22,6 +22,13 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
 
 
+def reject_unknown_settings(section: str, cfg: dict, known: set[str]) -> None:
+    """One line naming the first setting of `section` (e.g. "stages.data-clean") not in `known`."""
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise UserError(f"{section}.{unknown[0]}: unknown setting; valid: {', '.join(sorted(known))}")
+
+
 @dataclass
 class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)  # name -> absolute path

@@ -35,7 +35,7 @@ from llm_lifecycle.workflows.data import iter_groups, iter_texts
 from llm_lifecycle.workflows.dedup import is_cjk
 from llm_lifecycle.workflows.encode import encode_file
 from llm_lifecycle.workflows.shards import is_complete, read_index, write_groups, write_parts
-from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError, atomic_path
+from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError, atomic_path, reject_unknown_settings
 
 EOT = SPECIAL_TOKENS[0]
 SPACE = "\u0120"  # GPT-2's byte-level symbol for " "
@@ -55,10 +55,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "TokenizerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise UserError(f"stages.tokenizer-train.{unknown[0]}: unknown setting; valid: {', '.join(sorted(known))}")
+        reject_unknown_settings("stages.tokenizer-train", cfg, {f.name for f in fields(cls)})
         config = cls(**cfg)
         if config.extend and config.pretrained:
             raise UserError("stages.tokenizer-train: set either extend or pretrained, not both")
