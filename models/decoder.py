@@ -23,12 +23,13 @@ from llm_lifecycle.models.config import ModelConfig
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when `targets` were given and the fused loss ran
     # scalar the trainer adds to its loss: MoE balance and z losses times their coefs over
     # layers, plus Baichuan2's max-z loss (0 when none is configured)
     aux_loss: torch.Tensor
     expert_load: torch.Tensor | None = None  # [moe layers, n_experts] assignments per expert (MoE only)
     hidden: torch.Tensor | None = None  # [B, T, dim] final-norm states, for value and reward heads
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over targets != -100, when given
 
 
 # ---- rotary position embedding -------------------------------------------------------------
@@ -400,7 +401,8 @@ class MoE(nn.Module):
 
     Dispatch sorts the N*k (token, expert) assignments by expert, so each expert's tokens
     are one contiguous block; the experts then run as one grouped matmul per projection
-    (torch._grouped_mm on CUDA, one padded bmm elsewhere), never a Python loop over experts.
+    (torch._grouped_mm where the build has a fast kernel, one padded bmm elsewhere), never a
+    Python loop over experts.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -426,7 +428,8 @@ class MoE(nn.Module):
         flat_experts = top_experts.flatten()
         order = flat_experts.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        # scatter_add, not bincount: a fixed output shape, so torch.compile keeps one graph
+        counts = flat_experts.new_zeros(self.n_experts).scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
         expert_out = self._run_experts(x[token_of], flat_experts[order], counts)
         weighted = expert_out * top_probs.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted)
@@ -455,11 +458,11 @@ class MoE(nn.Module):
         """The gated MLP of each row of `tokens` [M, dim] by its expert; rows sorted by expert."""
         # [:] dequantizes all experts at once when int8 weights stand in for the parameters.
         w_gate, w_up, w_down = self.w_gate[:], self.w_up[:], self.w_down[:]
-        if _grouped_mm_applies(tokens):
+        if _grouped_mm_applies(tokens, w_down.size(-1)):
             offsets = counts.cumsum(0).to(torch.int32)
-            gate = torch._grouped_mm(tokens, w_gate.transpose(1, 2), offs=offsets)
-            up = torch._grouped_mm(tokens, w_up.transpose(1, 2), offs=offsets)
-            return torch._grouped_mm(self.act(gate) * up, w_down.transpose(1, 2), offs=offsets)
+            gate = grouped_mm(tokens, w_gate.transpose(1, 2), offsets)
+            up = grouped_mm(tokens, w_up.transpose(1, 2), offsets)
+            return grouped_mm(self.act(gate) * up, w_down.transpose(1, 2), offsets)
         # Padded batch: expert e's rows go to slots e*C .. e*C+count_e-1 of an [E, C, dim]
         # buffer (C the largest count), so one bmm per projection serves every expert.
         capacity = int(counts.max())
@@ -473,12 +476,146 @@ class MoE(nn.Module):
         return hidden.view(self.n_experts * capacity, -1)[slots]
 
 
-def _grouped_mm_applies(x: torch.Tensor) -> bool:
-    """torch._grouped_mm's fast kernels: CUDA, bf16, Hopper or newer (its documented limits)."""
-    return (
-        x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
+def _grouped_mm_applies(x: torch.Tensor, ffn_dim: int) -> bool:
+    """torch._grouped_mm where it is fast: CUDA bf16 on Hopper or newer (its documented
+    limits), and CPU where this torch build has the kernel (one matmul per group, no padding).
+    Its operands' rows must start on 16-byte boundaries."""
+    if (x.size(-1) * x.element_size()) % 16 or (ffn_dim * x.element_size()) % 16:
+        return False
+    if x.is_cuda:
+        return (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return x.device.type == "cpu" and x.dtype in _CPU_GROUPED_MM_DTYPES
+
+
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [S, K] in groups (group e ends at offsets[e]), group e times weights[e] [K, N] -> [S, N].
+
+    On CPU through our own op: the CPU kernel handles fp32, but torch.compile's shape rules for
+    torch._grouped_mm accept only bf16, so the compiler sees an opaque op with a fake-tensor rule."""
+    if rows.is_cuda:
+        return torch._grouped_mm(rows, weights, offs=offsets)
+    return torch.ops.llm_lifecycle.grouped_mm(rows, weights, offsets)
+
+
+def _cpu_grouped_mm_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes torch._grouped_mm runs in on CPU (torch >= 2.9; older builds lack it).
+    Probed once at import, so the check is a constant that torch.compile can trace."""
+    works = set()
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            torch._grouped_mm(torch.ones(8, 8, dtype=dtype), torch.ones(1, 8, 8, dtype=dtype),
+                              offs=torch.tensor([8], dtype=torch.int32))
+            works.add(dtype)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+    return frozenset(works)
+
+
+_CPU_GROUPED_MM_DTYPES = _cpu_grouped_mm_dtypes()
+
+if _CPU_GROUPED_MM_DTYPES:
+
+    @torch.library.custom_op("llm_lifecycle::grouped_mm", mutates_args=())
+    def _cpu_grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(rows, weights, offs=offsets)
+
+    @_cpu_grouped_mm.register_fake
+    def _(rows, weights, offsets):
+        return rows.new_empty(rows.size(0), weights.size(-1))
+
+    @torch.library.custom_op("llm_lifecycle::grouped_mm_weight_grad", mutates_args=())
+    def _cpu_grouped_mm_weight_grad(rows: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(weights) [E, K, N]: group e's rows^T @ its output gradient."""
+        return torch._grouped_mm(rows.t(), grad, offs=offsets)
+
+    @_cpu_grouped_mm_weight_grad.register_fake
+    def _(rows, grad, offsets):
+        return rows.new_empty(offsets.size(0), rows.size(1), grad.size(1))
+
+    def _save_operands(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_backward(ctx, grad):
+        rows, weights, offsets = ctx.saved_tensors
+        grad = grad.contiguous()  # the kernel wants 16-byte aligned strides; an expanded gradient has 0
+        grad_rows = grouped_mm(grad, weights.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+        grad_weights = (torch.ops.llm_lifecycle.grouped_mm_weight_grad(rows, grad, offsets)
+                        if ctx.needs_input_grad[1] else None)
+        return grad_rows, grad_weights, None
+
+    _cpu_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_save_operands)
+
+
+# ---- output head and loss ------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt tokens, padding)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """mean cross_entropy(hidden @ weight.T + bias, targets) over targets != IGNORE_INDEX,
+    without ever holding the [N, vocab] logits.
+
+    The rows go through in chunks; each chunk's logits become its gradient (softmax minus
+    one-hot) in place, and the gradients for hidden, weight and bias are taken right there, so
+    the backward pass only scales them. That is one pass over the logits fewer than
+    log_softmax + nll + their backward, keeps each chunk in cache (~8 MB of fp32 logits), and
+    holds peak memory to one chunk, which matters at 150k-token vocabularies. Under autocast
+    the matmuls run in the autocast dtype and the softmax in fp32, like cross_entropy there.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, wanted)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, dtype, wanted):
+        want_hidden, want_weight, want_bias = wanted
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            counted = targets != IGNORE_INDEX
+            n_counted = counted.sum().clamp(min=1)
+            rows = max(128, (1 << 21) // weight.size(0))
+            loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_rows = []
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+            grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
+            for start in range(0, hidden.size(0), rows):
+                h = hidden[start : start + rows].to(dtype)
+                target, keep = targets[start : start + rows].clamp(min=0)[:, None], counted[start : start + rows]
+                logits = torch.mm(h, w.t()).float()
+                if bias is not None:
+                    logits += bias.float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss_sum += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
+                if not any(wanted):
+                    continue
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_counted on counted rows
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+                grad *= (keep / n_counted).to(grad.dtype)[:, None]
+                if want_bias:
+                    grad_b += grad.sum(dim=0)
+                grad = grad.to(dtype)
+                if want_hidden:
+                    grad_rows.append(torch.mm(grad, w).to(hidden.dtype))
+                if want_weight:
+                    grad_w += torch.mm(grad.t(), h).float()
+        ctx.save_for_backward(
+            torch.cat(grad_rows) if want_hidden else None,
+            grad_w.to(weight.dtype) if want_weight else None,
+            grad_b.to(bias.dtype) if want_bias else None,
+        )
+        return loss_sum / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scaled = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
+        return (*scaled, None, None, None)
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -555,10 +692,13 @@ class Decoder(nn.Module):
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """`attn_mask`: optional Bool[B, T, S] (True = may attend; S = cached + new tokens) in
         place of the causal mask, e.g. GLM's prefix-LM mask. `position_ids`: optional [B, T]
-        or, for GLM's 2D positions, [B, 2, T] (position, position inside the blank span)."""
+        or, for GLM's 2D positions, [B, 2, T] (position, position inside the blank span).
+        `targets`: optional [B, T] next tokens (IGNORE_INDEX to skip one) for `loss`; the
+        logits are then left out (None) when the fused head loss applies."""
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         rope = self.rope(past, seq, input_ids.device, position_ids) if self.rope is not None else []
@@ -584,15 +724,26 @@ class Decoder(nn.Module):
             if stats is not None:
                 routers.append(stats)
         h = self.norm(x)
-        if self.cfg.norm_head:  # Baichuan2: unit-norm rows keep the logits' scale in check
-            logits = F.linear(h, F.normalize(self.lm_head.weight, dim=-1), self.lm_head.bias)
+        aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)
+        expert_load = torch.stack([r.counts for r in routers]) if routers else None
+        # The fused loss needs the head as a plain weight and no other use of the logits.
+        if targets is not None and type(self.lm_head) is nn.Linear and not self.cfg.max_z_loss_coef:
+            loss = linear_cross_entropy(h, self._head_weight(), self.lm_head.bias, targets)
+            return DecoderOutput(logits=None, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
+        if self.cfg.norm_head:
+            logits = F.linear(h, self._head_weight(), self.lm_head.bias)
         else:
             logits = self.lm_head(h)
-        aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)
         if self.cfg.max_z_loss_coef:  # Baichuan2 max-z loss: penalise the largest logit, squared
             aux_loss = aux_loss + self.cfg.max_z_loss_coef * logits.float().amax(dim=-1).pow(2).mean()
-        expert_load = torch.stack([r.counts for r in routers]) if routers else None
-        return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load, hidden=h)
+        loss = None if targets is None else F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
+
+    def _head_weight(self) -> torch.Tensor:
+        if self.cfg.norm_head:  # Baichuan2: unit-norm rows keep the logits' scale in check
+            return F.normalize(self.lm_head.weight, dim=-1)
+        return self.lm_head.weight
 
     def _masks(self, past, seq, kv_cache, attn_mask, device) -> dict[int | None, torch.Tensor | None]:
         """The attention mask of each distinct layer window. None (the fused causal kernel)

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, load_model_dir, save_model_dir
 from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.decoder import Decoder, KVCache, rope_frequencies
+from llm_lifecycle.models import decoder
+from llm_lifecycle.models.decoder import Decoder, KVCache, linear_cross_entropy, rope_frequencies
 from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.presets import list_presets, load_preset
 
@@ -145,12 +146,17 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.testing.assert_close(mha(x).logits, gqa(x).logits, rtol=0, atol=1e-5)
 
 
-def test_moe_routing_matches_dense_all_experts_reference():
-    """The grouped (sort by expert) computation equals a plain per-token loop over its top-k."""
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+def test_moe_routing_matches_dense_all_experts_reference(dispatch, monkeypatch):
+    """Both dispatch paths (torch._grouped_mm through our op, and one padded bmm) equal a
+    plain per-token loop over its top-k, in the output and in every gradient."""
+    if dispatch == "padded_bmm":
+        monkeypatch.setattr(decoder, "_CPU_GROUPED_MM_DTYPES", frozenset())
+    elif torch.float32 not in decoder._CPU_GROUPED_MM_DTYPES:
+        pytest.skip("this torch build has no CPU torch._grouped_mm")
     model = make_model(**MOE)
     moe = model.layers[0].ffn
-    x = torch.randn(3, 5, MOE["dim"])
-    out, _ = moe(x)
+    x = torch.randn(3, 5, MOE["dim"], requires_grad=True)
     flat = x.reshape(-1, MOE["dim"])
     probs = torch.softmax(moe.router(flat).float(), dim=-1)
     top_p, top_e = probs.topk(moe.top_k, dim=-1)
@@ -163,7 +169,60 @@ def test_moe_routing_matches_dense_all_experts_reference():
         sum(p * expert(int(e), flat[n : n + 1])[0] for p, e in zip(top_p[n], top_e[n]))
         for n in range(flat.size(0))
     ])
+    out, _ = moe(x)
     torch.testing.assert_close(out.reshape(-1, MOE["dim"]), expected, rtol=0, atol=1e-6)
+    upstream = torch.randn_like(expected)
+    wrt = (x, moe.w_gate, moe.w_up, moe.w_down, moe.router.weight)
+    for got, want in zip(torch.autograd.grad(out.reshape(-1, MOE["dim"]), wrt, upstream),
+                         torch.autograd.grad(expected, wrt, upstream)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_moe_decoder_compiles_to_one_graph():
+    """No graph break per MoE layer (a data-dependent expert count or capacity would cause one)."""
+    if torch.float32 not in decoder._CPU_GROUPED_MM_DTYPES:
+        pytest.skip("this torch build has no CPU torch._grouped_mm")
+    model = make_model(**MOE).train()
+    ids = tokens(2, 16)
+    explained = torch._dynamo.explain(model)(ids, targets=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("fields", [
+    DENSE,  # tied head
+    MOE,  # untied
+    dict(DENSE, tie_embeddings=False, norm_head=True, head_bias=True),  # Baichuan2 NormHead, Phi's bias
+])
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(fields):
+    """Decoder(ids, targets=...) never builds the logits; its loss and every gradient equal
+    cross_entropy over the logits of a plain forward, with ignored (-100) targets skipped."""
+    model = make_model(**fields).train()
+    ids, targets = tokens(3, 12), tokens(3, 12, seed=2)
+    targets[0, :5] = -100
+    fused = model(ids, targets=targets)
+    assert fused.logits is None
+    plain = F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(fused.loss, plain, rtol=0, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for got, want in zip(torch.autograd.grad(fused.loss, params), torch.autograd.grad(plain, params)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_linear_cross_entropy_across_chunks_with_bias_and_frozen_weight():
+    """Enough rows for several chunks; a frozen weight gets no gradient, the rest match."""
+    torch.manual_seed(0)
+    vocab = 20_000  # 128-row chunks
+    hidden = torch.randn(300, 16, requires_grad=True)
+    weight, bias = torch.randn(vocab, 16) * 0.1, torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (300,))
+    targets[::3] = -100
+    loss = linear_cross_entropy(hidden, weight, bias, targets)
+    want = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=-100)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(torch.autograd.grad(2 * loss, (hidden, bias)), torch.autograd.grad(2 * want, (hidden, bias))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, bias, targets), want.detach())
 
 
 @pytest.mark.parametrize("fields", [DENSE, MOE])

@@ -350,11 +350,9 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
     balance and z-loss, max-z). A batch is (inputs, targets), or (inputs, targets,
     position_ids, attn_mask) for objectives with their own positions and mask (GLM blank infilling)."""
     inputs, targets = batch[0], batch[1]
-    out = model(inputs, position_ids=batch[2], attn_mask=batch[3]) if len(batch) == 4 else model(inputs)
-    ce = torch.nn.functional.cross_entropy(
-        out.logits.float().view(-1, out.logits.size(-1)), targets.reshape(-1), ignore_index=-100
-    )
-    aux = out.aux_loss
+    extra = {"position_ids": batch[2], "attn_mask": batch[3]} if len(batch) == 4 else {}
+    out = model(inputs, targets=targets, **extra)
+    ce, aux = out.loss, out.aux_loss
     metrics = {"ce_loss": ce.item(), "aux_loss": float(aux.detach())}
     if out.expert_load is not None:
         metrics.update(expert_load_metrics(out.expert_load))
