@@ -590,14 +590,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(h, w.t()).float()
                 if bias is not None:
                     logits += bias.float()
-                lse = torch.logsumexp(logits, dim=-1)
-                loss_sum += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
+                target_logit = logits.gather(1, target).squeeze(1)
+                row_max = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(row_max).exp_()  # in place: the logits are not needed again
+                sum_exp = exp.sum(dim=-1)
+                loss_sum += ((row_max.squeeze(1) + sum_exp.log() - target_logit) * keep).sum()
                 if not any(wanted):
                     continue
                 # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_counted on counted rows
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-                grad *= (keep / n_counted).to(grad.dtype)[:, None]
+                weight_of_row = (keep / n_counted).to(exp.dtype)
+                grad = exp.mul_((weight_of_row / sum_exp)[:, None])
+                grad.scatter_add_(1, target, -weight_of_row[:, None])
                 if want_bias:
                     grad_b += grad.sum(dim=0)
                 grad = grad.to(dtype)
