@@ -512,7 +512,7 @@ def plan(
     for col in ("use", "precision", "weights", "optimizer", "grads", "activations / KV cache", "peak", f"fits {where}?"):
         table.add_column(col)
     for use, precision, est in planning.plan_rows(shape, batch_size, seq_len):
-        transient = est.get("activations", 0) + est.get("logits", 0) + est.get("kv_cache", 0) + est.get("working", 0)
+        transient = est.get("activations", 0) + est.get("loss", 0) + est.get("kv_cache", 0) + est.get("working", 0)
         fits = "yes" if est["total"] < available else "[red]no[/red]"
         table.add_row(use, precision, *(format_bytes(est[k]) if k in est else "-" for k in ("weights", "optimizer", "grads")),
                       format_bytes(transient), format_bytes(est["total"]), fits)

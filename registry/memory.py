@@ -6,9 +6,10 @@ plain numbers (workflows/planning.py builds one from a ModelConfig or a paramete
 Training peak = weights + AdamW's two moments (+ an fp32 master copy when the weights are
 16-bit) + the activations autograd keeps at the end of the forward pass (the peak: the
 gradients are allocated while activations are freed, so they only count when they exceed
-the activations) + the logits and their log-softmax. Activations are counted tensor by
-tensor from what our decoder saves for backward (fused q/k/v and gate/up projections,
-SDPA attention); tests/test_planning.py checks the total against a measured peak.
+the activations) + what the head's loss holds. Activations are counted tensor by tensor
+from what our decoder saves for backward (fused q/k/v and gate/up projections, SDPA
+attention, experts in one grouped matmul); tests/test_planning.py checks the total against
+a measured peak.
 Inference = weights at their precision + KV cache + the prefill's logits.
 """
 
@@ -36,13 +37,9 @@ class ModelShape:
     n_shared_experts: int = 0
     n_dense_layers: int = 0  # MoE models: the first layers with a dense MLP
     qk_norm: bool = False
+    fused_loss: bool = True  # the chunked linear+cross-entropy head (False: full logits, e.g. max-z loss)
     gated_mlp: bool = True  # SwiGLU/GeGLU (gate and up) or a plain two-layer MLP
     parallel_block: bool = False  # attention and MLP share one norm
-
-
-# Routed tokens per expert buffer relative to a perfectly even split: the padded expert
-# batch is as long as the busiest expert's (measured ~1.2 at initialisation).
-MOE_CAPACITY_FACTOR = 1.25
 
 
 def activation_values_per_token(s: ModelShape) -> float:
@@ -62,10 +59,10 @@ def activation_values_per_token(s: ModelShape) -> float:
     moe = 0.0
     if s.n_experts:
         k = s.experts_per_token
-        # router logits and probabilities; per routed copy: the gathered input, the expert
-        # output and its weighted value; per padded slot: the expert input and its MLP
-        moe = (2 * s.n_experts + k * 3 * s.dim + MOE_CAPACITY_FACTOR * k * (s.dim + mlp(s.moe_ffn_dim))
-               + mlp(s.n_shared_experts * s.moe_ffn_dim))
+        # router logits and probabilities; per routed copy: the gathered input, its expert MLP,
+        # the expert output and its weighted value (grouped matmul: no padding). The padded
+        # bmm fallback (GPUs before Hopper) keeps up to ~25% more of the expert part.
+        moe = 2 * s.n_experts + k * (3 * s.dim + mlp(s.moe_ffn_dim)) + mlp(s.n_shared_experts * s.moe_ffn_dim)
     moe_layers = s.n_layers - s.n_dense_layers if s.n_experts else 0
     ffn_norms = 0 if s.parallel_block else norm
     return (s.n_layers * (attention + ffn_norms) + moe_layers * moe + (s.n_layers - moe_layers) * dense
@@ -73,13 +70,28 @@ def activation_values_per_token(s: ModelShape) -> float:
 
 
 def weight_copies(s: ModelShape) -> float:
-    """Values of the concatenated q/k/v and gate/up weights kept for backward, all layers."""
+    """Values of the concatenated q/k/v and dense gate/up weights kept for backward, all
+    layers (the grouped experts use their weights in place)."""
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    if not s.gated_mlp:
-        return s.n_layers * s.dim * (q + 2 * kv)
     moe_layers = s.n_layers - s.n_dense_layers if s.n_experts else 0
-    return (s.n_layers * s.dim * (q + 2 * kv) + moe_layers * 2 * s.n_experts * s.moe_ffn_dim * s.dim
-            + (s.n_layers - moe_layers) * 2 * s.ffn_dim * s.dim)
+    gate_up = (s.n_layers - moe_layers) * 2 * s.ffn_dim * s.dim if s.gated_mlp else 0
+    return s.n_layers * s.dim * (q + 2 * kv) + gate_up
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits the fused head loss computes at a time (as models/decoder.py does)."""
+    return max(128, (1 << 21) // vocab_size)
+
+
+def head_loss_memory(s: ModelShape, tokens: int, act_bytes: float) -> float:
+    """Bytes the loss adds at the forward peak. Fused: the gradients it computes while
+    running forward (the hidden states' and the head weight's) and one chunk of fp32 logits
+    (plus its 16-bit product in mixed precision). Unfused: all logits and their fp32
+    log-probabilities."""
+    if not s.fused_loss:
+        return tokens * s.vocab_size * (act_bytes + 4)
+    chunk = loss_chunk_rows(s.vocab_size) * s.vocab_size * (4 if act_bytes == 4 else 4 + act_bytes)
+    return tokens * s.dim * act_bytes + 4.0 * s.vocab_size * s.dim + chunk
 
 
 def training_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str = "fp32") -> dict[str, float]:
@@ -91,10 +103,9 @@ def training_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str
     optimizer = 8.0 * s.params
     grads = 4.0 * s.params
     activations = (tokens * activation_values_per_token(s) + weight_copies(s)) * act_bytes
-    logits = tokens * s.vocab_size * (act_bytes + 4)  # the logits, then fp32 log-probabilities
-    forward_peak = activations + logits
+    loss = head_loss_memory(s, tokens, act_bytes)
     return {"weights": weights, "optimizer": optimizer, "grads": grads, "activations": activations,
-            "logits": logits, "total": weights + optimizer + max(forward_peak, grads)}
+            "loss": loss, "total": weights + optimizer + max(activations + loss, grads)}
 
 
 def inference_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str = "fp16",

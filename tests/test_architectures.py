@@ -71,7 +71,7 @@ def test_counts_match_the_module_for_every_knob(name):
         unused = (cfg.n_layers - cfg.n_dense_layers) * (cfg.n_experts - cfg.n_experts_per_token)
         assert cfg.active_params() == cfg.num_params() - unused * 3 * cfg.dim * cfg.moe_ffn_dim
     mem = training_memory(shape_of(cfg), 2, 32)
-    assert mem["total"] == mem["weights"] + mem["optimizer"] + max(mem["activations"] + mem["logits"], mem["grads"])
+    assert mem["total"] == mem["weights"] + mem["optimizer"] + max(mem["activations"] + mem["loss"], mem["grads"])
     out = model(tokens(2, 12))
     assert out.logits.shape == (2, 12, 97) and torch.isfinite(out.logits).all()
 
