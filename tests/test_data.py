@@ -514,6 +514,42 @@ def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_on
         tokenizer.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
 
 
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["tokenizer-train.pretrained=org/tok", "tokenizer-train.byte_fallback=true"], ("byte_fallback", "pretrained")),
+        (["tokenizer-train.pretrained=org/tok", "tokenizer-train.split_digits=true"], ("split_digits", "pretrained")),
+        (["tokenizer-train.pretrained=org/tok", "tokenizer-train.min_frequency=3"], ("min_frequency", "pretrained")),
+        (["tokenizer-train.extend=org/tok", "tokenizer-train.whitespace_runs=8"], ("whitespace_runs", "extend")),
+        (["tokenizer-train.extend=org/tok", "tokenizer-train.split_digits=false"], ("split_digits", "extend")),
+        (["pretrain.init=org/model", "tokenizer-train.byte_fallback=false"], ("byte_fallback", "pretrain.init")),
+        (["sft.init=org/model", "tokenizer-train.whitespace_runs=4"], ("whitespace_runs", "sft.init")),
+    ],
+)
+def test_training_settings_beside_a_tokenizer_not_trained_here_are_rejected(overrides, named):
+    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+
+    setting, source = named
+    with pytest.raises(ConfigError) as err:
+        load_recipe("llama-small", overrides)
+    line = str(err.value)
+    assert "\n" not in line and "llama-small.yaml" in line
+    assert f"stages.tokenizer-train.{setting}: applies only to a tokenizer trained from scratch" in line
+    assert f"stages.{source}" in line or f"stages.tokenizer-train.{source}" in line
+    assert f"remove {setting}" in line
+
+
+def test_settings_a_taken_or_extended_tokenizer_uses_are_accepted():
+    from llm_lifecycle.workflows.recipe import load_recipe
+
+    extend = load_recipe("llama-small", ["tokenizer-train.extend=org/tok", "tokenizer-train.min_frequency=3"])
+    assert extend.stages["tokenizer-train"]["min_frequency"] == 3  # extending trains on the Chinese text
+    taken = load_recipe("llama-small", ["pretrain.init=org/model", "tokenizer-train.special_tokens=[<|tool|>]"])
+    assert taken.stages["tokenizer-train"]["pretrained"] == "org/model"
+    trained = load_recipe("llama-small", ["tokenizer-train.byte_fallback=true", "tokenizer-train.split_digits=false"])
+    assert trained.stages["tokenizer-train"]["byte_fallback"] is True
+
+
 # ---------------------------------------------------------------------------------------
 # Tokenize and shards
 
