@@ -491,6 +491,25 @@ def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
         tokenizer.TokenizerConfig.from_cfg({"vocab": 10})
 
 
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_decode_gives_back_the_text_with_its_spaces_and_rare_characters(byte_fallback):
+    english, chinese = builtin_texts(C4_FILE), builtin_texts(POETRY_FILE)
+    tok = tokenizer.train_bpe(english[:60] + chinese[:400], vocab_size=700, byte_fallback=byte_fallback)
+    crafted = [
+        " x", "x ", "  two leading spaces", "two trailing spaces  ", " ", "   ", "",
+        " 关关雎鸠，在河之洲。 ", "\u3000全角空格\u3000", " 𠀀🦙 rare characters ", " 学而时习之 mixed English 文本 𪚥 ",
+        "\tA tab, a newline \n and  double  spaces", " In 2024, 31415 people paid $1999. ",
+    ]
+    unseen = [english[-1], chinese[-1], english[-2][:200]]  # documents left out of training
+    texts = crafted + [f" {t}  " for t in unseen] + [f"  {t}" for t in unseen]
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text), (text, [tok.id_to_token(i) for i in ids])
+    if byte_fallback:  # the rare ones are spelled in <0xXX> tokens, so the fallback path is exercised
+        ids = tok.encode(" 𠀀🦙 rare characters ").ids
+        assert sum(tok.id_to_token(i).startswith("<0x") for i in ids) == 8
+
+
 def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_one(tmp_path):
     english, chinese = builtin_texts(C4_FILE)[:80], builtin_texts(POETRY_FILE)
     base = tokenizer.train_bpe(english, vocab_size=400)

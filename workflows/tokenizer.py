@@ -85,10 +85,11 @@ def new_tokenizer(split_digits: bool = True, byte_fallback: bool = False) -> Tok
     digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     if byte_fallback:
         tokenizer = Tokenizer(models.BPE(byte_fallback=True))
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"), *digits])
-        tokenizer.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
+        # No SentencePiece dummy prefix ("▁" before the first word), like the byte-level model's
+        # add_prefix_space=False: Metaspace adds it only when the text does not already start with
+        # a space, so the decoder could not tell whether to strip it and " x" decoded as "x".
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="never"), *digits])
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     else:
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
