@@ -592,11 +592,12 @@ def test_tokenize_packs_documents_with_end_of_text(pipeline):
 
 
 def test_parallel_encoding_is_identical_for_any_worker_count(pipeline, tmp_path):
-    tok = Tokenizer.from_file(pipeline.result["tokenizer-train"].outputs["tokenizer"])
+    tok_path = pipeline.result["tokenizer-train"].outputs["tokenizer"]
+    tok = Tokenizer.from_file(tok_path)
     text_path = pipeline.result["data-clean"].outputs["heldout"]
     written = {}
     for workers in (1, 2):
-        parts = encode.encode_file(tok.to_str(), 0, text_path, workers=workers, part_bytes=4096)  # many parts
+        parts = encode.encode_file(tok_path, 0, text_path, workers=workers, part_bytes=4096)  # many parts
         written[workers] = shards.write_parts(tmp_path / str(workers), parts, vocab_size=tok.get_vocab_size(),
                                               shard_tokens=5000)
     assert written[1] == written[2] and written[1].shards > 2

@@ -276,7 +276,8 @@ def _count_lines(path: Path) -> int:
 
 def tokenize(ctx: StageContext, cfg: dict) -> StageResult:
     """Stage tokenize: clean and held-out text as memory-mapped token shards."""
-    tokenizer = Tokenizer.from_file(str(ctx.upstream_output("tokenizer-train", "tokenizer")))
+    tokenizer_path = ctx.upstream_output("tokenizer-train", "tokenizer")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
         raise UserError(f"the tokenizer has no {EOT} token; train it with tokenizer-train")
@@ -298,7 +299,7 @@ def tokenize(ctx: StageContext, cfg: dict) -> StageResult:
             with ctx.progress.task(f"tokenize {split}", total=_count_lines(text_path)) as task:
                 stats = write_parts(
                     out_dir,
-                    encode_file(tokenizer.to_str(), eot_id, text_path, workers),
+                    encode_file(tokenizer_path, eot_id, text_path, workers),
                     vocab_size=tokenizer.get_vocab_size(),
                     shard_tokens=shard_tokens,
                     task=task,
