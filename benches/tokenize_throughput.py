@@ -86,6 +86,8 @@ def main() -> None:
         tmp = Path(tmp)
         jsonl = tmp / "clean.jsonl"
         jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+        tokenizer_file = tmp / "tokenizer.json"  # the tokenize stage reads tokenizer-train's file too
+        tokenizer.save(str(tokenizer_file))
         print(f"{len(texts)} documents, {mb:.2f} MB of UTF-8 text; vocabulary {tokenizer.get_vocab_size()}", flush=True)
 
         encodings = []
@@ -98,7 +100,7 @@ def main() -> None:
             def run():
                 for old in out.glob("*"):
                     old.unlink()  # time a fresh write, not a resume
-                write_parts(out, encode_file(tokenizer.to_str(), eot, jsonl, workers), tokenizer.get_vocab_size())
+                write_parts(out, encode_file(tokenizer_file, eot, jsonl, workers), tokenizer.get_vocab_size())
 
             rows[f"ours, {workers} process{'es' if workers > 1 else ''}"] = best_of(args.repeat, run)
             shards[workers] = TokenShards(out)

@@ -74,6 +74,12 @@ def test_bad_config_is_one_line(override, expected, workspace):
     assert expected in line
 
 
+def test_tokenizer_option_beside_a_pretrained_tokenizer_is_one_line(workspace):
+    line = _one_line_error(llm("tokenizer", "train", "--recipe", "llama-small", "--pretrained", "org/tok", "--byte-fallback"))
+    assert "stages.tokenizer-train.byte_fallback: applies only to a tokenizer trained from scratch" in line
+    assert "remove byte_fallback or pretrained" in line
+
+
 def test_missing_data_path_is_one_line(workspace, tmp_path):
     missing = tmp_path / "nowhere" / "corpus.jsonl"
     line = _one_line_error(

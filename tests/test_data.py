@@ -491,6 +491,25 @@ def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
         tokenizer.TokenizerConfig.from_cfg({"vocab": 10})
 
 
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_decode_gives_back_the_text_with_its_spaces_and_rare_characters(byte_fallback):
+    english, chinese = builtin_texts(C4_FILE), builtin_texts(POETRY_FILE)
+    tok = tokenizer.train_bpe(english[:60] + chinese[:400], vocab_size=700, byte_fallback=byte_fallback)
+    crafted = [
+        " x", "x ", "  two leading spaces", "two trailing spaces  ", " ", "   ", "",
+        " 关关雎鸠，在河之洲。 ", "\u3000全角空格\u3000", " 𠀀🦙 rare characters ", " 学而时习之 mixed English 文本 𪚥 ",
+        "\tA tab, a newline \n and  double  spaces", " In 2024, 31415 people paid $1999. ",
+    ]
+    unseen = [english[-1], chinese[-1], english[-2][:200]]  # documents left out of training
+    texts = crafted + [f" {t}  " for t in unseen] + [f"  {t}" for t in unseen]
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text), (text, [tok.id_to_token(i) for i in ids])
+    if byte_fallback:  # the rare ones are spelled in <0xXX> tokens, so the fallback path is exercised
+        ids = tok.encode(" 𠀀🦙 rare characters ").ids
+        assert sum(tok.id_to_token(i).startswith("<0x") for i in ids) == 8
+
+
 def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_one(tmp_path):
     english, chinese = builtin_texts(C4_FILE)[:80], builtin_texts(POETRY_FILE)
     base = tokenizer.train_bpe(english, vocab_size=400)
@@ -512,6 +531,42 @@ def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_on
         tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 300, "pretrained": str(base_file)}), [])
     with pytest.raises(UserError, match="cannot get tokenizer.json of nobody/nothing"):
         tokenizer.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["tokenizer-train.pretrained=org/tok", "tokenizer-train.byte_fallback=true"], ("byte_fallback", "pretrained")),
+        (["tokenizer-train.pretrained=org/tok", "tokenizer-train.split_digits=true"], ("split_digits", "pretrained")),
+        (["tokenizer-train.pretrained=org/tok", "tokenizer-train.min_frequency=3"], ("min_frequency", "pretrained")),
+        (["tokenizer-train.extend=org/tok", "tokenizer-train.whitespace_runs=8"], ("whitespace_runs", "extend")),
+        (["tokenizer-train.extend=org/tok", "tokenizer-train.split_digits=false"], ("split_digits", "extend")),
+        (["pretrain.init=org/model", "tokenizer-train.byte_fallback=false"], ("byte_fallback", "pretrain.init")),
+        (["sft.init=org/model", "tokenizer-train.whitespace_runs=4"], ("whitespace_runs", "sft.init")),
+    ],
+)
+def test_training_settings_beside_a_tokenizer_not_trained_here_are_rejected(overrides, named):
+    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+
+    setting, source = named
+    with pytest.raises(ConfigError) as err:
+        load_recipe("llama-small", overrides)
+    line = str(err.value)
+    assert "\n" not in line and "llama-small.yaml" in line
+    assert f"stages.tokenizer-train.{setting}: applies only to a tokenizer trained from scratch" in line
+    assert f"stages.{source}" in line or f"stages.tokenizer-train.{source}" in line
+    assert f"remove {setting}" in line
+
+
+def test_settings_a_taken_or_extended_tokenizer_uses_are_accepted():
+    from llm_lifecycle.workflows.recipe import load_recipe
+
+    extend = load_recipe("llama-small", ["tokenizer-train.extend=org/tok", "tokenizer-train.min_frequency=3"])
+    assert extend.stages["tokenizer-train"]["min_frequency"] == 3  # extending trains on the Chinese text
+    taken = load_recipe("llama-small", ["pretrain.init=org/model", "tokenizer-train.special_tokens=[<|tool|>]"])
+    assert taken.stages["tokenizer-train"]["pretrained"] == "org/model"
+    trained = load_recipe("llama-small", ["tokenizer-train.byte_fallback=true", "tokenizer-train.split_digits=false"])
+    assert trained.stages["tokenizer-train"]["byte_fallback"] is True
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,11 +592,12 @@ def test_tokenize_packs_documents_with_end_of_text(pipeline):
 
 
 def test_parallel_encoding_is_identical_for_any_worker_count(pipeline, tmp_path):
-    tok = Tokenizer.from_file(pipeline.result["tokenizer-train"].outputs["tokenizer"])
+    tok_path = pipeline.result["tokenizer-train"].outputs["tokenizer"]
+    tok = Tokenizer.from_file(tok_path)
     text_path = pipeline.result["data-clean"].outputs["heldout"]
     written = {}
     for workers in (1, 2):
-        parts = encode.encode_file(tok.to_str(), 0, text_path, workers=workers, part_bytes=4096)  # many parts
+        parts = encode.encode_file(tok_path, 0, text_path, workers=workers, part_bytes=4096)  # many parts
         written[workers] = shards.write_parts(tmp_path / str(workers), parts, vocab_size=tok.get_vocab_size(),
                                               shard_tokens=5000)
     assert written[1] == written[2] and written[1].shards > 2

@@ -356,6 +356,38 @@ def _check_across_stages(path: Path, stages: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(f"{path}: stages.extend-context.seq_len ({long}) must exceed pretrain.seq_len ({short})")
 
 
+# Settings that shape a tokenizer trained from scratch. A pretrained tokenizer is used as
+# it is, and extending one keeps its pre-tokenizer and model (so its old ids encode as
+# before), so giving them beside either would be silently ignored.
+_TRAINING_ONLY = {
+    "pretrained": ("split_digits", "whitespace_runs", "byte_fallback", "min_frequency"),
+    "extend": ("split_digits", "whitespace_runs", "byte_fallback"),
+}
+
+
+def _check_tokenizer_source(path: Path, stages: dict[str, dict[str, Any]], given: dict[str, Any]) -> None:
+    """One line for a tokenizer-training setting the recipe gives beside a tokenizer not trained here."""
+    tok = stages["tokenizer-train"]
+    if tok["extend"] is not None and tok["pretrained"] is not None:
+        return  # the stage rejects setting both
+    if tok["extend"] is not None:
+        mode, source, fix = "extend", "stages.tokenizer-train.extend", "remove {key} or extend"
+    elif given.get("pretrained") is not None:
+        mode, source, fix = "pretrained", "stages.tokenizer-train.pretrained", "remove {key} or pretrained"
+    elif tok["pretrained"] is not None:  # taken from the model the recipe starts from
+        init = "stages.pretrain.init" if stages["pretrain"]["init"] else "stages.sft.init"
+        mode, source, fix = "pretrained", init, "remove {key} (a model keeps the tokenizer it was trained with)"
+    else:
+        return
+    for key in _TRAINING_ONLY[mode]:
+        if key in given:
+            kept = "is extended, keeping its pre-tokenizer and model" if mode == "extend" else "is used as it is"
+            raise ConfigError(
+                f"{path}: stages.tokenizer-train.{key}: applies only to a tokenizer trained from scratch, "
+                f"but the tokenizer of {source} ({tok[mode]}) {kept}; {fix.format(key=key)}"
+            )
+
+
 def _resolve_model(recipe_file: Path, section: Any, vocab_size: int | None) -> tuple[str, dict]:
     """(preset name, ModelConfig fields): the preset with the recipe's overrides; the
     vocabulary is the tokenizer's (`vocab_size`), or the preset's when None."""
@@ -449,6 +481,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     _check_across_stages(path, stages)
     if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
         stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
+    _check_tokenizer_source(path, stages, stages_given.get("tokenizer-train") or {})
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
     if not 0 <= seed < 2**32:

@@ -85,10 +85,11 @@ def new_tokenizer(split_digits: bool = True, byte_fallback: bool = False) -> Tok
     digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
     if byte_fallback:
         tokenizer = Tokenizer(models.BPE(byte_fallback=True))
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"), *digits])
-        tokenizer.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
+        # No SentencePiece dummy prefix ("▁" before the first word), like the byte-level model's
+        # add_prefix_space=False: Metaspace adds it only when the text does not already start with
+        # a space, so the decoder could not tell whether to strip it and " x" decoded as "x".
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="never"), *digits])
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     else:
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -275,7 +276,8 @@ def _count_lines(path: Path) -> int:
 
 def tokenize(ctx: StageContext, cfg: dict) -> StageResult:
     """Stage tokenize: clean and held-out text as memory-mapped token shards."""
-    tokenizer = Tokenizer.from_file(str(ctx.upstream_output("tokenizer-train", "tokenizer")))
+    tokenizer_path = ctx.upstream_output("tokenizer-train", "tokenizer")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
         raise UserError(f"the tokenizer has no {EOT} token; train it with tokenizer-train")
@@ -297,7 +299,7 @@ def tokenize(ctx: StageContext, cfg: dict) -> StageResult:
             with ctx.progress.task(f"tokenize {split}", total=_count_lines(text_path)) as task:
                 stats = write_parts(
                     out_dir,
-                    encode_file(tokenizer.to_str(), eot_id, text_path, workers),
+                    encode_file(tokenizer_path, eot_id, text_path, workers),
                     vocab_size=tokenizer.get_vocab_size(),
                     shard_tokens=shard_tokens,
                     task=task,
