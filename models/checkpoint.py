@@ -6,10 +6,12 @@ then renamed into place, so a crash leaves either the old directory or the new o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_model, save_model
 
 from llm_lifecycle.models.atomic import atomic_dir
@@ -59,3 +61,18 @@ def load_model_dir(path: str | Path, device: str = "cpu"):
     tokenizer_file = path / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
     return model.eval(), tokenizer
+
+
+def grow_vocab(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int):
+    """(config, state dict) with the embedding (and head) grown to `vocab_size` rows, each
+    new row the mean of the existing ones: new tokens start as an average token."""
+    extra = vocab_size - cfg.vocab_size
+    for name in ("tok_embeddings.weight", "lm_head.weight"):
+        rows = state[name]
+        state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(extra, -1)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    if cfg.head_bias:
+        bias = state["lm_head.bias"]
+        state["lm_head.bias"] = torch.cat([bias, bias.mean().expand(extra)])
+    return dataclasses.replace(cfg, vocab_size=vocab_size), state

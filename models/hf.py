@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_lifecycle.models.atomic import atomic_dir
-from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, load_model_dir
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow_vocab, load_model_dir
 from llm_lifecycle.models.config import ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
@@ -616,7 +616,7 @@ def load_hf(hf_dir: str | Path, device: str = "cpu"):
         missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
         tokenizer.add_special_tokens(missing)
         if tokenizer.get_vocab_size() > cfg.vocab_size:
-            cfg, state = _grow_vocab(cfg, state, tokenizer.get_vocab_size())
+            cfg, state = grow_vocab(cfg, state, tokenizer.get_vocab_size())
     model = Decoder(cfg)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer
@@ -633,16 +633,3 @@ def _hf_tokenizer(hf_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False).backend_tokenizer
-
-
-def _grow_vocab(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int):
-    extra = vocab_size - cfg.vocab_size
-    for name in ("tok_embeddings.weight", "lm_head.weight"):
-        rows = state[name]
-        state[name] = torch.cat([rows, rows.mean(dim=0, keepdim=True).expand(extra, -1)])
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_embeddings.weight"]
-    if cfg.head_bias:
-        bias = state["lm_head.bias"]
-        state["lm_head.bias"] = torch.cat([bias, bias.mean().expand(extra)])
-    return dataclasses.replace(cfg, vocab_size=vocab_size), state

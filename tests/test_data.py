@@ -533,6 +533,42 @@ def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_on
         tokenizer.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
 
 
+def test_continued_pretraining_grows_the_init_model_to_its_extended_tokenizer():
+    """Chinese-LLaMA: pretrain.init's model takes the tokenizer extended from its own; old
+    tokens keep their rows (so their logits), new ones start as the mean row."""
+    from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.models.decoder import Decoder
+    from llm_lifecycle.workflows.pretrain import fit_to_tokenizer
+
+    english, chinese = builtin_texts(C4_FILE)[:60], builtin_texts(POETRY_FILE)[:300]
+    base = tokenizer.train_bpe(english, vocab_size=300)
+    extended = tokenizer.extend_vocabulary(base, chinese, vocab_size=500)
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64)).eval()
+    grown = fit_to_tokenizer(model, base, extended, "models:/base@pretrain").eval()
+    assert grown.cfg.vocab_size == 500 and grown.tok_embeddings.weight.shape == (500, 32)
+    old_ids = torch.tensor([base.encode(english[0]).ids[:24]])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(old_ids).logits[..., :300], model(old_ids).logits)
+        new_rows = grown.tok_embeddings.weight[300:]
+    torch.testing.assert_close(new_rows, model.tok_embeddings.weight.mean(0).expand(200, -1))
+    assert fit_to_tokenizer(model, base, base, "x") is model
+
+    reordered = tokenizer.train_bpe(chinese, vocab_size=300)  # a different tokenizer: ids would change meaning
+    with pytest.raises(UserError, match="is not the start of tokenizer-train's") as err:
+        fit_to_tokenizer(model, base, reordered, "models:/base@pretrain")
+    assert "tokenizer-train.extend: models:/base@pretrain" in str(err.value)
+
+
+def test_an_extended_tokenizer_goes_to_pretrain_init_not_to_sft_init():
+    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+
+    grow = load_recipe("llama-small", ["pretrain.init=org/model", "tokenizer-train.extend=org/model"])
+    assert grow.stages["tokenizer-train"]["pretrained"] is None  # not filled in from init: it is extended
+    with pytest.raises(ConfigError, match=r"stages.tokenizer-train.extend: SFT from stages.sft.init \(org/model\)"):
+        load_recipe("llama-small", ["sft.init=org/model", "tokenizer-train.extend=org/tok"])
+
+
 @pytest.mark.parametrize(
     "overrides, named",
     [

@@ -28,11 +28,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
         if glm:
             raise UserError("stages.pretrain.init continues causal pretraining; objective glm_blank_infilling starts from scratch")
         model, init_tokenizer = load_init_model(cfg["init"], "stages.pretrain.init")
-        if init_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise UserError(
-                f"stages.pretrain.init: {cfg['init']}'s tokenizer differs from tokenizer-train's; "
-                "leave tokenizer-train.pretrained unset so the recipe uses the init model's tokenizer"
-            )
+        model = fit_to_tokenizer(model, init_tokenizer, tokenizer, cfg["init"])
         model_cfg = model.cfg
         model_cfg.max_seq_len = max(model_cfg.max_seq_len, settings.seq_len)
     else:
@@ -60,3 +56,27 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     summary["heldout_ppl"] = heldout_perplexity(ctx, model, settings.seq_len, max_windows=16)
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
+
+
+def fit_to_tokenizer(model, init_tokenizer, tokenizer, init_ref: str):
+    """The init model, its embedding (and head) grown when tokenizer-train extended its
+    tokenizer (Chinese-LLaMA: new tokens appended, every old token keeping its id; the new
+    rows start as the mean row). Any other tokenizer would scramble what the model learned."""
+    from llm_lifecycle.models.checkpoint import grow_vocab
+    from llm_lifecycle.models.decoder import Decoder
+
+    old, new = init_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if old == new:
+        return model
+    if any(new.get(token) != i for token, i in old.items()):
+        raise UserError(
+            f"stages.pretrain.init: {init_ref}'s tokenizer is not the start of tokenizer-train's (its tokens "
+            f"would change ids); leave tokenizer-train.pretrained unset to use the model's own, or set "
+            f"tokenizer-train.extend: {init_ref} to add tokens to it"
+        )
+    if tokenizer.get_vocab_size() <= model.cfg.vocab_size:  # the embedding already has spare rows
+        return model
+    cfg, state = grow_vocab(model.cfg, model.state_dict(), tokenizer.get_vocab_size())
+    grown = Decoder(cfg)
+    grown.load_state_dict(state)
+    return grown

@@ -365,6 +365,17 @@ _TRAINING_ONLY = {
 }
 
 
+def _check_extend_with_init(path: Path, stages: dict[str, dict[str, Any]]) -> None:
+    """Extending a tokenizer serves continued pretraining (pretrain.init grows the model's
+    embedding to it, as Chinese-LLaMA did); SFT from its own init never reads it."""
+    if stages["tokenizer-train"]["extend"] is not None and stages["sft"]["init"] and not stages["pretrain"]["init"]:
+        raise ConfigError(
+            f"{path}: stages.tokenizer-train.extend: SFT from stages.sft.init ({stages['sft']['init']}) keeps that "
+            "model's tokenizer, so the extended one would go unused; remove extend, or continue pretraining "
+            "from the model (stages.pretrain.init) with it"
+        )
+
+
 def _check_tokenizer_source(path: Path, stages: dict[str, dict[str, Any]], given: dict[str, Any]) -> None:
     """One line for a tokenizer-training setting the recipe gives beside a tokenizer not trained here."""
     tok = stages["tokenizer-train"]
@@ -479,8 +490,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             raise ConfigError(f"{path}: stages.{stage}: unknown stage; stages are {', '.join(STAGE_ORDER)}")
     stages = {s: _merge_stage(path, s, stages_given.get(s)) for s in STAGE_ORDER}
     _check_across_stages(path, stages)
-    if stages["tokenizer-train"]["pretrained"] is None:  # a recipe that starts from a model uses its tokenizer
-        stages["tokenizer-train"]["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
+    _check_extend_with_init(path, stages)
+    tok = stages["tokenizer-train"]
+    if tok["pretrained"] is None and tok["extend"] is None:  # a recipe that starts from a model uses its tokenizer
+        tok["pretrained"] = stages["pretrain"]["init"] or stages["sft"]["init"]
     _check_tokenizer_source(path, stages, stages_given.get("tokenizer-train") or {})
     seed = data.get("seed", 0)
     _check_type(f"{path}: seed", seed, 0)
