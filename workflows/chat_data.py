@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_lifecycle.models.decoder import IGNORE_INDEX  # the target the model's loss skips
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -34,7 +36,6 @@ PreferencePair = tuple[Conversation, str, str]  # (prompt messages, chosen reply
 Encoded = tuple[list[int], list[int]]  # (token ids, loss mask: 1 where the model is trained)
 
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100  # target value that cross-entropy and sequence_logprobs skip
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 CONVERSATION_FORMATS = (
