@@ -95,25 +95,28 @@ def _workspace() -> Path:
 
 
 def _run_stages(recipe_name: str, overrides: list[str] | None, **plan_args) -> None:
-    from llm_lifecycle.cli.progress import RichProgress
+    from llm_lifecycle.cli.progress import console_progress
     from llm_lifecycle.workflows.pipeline import run_pipeline
     from llm_lifecycle.workflows.recipe import load_recipe
 
     recipe = load_recipe(recipe_name, overrides or [])
-    results = run_pipeline(recipe, _workspace(), RichProgress(console), **plan_args)
+    results = run_pipeline(recipe, _workspace(), console_progress(console), **plan_args)
     _print_results(recipe.name, results, plan_args.get("stages"))
 
 
 def _print_results(recipe_name: str, results: dict, stages) -> None:
-    table = Table(title=f"{recipe_name}: stage results")
-    table.add_column("stage")
-    table.add_column("key metrics")
-    for name, result in results.items():
-        if stages and name not in (stages if isinstance(stages, list) else stages.split(",")):
-            continue
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(result.metrics.items())[:6])
-        table.add_row(name, shown)
-    console.print(table)
+    """What each stage did: its held-out metric before -> after, each eval suite's score, notes
+    (plain lines, unwrapped, so a log file reads as well as a terminal)."""
+    from llm_lifecycle.workflows.summary import summary_lines
+
+    if stages:
+        chosen = stages if isinstance(stages, list) else stages.split(",")
+        results = {name: result for name, result in results.items() if name in chosen}
+    lines = summary_lines(results)
+    width = max((len(stage) for stage, _ in lines), default=0)
+    console.print(f"[bold]{recipe_name}: summary[/bold]")
+    for stage, text in lines:
+        console.print(f"  {stage:<{width}}  {escape(text)}", highlight=False, soft_wrap=True)
     from llm_lifecycle.registry.tracking import tracking_uri
 
     console.print(f"Tracking store: {tracking_uri()}  (browse with `llm ui`)")
@@ -127,6 +130,11 @@ def pipeline(
     force: Optional[List[str]] = typer.Option(None, help="Re-run this stage (and those after it) even if cached."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the cache state and memory estimate."),
     init: Optional[str] = InitOption,
+    data_dir: Optional[str] = typer.Option(
+        None, envvar="LLM_EVAL_DATA",
+        help="Benchmarks in their official layouts for the eval stage (eval.data_dir); suites it lacks come "
+        "from the shipped mirror or the hub.",
+    ),
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
@@ -134,7 +142,7 @@ def pipeline(
 ) -> None:
     """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused.
     With --init the pipeline starts from that model at SFT (its tokenizer replaces training one)."""
-    set_ = [*(set_ or []), *([f"sft.init={init}"] if init else [])]
+    set_ = [*(set_ or []), *([f"sft.init={init}"] if init else []), *([f"eval.data_dir={data_dir}"] if data_dir else [])]
     if dry_run:
         _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
         return
@@ -309,10 +317,12 @@ def eval_(
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
     if limit is not None and limit < 1:
         raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
+    from llm_lifecycle.cli.progress import console_progress
     from llm_lifecycle.workflows.evaluate import evaluate_model
 
     outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
-                             batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template)
+                             batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template,
+                             progress=console_progress(console))
     metrics = sorted({k for row in outcome.rows for k in row} - {"task", "group", "n"})
     table = Table(title=f"eval of {model} ({backend} backend)")
     table.add_column("task")
@@ -458,10 +468,10 @@ def sweep(
     set_: Optional[List[str]] = SetOption,
 ) -> None:
     """Run RECIPE for every combination of --vary at equal token budget, then compare them."""
-    from llm_lifecycle.cli.progress import RichProgress
+    from llm_lifecycle.cli.progress import console_progress
     from llm_lifecycle.workflows.sweep import run_sweep
 
-    result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console))
+    result = run_sweep(recipe, vary, set_ or [], _workspace(), console_progress(console))
     console.print(f"sweep run {result.run_id}: {len(result.pipeline_run_ids)} pipelines; "
                   f"report {result.report_dir / 'compare.html'}; compare again with `llm compare {result.run_id}`")
 

@@ -14,12 +14,12 @@ import logging
 import math
 import tempfile
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from lm_eval.api.model import LM
-from tqdm import tqdm
 
 from llm_lifecycle.evals.local_data import (
     BENCHMARKS,
@@ -43,6 +43,34 @@ __all__ = [
 # Suite name (as on the command line) -> lm-eval task or group names.
 SUITES = {"mmlu": ["mmlu"], "gsm8k": ["gsm8k"], "ceval": ["ceval-valid"], "cmmlu": ["cmmlu"]}
 DEFAULT_FEWSHOT = {"mmlu": 5, "gsm8k": 5, "ceval": 5, "cmmlu": 5}
+
+
+@dataclass(frozen=True)
+class SuiteScore:
+    """One aggregate score lm-eval reports for a whole suite, as `flat_metrics` names it."""
+
+    task: str  # the lm-eval group or task that carries the aggregate
+    metric: str
+    filter: str  # lm-eval's filter ("none", "strict-match", ...)
+    label: str  # what a summary calls it
+
+    @property
+    def key(self) -> str:
+        return f"eval.{self.task}.{_flat_name(self.metric, self.filter)}"
+
+    @property
+    def stderr_key(self) -> str:
+        return f"eval.{self.task}.{_flat_name(self.metric + '_stderr', self.filter)}"
+
+
+# Per suite, its aggregate scores; the first is the suite's one headline score.
+SUITE_SCORES = {
+    "mmlu": [SuiteScore("mmlu", "acc", "none", "acc")],
+    "gsm8k": [SuiteScore("gsm8k", "exact_match", "strict-match", "exact match (strict)"),
+              SuiteScore("gsm8k", "exact_match", "flexible-extract", "exact match (flexible)")],
+    "ceval": [SuiteScore("ceval-valid", "acc", "none", "acc")],
+    "cmmlu": [SuiteScore("cmmlu", "acc", "none", "acc")],
+}
 # Where lm-eval keeps each suite's YAML; indexing only these takes 0.1 s instead of ~15 s for all tasks.
 _TASK_DIRS = {"mmlu": "mmlu/default", "gsm8k": "gsm8k", "ceval": "ceval", "cmmlu": "cmmlu"}
 _EOT = "<|endoftext|>"
@@ -50,7 +78,11 @@ log = logging.getLogger(__name__)
 
 
 class LifecycleLM(LM):
-    """One of our decoders (`model(ids).logits` -> [B, T, V]) with a `tokenizers.Tokenizer`."""
+    """One of our decoders (`model(ids).logits` -> [B, T, V]) with a `tokenizers.Tokenizer`.
+
+    `progress`: the caller's progress display (the stage contract's `Progress`: `task(description,
+    total)` yielding something with `advance(n)`); None shows nothing.
+    """
 
     def __init__(
         self,
@@ -60,8 +92,10 @@ class LifecycleLM(LM):
         max_length: int | None = None,
         device: str = "cpu",
         max_gen_toks: int = 256,
+        progress=None,
     ):
         super().__init__()
+        self.progress = progress
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self._device = torch.device(device)
@@ -179,20 +213,27 @@ class LifecycleLM(LM):
 
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in tqdm(range(0, len(order), self.batch_size), desc="generate", disable=disable_tqdm):
-                batch = order[start : start + self.batch_size]
-                new_tokens = generate(
-                    self.model,
-                    [prompts[i] for i in batch],
-                    max_new_tokens=max_new,
-                    temperature=temperature,
-                    top_p=top_p,
-                    stop_ids=tuple(stop_ids),
-                )
-                for i, ids in zip(batch, new_tokens):
-                    outputs[i] = _cut_at_stop(self.tok_decode(ids), until)
-                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+            with self._task("generate", len(order), disable_tqdm) as bar:
+                for start in range(0, len(order), self.batch_size):
+                    batch = order[start : start + self.batch_size]
+                    new_tokens = generate(
+                        self.model,
+                        [prompts[i] for i in batch],
+                        max_new_tokens=max_new,
+                        temperature=temperature,
+                        top_p=top_p,
+                        stop_ids=tuple(stop_ids),
+                    )
+                    for i, ids in zip(batch, new_tokens):
+                        outputs[i] = _cut_at_stop(self.tok_decode(ids), until)
+                        self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                    bar.advance(len(batch))
         return outputs
+
+    def _task(self, description: str, total: int, disable: bool):
+        if self.progress is None or disable:
+            return nullcontext(_NO_BAR)
+        return self.progress.task(description, total=total)
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -212,7 +253,7 @@ class LifecycleLM(LM):
         single = [row for context, rows in groups if not (len(rows) > 1 and len(context) >= 2) for row in rows]
         single.sort(key=lambda r: -len(r[0]))  # longest first: batch widths shrink, an OOM shows at once
         shared.sort(key=lambda g: -len(g[0]))
-        with tqdm(total=len(single) + sum(len(rows) for _, rows in shared), desc="score", disable=disable_tqdm) as bar:
+        with self._task("score", len(single) + sum(len(rows) for _, rows in shared), disable_tqdm) as bar:
             for start in range(0, len(single), self.batch_size):
                 batch = single[start : start + self.batch_size]
                 logits = self.model(_right_padded([inp for inp, _ in batch], self.eot_token_id, self._device)).logits
@@ -220,10 +261,10 @@ class LifecycleLM(LM):
                     for i in readers:
                         tokens, n = sequences[i]
                         results[i] = _read(logits[row, len(tokens) - 1 - n : len(tokens) - 1], tokens[-n:])
-                bar.update(len(batch))
+                bar.advance(len(batch))
             for batch in _fill_batches(shared, self.batch_size):
                 self._score_shared(batch, sequences, results)
-                bar.update(sum(len(rows) for _, rows in batch))
+                bar.advance(sum(len(rows) for _, rows in batch))
         return results
 
     def _score_shared(self, groups, sequences, results) -> None:
@@ -257,6 +298,14 @@ class LifecycleLM(LM):
             for i in readers:
                 tokens, n = sequences[i]
                 results[i] = _read(logits[row, :n], tokens[-n:])
+
+
+class _NoBar:
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+_NO_BAR = _NoBar()
 
 
 def _right_padded(inputs: list[list[int]], pad_id: int, device) -> torch.Tensor:
@@ -418,9 +467,12 @@ def flat_metrics(results: dict) -> dict[str, float]:
             if not math.isfinite(value):
                 continue
             metric, filter_name = key.split(",", 1)
-            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
-            flat[f"eval.{task}.{name}"] = float(value)
+            flat[f"eval.{task}.{_flat_name(metric, filter_name)}"] = float(value)
     return flat
+
+
+def _flat_name(metric: str, filter_name: str) -> str:
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
 
 
 def score_rows(report: EvalReport) -> list[dict]:

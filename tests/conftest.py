@@ -22,7 +22,7 @@ TINY_OVERRIDES = [
     "pretrain.checkpoint_every=3", "pretrain.log_every=1",
     "extend-context.steps=2", "extend-context.seq_len=128", "extend-context.batch_size=2",
     "extend-context.eval_windows=2", "extend-context.warmup_steps=1",
-    "sft.steps=2", "sft.batch_size=2", "sft.seq_len=96", "sft.max_examples=40", "sft.warmup_steps=1",
+    "sft.steps=2", "sft.batch_size=2", "sft.seq_len=96", "sft.max_examples=40", "sft.heldout_chats=4", "sft.warmup_steps=1",
     "rl.steps=2", "rl.batch_size=2", "rl.seq_len=96", "rl.max_pairs=40", "rl.heldout_pairs=4", "rl.warmup_steps=1",
     "eval.suites=[gsm8k]", "eval.limit=2", "eval.max_gen_toks=8",
     "quantize.eval_windows=2",

@@ -75,7 +75,7 @@ class RecordingTask:
     def advance(self, n=1):
         self.done += n
 
-    def update(self, *, total=None, description=None):
+    def update(self, *, total=None, description=None, info=None):
         pass
 
 

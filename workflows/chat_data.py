@@ -375,6 +375,25 @@ class SFTBatches:
             step += 1
 
 
+@torch.no_grad()
+def assistant_loss(model, examples: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
+    """Mean next-token cross-entropy over the trained (assistant) tokens of `examples`: SFT's
+    held-out metric, weighted by token as training is."""
+    examples = [e for e in examples if _trainable(e)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        rows = examples[start : start + batch_size]
+        inputs, targets = _pad_rows(rows, max(len(ids) for ids, _ in rows) - 1, pad_id)
+        n = int((targets != IGNORE_INDEX).sum())
+        total += float(model(inputs.to(device), targets=targets.to(device)).loss) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
 def pack(examples: Sequence[Encoded], seq_len: int) -> list[list[int]]:
     """Example indices per row of at most `seq_len + 1` tokens, first fit in the given order
     (an example longer than that is cut to fit a row of its own)."""

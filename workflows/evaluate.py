@@ -5,6 +5,7 @@ per-subject table per suite as artifacts; the run and the model version it score
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +39,14 @@ def check_suites(suites: list[str], backend: str) -> None:
         raise UserError(f"suites {', '.join(OWN_SUITES)} run on our own model; use --backend ours for them")
 
 
-def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int, max_gen_toks: int, work_dir: Path):
-    """The lm-eval LM for `backend`: our adapter, or lm-eval's hf/vllm backend on an exported folder."""
+def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int, max_gen_toks: int, work_dir: Path,
+            progress=None):
+    """The lm-eval LM for `backend`: our adapter (showing its progress on `progress`), or
+    lm-eval's hf/vllm backend on an exported folder."""
     if backend == "ours":
         from llm_lifecycle.evals.harness import LifecycleLM
 
-        return LifecycleLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
+        return LifecycleLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, progress=progress)
     import torch
 
     if backend == "vllm" and not torch.cuda.is_available():
@@ -66,14 +69,15 @@ def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int,
     return VLLM(pretrained=str(hf_dir), batch_size=batch_size)
 
 
-def run_suites(lm, model, tokenizer, tracker, suites, *, data_dir, limit, num_fewshot, seed=0,
+def run_suites(lm, model, tokenizer, tracker, data_dirs: dict[str, str | None], *, limit, num_fewshot, seed=0,
                apply_chat_template=False, batch_size=8) -> EvalOutcome:
-    """Every suite, logged to `tracker`; data_dir "hub" (or None) lets lm-eval read the hub."""
+    """Every suite of `data_dirs` (suite -> where its data is), logged to `tracker`; "hub" (or
+    None) lets lm-eval read the hub."""
     from llm_lifecycle.evals.harness import EvalError, evaluate_suite, score_rows
     from llm_lifecycle.evals.long_context import long_suite, perplexity_suite
 
     outcome = EvalOutcome(metrics={})
-    for suite in suites:
+    for suite, data_dir in data_dirs.items():
         try:
             if suite == "ppl":
                 metrics = perplexity_suite(model, tokenizer, data_dir, seq_len=model.cfg.max_seq_len, max_windows=limit)
@@ -121,14 +125,63 @@ def headline(metrics: dict[str, float], suites: list[str]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.split(".")[1] in tasks and "_stderr" not in k}
 
 
+def suite_data_dir(suite: str, data_dir: str) -> str | None:
+    """Where the pipeline's eval reads `suite`: `data_dir` when it holds the suite, else the
+    shipped mirror when it does, else the hub when it answers; None when no data can be had
+    (the suite is then not run, and the stage says so)."""
+    from llm_lifecycle.evals.local_data import BUILTIN_DATA_DIR, resolve_data_dir
+
+    if suite in OWN_SUITES:
+        return data_dir
+    if data_dir not in ("builtin", "hub"):
+        folder = resolve_data_dir(data_dir)
+        if not folder.is_dir():
+            raise UserError(f"stages.eval.data_dir: {folder} does not exist; give a folder holding the benchmarks "
+                            "in their official layouts, 'builtin' (the shipped mirror) or 'hub'")
+        if (folder / suite).is_dir():
+            return data_dir
+    if data_dir != "hub" and (BUILTIN_DATA_DIR / suite).is_dir():
+        return "builtin"
+    return "hub" if hub_has(suite) else None
+
+
+@functools.cache
+def hub_has(suite: str) -> bool:
+    """Whether the Hugging Face hub answers for the suite's dataset (False offline, at once)."""
+    from huggingface_hub import HfApi, is_offline_mode
+
+    from llm_lifecycle.evals.local_data import BENCHMARKS
+
+    if is_offline_mode():
+        return False
+    try:
+        HfApi().dataset_info(BENCHMARKS[suite].hub_dataset, timeout=10)
+    except Exception:  # no network, DNS, proxy, an HTTP error: all mean "not from the hub, now"
+        return False
+    return True
+
+
+def not_run_note(suite: str) -> str:
+    from llm_lifecycle.evals.local_data import BENCHMARKS
+
+    bench = BENCHMARKS[suite]
+    return (f"not run (no data); how to get it: put {bench.layout} under a folder DIR and run with "
+            f"--data-dir DIR (or --set eval.data_dir=DIR), or run online so lm-eval reads {bench.hub_dataset} "
+            "from the Hugging Face hub")
+
+
 def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.registry import tracking
     from llm_lifecycle.workflows.model_stage import heldout_perplexity, load_upstream_model
 
     model, tokenizer, model_dir = load_upstream_model(ctx, "rl")
     lm = make_lm("ours", model_dir, model, tokenizer, batch_size=cfg["batch_size"], max_gen_toks=cfg["max_gen_toks"],
-                 work_dir=ctx.stage_dir)
-    outcome = run_suites(lm, model, tokenizer, ctx.tracker, cfg["suites"], data_dir=cfg["data_dir"],
+                 work_dir=ctx.stage_dir, progress=ctx.progress)
+    data_dirs = {suite: suite_data_dir(suite, cfg["data_dir"]) for suite in cfg["suites"]}
+    notes = {suite: not_run_note(suite) for suite, where in data_dirs.items() if where is None}
+    if notes:
+        ctx.tracker.set_tags({f"eval.{suite}.status": note for suite, note in notes.items()})
+    outcome = run_suites(lm, model, tokenizer, ctx.tracker, {s: d for s, d in data_dirs.items() if d is not None},
                          limit=cfg["limit"], num_fewshot=cfg["num_fewshot"], seed=ctx.seed, batch_size=cfg["batch_size"])
     metrics = outcome.metrics
     metrics["eval.heldout.ppl"] = heldout_perplexity(ctx, model, ctx.recipe.stages["pretrain"]["seq_len"], 16)
@@ -136,11 +189,12 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     version = tracking.version_with_fingerprint(ctx.recipe.name, Path(model_dir).parent.name)
     if version and isinstance(ctx.tracker, tracking.MlflowTracker):
         tracking.link_eval_run(ctx.tracker, ctx.recipe.name, version, headline(metrics, cfg["suites"]))
-    return StageResult(metrics=metrics)
+    return StageResult(metrics=metrics, notes=notes)
 
 
 def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot, batch_size, max_gen_toks=256,
-                   backend: str = "ours", seed: int = 0, apply_chat_template: bool = False) -> EvalOutcome:
+                   backend: str = "ours", seed: int = 0, apply_chat_template: bool = False,
+                   progress=None) -> EvalOutcome:
     """`llm eval --model REF`: a standalone, tracked evaluation of any model reference."""
     import tempfile
 
@@ -156,13 +210,13 @@ def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot,
     tracking.configure()
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as work_dir:
         lm = make_lm(backend, model_dir, model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks,
-                     work_dir=Path(work_dir))
+                     work_dir=Path(work_dir), progress=progress)
         with tracking.start_run(experiment, "eval", {"llm.stage": "eval", "llm.model_ref": ref,
                                                      "llm.eval_backend": backend}) as tracker:
             tracker.log_params({"model": ref, "suites": suites, "data_dir": data_dir, "limit": limit,
                                 "num_fewshot": num_fewshot, "batch_size": batch_size, "backend": backend,
                                 "seed": seed, "apply_chat_template": apply_chat_template})
-            outcome = run_suites(lm, model, tokenizer, tracker, suites, data_dir=data_dir, limit=limit,
+            outcome = run_suites(lm, model, tokenizer, tracker, dict.fromkeys(suites, data_dir), limit=limit,
                                  num_fewshot=num_fewshot, seed=seed, apply_chat_template=apply_chat_template,
                                  batch_size=batch_size)
             if version:

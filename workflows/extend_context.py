@@ -55,7 +55,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
         flops_per_token=long_cfg.flops_per_token(long_len),
         description="extend-context",
     )
-    metrics.update(summary)
+    metrics.update(summary, seq_len=long_len)  # the length whose perplexity the stage is meant to lower
     metrics.update(_long_context_metrics(ctx, model, tokenizer, lengths, long_len, windows, cfg["passkey_trials"], "after"))
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=metrics, model_dir=str(model_dir))

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 from llm_lifecycle import __version__
 from llm_lifecycle.registry.hardware import is_main_process
 from llm_lifecycle.workflows.distributed import barrier
+from llm_lifecycle.workflows.library_output import library_output_to
 from llm_lifecycle.workflows.recipe import STAGE_ORDER, Recipe
 from llm_lifecycle.workflows.stage import (
     Progress,
@@ -31,6 +32,7 @@ from llm_lifecycle.workflows.stage import (
     UserError,
     write_json_atomic,
 )
+from llm_lifecycle.workflows.summary import log_headline
 
 
 @dataclass(frozen=True)
@@ -220,12 +222,13 @@ def run_pipeline(
                 continue
             if not p.selected:
                 continue
-            with _stage_lock(recipe, p):
+            with _stage_lock(recipe, p), library_output_to(p.directory, progress):
                 results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags,
                                              registered_name)
             barrier()  # the next stage on any rank reads what this one wrote
         for name, result in results.items():
             parent.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+        log_headline(parent, results)
         # The run's description in the MLflow UI: what each stage did, at a glance.
         parent.set_tags({"mlflow.note.content": stage_summary(planned, results)})
     return results

@@ -40,6 +40,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
             model_cfg.max_seq_len = max(model_cfg.max_seq_len, packed_length(settings.seq_len, cfg["glm_mask_ratio"], cfg["glm_mean_span"]))
         model = Decoder(model_cfg)
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
+    ppl_before = heldout_perplexity(ctx, model, settings.seq_len, max_windows=16)
 
     def batches(start: int):
         windows = scheduled_batches(shards, schedule, settings, seed=ctx.seed, start_micro_step=start)
@@ -53,6 +54,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
         flops_per_token=model_cfg.flops_per_token(settings.seq_len),
         description="pretrain",
     )
+    summary["heldout_ppl_before"] = ppl_before
     summary["heldout_ppl"] = heldout_perplexity(ctx, model, settings.seq_len, max_windows=16)
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))

@@ -111,6 +111,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_steps": 6,
         "data": ["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
         "max_examples": 2000,
+        "heldout_chats": 64,  # chats kept out of training: SFT's held-out loss on assistant tokens
         "system_prompt": "You are a helpful assistant.",
         "init": None,  # fine-tune this model (as pretrain.init) instead of extend-context's
         "packing": False,  # several chats per row, each attending only to itself
@@ -147,7 +148,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         **_ANSWER_EVAL,
     },
     "eval": {
-        "suites": ["mmlu", "gsm8k"],
+        "suites": ["mmlu", "gsm8k", "ceval"],  # a suite whose data cannot be had is not run, and said so
         "data_dir": "builtin",  # "builtin" = the small offline mirror shipped; "hub" = Hugging Face
         "limit": 20,
         "num_fewshot": None,
@@ -172,7 +173,7 @@ _FRACTION = (lambda v: 0 <= v <= 1, "a number from 0 to 1")
 _LIMITS: dict[str, tuple[Any, str]] = {
     **{k: _AT_LEAST_1 for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                                 "log_every", "minhash_num_perm", "min_frequency", "shard_tokens", "eval_windows",
-                                "max_examples", "max_pairs", "heldout_pairs", "limit", "max_gen_toks", "calib_windows")},
+                                "max_examples", "max_pairs", "heldout_pairs", "heldout_chats", "limit", "max_gen_toks", "calib_windows")},
     "seq_len": (lambda v: v >= 2, "an integer >= 2 (an input and its next-token target)"),
     "vocab_size": (lambda v: v >= 260, "an integer >= 260 (256 byte tokens plus the special tokens)"),
     **{k: _POSITIVE for k in ("lr", "eps", "grad_clip", "rope_theta", "beta")},

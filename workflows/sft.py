@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from llm_lifecycle.workflows.model_stage import builtin_or_path, load_init_model, load_upstream_model, save_stage_model
 from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError
 from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
@@ -22,18 +24,28 @@ def load_examples(ctx: StageContext, cfg: dict, tokenizer) -> list:
     return [e for e in examples if any(e[1])]  # drop chats whose answer was cut away entirely
 
 
+def split_heldout(examples: list, n: int, seed: int) -> tuple[list, list]:
+    """(n held-out chats, the rest to train on), drawn at random so both hold every source."""
+    if len(examples) <= n:
+        raise UserError(f"stages.sft: {len(examples)} usable chats cannot fill heldout_chats={n} and leave some "
+                        "to train on; add data or lower heldout_chats")
+    order = random.Random(seed).sample(range(len(examples)), len(examples))
+    return [examples[i] for i in order[:n]], [examples[i] for i in order[n:]]
+
+
 def run(ctx: StageContext, cfg: dict) -> StageResult:
     from llm_lifecycle.models.lora import apply_lora, merge_lora
-    from llm_lifecycle.workflows.chat_data import PackedSFTBatches, SFTBatches
+    from llm_lifecycle.workflows.chat_data import PackedSFTBatches, SFTBatches, assistant_loss
 
     settings = TrainSettings.from_cfg(cfg)
     if cfg["init"]:
         model, tokenizer = load_init_model(cfg["init"], "stages.sft.init")
     else:
         model, tokenizer, _ = load_upstream_model(ctx, "extend-context")
-    examples = load_examples(ctx, cfg, tokenizer)
+    heldout, examples = split_heldout(load_examples(ctx, cfg, tokenizer), cfg["heldout_chats"], ctx.seed)
     before = heldout_answer_accuracy(ctx, cfg, model, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
+    loss_before = assistant_loss(model, heldout, settings.batch_size, pad)
     if cfg["packing"]:
         data = PackedSFTBatches(examples, settings.batch_size, settings.seq_len, seed=ctx.seed, pad_id=pad)
     else:
@@ -52,6 +64,7 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
         merge_lora(model)
         summary["lora_trainable_params"] = float(sum(p.numel() for _, p in trainable))
     summary["examples"] = float(len(examples))
+    summary.update(heldout_loss_before=loss_before, heldout_loss=assistant_loss(model, heldout, settings.batch_size, pad))
     if before:
         after = heldout_answer_accuracy(ctx, cfg, model.cpu(), tokenizer)
         summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],

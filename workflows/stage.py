@@ -38,6 +38,8 @@ class StageResult:
     model_dir: str | None = None
     model_alias: str | None = None
     aliases: list[str] = field(default_factory=list)  # more aliases for the same version (rl: "rl")
+    # What the user must read, by topic: {"ceval": "not run (no data); ..."}; shown in the summary.
+    notes: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +65,9 @@ class Tracker(Protocol):
 
 class ProgressTask(Protocol):
     def advance(self, n: float = 1) -> None: ...
-    def update(self, *, total: float | None = None, description: str | None = None) -> None: ...
+    def update(self, *, total: float | None = None, description: str | None = None, info: str | None = None) -> None:
+        """`info`: the latest figures shown beside the count (e.g. "loss 5.12, 3,400 tokens/s")."""
+        ...
 
 
 class Progress(Protocol):
@@ -97,7 +101,7 @@ class _SilentTask:
     def advance(self, n: float = 1) -> None:
         pass
 
-    def update(self, *, total: float | None = None, description: str | None = None) -> None:
+    def update(self, *, total: float | None = None, description: str | None = None, info: str | None = None) -> None:
         pass
 
 

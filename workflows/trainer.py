@@ -329,7 +329,7 @@ def train(
                 if peak:
                     metrics["mfu"] = tps * flops_per_token / (peak * world)
                 ctx.tracker.log_metrics(metrics, step=step)
-                bar.update(description=f"{description} loss {loss_sum:.3f}")
+                bar.update(info=f"loss {loss_sum:.3f}, {tps:,.0f} tokens/s")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
                 save_checkpoint(ckpt_dir, step + 1, model, optimizer, scheduler, data_position,
                                 settings.keep_checkpoints)
