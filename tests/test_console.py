@@ -38,21 +38,21 @@ RESULTS = {
 
 def test_headline_metrics_name_each_stage_s_own_held_out_metric_under_one_prefix():
     assert headline_metrics(RESULTS) == {
-        "headline/pretrain.heldout_ppl": 210.0,
-        "headline/pretrain.tokens_per_s": 5300.0,
-        "headline/extend-context.long_ppl": 190.0,
-        "headline/sft.heldout_loss": 4.2,
-        "headline/rl.pref_accuracy": 0.61,
-        "headline/rl.reward_margin": 0.08,
-        "headline/rl.dpo_loss": 0.70,
-        "headline/eval.mmlu.acc": 0.25,
-        "headline/eval.gsm8k.exact_match": 0.0,
-        "headline/quantize.ppl_change_pct": 0.26,
-        "headline/quantize.size_mb": 8.1,
+        "_headline/pretrain.heldout_ppl": 210.0,
+        "_headline/pretrain.tokens_per_s": 5300.0,
+        "_headline/extend-context.long_ppl": 190.0,
+        "_headline/sft.heldout_loss": 4.2,
+        "_headline/rl.pref_accuracy": 0.61,
+        "_headline/rl.reward_margin": 0.08,
+        "_headline/rl.dpo_loss": 0.70,
+        "_headline/eval.mmlu.acc": 0.25,
+        "_headline/eval.gsm8k.exact_match": 0.0,
+        "_headline/quantize.ppl_change_pct": 0.26,
+        "_headline/quantize.size_mb": 8.1,
     }
     # A stage instance of another name is found by its kind (recipes as stage graphs).
     renamed = headline_metrics({"pretrain-long": RESULTS["pretrain"]}, kinds={"pretrain-long": "pretrain"})
-    assert renamed["headline/pretrain-long.heldout_ppl"] == 210.0
+    assert renamed["_headline/pretrain-long.heldout_ppl"] == 210.0
 
 
 def test_summary_has_one_line_per_suite_and_says_which_way_each_stage_moved():

@@ -84,10 +84,10 @@ def test_pipeline_run_carries_each_stage_s_headline_metric_and_says_what_did_not
     client = MlflowClient()
     exp = client.get_experiment_by_name(recipe.name).experiment_id
     parent = client.search_runs([exp], "tags.llm.stage = 'pipeline'")[0]
-    headline = {k for k in parent.data.metrics if k.startswith("headline/")}
-    assert {"headline/pretrain.heldout_ppl", "headline/pretrain.tokens_per_s", "headline/extend-context.long_ppl",
-            "headline/sft.heldout_loss", "headline/rl.pref_accuracy", "headline/rl.reward_margin",
-            "headline/eval.gsm8k.exact_match", "headline/quantize.ppl_change_pct", "headline/quantize.size_mb"} <= headline
+    headline = {k for k in parent.data.metrics if k.startswith("_headline/")}
+    assert {"_headline/pretrain.heldout_ppl", "_headline/pretrain.tokens_per_s", "_headline/extend-context.long_ppl",
+            "_headline/sft.heldout_loss", "_headline/rl.pref_accuracy", "_headline/rl.reward_margin",
+            "_headline/eval.gsm8k.exact_match", "_headline/quantize.ppl_change_pct", "_headline/quantize.size_mb"} <= headline
     sft = results["sft"].metrics
     assert sft["heldout_loss"] < sft["heldout_loss_before"]  # even two steps teach the chat format
     note = results["eval"].notes["ceval"]

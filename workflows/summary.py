@@ -1,9 +1,10 @@
 """A pipeline's headline: each stage's own held-out metric before -> after, one score per eval
 suite, what quantization cost, how fast training ran.
 
-`headline_metrics` names them `headline/<stage>.<metric>`: MLflow's runs table sorts metric
-columns by name and its chart view groups charts by the part before the `/`, so two pipeline
-runs compare at a glance. `summary_lines` is what `llm pipeline` prints at the end.
+`headline_metrics` names them `_headline/<stage>.<metric>`: MLflow's chart view groups charts
+by the part before the `/`, and its runs table and compare view sort metrics by name, where
+the `_` puts these before every stage's own (`data-clean.*` ...), so two pipeline runs compare
+at a glance. `summary_lines` is what `llm pipeline` prints at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from llm_lifecycle.workflows.stage import StageResult
 
-PREFIX = "headline/"
+PREFIX = "_headline/"
 # A quantized model whose held-out perplexity rose less than this kept what it knew.
 QUANT_PPL_TOLERANCE_PCT = 5.0
 
