@@ -114,3 +114,13 @@ def official_layout(out: Path, gsm8k_test: int, gsm8k_train: int) -> Path:
                 writer.writeheader()
                 writer.writerows(chinese_questions(5, seed=2 * n + (split == "val")))
     return out
+
+
+class Exploit:
+    """Unpickling this runs `touch MARKER`: what a hostile pickle (a checkpoint, a model file) would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
