@@ -80,7 +80,7 @@ def suite_lines(metrics: dict[str, float]) -> list[tuple[str, str]]:
 
 
 def headline_metrics(results: dict[str, StageResult], kinds: dict[str, str] | None = None) -> dict[str, float]:
-    """`headline/...` metrics for the pipeline run. `kinds` maps a stage instance to its kind
+    """`_headline/...` metrics for the pipeline run. `kinds` maps a stage instance to its kind
     where the two differ (an instance is named after its kind by default)."""
     from llm_lifecycle.evals.harness import SUITE_SCORES
 
