@@ -14,9 +14,10 @@ from typing import Any
 FAMILIES = (
     "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v2", "deepseek_v3", "gemma", "phi", "glm",
 )
-# Families with no transformers layout (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our
-# own format (Baichuan 2 with RoPE exports as Llama, see models/hf.py).
-FAMILIES += ("qwen", "baichuan", "chatglm")
+# Families with no transformers layout here (Qwen 1, Baichuan, ChatGLM-6B's 2D positions,
+# InternLM2's remote code) or none mapped yet (Qwen2-MoE, Phi-3): our own format (Baichuan
+# with RoPE exports as Llama, see models/hf.py).
+FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
@@ -69,6 +70,7 @@ class ModelConfig:
     n_experts_per_token: int = 2
     moe_ffn_dim: int = 256
     n_shared_experts: int = 0  # DeepSeekMoE: experts every token uses, besides its routed top-k
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output times sigmoid(w . x), per token
     n_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek's first_k_dense_replace)
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.01
@@ -82,6 +84,10 @@ class ModelConfig:
     # group's two best scores); the chosen weights times routed_scale.
     router_score: str = "softmax"  # softmax | sigmoid
     router_bias: bool = False
+    # DeepSeek-V3's auxiliary-loss-free balancing speed (gamma, 0.001 in the report): after
+    # each optimizer step every expert's bias moves by gamma towards balance, up when the
+    # expert got fewer than the mean assignments that step, down when more. 0: bias frozen.
+    router_bias_update: float = 0.0
     n_expert_groups: int = 1
     topk_groups: int = 1
     routed_scale: float = 1.0
@@ -196,6 +202,8 @@ class ModelConfig:
             raise ValueError(f"n_experts must be >= 0 (0 = dense), got {self.n_experts}")
         if self.n_shared_experts < 0 or (self.n_shared_experts and not self.is_moe):
             raise ValueError(f"n_shared_experts ({self.n_shared_experts}) must be >= 0, and needs n_experts > 0")
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ValueError("shared_expert_gate scales the shared experts' output; it needs n_shared_experts > 0")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be between 0 and n_layers ({self.n_layers})")
         if self.is_moe:
@@ -248,6 +256,8 @@ class ModelConfig:
             )
         if not self.routed_scale > 0:
             raise ValueError(f"routed_scale must be positive, got {self.routed_scale}")
+        if self.router_bias_update < 0 or (self.router_bias_update and not self.router_bias):
+            raise ValueError(f"router_bias_update ({self.router_bias_update}) must be >= 0, and needs router_bias: true")
 
     def _validate_windows(self) -> None:
         window = self.sliding_window
@@ -330,6 +340,7 @@ class ModelConfig:
         if self.is_moe_layer(layer):
             router = self.dim * self.n_experts
             mlp = router + self._mlp_params(self.moe_ffn_dim) * (experts_counted + self.n_shared_experts)
+            mlp += self.dim if self.shared_expert_gate else 0
         else:
             mlp = self._mlp_params(self.ffn_dim)
         return norms + self._attention_params() + mlp

@@ -418,6 +418,7 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim))
         self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
@@ -434,7 +435,10 @@ class MoE(nn.Module):
         weighted = expert_out * top_probs.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted)
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:  # Qwen2-MoE: each token decides how much shared expert it takes
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         stats = RouterStats(probs.mean(dim=0), counts, torch.logsumexp(logits, dim=-1).pow(2).mean())
         return out.view(shape), stats
 
@@ -667,7 +671,7 @@ class Decoder(nn.Module):
         # Training-engine switch: recompute each block's activations in the backward pass
         # instead of keeping them (less memory, about one more forward of compute).
         self.activation_checkpointing = False
-        self._batch_counts: torch.Tensor | None = None  # global-batch expert counts so far
+        self._step_counts: torch.Tensor | None = None  # [moe layers, E] assignments this optimizer step so far
         self.reset_parameters()
 
     @torch.no_grad()
@@ -764,8 +768,20 @@ class Decoder(nn.Module):
 
     def begin_global_batch(self) -> None:
         """Forget the expert counts of the last optimizer step (the trainer calls this before
-        each step's first micro-batch) for the global-batch balance loss."""
-        self._batch_counts = None
+        each step's first micro-batch) for the global-batch balance loss and the bias update."""
+        self._step_counts = None
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing (the trainer calls this after each
+        optimizer step): every MoE layer's score_bias moves by router_bias_update towards
+        balance, up for an expert that got fewer than the mean assignments over the step
+        (all micro-batches and data-parallel ranks), down for one that got more."""
+        if not self.cfg.router_bias_update or self._step_counts is None:
+            return
+        moe_layers = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        for moe, load in zip(moe_layers, self._step_counts):
+            moe.score_bias += self.cfg.router_bias_update * torch.sign(load.mean() - load)
 
     def _router_loss(self, routers: list[RouterStats]) -> torch.Tensor:
         """coef * balance + z_coef * z-loss, summed over MoE layers.
@@ -777,16 +793,20 @@ class Decoder(nn.Module):
         not pushed to balance on its own.
         """
         counts = torch.stack([r.counts for r in routers]).float()  # [layers, E]
-        if self.cfg.moe_balance == "global_batch" and self.training:
-            counts = self._global_batch_counts(counts)
+        global_batch = self.cfg.moe_balance == "global_batch"
+        if self.training and (global_batch or self.cfg.router_bias_update):
+            step_counts = self._count_step(counts)
+            counts = step_counts if global_batch else counts
         share = counts / counts.sum(dim=-1, keepdim=True)
         balance = self.cfg.n_experts * (share * torch.stack([r.mean_prob for r in routers])).sum()
         z_loss = torch.stack([r.z_loss for r in routers]).sum()
         return self.cfg.router_aux_loss_coef * balance + self.cfg.router_z_loss_coef * z_loss
 
     @torch.no_grad()
-    def _global_batch_counts(self, counts: torch.Tensor) -> torch.Tensor:
+    def _count_step(self, counts: torch.Tensor) -> torch.Tensor:
+        """The expert counts of the optimizer step so far, over every data-parallel rank."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
             torch.distributed.all_reduce(counts)
-        self._batch_counts = counts if self._batch_counts is None else self._batch_counts + counts
-        return self._batch_counts
+        self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+        return self._step_counts
