@@ -14,9 +14,10 @@ from typing import Any
 FAMILIES = (
     "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v2", "deepseek_v3", "gemma", "phi", "glm",
 )
-# Families with no transformers layout here (Qwen 1, Baichuan, ChatGLM-6B's 2D positions,
-# InternLM2's remote code) or none mapped yet (Qwen2-MoE, Phi-3): our own format (Baichuan
-# with RoPE exports as Llama, see models/hf.py).
+# Families whose checkpoints ship as remote code (Qwen 1, Baichuan 2, ChatGLM, InternLM2):
+# imported by our own mapping (models/hf_remote.py); exported through the transformers
+# layout that computes the same where the model uses nothing else (models/hf.py: EXPORTS_AS),
+# to GGUF (models/gguf.py), or in our own format.
 FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")

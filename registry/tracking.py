@@ -103,10 +103,22 @@ def ensure_experiment(name: str, ws: Path | None = None) -> str:
 # reach the tracking store: every param, tag and text artifact we log goes through these.
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ that other threads changing it cannot break. Copying walks the
+    keys and then looks each one up, and MLflow's telemetry thread sets and removes
+    _MLFLOW_TELEMETRY_SESSION_ID meanwhile: a key gone between the two is a KeyError, a key
+    added during the walk a RuntimeError. Both are transient, so copy again."""
+    while True:
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+
+
 def _secret_env_values() -> list[str]:
     """Values of environment variables named like credentials (HF_TOKEN, MLFLOW_TRACKING_PASSWORD...)."""
     return sorted(
-        (v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6),
+        (v for k, v in environ_snapshot().items() if SECRET_NAME.search(k) and len(v) >= 6),
         key=len, reverse=True,
     )
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from llm_lifecycle.workflows.stage import UserError
@@ -37,8 +36,8 @@ def check_registered(model: str) -> None:
 
 def serve_command(model: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of the MLflow model server for `model`."""
-    from llm_lifecycle.registry.tracking import tracking_uri
+    from llm_lifecycle.registry.tracking import environ_snapshot, tracking_uri
 
     argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
             "--host", host, "--port", str(port)]
-    return argv, {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    return argv, {**environ_snapshot(), "MLFLOW_TRACKING_URI": tracking_uri()}
