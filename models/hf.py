@@ -233,6 +233,17 @@ HF_FAMILIES: dict[str, Family] = {
         names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
         moe=True, rope_interleaved=True,
     ),
+    # GLM-4-0414: Glm plus a norm on each branch's output ("sandwich" norms)
+    "glm4": Family(
+        "Glm4ForCausalLM",
+        config={"attention_bias": "qkv_bias", "partial_rotary_factor": "rotary_pct"},
+        implied={"post_norms": True},
+        constants=SILU,
+        defaults={"partial_rotary_factor": 0.5, "attention_bias": True},
+        names={"attn_post_norm.weight": "post_self_attn_layernorm.weight", "ffn_post_norm.weight": "post_mlp_layernorm.weight"},
+        fused={"mlp.gate_up_proj.weight": ("ffn.w_gate.weight", "ffn.w_up.weight")},
+        rope_interleaved=True,
+    ),
     # Phi-3: the Llama computation with q/k/v and gate/up fused (GQA: unequal parts).
     "phi3": Family(
         "Phi3ForCausalLM",
@@ -536,13 +547,13 @@ def _adapt(cfg: ModelConfig, family: Family, state: dict[str, torch.Tensor], to_
             if name.endswith("norm.weight"):
                 state[name] = state[name] - 1 if to_hf else state[name] + 1
     if family.rope_interleaved:
-        for name, (heads, start) in _rotary_rows(cfg).items():
+        for name, (heads, start) in rotary_rows(cfg).items():
             if name in state:
                 state[name] = permute_rotary(state[name], heads, start, cfg.rotary_dim, to_hf)
     return state
 
 
-def _rotary_rows(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+def rotary_rows(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Projections whose output rows RoPE rotates: name -> (heads, first rotated row in a head)."""
     rows = {}
     for layer in range(cfg.n_layers):

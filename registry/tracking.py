@@ -23,6 +23,7 @@ from llm_lifecycle.registry.hardware import hardware_profile
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 REDACTED = "[REDACTED]"
+PYFUNC_CODE = "llm_lifecycle.models.pyfunc_model"  # the file each registered model is logged as
 # Setting names whose (text) values are credentials. "token" but not "tokenizer"/"tokenize".
 SECRET_NAME = re.compile(r"secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz])", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
@@ -400,19 +401,22 @@ def log_and_register_model(
     tags: dict[str, str],
 ) -> str:
     """Log `model_dir` as a pyfunc text-generation model; register it; point the aliases at it.
+    The model is logged as code (models/pyfunc_model.py), never as a pickle, so loading it
+    unpickles nothing.
 
     Returns the new version number.
     """
+    import importlib.util
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from llm_lifecycle import __version__
-    from llm_lifecycle.models.pyfunc import TextGenerationModel
 
     with _active(tracker.run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TextGenerationModel(),
+            python_model=importlib.util.find_spec(PYFUNC_CODE).origin,
             artifacts={"model_dir": str(model_dir)},
             input_example=["Once upon a time"],
             pip_requirements=[f"llm-lifecycle=={__version__}"],

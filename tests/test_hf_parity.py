@@ -37,6 +37,7 @@ FAMILIES = {
     "gemma": dict(head_dim=24, hidden_act="gelu_pytorch_tanh"),
     "phi": dict(partial_rotary_factor=0.5, hidden_act="gelu_new", tie_word_embeddings=False),
     "glm": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),
+    "glm4": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),  # plus post-branch norms
     "phi3": dict(tie_word_embeddings=False, pad_token_id=0),  # q/k/v fused with GQA: unequal parts
     "deepseek_v2": dict(  # queries without a latent here (V3 below has one)
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
