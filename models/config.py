@@ -20,7 +20,7 @@ FAMILIES = (
 # layout that computes the same where the model uses nothing else (models/hf.py: EXPORTS_AS),
 # to GGUF (models/gguf.py), or in our own format.
 FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
-ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
+ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
 POSITIONS = ("rope", "alibi")
@@ -47,7 +47,9 @@ class ModelConfig:
     rotary_pct: float = 1.0  # rotate only the first fraction of each head's dims (Phi 0.4, ChatGLM2 0.5)
     rope_2d: bool = False  # GLM 2D positions: half the rotary dims carry the position, half the span position
     # None or {"type": "linear" | "ntk" | "yarn" | "llama3", "factor": float, "original_max_seq_len": int}
-    # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4)
+    # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4;
+    # longrope, Phi-3's LongRoPE, takes per-frequency "short_factor" and "long_factor" lists, used
+    # while the sequence is within / past original_max_seq_len)
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     # Sliding-window attention: each query sees its last `sliding_window` keys (itself included).
@@ -288,6 +290,8 @@ class ModelConfig:
         valid = {"type", "factor", "original_max_seq_len"}
         if scaling.get("type") == "llama3":
             valid |= {"low_freq_factor", "high_freq_factor"}
+        if scaling.get("type") == "longrope":
+            valid |= {"short_factor", "long_factor"}
         unknown = set(scaling) - valid
         if unknown:
             raise ValueError(
@@ -298,7 +302,7 @@ class ModelConfig:
         factor = scaling.get("factor")
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
             raise ValueError(f"rope_scaling.factor must be a number >= 1, got {factor!r}")
-        if scaling["type"] in ("dynamic", "yarn", "llama3"):
+        if scaling["type"] in ("dynamic", "yarn", "llama3", "longrope"):
             original = scaling.get("original_max_seq_len")
             if not isinstance(original, int) or original <= 0:
                 raise ValueError(
@@ -307,6 +311,14 @@ class ModelConfig:
                 )
         if scaling["type"] == "llama3" and not scaling.get("low_freq_factor", 1.0) < scaling.get("high_freq_factor", 4.0):
             raise ValueError("rope_scaling.low_freq_factor must be below high_freq_factor")
+        if scaling["type"] == "longrope":
+            pairs = self.rotary_dim // (4 if self.rope_2d else 2)
+            for key in ("short_factor", "long_factor"):
+                factors = scaling.get(key)
+                if not isinstance(factors, list) or len(factors) != pairs or not all(
+                        isinstance(f, (int, float)) and f > 0 for f in factors):
+                    raise ValueError(f"rope_scaling.{key} must list {pairs} positive numbers, one per rotated "
+                                     f"frequency (rotary dims / 2), got {factors!r}")
 
     # ---- counting -------------------------------------------------------------------------
 

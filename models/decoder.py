@@ -56,7 +56,19 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         return _yarn_frequencies(base**exponents, dim, base, factor, scaling["original_max_seq_len"])
     if kind == "llama3":
         return _llama3_frequencies(1.0 / (base**exponents), factor, scaling), 1.0
+    if kind == "longrope":  # the short factors; RotaryEmbedding swaps in the long ones past the original length
+        return longrope_frequencies(base**exponents, scaling, long=False)
     return 1.0 / (base**exponents), 1.0
+
+
+def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: bool) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: each frequency divided by its own searched factor (the short list
+    while the sequence fits the original length, the long list past it), and cos/sin scaled
+    by sqrt(1 + ln(factor) / ln(original length))."""
+    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+    factor, original = float(scaling["factor"]), scaling["original_max_seq_len"]
+    scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return 1.0 / (factors * wavelength_base), scale
 
 
 def _yarn_frequencies(wavelength_base: torch.Tensor, dim: int, base: float, factor: float, original_len: int):
@@ -107,6 +119,13 @@ class RotaryEmbedding(nn.Module):
         self._dynamic = (float(scaling["factor"]), scaling["original_max_seq_len"], cfg.rope_theta,
                          self.inv_freq.numel() * 2) if scaling.get("type") == "dynamic" else None
         self._dynamic_len = 0
+        # LongRoPE: the long factors' frequencies, used once a sequence passes the original length
+        self._longrope = None
+        if scaling.get("type") == "longrope":
+            dim = self.inv_freq.numel() * 2
+            wavelength_base = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+            self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True)[0],
+                              self.inv_freq)
 
     def forward(self, start: int, length: int, device: torch.device,
                 position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -126,6 +145,11 @@ class RotaryEmbedding(nn.Module):
         return pairs
 
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._longrope is not None:
+            original, long_freq, short_freq = self._longrope
+            wanted = long_freq if length > original else short_freq
+            if wanted is not self.inv_freq:  # crossed the original length (either way): new tables
+                self.inv_freq, self._tables = wanted, {}
         if self._dynamic is not None:
             factor, original, base, dim = self._dynamic
             seen = max(length, original)
