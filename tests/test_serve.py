@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import Exploit
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.quantize import QuantConfig, quantize_model, save_quantized
@@ -71,16 +72,6 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 180) -> N
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.5)
     raise AssertionError(f"no answer from {url} within {timeout} s")
-
-
-class Exploit:
-    """Unpickling this runs `touch MARKER` (what a tampered python_model.pkl would do)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def model_folder(model_uri: str) -> Path:

@@ -116,7 +116,7 @@ def check_export_target(out: Path, overwrite: bool) -> None:
     import json
 
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UserError(f"llm export: --out {out} is a file, not a folder; nothing was written; choose a new folder")
+        raise UserError(f"llm export: --out {out} is a file or a link, not a folder; nothing was written; choose a new folder")
     if not out.exists() or not any(out.iterdir()):
         return
     manifest = out / EXPORT_MANIFEST
