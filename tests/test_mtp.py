@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ListTracker
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.mtp import MultiTokenPrediction
@@ -40,17 +41,6 @@ def test_the_first_module_predicts_the_token_after_next_from_the_report_formula(
     assert out.aux_loss.item() == pytest.approx(0.3 * sum(model.mtp_losses) / 2, rel=1e-5)
     assert set(model.state_dict()) - {f"decoder.{k}" for k in decoder.state_dict()}  # the modules are extra weights
     assert model.flops_per_token(12) > decoder.cfg.flops_per_token(12)
-
-
-class ListTracker:
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append({"step": step, **metrics})
-
-    def set_tags(self, tags):
-        pass
 
 
 def test_mtp_loss_is_logged_each_step_and_falls(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Exploit
+from conftest import Exploit, ListTracker
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.workflows.trainer import CompiledWithFallback, expert_load_metrics
@@ -106,17 +106,6 @@ def test_activation_checkpointing_gives_the_same_gradients(fields):
         (out.logits.square().mean() + out.aux_loss).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
-
-
-class ListTracker:
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append({"step": step, **metrics})
-
-    def set_tags(self, tags):
-        pass
 
 
 def biased_router_run(tmp_path: Path, bias_update: float, steps: int = 40) -> tuple[list[dict], Decoder]:
