@@ -487,7 +487,8 @@ def serve(
 
 @app.command()
 def plan(
-    preset: Optional[str] = typer.Argument(None, help="Model preset (llm models presets) to plan for."),
+    preset: Optional[str] = typer.Argument(None, help="Model preset to plan for, e.g. llama3-8b, qwen3-30b-a3b "
+                                                   "(docs/models.md; an unknown name lists the known ones)."),
     params: Optional[str] = typer.Option(None, "--params", help="Or a LLaMA-shaped model of this size: 7B, 500M."),
     batch_size: int = typer.Option(1, help="Sequences per step (training) or generated at once (inference)."),
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),
