@@ -46,7 +46,7 @@ _TRAIN = {
     "checkpoint_every": 50,
     "keep_checkpoints": 2,  # the newest K checkpoints stay on disk
     "log_every": 10,
-    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
+    "precision": "auto",  # auto: bf16 autocast where bf16 is native (GPUs, CPUs with AMX/AVX512-BF16), else fp32
     "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
     "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
@@ -86,6 +86,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "mtp_depth": 0,  # > 0: DeepSeek-V3 multi-token prediction, this many further tokens (V3: 1); models/mtp.py
+        "mtp_weight": 0.3,  # the MTP loss's weight (V3: 0.3, then 0.1 for the last 4.8T tokens)
         "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
         # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
         "init": None,
@@ -220,11 +222,13 @@ class Recipe:
     description: str = ""
     overrides: list[str] = field(default_factory=list)
 
-    def to_yaml(self) -> str:
+    def to_dict(self) -> dict:
         """The fully resolved recipe (preset, overrides and defaults applied), re-runnable as is."""
-        data = {"name": self.name, "description": self.description, "seed": self.seed,
+        return {"name": self.name, "description": self.description, "seed": self.seed,
                 "model": {"preset": self.preset, **self.model}, "stages": self.stages}
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def model_config(self):
         from llm_lifecycle.models.config import ModelConfig
@@ -466,6 +470,13 @@ def _check_objective(recipe_file: Path, pretrain: dict, model: dict) -> None:
         )
     if not 0 < pretrain["glm_mask_ratio"] < 0.5 or not pretrain["glm_mean_span"] >= 1:
         raise ConfigError(f"{recipe_file}: stages.pretrain: need 0 < glm_mask_ratio < 0.5 and glm_mean_span >= 1")
+    depth, weight = pretrain["mtp_depth"], pretrain["mtp_weight"]
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0 or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"{recipe_file}: stages.pretrain: mtp_depth must be an integer >= 0 and mtp_weight a number >= 0 "
+                          f"(got {depth!r}, {weight!r})")
+    if depth and objective != "causal":
+        raise ConfigError(f"{recipe_file}: stages.pretrain.mtp_depth predicts further tokens of causal text; "
+                          f"objective {objective} has its own targets; set mtp_depth: 0")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
