@@ -111,3 +111,45 @@ def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
     assert not (fetch.directory / "documents.jsonl").exists()
+
+
+HOLD_RECIPE = """
+import sys, time
+from pathlib import Path
+from llm_lifecycle.workflows.recipe_lock import hold_recipe
+from llm_lifecycle.workflows.stage import SilentProgress
+with hold_recipe(Path(sys.argv[1]), "llama-small", False, SilentProgress()):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_recipe_elsewhere(workspace, seconds: float) -> subprocess.Popen:
+    """Another process that holds the recipe, as a running `llm pipeline llama-small` does."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RECIPE, str(workspace), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_recipe_running_elsewhere_is_refused_before_any_run(workspace):
+    holder = _hold_recipe_elsewhere(workspace, 60)
+    try:
+        result = CliRunner().invoke(app, ["pipeline", "llama-small", "--stages", "data-fetch"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
+    assert f"pid {holder.pid}" in errors[0] and "--wait" in errors[0]
+    assert not (workspace / "mlflow.db").exists()  # refused before any MLflow run was opened
+
+
+def test_wait_queues_behind_the_running_recipe(workspace):
+    holder = _hold_recipe_elsewhere(workspace, 3)
+    result = CliRunner().invoke(app, ["pipeline", "llama-small", "--stages", "data-fetch", "--wait"])
+    assert holder.poll() == 0  # it ran only once the holder had finished
+    assert result.exit_code == 0, result.output
+    assert "waiting for another llm process" in result.stdout
+    assert next(workspace.glob("llama-small/data-fetch/*/result.json")).is_file()

@@ -274,7 +274,7 @@ def bad_command(draw):
         option = draw(st.sampled_from(["--stages", "--from", "--force"]))
         return ["pipeline", recipe, "--dry-run", option, draw(identifier.filter(lambda s: s not in STAGE_DEFAULTS))]
     if kind == "unknown_option":
-        return ["pipeline", recipe, "--" + draw(identifier.filter(lambda o: o not in ("stages", "from", "force", "dry-run", "set", "help")))]
+        return ["pipeline", recipe, "--" + draw(identifier.filter(lambda o: o not in ("stages", "from", "force", "dry-run", "set", "help", "wait")))]
     if kind == "bad_set":
         key = draw(identifier.filter(lambda k: k not in ("seed", "name", "description")))  # no '=': not KEY=VALUE
         return ["pipeline", recipe, "--dry-run", "--set", draw(st.sampled_from([key, f"{key}.x=1", f"pretrain.{key}_x=1"]))]
