@@ -6,8 +6,10 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from typer.core import TyperGroup
 
+from llm_lifecycle.registry.tracking import EnvironmentProblem
 from llm_lifecycle.workflows.stage import UserError
 
 console = Console()
@@ -47,11 +50,36 @@ class _OneLineErrors(TyperGroup):
             _fail(f"{command}: {err.format_message().rstrip('.')}; see `{command} --help`", err.exit_code)
         except typer.Abort:
             _fail("aborted", 1)
-        except UserError as err:
+        except (UserError, EnvironmentProblem) as err:
             _fail(str(err))
+        except OSError as err:
+            message = _write_failure(err)
+            if message is None:
+                raise
+            _fail(message)
         if code == 130:
             err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _write_failure(err: OSError) -> str | None:
+    """The line for a write the machine refused (a full disk, a read-only or foreign folder),
+    or None for any other OSError (a bug: its traceback is wanted)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {err.filename or 'a file'} ({_free_space(err.filename)} free "
+                "there); free some space and re-run: what was written is complete or absent, so the run resumes")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
+        return f"cannot write {err.filename}: {err.strerror}; choose a folder you can write"
+    return None
+
+
+def _free_space(filename: str | None) -> str:
+    from llm_lifecycle.registry.memory import format_bytes
+
+    folder = Path(filename or ".").absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return format_bytes(shutil.disk_usage(folder).free)
 
 
 app = typer.Typer(
@@ -304,8 +332,8 @@ def eval_(
         "default: the Hugging Face hub.",
     ),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task (per subject)."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's, 5)."),
-    batch_size: int = typer.Option(8, help="Batch size for scoring and generation."),
+    num_fewshot: Optional[int] = typer.Option(None, min=0, help="Few-shot examples (default: the suite's, 5)."),
+    batch_size: int = typer.Option(8, min=1, help="Batch size for scoring and generation."),
     backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
     apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
     seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
@@ -420,7 +448,7 @@ def runs_list(recipe: Optional[str] = typer.Option(None, "--recipe", "-r"), limi
 
 
 @app.command()
-def ui(port: int = typer.Option(5000, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
+def ui(port: int = typer.Option(5000, min=1, max=65535, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
     """Open the MLflow UI on the workspace's tracking store."""
     import socket
     import subprocess
@@ -483,8 +511,8 @@ def sweep(
 @app.command()
 def serve(
     model: str = typer.Option(..., help="A registered version: models:/NAME@ALIAS (e.g. @int4) or models:/NAME/VERSION."),
-    port: int = 5001,
-    host: str = "127.0.0.1",
+    port: int = typer.Option(5001, min=1, max=65535, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
 ) -> None:
     """Serve a registered model with `mlflow models serve` (POST /invocations {"inputs": ["prompt"]})."""
     import subprocess

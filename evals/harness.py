@@ -376,9 +376,11 @@ def evaluate_suite(
     if batch_size and isinstance(lm, LifecycleLM):
         lm.batch_size = batch_size
     fewshot = DEFAULT_FEWSHOT[suite] if num_fewshot is None else num_fewshot
+    if fewshot < 0:
+        raise EvalError(f"num_fewshot must be 0 or more examples, got {fewshot}")
     root = resolve_data_dir(data_dir)
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as tmp:
-        task_manager, data = _task_manager(suite, root, Path(tmp))
+        task_manager, data = _task_manager(suite, root, Path(tmp), fewshot)
         tasks = _load_tasks(task_manager, suite, data)
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -435,7 +437,7 @@ def score_rows(report: EvalReport) -> list[dict]:
     return rows
 
 
-def _task_manager(suite: str, root: Path | None, work_dir: Path):
+def _task_manager(suite: str, root: Path | None, work_dir: Path, fewshot: int):
     """A TaskManager that knows only this suite's tasks; with local data, each leaf task is
     overridden (a YAML that includes lm-eval's own) to read its converted subject file."""
     import lm_eval.tasks
@@ -451,7 +453,7 @@ def _task_manager(suite: str, root: Path | None, work_dir: Path):
             "(or --data-dir builtin, or no --data-dir to read the hub)"
         )
     leaves = _leaf_tasks(stock.task_index, SUITES[suite])
-    mirror = build_mirror(suite, root, sorted(set(leaves.values())), work_dir / "data")
+    mirror = build_mirror(suite, root, sorted(set(leaves.values())), work_dir / "data", fewshot)
     override_dir = work_dir / "tasks"
     override_dir.mkdir()
     (override_dir / "mirror_loader.py").write_text("from llm_lifecycle.evals.local_data import load_config\n")

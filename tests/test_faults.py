@@ -143,7 +143,8 @@ def test_a_recipe_running_elsewhere_is_refused_before_any_run(workspace):
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
     assert f"pid {holder.pid}" in errors[0] and "--wait" in errors[0]
-    assert not (workspace / "mlflow.db").exists()  # refused before any MLflow run was opened
+    assert MlflowClient(tracking.tracking_uri(workspace)).search_runs(  # refused before any run was opened
+        [e.experiment_id for e in MlflowClient(tracking.tracking_uri(workspace)).search_experiments()]) == []
 
 
 def test_wait_queues_behind_the_running_recipe(workspace):

@@ -151,6 +151,8 @@ def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot,
     check_suites(suites, backend)
     model_dir = resolve_model_dir(ref)
     model, tokenizer = load_model(model_dir)
+    if tokenizer is None:
+        raise UserError(f"{ref}: no tokenizer.json beside the weights; evaluation needs the model's tokenizer")
     version = tracking.registered_version(ref)
     experiment = version[0] if version else "eval"
     tracking.configure()

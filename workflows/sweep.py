@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_lifecycle.workflows.pipeline import SweepMember, run_pipeline
+from llm_lifecycle.workflows.planning import TRAINING_STAGES
 from llm_lifecycle.workflows.recipe import Recipe, load_recipe
 from llm_lifecycle.workflows.recipe_lock import hold_recipe
 from llm_lifecycle.workflows.stage import Progress, UserError
 
-TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
 BUDGET_KEYS = ("steps", "batch_size", "seq_len", "grad_accum")
 
 
