@@ -23,15 +23,17 @@ from llm_lifecycle.registry.hardware import hardware_profile
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 REDACTED = "[REDACTED]"
+PYFUNC_CODE = "llm_lifecycle.models.pyfunc_model"  # the file each registered model is logged as
 # Setting names whose (text) values are credentials. "token" but not "tokenizer"/"tokenize".
 SECRET_NAME = re.compile(r"secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz])", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _ASSIGNED_SECRET = re.compile(
-    r"([\w.-]*(?:secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz]))[\w.-]*[\"']?\s*[=:]\s*[\"']?)"
+    r"([\w.-]*(?:secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz]))[\w.-]*[\"']?[ \t]*[=:][ \t]*[\"']?)"
     r"(?![\d.]+\b|\[REDACTED\])[^\s,;'\"}\]]+",
     re.IGNORECASE,
-)
+)  # [ \t], not \s: a match never runs across a line into the next one's text
+_METRIC_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-.:/ ]")  # MLflow accepts nothing else in a metric name
 
 
 def workspace() -> Path:
@@ -159,10 +161,22 @@ def ensure_experiment(name: str, ws: Path | None = None) -> str:
 # reach the tracking store: every param, tag and text artifact we log goes through these.
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ that other threads changing it cannot break. Copying walks the
+    keys and then looks each one up, and MLflow's telemetry thread sets and removes
+    _MLFLOW_TELEMETRY_SESSION_ID meanwhile: a key gone between the two is a KeyError, a key
+    added during the walk a RuntimeError. Both are transient, so copy again."""
+    while True:
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+
+
 def _secret_env_values() -> list[str]:
     """Values of environment variables named like credentials (HF_TOKEN, MLFLOW_TRACKING_PASSWORD...)."""
     return sorted(
-        (v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6),
+        (v for k, v in environ_snapshot().items() if SECRET_NAME.search(k) and len(v) >= 6),
         key=len, reverse=True,
     )
 
@@ -188,6 +202,12 @@ def redact(data: Any, key: str = "") -> Any:
     if isinstance(data, str):
         return REDACTED if SECRET_NAME.search(key.rsplit(".", 1)[-1]) else redact_text(data)
     return data
+
+
+def metric_key(name: str) -> str:
+    """`name` (which may hold a data path or URI) as a metric name: redacted first, since
+    replacing `=` and `:` by `_` hides `token=...` from the redaction."""
+    return _METRIC_KEY_UNSAFE.sub("_", redact_text(name))
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -236,11 +256,13 @@ class MlflowTracker:
 
         self.run_id = run_id
         self.client = MlflowClient()
+        self._metric_keys: dict[str, str] = {}  # name -> metric_key(name): per-step logging redacts each name once
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        keys = self._metric_keys
+        clean = {keys.get(k) or keys.setdefault(k, metric_key(k)): float(v) for k, v in metrics.items() if v is not None}
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id, synchronous=False)
 
@@ -263,7 +285,13 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: dict | list, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, redact(data), artifact_file)
+        import yaml
+
+        clean = redact(data)
+        if artifact_file.endswith((".yaml", ".yml")):  # MLflow's own dump sorts keys: a recipe's stages would reorder
+            self.client.log_text(self.run_id, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True), artifact_file)
+        else:
+            self.client.log_dict(self.run_id, clean, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact_text(text), artifact_file)
@@ -273,8 +301,9 @@ class MlflowTracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        source = HTTPDatasetSource(url=Path(path).resolve().as_uri())
-        dataset = MetaDataset(source=source, name=name, digest=file_digest(path)[:16])
+        # Redacted before it becomes a URI: as_uri() percent-encodes `token=` past the pattern.
+        source = HTTPDatasetSource(url=Path(redact_text(str(Path(path).resolve()))).as_uri())
+        dataset = MetaDataset(source=source, name=redact_text(name), digest=file_digest(path)[:16])
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
@@ -444,19 +473,22 @@ def log_and_register_model(
     tags: dict[str, str],
 ) -> str:
     """Log `model_dir` as a pyfunc text-generation model; register it; point the aliases at it.
+    The model is logged as code (models/pyfunc_model.py), never as a pickle, so loading it
+    unpickles nothing.
 
     Returns the new version number.
     """
+    import importlib.util
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from llm_lifecycle import __version__
-    from llm_lifecycle.models.pyfunc import TextGenerationModel
 
     with _active(tracker.run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TextGenerationModel(),
+            python_model=importlib.util.find_spec(PYFUNC_CODE).origin,
             artifacts={"model_dir": str(model_dir)},
             input_example=["Once upon a time"],
             pip_requirements=[f"llm-lifecycle=={__version__}"],

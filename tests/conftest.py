@@ -35,3 +35,13 @@ def workspace(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LLM_HOME", str(ws))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return ws
+
+
+class Exploit:
+    """Unpickling this runs `touch MARKER`: what a hostile pickle (a checkpoint, a model file) would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, Exploit
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.registry.tracking import configure
 from llm_lifecycle.workflows.pipeline import plan, run_pipeline
@@ -233,16 +233,6 @@ def test_sigkill_sweep_over_every_stage(finished, tmp_path, seed):
 # Nothing let in: a pickle that would run code is refused, never executed.
 
 
-class _Exploit:
-    """Unpickling this runs `touch MARKER` (what a hostile checkpoint would do)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def _one_line_error(result) -> str:
     """The one `error:` line of a failed in-process command (progress bars may precede it)."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
@@ -258,7 +248,7 @@ def test_crafted_pickle_in_checkpoint_path_is_refused_not_executed(finished, tmp
     stage = next(p for p in plan(load_recipe(recipe.name, overrides), ws) if p.name == "pretrain")
     hostile = stage.directory / "checkpoints" / "step-00000003.pt"
     hostile.parent.mkdir(parents=True)
-    torch.save({"step": 3, "model": _Exploit(marker)}, hostile)  # a real torch checkpoint file, with a payload
+    torch.save({"step": 3, "model": Exploit(marker)}, hostile)  # a real torch checkpoint file, with a payload
     args = ["pipeline", recipe.name, "--stages", "pretrain", *[f"--set={o}" for o in overrides]]
     line = _one_line_error(CliRunner().invoke(app, args))
     assert not marker.exists(), "the pickle's code ran"
@@ -272,7 +262,7 @@ def test_pickled_hf_weights_are_never_opened(finished, tmp_path):
     shutil.copytree(results["export"].outputs["hf"], folder)
     (folder / "model.safetensors").unlink()
     with open(folder / "pytorch_model.bin", "wb") as f:
-        pickle.dump(_Exploit(marker), f)
+        pickle.dump(Exploit(marker), f)
     line = _one_line_error(CliRunner().invoke(app, ["export", "--model", str(folder), "--out", str(tmp_path / "out")]))
     assert not marker.exists(), "the pickle's code ran"
     assert "safetensors" in line and "never opened" in line

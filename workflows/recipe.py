@@ -223,11 +223,13 @@ class Recipe:
     description: str = ""
     overrides: list[str] = field(default_factory=list)
 
-    def to_yaml(self) -> str:
+    def to_dict(self) -> dict:
         """The fully resolved recipe (preset, overrides and defaults applied), re-runnable as is."""
-        data = {"name": self.name, "description": self.description, "seed": self.seed,
+        return {"name": self.name, "description": self.description, "seed": self.seed,
                 "model": {"preset": self.preset, **self.model}, "stages": self.stages}
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def model_config(self):
         from llm_lifecycle.models.config import ModelConfig
