@@ -72,11 +72,12 @@ def configure(ws: Path | None = None) -> str:
 
 def _require_writable_folder(ws: Path) -> None:
     """The workspace is a folder we can write (created when missing)."""
+    import tempfile
+
     try:
         ws.mkdir(parents=True, exist_ok=True)
-        with open(ws / ".write-test", "w"):
+        with tempfile.TemporaryFile(dir=ws):  # a name of its own: torchrun's ranks check at once
             pass
-        (ws / ".write-test").unlink()
     except OSError as err:
         why = "it is a file, not a folder" if ws.is_file() else err.strerror or str(err)
         raise EnvironmentProblem(
