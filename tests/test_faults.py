@@ -193,11 +193,19 @@ def test_a_recipe_running_elsewhere_is_refused_before_any_run(workspace):
 
 
 def test_wait_queues_behind_the_running_recipe(workspace):
-    holder = _hold_recipe_elsewhere(workspace, 3)
-    result = CliRunner().invoke(app, ["pipeline", "llama-small", "--stages", "data-fetch", "--wait"])
-    assert holder.poll() == 0  # it ran only once the holder had finished
-    assert result.exit_code == 0, result.output
-    assert "waiting for another llm process" in result.stdout
+    holder = _hold_recipe_elsewhere(workspace, 600)
+    waiting = subprocess.Popen([sys.executable, "-m", "llm_lifecycle.cli.app", "pipeline", "llama-small",
+                                "--stages", "data-fetch", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        said = waiting.stdout.readline()
+        assert f"waiting for another llm process (pid {holder.pid}) running recipe llama-small" in said, said
+        assert not list(workspace.glob("llama-small/data-fetch/*/result.json"))  # queued, not running
+    finally:
+        holder.kill()  # the holder dies; the OS drops its lock
+        holder.wait()
+    out, err = waiting.communicate(timeout=600)
+    assert waiting.returncode == 0, err[-3000:]
     assert next(workspace.glob("llama-small/data-fetch/*/result.json")).is_file()
 
 
