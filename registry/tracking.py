@@ -1,9 +1,9 @@
 """MLflow tracking for pipelines and stages, and the Model Registry.
 
-Conventions (DESIGN.md): experiment = recipe name; one parent run per invocation; one
-nested run per stage named after it; `llm.*` and `hw.*` tags; per-step metrics logged
-asynchronously; each model-making stage logs a pyfunc model and registers a version of
-the model named after the recipe, with the stage as alias.
+Conventions (README.md, "Where results appear"): experiment = recipe name; one parent run
+per invocation; one nested run per stage named after it; `llm.*` and `hw.*` tags; per-step
+metrics logged asynchronously; each model-making stage logs a pyfunc model and registers a
+version of the model named after the recipe, with the stage as alias.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 from conftest import TINY_OVERRIDES
 
 RECIPE = "llama-small"
-SETS = [a for o in TINY_OVERRIDES for a in ("--set", o)]
+# fp32 on every machine: the comparison is of one process with many, not of bf16 roundings.
+EXACT = [f"{stage}.precision=fp32" for stage in ("pretrain", "extend-context", "sft", "rl")]
+SETS = [a for o in [*TINY_OVERRIDES, *EXACT] for a in ("--set", o)]
 
 
 def llm_command(*args: str) -> list[str]:
@@ -74,7 +76,8 @@ def stages_to_run(ws: Path, command_sets: list[str], stages: str | None) -> list
     from llm_lifecycle.workflows.pipeline import plan
     from llm_lifecycle.workflows.recipe import load_recipe
 
-    return [p.name for p in plan(load_recipe(RECIPE, [*TINY_OVERRIDES, *command_sets]), ws, stages) if p.will_run]
+    recipe = load_recipe(RECIPE, [*TINY_OVERRIDES, *EXACT, *command_sets])
+    return [p.name for p in plan(recipe, ws, stages) if p.will_run]
 
 
 def distributed_then_alone(ws: Path, stage: str, command: list[str], sets: list[str] = (),

@@ -74,12 +74,14 @@ TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
 
 def stage_estimates(recipe: Recipe) -> dict[str, tuple[float, dict[str, float]]]:
     """Each training stage's estimated peak bytes on this machine and its breakdown."""
+    from llm_lifecycle.workflows.distributed import device
+    from llm_lifecycle.workflows.trainer import resolve_precision
+
     shape = shape_of(recipe.model_config())
-    where, _ = available_memory()
     estimates = {}
     for stage in TRAINING_STAGES:
         s = recipe.stages[stage]
-        precision = "fp32" if s["precision"] in ("fp32", "auto") and where == "RAM" else "bf16"
+        precision = resolve_precision(s["precision"], device())
         est = training_memory(shape, s["batch_size"], s["seq_len"], precision)
         need = est["total"] + (est["weights"] if stage == "rl" else 0)  # DPO holds a frozen reference copy
         estimates[stage] = need, est

@@ -46,7 +46,7 @@ _TRAIN = {
     "checkpoint_every": 50,
     "keep_checkpoints": 2,  # the newest K checkpoints stay on disk
     "log_every": 10,
-    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
+    "precision": "auto",  # auto: bf16 autocast where bf16 is native (GPUs, CPUs with AMX/AVX512-BF16), else fp32
     "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
     "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
