@@ -534,36 +534,68 @@ def plan(
     params: Optional[str] = typer.Option(None, "--params", help="Or a LLaMA-shaped model of this size: 7B, 500M."),
     batch_size: int = typer.Option(1, help="Sequences per step (training) or generated at once (inference)."),
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),
+    lora_rank: int = typer.Option(16, min=1, help="Rank of the LoRA / QLoRA adapters planned."),
+    gpu: Optional[str] = typer.Option(None, help="Size the job in GPUs of this kind: H100, H200, A100, A100-40GB, L4, A10, 4090."),
+    gpu_memory: Optional[float] = typer.Option(None, min=1, help="Or GPUs with this much memory (GiB)."),
+    tokens: Optional[str] = typer.Option(None, help="Estimate the time to train on this many tokens (e.g. 2T); needs --gpu."),
+    mfu: float = typer.Option(0.4, min=0.01, max=1.0, help="Model FLOPs utilisation the time estimate assumes."),
+    gpus: Optional[int] = typer.Option(None, min=1, help="GPUs the time estimate uses (default: as many as bf16 training needs)."),
+    recompute: bool = typer.Option(False, "--activation-checkpointing", help="Plan training with activation checkpointing."),
 ) -> None:
-    """Estimate training and inference memory by precision and quantization."""
-    from llm_lifecycle.registry.memory import format_bytes
+    """Estimate training, LoRA/QLoRA and inference memory, GPUs needed, and training time."""
+    from llm_lifecycle.registry.memory import format_bytes, training_days
     from llm_lifecycle.workflows import planning
 
     if (preset is None) == (params is None):
         raise UserError("llm plan: give a preset name or --params (e.g. `llm plan llama3-8b`, `llm plan --params 7B`)")
+    if tokens is not None and gpu is None:
+        raise UserError("llm plan --tokens: the time estimate needs the GPU's peak FLOP/s; add --gpu (e.g. --gpu H100)")
+    gpu_bytes, peak = planning.gpu_spec(gpu) if gpu else (None, None)
+    gpu_bytes = gpu_memory * 2**30 if gpu_memory else gpu_bytes
     if preset is not None:
         from llm_lifecycle.models.config import ModelConfig
         from llm_lifecycle.models.presets import load_preset
 
         try:
-            shape = planning.shape_of(ModelConfig.from_dict(load_preset(preset)))
+            cfg = ModelConfig.from_dict(load_preset(preset))
         except ValueError as err:
             raise UserError(f"llm plan: {err}") from None
+        shape, flops_per_token = planning.shape_of(cfg), cfg.flops_per_token(seq_len)
     else:
         shape = planning.shape_for_params(planning.parse_params(params))
+        flops_per_token = planning.dense_flops_per_token(shape, seq_len)
     where, available = planning.available_memory()
+    rows = planning.plan_rows(shape, batch_size, seq_len, lora_rank, recompute)
     table = Table(title=f"memory for {preset or params} ({shape.params / 1e9:.2f}B parameters), "
                         f"batch {batch_size} x {seq_len} tokens")
-    for col in ("use", "precision", "weights", "optimizer", "grads", "activations / KV cache", "peak", f"fits {where}?"):
+    gpu_name = f"{gpu or 'GPUs'} ({gpu_bytes / 2**30:.0f} GiB)" if gpu_bytes else None
+    for col in ("use", "precision", "weights", "optimizer", "grads", "activations / KV cache", "peak", f"fits {where}?",
+                *([gpu_name] if gpu_name else [])):
         table.add_column(col)
-    for use, precision, est in planning.plan_rows(shape, batch_size, seq_len):
+    counts = planning.gpu_column(rows, gpu_bytes) if gpu_bytes else [None] * len(rows)
+    for (use, precision, est), count in zip(rows, counts):
         transient = est.get("activations", 0) + est.get("loss", 0) + est.get("kv_cache", 0) + est.get("working", 0)
         fits = "yes" if est["total"] < available else "[red]no[/red]"
         table.add_row(use, precision, *(format_bytes(est[k]) if k in est else "-" for k in ("weights", "optimizer", "grads")),
-                      format_bytes(transient), format_bytes(est["total"]), fits)
+                      format_bytes(transient), format_bytes(est["total"]), fits, *([count] if count else []))
     console.print(table)
     console.print(f"Training peak: weights + optimizer + the larger of activations and grads (grads fill "
                   f"as backward frees activations). {where} available here: {format_bytes(available)}")
+    if gpu_name:
+        console.print(f"GPUs: training sharded with FSDP (each GPU keeps its own batch's activations), inference "
+                      f"split by tensor parallelism; {format_bytes(planning.GPU_RESERVED_BYTES)} of each GPU reserved. "
+                      "-*: one GPU cannot hold a batch's activations (try --activation-checkpointing, a shorter "
+                      "--seq-len, or pipeline/sequence parallelism, which this plan does not model).")
+    if tokens is not None:
+        n_tokens = planning.parse_params(tokens, "--tokens")
+        n_gpus = gpus or planning.gpus_needed(rows[1][2], gpu_bytes)
+        if n_gpus is None:
+            raise UserError(f"llm plan --tokens: at batch {batch_size} x {seq_len} one {gpu}'s share of the "
+                            "activations does not fit; lower --seq-len or --batch-size, or give --gpus")
+        days = training_days(flops_per_token, n_tokens, n_gpus, peak, mfu)
+        console.print(f"Time: {n_tokens:.3g} tokens x {flops_per_token:.3g} FLOPs/token on {n_gpus} x {gpu} "
+                      f"({peak / 1e12:.0f} TFLOP/s bf16 each) at {mfu:.0%} MFU: {days:.1f} days "
+                      f"({days * 24 * n_gpus:,.0f} GPU-hours)")
 
 
 @app.command()

@@ -86,6 +86,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "mtp_depth": 0,  # > 0: DeepSeek-V3 multi-token prediction, this many further tokens (V3: 1); models/mtp.py
+        "mtp_weight": 0.3,  # the MTP loss's weight (V3: 0.3, then 0.1 for the last 4.8T tokens)
         "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
         # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
         "init": None,
@@ -473,6 +475,13 @@ def _check_objective(recipe_file: Path, pretrain: dict, model: dict) -> None:
         )
     if not 0 < pretrain["glm_mask_ratio"] < 0.5 or not pretrain["glm_mean_span"] >= 1:
         raise ConfigError(f"{recipe_file}: stages.pretrain: need 0 < glm_mask_ratio < 0.5 and glm_mean_span >= 1")
+    depth, weight = pretrain["mtp_depth"], pretrain["mtp_weight"]
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0 or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"{recipe_file}: stages.pretrain: mtp_depth must be an integer >= 0 and mtp_weight a number >= 0 "
+                          f"(got {depth!r}, {weight!r})")
+    if depth and objective != "causal":
+        raise ConfigError(f"{recipe_file}: stages.pretrain.mtp_depth predicts further tokens of causal text; "
+                          f"objective {objective} has its own targets; set mtp_depth: 0")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -372,6 +372,8 @@ def train(
                 raise _diverged(ctx, description, step, loss_sum, float(grad_norm), settings, ckpt_dir)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if hasattr(model, "end_step"):  # DeepSeek-V3: expert biases follow the step's load
+                model.end_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = distributed.mean_across_ranks(loss_sum)
