@@ -6,8 +6,10 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from typer.core import TyperGroup
 
+from llm_lifecycle.registry.tracking import EnvironmentProblem
 from llm_lifecycle.workflows.stage import UserError
 
 console = Console()
@@ -47,11 +50,36 @@ class _OneLineErrors(TyperGroup):
             _fail(f"{command}: {err.format_message().rstrip('.')}; see `{command} --help`", err.exit_code)
         except typer.Abort:
             _fail("aborted", 1)
-        except UserError as err:
+        except (UserError, EnvironmentProblem) as err:
             _fail(str(err))
+        except OSError as err:
+            message = _write_failure(err)
+            if message is None:
+                raise
+            _fail(message)
         if code == 130:
             err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _write_failure(err: OSError) -> str | None:
+    """The line for a write the machine refused (a full disk, a read-only or foreign folder),
+    or None for any other OSError (a bug: its traceback is wanted)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {err.filename or 'a file'} ({_free_space(err.filename)} free "
+                "there); free some space and re-run: what was written is complete or absent, so the run resumes")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
+        return f"cannot write {err.filename}: {err.strerror}; choose a folder you can write"
+    return None
+
+
+def _free_space(filename: str | None) -> str:
+    from llm_lifecycle.registry.memory import format_bytes
+
+    folder = Path(filename or ".").absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return format_bytes(shutil.disk_usage(folder).free)
 
 
 app = typer.Typer(
@@ -80,6 +108,7 @@ InitOption = typer.Option(
 NprocOption = typer.Option(1, "--nproc", help="Processes per node: >1 runs under torchrun with FSDP2.")
 NnodesOption = typer.Option(1, "--nnodes", help="Nodes taking part (torchrun).")
 RdzvOption = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the torchrun rendezvous (multi-node).")
+WaitOption = typer.Option(False, "--wait", help="If another llm process is running this recipe, queue behind it.")
 
 
 def _relaunch(nproc: int, nnodes: int, rdzv_endpoint: str | None) -> None:
@@ -94,14 +123,19 @@ def _workspace() -> Path:
     return workspace()
 
 
-def _run_stages(recipe_name: str, overrides: list[str] | None, **plan_args) -> None:
+def _run_stages(recipe_name: str, overrides: list[str] | None, wait: bool, **plan_args) -> None:
     from llm_lifecycle.cli.progress import RichProgress
+    from llm_lifecycle.registry.hardware import is_main_process
     from llm_lifecycle.workflows.pipeline import run_pipeline
     from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.stage import SilentProgress
 
     recipe = load_recipe(recipe_name, overrides or [])
-    results = run_pipeline(recipe, _workspace(), RichProgress(console), **plan_args)
-    _print_results(recipe.name, results, plan_args.get("stages"))
+    # Under torchrun every rank runs this; rank 0 alone speaks for the job.
+    progress = RichProgress(console) if is_main_process() else SilentProgress()
+    results = run_pipeline(recipe, _workspace(), progress, wait=wait, **plan_args)
+    if is_main_process():
+        _print_results(recipe.name, results, plan_args.get("stages"))
 
 
 def _print_results(recipe_name: str, results: dict, stages) -> None:
@@ -131,6 +165,7 @@ def pipeline(
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused.
     With --init the pipeline starts from that model at SFT (its tokenizer replaces training one)."""
@@ -139,7 +174,7 @@ def pipeline(
         _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
         return
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, set_, stages=stages, from_stage=from_stage, force=tuple(force or ()))
+    _run_stages(recipe, set_, wait, stages=stages, from_stage=from_stage, force=tuple(force or ()))
 
 
 def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
@@ -161,8 +196,8 @@ def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
 
 
 def _stage_command(stage: str, doc: str):
-    def command(recipe: str = RecipeOption, set_: Optional[List[str]] = SetOption) -> None:
-        _run_stages(recipe, set_, stages=[stage])
+    def command(recipe: str = RecipeOption, set_: Optional[List[str]] = SetOption, wait: bool = WaitOption) -> None:
+        _run_stages(recipe, set_, wait, stages=[stage])
 
     command.__doc__ = doc
     return command
@@ -179,9 +214,10 @@ def _training_command(stage: str, doc: str, can_init: bool = False):
         nproc: int = NprocOption,
         nnodes: int = NnodesOption,
         rdzv_endpoint: Optional[str] = RdzvOption,
+        wait: bool = WaitOption,
     ) -> None:
         _relaunch(nproc, nnodes, rdzv_endpoint)
-        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], stages=[stage])
+        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], wait, stages=[stage])
 
     command.__doc__ = doc
     return command
@@ -204,6 +240,7 @@ def tokenizer_train(
     extend: Optional[str] = typer.Option(None, help="Extend this tokenizer with tokens learned on the Chinese text."),
     pretrained: Optional[str] = typer.Option(None, help="Use this tokenizer as it is (file, folder, models:/, hub id)."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Train a BPE tokenizer (options from the Qwen / LLaMA / Chinese-LLaMA reports) or take a pretrained one."""
     import json
@@ -211,7 +248,7 @@ def tokenizer_train(
     given = {"vocab_size": vocab_size, "split_digits": split_digits, "whitespace_runs": whitespace_runs,
              "byte_fallback": byte_fallback, "special_tokens": special_token, "extend": extend, "pretrained": pretrained}
     overrides = [f"tokenizer-train.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
-    _run_stages(recipe, [*(set_ or []), *overrides], stages=["tokenizer-train"])
+    _run_stages(recipe, [*(set_ or []), *overrides], wait, stages=["tokenizer-train"])
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
@@ -227,11 +264,12 @@ def quantize(
     bits: Optional[int] = typer.Option(None, help="8 or 4."),
     group_size: Optional[int] = typer.Option(None, help="Input columns per scale, e.g. 128; 0: one per output row."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Weight-only quantization of the recipe's final model; registers it as @int8 / @int4."""
     given = {"method": method, "bits": bits, "group_size": group_size}
     overrides = [f"quantize.{k}={v}" for k, v in given.items() if v is not None]
-    _run_stages(recipe, [*(set_ or []), *overrides], stages=["quantize"])
+    _run_stages(recipe, [*(set_ or []), *overrides], wait, stages=["quantize"])
 
 
 @app.command()
@@ -242,6 +280,7 @@ def rl(
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Align the SFT model: reward model, DPO, PPO, GRPO or rejection-sampling SFT.
     The model is registered as models:/RECIPE@METHOD."""
@@ -250,7 +289,7 @@ def rl(
     if method is not None and method not in METHODS:
         raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], stages=["rl"])
+    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], wait, stages=["rl"])
 
 
 @app.command()
@@ -293,17 +332,18 @@ def eval_(
         "default: the Hugging Face hub.",
     ),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task (per subject)."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's, 5)."),
-    batch_size: int = typer.Option(8, help="Batch size for scoring and generation."),
+    num_fewshot: Optional[int] = typer.Option(None, min=0, help="Few-shot examples (default: the suite's, 5)."),
+    batch_size: int = typer.Option(8, min=1, help="Batch size for scoring and generation."),
     backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
     apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
     seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval, CMMLU), perplexity and long-context probes."""
     if recipe:
-        _run_stages(recipe, set_, stages=["eval"])
+        _run_stages(recipe, set_, wait, stages=["eval"])
         return
     if not model:
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
@@ -335,11 +375,12 @@ def export(
     format_: Optional[str] = typer.Option(None, "--format", help="auto (hf if transformers has the layout, else ours; default) | hf | gguf (llama.cpp, Ollama) | safetensors (ours)."),
     gguf_type: Optional[str] = typer.Option(None, help="GGUF weights: f32 | f16 (default) | q8_0 | q4_0."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Export to a Hugging Face folder, a GGUF file with an Ollama Modelfile, or our safetensors folder."""
     if recipe:
         given = {"format": format_, "gguf_type": gguf_type}
-        _run_stages(recipe, [*(set_ or []), *(f"export.{k}={v}" for k, v in given.items() if v)], stages=["export"])
+        _run_stages(recipe, [*(set_ or []), *(f"export.{k}={v}" for k, v in given.items() if v)], wait, stages=["export"])
         return
     if not (model and out):
         raise UserError("llm export: give --recipe, or both --model and --out")
@@ -409,7 +450,7 @@ def runs_list(recipe: Optional[str] = typer.Option(None, "--recipe", "-r"), limi
 
 
 @app.command()
-def ui(port: int = typer.Option(5000, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
+def ui(port: int = typer.Option(5000, min=1, max=65535, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
     """Open the MLflow UI on the workspace's tracking store."""
     import socket
     import subprocess
@@ -458,12 +499,13 @@ def sweep(
     recipe: str = typer.Argument(..., help="Recipe name (llm recipes list) or path to a .yaml."),
     vary: List[str] = typer.Option(..., "--vary", help="KEY=V1,V2,... to vary (repeatable; all combinations run)."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Run RECIPE for every combination of --vary at equal token budget, then compare them."""
     from llm_lifecycle.cli.progress import RichProgress
     from llm_lifecycle.workflows.sweep import run_sweep
 
-    result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console))
+    result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console), wait)
     console.print(f"sweep run {result.run_id}: {len(result.pipeline_run_ids)} pipelines; "
                   f"report {result.report_dir / 'compare.html'}; compare again with `llm compare {result.run_id}`")
 
@@ -471,8 +513,8 @@ def sweep(
 @app.command()
 def serve(
     model: str = typer.Option(..., help="A registered version: models:/NAME@ALIAS (e.g. @int4) or models:/NAME/VERSION."),
-    port: int = 5001,
-    host: str = "127.0.0.1",
+    port: int = typer.Option(5001, min=1, max=65535, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
 ) -> None:
     """Serve a registered model with `mlflow models serve` (POST /invocations {"inputs": ["prompt"]})."""
     import subprocess

@@ -97,23 +97,51 @@ def available_memory() -> tuple[str, int]:
     return "RAM", psutil.virtual_memory().available
 
 
-def memory_report(recipe: Recipe) -> list[str]:
-    """One line per training stage: its estimated peak and whether it fits this machine."""
+# The stages that train (every torchrun rank runs them; rank 0 alone runs the others).
+TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
+
+
+def stage_estimates(recipe: Recipe) -> dict[str, tuple[float, dict[str, float]]]:
+    """Each training stage's estimated peak bytes on this machine and its breakdown."""
     from llm_lifecycle.workflows.distributed import device
     from llm_lifecycle.workflows.trainer import resolve_precision
 
-    cfg = recipe.model_config()
-    shape = shape_of(cfg)
-    lines = [f"model: {recipe.preset}, {cfg.num_params() / 1e6:.2f}M parameters "
-             f"({cfg.active_params() / 1e6:.2f}M active per token)"]
-    where, available = available_memory()
-    for stage in ("pretrain", "extend-context", "sft", "rl"):
+    shape = shape_of(recipe.model_config())
+    estimates = {}
+    for stage in TRAINING_STAGES:
         s = recipe.stages[stage]
         precision = resolve_precision(s["precision"], device())
         est = training_memory(shape, s["batch_size"], s["seq_len"], precision)
         need = est["total"] + (est["weights"] if stage == "rl" else 0)  # DPO holds a frozen reference copy
+        estimates[stage] = need, est
+    return estimates
+
+
+def memory_report(recipe: Recipe) -> list[str]:
+    """One line per training stage: its estimated peak and whether it fits this machine."""
+    cfg = recipe.model_config()
+    lines = [f"model: {recipe.preset}, {cfg.num_params() / 1e6:.2f}M parameters "
+             f"({cfg.active_params() / 1e6:.2f}M active per token)"]
+    where, available = available_memory()
+    for stage, (need, est) in stage_estimates(recipe).items():
         verdict = "fits" if need < available else f"[bold red]will not fit[/bold red] in {format_bytes(available)} {where}"
-        lines.append(f"memory estimate {stage}: {format_bytes(need)} (weights {format_bytes(est['weights'])}, "
-                     f"optimizer {format_bytes(est['optimizer'])}, activations {format_bytes(est['activations'])}) "
-                     f"— {verdict}")
+        lines.append(f"memory estimate {stage}: {format_bytes(need)} ({_breakdown(est)}) — {verdict}")
     return lines
+
+
+def refuse_what_cannot_fit(recipe: Recipe, stages: list[str]) -> None:
+    """Before any run opens: a training stage whose estimated peak exceeds the memory this
+    machine has free is refused, instead of being killed by the kernel part-way."""
+    where, available = available_memory()
+    for stage, (need, est) in stage_estimates(recipe).items():
+        if stage in stages and need > available:
+            raise UserError(
+                f"{stage}: needs about {format_bytes(need)} of memory ({_breakdown(est)}), but {format_bytes(available)} "
+                f"{where} is available; lower stages.{stage}.batch_size or seq_len, or choose a smaller model "
+                f"(see `llm pipeline {recipe.name} --dry-run`)"
+            )
+
+
+def _breakdown(est: dict[str, float]) -> str:
+    return (f"weights {format_bytes(est['weights'])}, optimizer {format_bytes(est['optimizer'])}, "
+            f"activations {format_bytes(est['activations'])}")

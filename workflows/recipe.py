@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
+from llm_lifecycle.workflows import strict_yaml
 from llm_lifecycle.workflows.data import parse_sources
 from llm_lifecycle.workflows.stage import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
 
 
 class ConfigError(UserError):
@@ -189,6 +189,9 @@ _LIMITS: dict[str, tuple[Any, str]] = {
                     "empty (the suite's default) or an integer >= 0"),
     "data": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of file names"),
     "suites": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of suite names"),
+    "eval_lengths": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 2 for x in v)),
+        "empty (twice seq_len) or a non-empty list of integers >= 2, e.g. [512, 1024]"),
 }
 
 
@@ -257,7 +260,9 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> Any:
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
+        return strict_yaml.load(strict_yaml.utf8_text(path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from llm_lifecycle.models.decoder import IGNORE_INDEX
 from llm_lifecycle.registry.hardware import cpu_has_native_bf16
 from llm_lifecycle.workflows import distributed
 from llm_lifecycle.workflows.stage import StageContext, UserError, atomic_path
@@ -415,4 +416,4 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
     metrics = {"ce_loss": ce.item(), "aux_loss": float(aux.detach())}
     if out.expert_load is not None:
         metrics.update(expert_load_metrics(out.expert_load))
-    return ce + aux, metrics
+    return ce * distributed.target_share(targets, IGNORE_INDEX) + aux, metrics
