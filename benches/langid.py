@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
-from llm_lifecycle.workflows.data import LANGUAGE_CANDIDATES
+from llm_lifecycle.workflows.data.clean import LANGUAGE_CANDIDATES
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 

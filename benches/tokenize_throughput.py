@@ -6,7 +6,7 @@ vocabulary 8192) is trained on a sample of it. Then, best of --repeat runs each:
 
   bare         Tokenizer.encode_batch(all texts) on texts already in memory, with the
                tokenizer's own Rust threads on every core; nothing is written
-  ours N=1, 2  workflows.encode.encode_file + shards.write_parts: read the jsonl, parse,
+  ours N=1, 2  workflows/data/encode.py encode_file + shards.write_parts: read the jsonl, parse,
                encode in N worker processes, pack into uint16 memory-mapped shards with the
                document index, write (worker start-up included)
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 # Spawned workers re-import this script: keep its top-level imports light (no torch).
-from llm_lifecycle.workflows.encode import encode_file
+from llm_lifecycle.workflows.data.encode import encode_file
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=4.0, help="megabytes of text")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    from llm_lifecycle.workflows.shards import TokenShards, write_parts
-    from llm_lifecycle.workflows.tokenizer import EOT, train_bpe
+    from llm_lifecycle.workflows.data.shards import TokenShards, write_parts
+    from llm_lifecycle.workflows.data.bpe import EOT, train_bpe
 
     texts = documents(args.mb)
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6

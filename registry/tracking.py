@@ -173,7 +173,7 @@ def file_digest(path: str | Path) -> str:
 
 
 class MlflowTracker:
-    """The stage-facing `Tracker` (workflows/stage.py) bound to one MLflow run."""
+    """The stage-facing `Tracker` (workflows/runner/stage.py) bound to one MLflow run."""
 
     def __init__(self, run_id: str):
         from mlflow.tracking import MlflowClient

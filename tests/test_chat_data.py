@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llm_lifecycle.workflows.chat_data import (
+from llm_lifecycle.workflows.data.chat_data import (
     IGNORE_INDEX,
     PreferenceBatches,
     SFTBatches,

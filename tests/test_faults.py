@@ -100,8 +100,8 @@ def test_two_pipelines_on_one_sqlite_store_lose_nothing(workspace):
 
 
 def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
-    from llm_lifecycle.workflows.pipeline import _stage_lock, plan
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.pipeline import _stage_lock, plan
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     recipe = load_recipe("llama-small")
     fetch = plan(recipe, workspace)[0]

@@ -21,10 +21,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llm_lifecycle.cli.app import app
-from llm_lifecycle.workflows.recipe import STAGE_DEFAULTS, STAGE_ORDER
-from llm_lifecycle.workflows.rl import METHODS as RL_METHODS
+from llm_lifecycle.workflows import stages as kinds
+from llm_lifecycle.workflows.runner.settings import field_help
+from llm_lifecycle.workflows.stages.rl import METHODS as RL_METHODS
 
 RUNNER = CliRunner()
+STAGE_ORDER = list(kinds.DEFAULT_CHAIN)
+# Each stage's settings and their defaults, from the kinds' typed settings classes.
+STAGE_DEFAULTS = {k: {row["name"]: row["default"] for row in field_help(kinds.kind(k).settings)} for k in STAGE_ORDER}
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

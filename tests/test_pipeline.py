@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from conftest import TINY_OVERRIDES
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.registry.tracking import configure
-from llm_lifecycle.workflows.pipeline import plan, run_pipeline
-from llm_lifecycle.workflows.recipe import STAGE_ORDER, load_recipe
-from llm_lifecycle.workflows.stage import SilentProgress
+from llm_lifecycle.workflows.runner.pipeline import plan, run_pipeline
+from llm_lifecycle.workflows.runner.recipe import load_recipe
+from llm_lifecycle.workflows.stages import DEFAULT_CHAIN as STAGE_ORDER
+from llm_lifecycle.workflows.runner.stage import SilentProgress
 
 ALIASES = ("pretrain", "extend-context", "sft", "rl", "int8")
 

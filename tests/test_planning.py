@@ -12,9 +12,9 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.registry.memory import inference_memory, training_memory
-from llm_lifecycle.workflows.planning import parse_params, shape_for_params, shape_of
-from llm_lifecycle.workflows.trainer import lm_loss
+from llm_lifecycle.workflows.engine.memory import inference_memory, training_memory
+from llm_lifecycle.workflows.runner.planning import parse_params, shape_for_params, shape_of
+from llm_lifecycle.workflows.engine.trainer import lm_loss
 
 
 def measured_training_peak(cfg: ModelConfig, batch: int, seq: int) -> float:

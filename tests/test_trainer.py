@@ -12,7 +12,7 @@ import torch
 
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
-from llm_lifecycle.workflows.trainer import CompiledWithFallback, expert_load_metrics
+from llm_lifecycle.workflows.engine.trainer import CompiledWithFallback, expert_load_metrics
 
 CHILD = Path(__file__).with_name("train_child.py")
 
