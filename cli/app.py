@@ -427,6 +427,25 @@ def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
     console.print(load_recipe(name, set_ or []).to_yaml(), highlight=False)
 
 
+@recipes_app.command("kinds")
+def recipes_kinds(kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all).")) -> None:
+    """The stage kinds a recipe can use: their inputs, output and every setting (type, default, allowed, help)."""
+    from llm_lifecycle.workflows import stages as kinds
+    from llm_lifecycle.workflows.runner.settings import field_help
+
+    if kind is not None and kind not in kinds.MODULES:
+        raise UserError(f"unknown stage kind {kind!r}; kinds are {', '.join(kinds.MODULES)}")
+    for name in [kind] if kind else kinds.MODULES:
+        spec = kinds.kind(name)
+        takes = ", ".join(f"{p.name} ({p.accepts}{'' if p.required else ', optional'})" for p in spec.inputs) or "nothing"
+        table = Table(title=f"{name}: takes {takes}; outputs {spec.output or 'nothing later stages take'}")
+        for col in ("setting", "type", "default", "allowed", "help"):
+            table.add_column(col)
+        for row in field_help(spec.settings):
+            table.add_row(row["name"], row["type"], repr(row["default"]), row["allowed"], row["help"])
+        console.print(table)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Registered models, their versions and aliases."""

@@ -13,7 +13,9 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.presets import list_presets, load_preset
 from llm_lifecycle.workflows.runner.pipeline import plan, run_pipeline
 from llm_lifecycle.workflows.runner.recipe import load_recipe
-from llm_lifecycle.workflows.stages import DEFAULT_CHAIN as STAGE_ORDER
+from llm_lifecycle.workflows.stages import DEFAULT_CHAIN
+
+STAGE_ORDER = list(DEFAULT_CHAIN)
 from llm_lifecycle.workflows.runner.stage import SilentProgress
 
 SMALL = [p for p in list_presets() if p.endswith("-small")]

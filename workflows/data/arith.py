@@ -92,7 +92,13 @@ def preference_pair(p: dict[str, str], rng: random.Random) -> dict[str, str]:
 
 # The shipped split: test first, then train, the pretraining text and the preference pairs
 # drawn so they never repeat a test question.
-SPLITS = {"test": (200, 1), "train": (4000, 2), "corpus": (8000, 3), "pairs": (1200, 4)}
+SPLITS = {"test": (200, 1), "train": (4000, 2), "corpus": (8000, 3), "pairs": (1200, 4), "direct": (1000, 5)}
+
+
+def direct_answer(p: dict[str, str]) -> dict[str, str]:
+    """The problem answered without the worked solution: the `#### N` line alone (a
+    non-thinking reply, for fusing thinking and non-thinking modes as Qwen3's third stage)."""
+    return {"question": p["question"], "answer": "#### " + p["answer"].rsplit("#### ", 1)[1]}
 
 
 def build_splits() -> dict[str, list[dict[str, str]]]:
@@ -104,6 +110,7 @@ def build_splits() -> dict[str, list[dict[str, str]]]:
         "corpus": [{"text": as_text(p)} for p in problems(*SPLITS["corpus"], exclude=held)],
         "pairs": [preference_pair(p, rng) for rng in [random.Random(SPLITS["pairs"][1])]
                   for p in problems(*SPLITS["pairs"], exclude=held)],
+        "direct": [direct_answer(p) for p in problems(*SPLITS["direct"], exclude=held)],
     }
 
 

@@ -123,6 +123,7 @@ def _bind(path, sections: list[Section]) -> None:
                 makers = ", ".join(k for k in kinds.MODULES if kinds.kind(k).output == port.accepts)
                 raise ConfigError(f"{path}: stages.{s.name}: {s.kind} needs a {port.accepts} ({port.name}) from an "
                                   f"earlier stage ({makers}); add one or name it in `from:`")
+        s.sources = {p.name: s.sources[p.name] for p in ports if p.name in s.sources}  # in port order
         missing = [p.name for p in ports if p.required and not p.default and p.name not in s.sources]
         if missing:
             raise ConfigError(f"{where}: {s.kind} needs `from: {{{', '.join(f'{m}: STAGE' for m in missing)}}}`")
@@ -163,7 +164,7 @@ def build_graph(path, stages: dict[str, Any], base_values: dict[str, Any]) -> di
         spec = kinds.kind(s.kind)
         upstream = dict(base_values)
         for port in reversed(spec.inputs):  # the first port's values win (a model's over the shards')
-            if port.name in s.sources:
+            if port.name in s.sources and port.passes:
                 upstream.update(instances[s.sources[port.name]].values)
         settings = build(spec.settings, s.given, f"{path}: stages.{s.name}", upstream)
         values = {**upstream, **settings.passes_on(upstream)}
@@ -179,12 +180,3 @@ def dependents(instances: dict[str, Instance], names: set[str]) -> set[str]:
         if set(inst.sources.values()) & out:
             out.add(inst.name)
     return out
-
-
-def ancestors(instances: dict[str, Instance], name: str) -> list[str]:
-    """Every instance `name` takes outputs from, directly or not, in run order."""
-    needed = {name}
-    for inst in reversed(list(instances.values())):
-        if inst.name in needed:
-            needed |= set(inst.sources.values())
-    return [n for n in instances if n in needed and n != name]

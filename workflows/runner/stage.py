@@ -43,13 +43,16 @@ class Port:
     """An input of a stage kind: `accepts` one output type; `required` unless the stage can
     do without (pretrain without a model starts from random weights); a port with
     `default` False is filled only when `from:` names an instance for it; `unless` names a
-    setting that, when set, stands in for the port (sft.init: a model reference)."""
+    setting that, when set, stands in for the port (sft.init: a model reference); a port
+    with `passes` False takes outputs but not the values its source passes on (distill's
+    teacher: the student's model config and sequence length are what flow on)."""
 
     name: str
     accepts: str
     required: bool = True
     default: bool = True
     unless: str | None = None
+    passes: bool = True
 
 
 @dataclass(frozen=True)

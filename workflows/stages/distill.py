@@ -11,7 +11,6 @@ Held-out answer accuracy of the student is measured before and after.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from llm_lifecycle.workflows.engine.model_stage import load_input_model, save_stage_model
 from llm_lifecycle.workflows.engine.trainer import TrainSettings
@@ -33,9 +32,6 @@ class DistillSettings(with_defaults(TrainSettings, steps=60, lr=3e-4, warmup_ste
     n_prompts: int = setting(256, "problems the teacher answers", limit=AT_LEAST_1)
     samples: int = setting(4, "answers sampled per problem; the best right one is kept", limit=AT_LEAST_1)
     temperature: float = setting(0.7, "the teacher's sampling temperature", limit=POSITIVE)
-
-    def passes_on(self, upstream: dict[str, Any]) -> dict[str, Any]:
-        return {"seq_len": self.seq_len}
 
 
 def run(ctx: StageContext, cfg: DistillSettings) -> StageResult:
@@ -64,6 +60,6 @@ def run(ctx: StageContext, cfg: DistillSettings) -> StageResult:
 
 KIND = StageKind(
     "distill", DistillSettings, run,
-    inputs=(Port("teacher", "model"), Port("student", "model", default=False)),
+    inputs=(Port("teacher", "model", passes=False), Port("student", "model", default=False)),
     output="model", trains=True,
 )
