@@ -47,6 +47,18 @@ def data_path(uri: str, key: str) -> Path:
     return path
 
 
+def read_data_files(uris: list[str], key: str, read) -> list:
+    """Every record `read(path)` gives for each data reference, in order; a file `read`
+    rejects (ValueError) is one line naming `key`."""
+    records = []
+    for uri in uris:
+        try:
+            records.extend(read(data_path(uri, key)))
+        except ValueError as err:
+            raise UserError(f"{key}: {err}") from None
+    return records
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 240 else text[:237] + "..."

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_lifecycle.workflows.refs import data_path
+from llm_lifecycle.workflows.refs import read_data_files
 from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, Settings, setting
 from llm_lifecycle.workflows.runner.stage import StageContext, UserError
 
@@ -110,12 +110,7 @@ def accuracy(model, tokenizer, problems: list[dict[str, str]], system_prompt: st
 
 
 def load_problem_files(uris: list[str], where: str) -> list[dict]:
-    problems = []
-    for uri in uris:
-        try:
-            problems.extend(load_problems(data_path(uri, where)))
-        except ValueError as err:
-            raise UserError(f"{where}: {err}") from None
+    problems = read_data_files(uris, where, load_problems)
     if not problems:
         raise UserError(f"{where}: no problems; give GSM8K-format jsonl files")
     return problems

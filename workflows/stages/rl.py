@@ -24,7 +24,7 @@ import torch
 
 from llm_lifecycle.workflows.engine.model_stage import load_init_model, load_input_model, save_stage_model
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, train
-from llm_lifecycle.workflows.refs import data_path, resolve_model_dir
+from llm_lifecycle.workflows.refs import read_data_files, resolve_model_dir
 from llm_lifecycle.workflows.rl.verifiable import (
     DEFAULT_SYSTEM_PROMPT,
     AnswerEvalSettings,
@@ -85,12 +85,7 @@ def _system_prompt(ctx: StageContext) -> str:
 def _pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> list:
     from llm_lifecycle.workflows.data.chat_data import encode_preference, load_preference_pairs
 
-    raw = []
-    for uri in cfg.data:
-        try:
-            raw.extend(load_preference_pairs(data_path(uri, f"stages.{ctx.stage}.data")))
-        except ValueError as err:
-            raise UserError(f"stages.{ctx.stage}.data: {err}") from None
+    raw = read_data_files(cfg.data, f"stages.{ctx.stage}.data", load_preference_pairs)
     system = _system_prompt(ctx)
     encoded = (encode_preference(tokenizer, p, c, r, cfg.seq_len, default_system=system) for p, c, r in raw)
     # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).

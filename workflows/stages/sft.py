@@ -7,10 +7,10 @@ from typing import Any
 
 from llm_lifecycle.workflows.engine.model_stage import load_init_model, load_input_model, save_stage_model
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
-from llm_lifecycle.workflows.refs import data_path
+from llm_lifecycle.workflows.refs import read_data_files
 from llm_lifecycle.workflows.rl.verifiable import DEFAULT_SYSTEM_PROMPT, AnswerEvalSettings, heldout_answer_accuracy
 from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_EMPTY_STRINGS, NON_NEGATIVE, POSITIVE, setting, with_defaults
-from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
+from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult
 
 
 @dataclass
@@ -35,13 +35,7 @@ class SFTSettings(with_defaults(TrainSettings, steps=60, lr=3e-4, warmup_steps=6
 def load_examples(ctx: StageContext, cfg: SFTSettings, tokenizer) -> list:
     from llm_lifecycle.workflows.data.chat_data import encode_chat, load_conversations
 
-    conversations = []
-    for uri in cfg.data:
-        try:
-            conversations.extend(load_conversations(data_path(uri, f"stages.{ctx.stage}.data")))
-        except ValueError as err:
-            raise UserError(f"stages.{ctx.stage}.data: {err}") from None
-    conversations = conversations[: cfg.max_examples]
+    conversations = read_data_files(cfg.data, f"stages.{ctx.stage}.data", load_conversations)[: cfg.max_examples]
     examples = [encode_chat(tokenizer, c, cfg.seq_len, default_system=cfg.system_prompt) for c in conversations]
     return [e for e in examples if any(e[1])]  # drop chats whose answer was cut away entirely
 
