@@ -292,10 +292,6 @@ def rl(
 ) -> None:
     """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO or
     rejection-sampling SFT. The model is registered as models:/RECIPE@STAGE and @METHOD."""
-    from llm_lifecycle.workflows.stages.rl import METHODS
-
-    if method is not None and method not in METHODS:
-        raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
     _relaunch(nproc, nnodes, rdzv_endpoint)
     _run_kind(recipe, "rl", set_, stage, [f"method={method}"] if method else [], source=from_)
 

@@ -458,15 +458,6 @@ def registered_version(ref: str) -> tuple[str, str] | None:
     return (name, rest) if rest.isdigit() else None
 
 
-def version_with_fingerprint(name: str, fingerprint: str) -> str | None:
-    """The version of `name` a pipeline stage with this fingerprint registered, if any."""
-    from mlflow.tracking import MlflowClient
-
-    versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    found = [v for v in versions if v.tags.get("llm.fingerprint") == fingerprint]
-    return str(max(int(v.version) for v in found)) if found else None
-
-
 def link_eval_run(tracker: MlflowTracker, name: str, version: str, scores: dict[str, float]) -> None:
     """Make an eval run and the model version it scored point at each other: tags on both, and
     the scores also logged against the version's MLflow model (they show on its model page)."""
