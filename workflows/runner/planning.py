@@ -71,6 +71,8 @@ def available_memory() -> tuple[str, int]:
 def memory_report(recipe: Recipe) -> list[str]:
     """One line per training stage: its estimated peak and whether it fits this machine."""
     from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.workflows.engine.distributed import device
+    from llm_lifecycle.workflows.engine.trainer import resolve_precision
 
     cfg = recipe.model_config()
     lines = [f"model: {recipe.preset}, {cfg.num_params() / 1e6:.2f}M parameters "
@@ -80,7 +82,7 @@ def memory_report(recipe: Recipe) -> list[str]:
         if not inst.spec.trains:
             continue
         s = inst.settings
-        precision = "fp32" if s.precision in ("fp32", "auto") and where == "RAM" else "bf16"
+        precision = resolve_precision(s.precision, device())
         est = training_memory(shape_of(ModelConfig.from_dict(inst.values["model"])), s.batch_size, s.seq_len, precision)
         need = est["total"] + (est["weights"] if inst.kind == "rl" else 0)  # DPO holds a frozen reference copy
         verdict = "fits" if need < available else f"[bold red]will not fit[/bold red] in {format_bytes(available)} {where}"

@@ -41,7 +41,7 @@ class Recipe:
     def settings(self, name: str):
         return self.instances[name].settings
 
-    def to_yaml(self) -> str:
+    def to_dict(self) -> dict:
         """The fully resolved recipe (preset, overrides and defaults applied), re-runnable as is."""
         stages = {}
         for inst in sorted(self.instances.values(), key=lambda i: i.position):
@@ -49,9 +49,11 @@ class Recipe:
             if inst.written_from is not None:
                 section["from"] = inst.written_from
             stages[inst.name] = {**section, **as_dict(inst.settings)}
-        data = {"name": self.name, "description": self.description, "seed": self.seed,
+        return {"name": self.name, "description": self.description, "seed": self.seed,
                 "model": {"preset": self.preset, **self.model}, "stages": stages}
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def model_config(self):
         from llm_lifecycle.models.config import ModelConfig
