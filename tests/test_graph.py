@@ -54,7 +54,7 @@ def write_recipe(path: Path, doc: dict) -> str:
 
 
 def llm(*args: str, workspace: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLM_HOME": str(workspace)}
+    env = {**os.environ, "LLM_HOME": str(workspace), "COLUMNS": "250"}  # tables unwrapped
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
