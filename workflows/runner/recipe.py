@@ -146,10 +146,10 @@ def _tokenizer_from_init(path: Path, sections: dict[str, Any]) -> None:
     """In the default pipeline, a recipe that starts from a model (pretrain.init or sft.init)
     uses that model's tokenizer; one line for tokenizer-training settings that would then be
     silently ignored, and for an extended tokenizer no stage would use."""
-    tok = sections.setdefault("tokenizer-train", {}) or {}
-    sections["tokenizer-train"] = tok
-    pretrain_init = (sections.get("pretrain") or {}).get("init")
-    sft_init = (sections.get("sft") or {}).get("init")
+    tok, pretrain, sft = (sections.get(name) for name in ("tokenizer-train", "pretrain", "sft"))
+    if not all(isinstance(section, dict) for section in (tok, pretrain, sft)):
+        return  # the graph rejects a section that is not a mapping, in one line
+    pretrain_init, sft_init = pretrain.get("init"), sft.get("init")
     extend, pretrained = tok.get("extend"), tok.get("pretrained")
     if extend is not None and sft_init and not pretrain_init:
         # Extending a tokenizer serves continued pretraining (pretrain.init grows the model's
@@ -227,10 +227,17 @@ def _stage_sections(path: Path, data: dict) -> dict[str, Any]:
     straight = all(name in kinds.DEFAULT_CHAIN and not (isinstance(s, dict) and "kind" in s) for name, s in given.items())
     if not straight:
         return dict(given)
-    sections = {name: dict(given.get(name) or {}) if isinstance(given.get(name) or {}, dict) else given[name]
-                for name in kinds.DEFAULT_CHAIN}
+    sections = {name: _copy_section(given.get(name, {})) for name in kinds.DEFAULT_CHAIN}
     _tokenizer_from_init(path, sections)
     return _pruned_by_init(sections)
+
+
+def _copy_section(section: Any) -> Any:
+    """A stage's section to fill in (None: all defaults); anything but a mapping is left for
+    the graph to reject in one line."""
+    if section is None:
+        return {}
+    return dict(section) if isinstance(section, dict) else section
 
 
 def _pruned_by_init(sections: dict[str, Any]) -> dict[str, Any]:
