@@ -127,7 +127,7 @@ def _run_rl(workspace, sft_dir, method):
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_online_methods_train_two_steps_and_report_rewards(workspace, sft_model_dir, method):
     result = _run_rl(workspace, sft_model_dir, method)
-    assert (result.model_alias, result.aliases) == (method, ["rl"])
+    assert (result.model_alias, result.aliases) == (None, [method])  # registered @rl (the stage) and @method
     assert {"heldout_accuracy_before", "heldout_accuracy", "final_loss"} <= result.metrics.keys()
     assert math.isfinite(result.metrics["final_loss"])
     state = torch.load(workspace / method / "checkpoints" / "step-00000002.pt", weights_only=True)
