@@ -51,6 +51,19 @@ TINY_OVERRIDES = [
 ]
 
 
+class ListTracker:
+    """A tracker that keeps each log_metrics call as a row, for tests of the training loop."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append({"step": step, **metrics})
+
+    def set_tags(self, tags):
+        pass
+
+
 @pytest.fixture()
 def workspace(tmp_path, monkeypatch) -> Path:
     ws = tmp_path / "llm-runs"

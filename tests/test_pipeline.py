@@ -294,7 +294,7 @@ def test_diverging_loss_stops_keeps_last_good_checkpoint_and_says_what_to_try(fi
     step = int(line.split("diverged at step ")[1].split(" ")[0])
     kept = sorted(p.name for p in (stage.directory / "checkpoints").iterdir())
     # Checkpoint step-k holds the weights after k updates: the last good one is step-<failing step>,
-    # and only the newest keep_checkpoints=2 are on disk.
-    assert kept == [f"step-{step - 1:08d}.pt", f"step-{step:08d}.pt"], (line, kept)
-    assert str(stage.directory / "checkpoints" / kept[-1]) in line and "--set pretrain.lr=1000" in line
+    # and only the newest keep_checkpoints=2 are on disk, each with its checksum.
+    assert kept == [f"step-{k:08d}.pt{suffix}" for k in (step - 1, step) for suffix in ("", ".sha256")], (line, kept)
+    assert str(stage.directory / "checkpoints" / f"step-{step:08d}.pt") in line and "--set pretrain.lr=1000" in line
     assert not (stage.directory / "model").exists() and not stage.result_file.exists()

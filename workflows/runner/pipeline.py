@@ -25,7 +25,9 @@ from llm_lifecycle import __version__
 from llm_lifecycle.registry.hardware import is_main_process
 from llm_lifecycle.workflows.engine.distributed import barrier
 from llm_lifecycle.workflows.runner.graph import Instance, dependents
+from llm_lifecycle.workflows.runner.planning import refuse_what_cannot_fit
 from llm_lifecycle.workflows.runner.recipe import Recipe
+from llm_lifecycle.workflows.runner.recipe_lock import hold_recipe
 from llm_lifecycle.workflows.runner.settings import as_dict
 from llm_lifecycle.workflows.runner.stage import (
     Progress,
@@ -148,12 +150,23 @@ def run_pipeline(
     from_stage: str | None = None,
     force: tuple[str, ...] = (),
     sweep: SweepMember | None = None,
+    wait: bool = False,
 ) -> dict[str, StageResult]:
-    """Run the planned stages under one parent MLflow run; returns every stage's result."""
+    """Run the planned stages under one parent MLflow run; returns every stage's result.
+    Another process running the recipe is waited for (`wait`) or refused."""
     from llm_lifecycle.registry import tracking
 
     planned = plan(recipe, workspace, stages, from_stage, force)
-    tracking.configure(workspace)
+    refuse_what_cannot_fit(recipe, [p.name for p in planned if p.will_run])
+    tracking.configure(workspace)  # a workspace we cannot write, a server that does not answer: one line
+    with hold_recipe(workspace, recipe.name, wait, progress):
+        return _run_planned(recipe, workspace, progress, planned, sweep)
+
+
+def _run_planned(recipe: Recipe, workspace: Path, progress: Progress, planned: list[PlannedStage],
+                 sweep: SweepMember | None) -> dict[str, StageResult]:
+    from llm_lifecycle.registry import tracking
+
     results: dict[str, StageResult] = {}
     ran = [p.name for p in planned if p.will_run]
     base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}

@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 
 from llm_lifecycle.workflows import stages as kinds
+from llm_lifecycle.workflows import strict_yaml
 from llm_lifecycle.workflows.runner.graph import Instance, build_graph
 from llm_lifecycle.workflows.runner.settings import ConfigError, as_dict
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
 
 
 TOP_LEVEL_KEYS = {"name", "description", "seed", "model", "stages"}
@@ -80,28 +80,13 @@ def recipe_path(name_or_path: str) -> Path:
     return path
 
 
-class _UniqueKeyLoader(_SAFE_LOADER):
-    """A YAML loader that refuses a mapping with the same key twice (PyYAML keeps the last
-    silently: two stages with one name would quietly become one)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' appears twice in one mapping (first on line {seen[key] + 1})",
-                    key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
-
-
 def read_yaml(path: Path) -> Any:
+    """The recipe file as data: UTF-8, every key of a mapping once (two stages with one name
+    are a mistake, not the last one silently winning)."""
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        return strict_yaml.load(strict_yaml.utf8_text(path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

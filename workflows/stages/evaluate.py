@@ -67,7 +67,7 @@ def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int,
     return VLLM(pretrained=str(hf_dir), batch_size=batch_size)
 
 
-def load_suites(suites: list[str], data_dir) -> dict:
+def load_suites(suites: list[str], data_dir, num_fewshot: int | None = None) -> dict:
     """Each suite's data, found before any run is opened: lm-eval suites -> their loaded tasks,
     ppl/long -> None (their held-out text is checked). Missing data is a UserError naming it.
     data_dir "hub" (or None) lets lm-eval read the hub."""
@@ -81,7 +81,7 @@ def load_suites(suites: list[str], data_dir) -> dict:
                 heldout_text(data_dir)
                 loaded[suite] = None
             else:
-                loaded[suite] = load_suite(suite, None if data_dir == "hub" else data_dir)
+                loaded[suite] = load_suite(suite, None if data_dir == "hub" else data_dir, num_fewshot)
         except EvalError as err:
             raise UserError(str(err)) from None
     return loaded
@@ -166,7 +166,7 @@ def run(ctx: StageContext, cfg: EvalSettings) -> StageResult:
     model, tokenizer, model_dir = load_input_model(ctx)
     lm = make_lm("ours", model_dir, model, tokenizer, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
                  work_dir=ctx.stage_dir)
-    loaded = load_suites(cfg.suites, cfg.data_dir)
+    loaded = load_suites(cfg.suites, cfg.data_dir, cfg.num_fewshot)
     outcome = run_suites(lm, model, tokenizer, ctx.tracker, loaded, data_dir=cfg.data_dir,
                          limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=ctx.seed, batch_size=cfg.batch_size)
     metrics = outcome.metrics
@@ -192,13 +192,15 @@ def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot,
     check_suites(suites, backend)
     model_dir = resolve_model_dir(ref)
     model, tokenizer = load_model(model_dir)
+    if tokenizer is None:
+        raise UserError(f"{ref}: no tokenizer.json beside the weights; evaluation needs the model's tokenizer")
     version = tracking.registered_version(ref)
     experiment = version[0] if version else "eval"
     tracking.configure()
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as work_dir:
         lm = make_lm(backend, model_dir, model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks,
                      work_dir=Path(work_dir))
-        loaded = load_suites(suites, data_dir)  # missing data stops here, before a run is opened
+        loaded = load_suites(suites, data_dir, num_fewshot)  # missing data stops here, before a run is opened
         with tracking.start_run(experiment, "eval", {"llm.stage": "eval", "llm.model_ref": ref,
                                                      "llm.eval_backend": backend}) as tracker:
             tracker.log_params({"model": ref, "suites": suites, "data_dir": data_dir, "limit": limit,

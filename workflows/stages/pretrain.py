@@ -17,7 +17,7 @@ from llm_lifecycle.workflows.engine.model_stage import (
     save_stage_model,
 )
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
-from llm_lifecycle.workflows.runner.settings import ConfigError, Limit, setting
+from llm_lifecycle.workflows.runner.settings import NON_NEGATIVE, ConfigError, Limit, setting
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
 OBJECTIVES = ("causal", "glm_blank_infilling")
@@ -31,6 +31,10 @@ class PretrainSettings(TrainSettings):
                                     limit=Limit(lambda v: 0 < v < 0.5, "a number above 0 and below 0.5"))
     glm_mean_span: float = setting(3.0, "Poisson mean of a blank's length (GLM)",
                                    limit=Limit(lambda v: v >= 1, "a number >= 1"))
+    mtp_depth: int = setting(0, "> 0: DeepSeek-V3 multi-token prediction, this many further tokens (V3: 1; "
+                                "models/mtp.py)", limit=NON_NEGATIVE)
+    mtp_weight: float = setting(0.3, "the MTP loss's weight (V3: 0.3, then 0.1 for the last 4.8T tokens)",
+                                limit=NON_NEGATIVE)
     schedule: list[Any] = setting([], "data phases, mixtures of data-fetch groups (docs/data.md)")
     init: str | None = setting(None, "start from this model (a Hugging Face folder or hub id, models:/..., our "
                                      "folder) instead of random weights")
@@ -62,6 +66,9 @@ class PretrainSettings(TrainSettings):
             if self.init:
                 raise ConfigError(f"{where}.init continues causal pretraining; objective glm_blank_infilling "
                                   "starts from scratch")
+        if self.mtp_depth and self.objective != "causal":
+            raise ConfigError(f"{where}.mtp_depth predicts further tokens of causal text; objective "
+                              f"{self.objective} has its own targets; set mtp_depth: 0")
 
     def passes_on(self, upstream: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model_fields(upstream), "seq_len": self.seq_len, "base_seq_len": self.seq_len}
@@ -97,6 +104,12 @@ def run(ctx: StageContext, cfg: PretrainSettings) -> StageResult:
             model_cfg.max_seq_len = max(model_cfg.max_seq_len, packed_length(cfg.seq_len, cfg.glm_mask_ratio, cfg.glm_mean_span))
         model = Decoder(model_cfg)
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
+    trained, loss_fn, flops_per_token = model, lm_loss, model_cfg.flops_per_token(cfg.seq_len)
+    if cfg.mtp_depth:  # DeepSeek-V3's multi-token prediction: extra modules that train, then are dropped
+        from llm_lifecycle.models.mtp import MultiTokenPrediction
+
+        trained = MultiTokenPrediction(model, cfg.mtp_depth, cfg.mtp_weight)
+        loss_fn, flops_per_token = mtp_loss, trained.flops_per_token(cfg.seq_len)
 
     def batches(start: int):
         windows = scheduled_batches(shards, schedule, cfg, seed=ctx.seed, start_micro_step=start)
@@ -105,14 +118,24 @@ def run(ctx: StageContext, cfg: PretrainSettings) -> StageResult:
         return glm_batches(windows, glm_ids, ctx.seed, start, cfg.glm_mask_ratio, cfg.glm_mean_span)
 
     summary = train(
-        ctx, model, cfg, batches, lm_loss,
+        ctx, trained, cfg, batches, loss_fn,
         ckpt_dir=ctx.stage_dir / "checkpoints",
-        flops_per_token=model_cfg.flops_per_token(cfg.seq_len),
+        flops_per_token=flops_per_token,
         description=ctx.stage,
     )
     summary["heldout_ppl"] = heldout_perplexity(ctx, model, cfg.seq_len, max_windows=16)
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
+
+
+def mtp_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """lm_loss (whose aux_loss now carries the weighted MTP term), plus each MTP depth's own
+    cross-entropy and their mean as metrics."""
+    loss, metrics = lm_loss(model, batch)
+    depths = model.mtp_losses
+    metrics.update({f"mtp_loss.depth{k}": v for k, v in enumerate(depths, start=1)})
+    metrics["mtp_loss"] = sum(depths) / len(depths)
+    return loss, metrics
 
 
 def fit_to_tokenizer(model, init_tokenizer, tokenizer, init_ref: str):
