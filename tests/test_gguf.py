@@ -38,6 +38,8 @@ CASES = {
     "qwen3": dict(family="qwen3", qk_norm=True),
     "qwen3moe": dict(family="qwen3_moe", qk_norm=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=64,
                      tie_embeddings=False),
+    "qwen2moe": dict(family="qwen2_moe", qkv_bias=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=32,
+                     n_shared_experts=2, shared_expert_gate=True, norm_topk_prob=False, tie_embeddings=False),
     "gemma": dict(family="gemma", mlp="geglu", scale_embeddings=True, head_dim=24, n_kv_heads=1),
     "phi3": dict(family="phi3", tie_embeddings=False),
     "phi2": dict(family="phi", norm="layernorm", mlp="gelu", parallel_block=True, rotary_pct=0.5, qkv_bias=True,
