@@ -83,7 +83,8 @@ MOE_FIELDS = (
     "n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "n_dense_layers",
     "router_score", "router_bias", "n_expert_groups", "topk_groups", "routed_scale",
 )
-TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "ffn_multiple_of")
+TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "router_bias_update",
+                 "ffn_multiple_of")
 SILU = {"hidden_act": "silu"}
 # Other spellings of a config.json key that some transformers versions write (5.x: num_local_experts).
 KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}

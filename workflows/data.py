@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
@@ -213,6 +214,9 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 raise UserError(
                     f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object"
                 ) from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one "
+                                "JSON object with a text field") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                 raise UserError(
@@ -227,34 +231,49 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column '{text_field}' (has: {', '.join(names)}); set text_field for this source")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise UserError(f"{path}: column '{text_field}' holds {type(text).__name__}, not text")
-            yield text
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if text_field not in names:
+            raise UserError(f"{path}: no column '{text_field}' (has: {', '.join(names)}); set text_field for this source")
+        for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise UserError(f"{path}: column '{text_field}' holds {type(text).__name__}, not text")
+                yield text
+    except (pyarrow.ArrowException, OSError) as err:  # empty, truncated or not Parquet at all
+        raise UserError(f"{path}: not a readable Parquet file ({_one_line(err)}); "
+                        "re-download it or drop it from the sources") from None
+
+
+# The csv module refuses fields over 128 KiB by default; a long document is no mistake, but a
+# field this large is a file that is not CSV (an unclosed quote swallowing the rest).
+CSV_FIELD_LIMIT = 64 << 20
 
 
 def _csv_texts(path: Path, text_field: str) -> Iterator[str]:
     import csv
 
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        if text_field not in (reader.fieldnames or []):
-            raise UserError(
-                f"{path}: no column '{text_field}' in the header (has: {', '.join(reader.fieldnames or [])}); "
-                "set text_field for this source"
-            )
-        for row in reader:
-            if row[text_field]:
-                yield row[text_field]
+        try:
+            if text_field not in (reader.fieldnames or []):
+                raise UserError(
+                    f"{path}: no column '{text_field}' in the header (has: {', '.join(reader.fieldnames or [])}); "
+                    "set text_field for this source"
+                )
+            for row in reader:
+                if row[text_field]:
+                    yield row[text_field]
+        except csv.Error as err:
+            raise UserError(f"{path}:{reader.line_num}: not readable as CSV ({err}); "
+                            f"fields may hold up to {CSV_FIELD_LIMIT >> 20} MiB") from None
 
 
 def read_texts(path: Path, text_field: str = "text", split: str = "paragraph") -> Iterator[str]:
@@ -275,6 +294,9 @@ def read_texts(path: Path, text_field: str = "text", split: str = "paragraph") -
                 yield text
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; convert it to UTF-8 or drop it from the sources") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # not gzip, or cut short
+        raise UserError(f"{path}: not a readable gzip file ({_one_line(err)}); "
+                        "re-download it or drop it from the sources") from None
 
 
 def unit_hash(key: str) -> float:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from llm_lifecycle.registry.hardware import is_main_process, rank, world_size
 from llm_lifecycle.workflows.stage import UserError
 
-__all__ = ["init", "device", "shard_model", "sync_gradients", "rank_rows", "mean_across_ranks",
+__all__ = ["init", "device", "shard_model", "sync_gradients", "rank_rows", "target_share", "mean_across_ranks",
            "full_state_dicts", "full_model_state", "load_full_state_dicts", "barrier", "is_main_process", "rank", "world_size"]
 
 # Rank 0 may spend a long time on data stages while the others wait at a barrier.
@@ -68,6 +68,20 @@ def rank_rows(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
                         "change batch_size or --nproc")
     share = rows // n
     return tuple(t[rank() * share : (rank() + 1) * share] for t in batch)
+
+
+def target_share(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | float:
+    """This rank's share of the global micro-batch's counted targets, times the world size:
+    the factor that turns this rank's per-token mean loss into its part of the global
+    per-token mean once FSDP averages gradients over ranks. Ranks whose rows hold different
+    numbers of counted targets (SFT masks all but the answers) then train as one process
+    would on the whole batch (collective: every rank calls it)."""
+    if world_size() == 1:
+        return 1.0
+    counted = (targets != ignore_index).sum().to(torch.float64)
+    total = counted.clone()
+    dist.all_reduce(total)
+    return (counted * world_size() / total).float() if total > 0 else 1.0
 
 
 def mean_across_ranks(value: float) -> float:

@@ -1,8 +1,10 @@
 """`--nproc N [--nnodes M --rdzv-endpoint HOST:PORT]`: run the same command under torchrun.
 
 The command re-executes itself as `python -m torch.distributed.run ... -m llm_lifecycle.cli.app
-<the same arguments>`; inside torchrun (its environment says so) it runs normally, one
-process per rank, and the trainer shards the model with FSDP2.
+-- <the same arguments>`; inside torchrun (its environment says so) it runs normally, one
+process per rank, and the trainer shards the model with FSDP2. The `--` keeps torchrun's
+parser off our arguments: it accepts abbreviations, so it would read `--nproc` as an
+ambiguous prefix of its own `--nproc-per-node` and stop with its usage text.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def torchrun_command(nproc: int, nnodes: int, rdzv_endpoint: str | None, args: l
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
     else:
         cmd += ["--standalone"]
-    return cmd + ["-m", "llm_lifecycle.cli.app", *args]
+    return cmd + ["-m", "llm_lifecycle.cli.app", "--", *args]
 
 
 def relaunch_if_asked(nproc: int, nnodes: int, rdzv_endpoint: str | None) -> None:

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 from llm_lifecycle import __version__
 from llm_lifecycle.registry.hardware import is_main_process
 from llm_lifecycle.workflows.distributed import barrier
+from llm_lifecycle.workflows.planning import TRAINING_STAGES, refuse_what_cannot_fit
+from llm_lifecycle.workflows.recipe_lock import hold_recipe
 from llm_lifecycle.workflows.recipe import STAGE_ORDER, Recipe
 from llm_lifecycle.workflows.stage import (
     Progress,
@@ -59,8 +61,6 @@ STAGES: dict[str, StageSpec] = {
     ]
 }
 assert list(STAGES) == STAGE_ORDER
-# Stages that run on every torchrun rank (data-parallel training); rank 0 runs the others.
-TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
 
 
 @dataclass
@@ -185,12 +185,23 @@ def run_pipeline(
     from_stage: str | None = None,
     force: tuple[str, ...] = (),
     sweep: SweepMember | None = None,
+    wait: bool = False,
 ) -> dict[str, StageResult]:
-    """Run the planned stages under one parent MLflow run; returns every stage's result."""
+    """Run the planned stages under one parent MLflow run; returns every stage's result.
+    Another process running the recipe is waited for (`wait`) or refused."""
     from llm_lifecycle.registry import tracking
 
     planned = plan(recipe, workspace, stages, from_stage, force)
-    tracking.configure(workspace)
+    refuse_what_cannot_fit(recipe, [p.name for p in planned if p.will_run])
+    tracking.configure(workspace)  # a workspace we cannot write, a server that does not answer: one line
+    with hold_recipe(workspace, recipe.name, wait, progress):
+        return _run_planned(recipe, workspace, progress, planned, sweep)
+
+
+def _run_planned(recipe: Recipe, workspace: Path, progress: Progress, planned: list[PlannedStage],
+                 sweep: SweepMember | None) -> dict[str, StageResult]:
+    from llm_lifecycle.registry import tracking
+
     results: dict[str, StageResult] = {}
     ran = [p.name for p in planned if p.will_run]
     base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}

@@ -40,6 +40,12 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
             model_cfg.max_seq_len = max(model_cfg.max_seq_len, packed_length(settings.seq_len, cfg["glm_mask_ratio"], cfg["glm_mean_span"]))
         model = Decoder(model_cfg)
     ctx.tracker.log_metrics({"params": model_cfg.num_params(), "active_params": model_cfg.active_params()})
+    trained, loss_fn, flops_per_token = model, lm_loss, model_cfg.flops_per_token(settings.seq_len)
+    if cfg["mtp_depth"]:  # DeepSeek-V3's multi-token prediction: extra modules that train, then are dropped
+        from llm_lifecycle.models.mtp import MultiTokenPrediction
+
+        trained = MultiTokenPrediction(model, cfg["mtp_depth"], cfg["mtp_weight"])
+        loss_fn, flops_per_token = mtp_loss, trained.flops_per_token(settings.seq_len)
 
     def batches(start: int):
         windows = scheduled_batches(shards, schedule, settings, seed=ctx.seed, start_micro_step=start)
@@ -48,14 +54,24 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
         return glm_batches(windows, glm_ids, ctx.seed, start, cfg["glm_mask_ratio"], cfg["glm_mean_span"])
 
     summary = train(
-        ctx, model, settings, batches, lm_loss,
+        ctx, trained, settings, batches, loss_fn,
         ckpt_dir=ctx.stage_dir / "checkpoints",
-        flops_per_token=model_cfg.flops_per_token(settings.seq_len),
+        flops_per_token=flops_per_token,
         description="pretrain",
     )
     summary["heldout_ppl"] = heldout_perplexity(ctx, model, settings.seq_len, max_windows=16)
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
+
+
+def mtp_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """lm_loss (whose aux_loss now carries the weighted MTP term), plus each MTP depth's own
+    cross-entropy and their mean as metrics."""
+    loss, metrics = lm_loss(model, batch)
+    depths = model.mtp_losses
+    metrics.update({f"mtp_loss.depth{k}": v for k, v in enumerate(depths, start=1)})
+    metrics["mtp_loss"] = sum(depths) / len(depths)
+    return loss, metrics
 
 
 def fit_to_tokenizer(model, init_tokenizer, tokenizer, init_ref: str):

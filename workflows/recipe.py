@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
+from llm_lifecycle.workflows import strict_yaml
 from llm_lifecycle.workflows.data import parse_sources
 from llm_lifecycle.workflows.stage import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
 
 
 class ConfigError(UserError):
@@ -86,6 +86,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "objective": "causal",  # or glm_blank_infilling (GLM; the model needs rope_2d: true)
         "glm_mask_ratio": 0.15,  # share of each window cut out as blanks
         "glm_mean_span": 3.0,  # Poisson mean of a blank's length
+        "mtp_depth": 0,  # > 0: DeepSeek-V3 multi-token prediction, this many further tokens (V3: 1); models/mtp.py
+        "mtp_weight": 0.3,  # the MTP loss's weight (V3: 0.3, then 0.1 for the last 4.8T tokens)
         "schedule": [],  # data phases (mixtures of data-fetch groups): workflows/mixture.py
         # start from this model (a Hugging Face folder or hub id, models:/..., our folder) instead of random weights
         "init": None,
@@ -187,6 +189,9 @@ _LIMITS: dict[str, tuple[Any, str]] = {
                     "empty (the suite's default) or an integer >= 0"),
     "data": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of file names"),
     "suites": (lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of suite names"),
+    "eval_lengths": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 2 for x in v)),
+        "empty (twice seq_len) or a non-empty list of integers >= 2, e.g. [512, 1024]"),
 }
 
 
@@ -255,7 +260,9 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> Any:
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
+        return strict_yaml.load(strict_yaml.utf8_text(path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -468,6 +475,13 @@ def _check_objective(recipe_file: Path, pretrain: dict, model: dict) -> None:
         )
     if not 0 < pretrain["glm_mask_ratio"] < 0.5 or not pretrain["glm_mean_span"] >= 1:
         raise ConfigError(f"{recipe_file}: stages.pretrain: need 0 < glm_mask_ratio < 0.5 and glm_mean_span >= 1")
+    depth, weight = pretrain["mtp_depth"], pretrain["mtp_weight"]
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0 or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"{recipe_file}: stages.pretrain: mtp_depth must be an integer >= 0 and mtp_weight a number >= 0 "
+                          f"(got {depth!r}, {weight!r})")
+    if depth and objective != "causal":
+        raise ConfigError(f"{recipe_file}: stages.pretrain.mtp_depth predicts further tokens of causal text; "
+                          f"objective {objective} has its own targets; set mtp_depth: 0")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_lifecycle.workflows.pipeline import SweepMember, run_pipeline
+from llm_lifecycle.workflows.planning import TRAINING_STAGES
 from llm_lifecycle.workflows.recipe import Recipe, load_recipe
+from llm_lifecycle.workflows.recipe_lock import hold_recipe
 from llm_lifecycle.workflows.stage import Progress, UserError
 
-TRAINING_STAGES = ("pretrain", "extend-context", "sft", "rl")
 BUDGET_KEYS = ("steps", "batch_size", "seq_len", "grad_accum")
 
 
@@ -84,7 +85,7 @@ class SweepResult:
 
 
 def run_sweep(
-    recipe_name: str, vary: list[str], overrides: list[str], workspace: Path, progress: Progress
+    recipe_name: str, vary: list[str], overrides: list[str], workspace: Path, progress: Progress, wait: bool = False
 ) -> SweepResult:
     from llm_lifecycle import __version__
     from llm_lifecycle.registry import tracking
@@ -98,7 +99,9 @@ def run_sweep(
     tracking.configure(workspace)
     tags = {"llm.recipe": base.name, "llm.stage": "sweep", "llm.version": __version__}
     label = " x ".join(f"{k}={','.join(vs)}" for k, vs in varied)
-    with tracking.start_run(base.name, f"sweep [{label}]", tags) as sweep_run:
+    # The sweep holds its recipe from before its run opens until its last variant is done.
+    with (hold_recipe(workspace, base.name, wait, progress),
+          tracking.start_run(base.name, f"sweep [{label}]", tags) as sweep_run):
         sweep_run.log_params({"vary": vary, "overrides": overrides, "variants": len(planned)})
         sweep_run.log_params({"tokens": token_budget(base)})
         for variant, recipe in zip(planned, recipes):

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from llm_lifecycle.models.decoder import IGNORE_INDEX
 from llm_lifecycle.registry.hardware import cpu_has_native_bf16
 from llm_lifecycle.workflows import distributed
 from llm_lifecycle.workflows.stage import StageContext, UserError, atomic_path
@@ -371,6 +372,8 @@ def train(
                 raise _diverged(ctx, description, step, loss_sum, float(grad_norm), settings, ckpt_dir)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if hasattr(model, "end_step"):  # DeepSeek-V3: expert biases follow the step's load
+                model.end_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = distributed.mean_across_ranks(loss_sum)
@@ -413,4 +416,4 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
     metrics = {"ce_loss": ce.item(), "aux_loss": float(aux.detach())}
     if out.expert_load is not None:
         metrics.update(expert_load_metrics(out.expert_load))
-    return ce + aux, metrics
+    return ce * distributed.target_share(targets, IGNORE_INDEX) + aux, metrics
