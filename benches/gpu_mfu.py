@@ -9,7 +9,7 @@ Training runs our trainer's parts: the decoder with its fused head loss and grou
 AdamW and gradient clipping, FSDP2 (`fully_shard` per block, then the root) in a process
 group of one, and torch.compile per block, the way torchtitan compiles. MFU = model FLOPs
 per token (6N + attention, config.flops_per_token) x tokens/s over the GPU's dense bf16 peak
-(workflows/trainer.py GPU_PEAK_FLOPS). Generation: models/generate.py, weights in bf16,
+(workflows/engine/trainer.py GPU_PEAK_FLOPS). Generation: models/generate.py, weights in bf16,
 batch 64, 64-token prompts, 128 new tokens, greedy.
 """
 
@@ -27,7 +27,7 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.generate import generate
 from llm_lifecycle.registry.hardware import hardware_profile
-from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, make_optimizer, peak_flops
+from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, make_optimizer, peak_flops
 
 # Qwen2.5-0.5B's shape (494M parameters), and a Qwen3-MoE-style model of 1.56B parameters with
 # 0.50B active per token (32 experts, top-4, 16 layers).
@@ -46,11 +46,6 @@ TINY = {
                        qk_norm=True, tie_embeddings=False, n_experts=4, n_experts_per_token=2, moe_ffn_dim=32,
                        max_seq_len=64),
 }
-SETTINGS = dict(steps=1, grad_accum=1, lr=3e-4, min_lr_ratio=0.1, warmup_steps=0, weight_decay=0.1, beta1=0.9,
-                beta2=0.95, eps=1e-8, grad_clip=1.0, checkpoint_every=10**9, log_every=1, precision="bf16",
-                compile=True, activation_checkpointing=False)
-
-
 def process_group_of_one(device: str) -> None:
     """FSDP2 needs a process group; one rank, in memory, no torchrun."""
     if not dist.is_initialized():
@@ -72,7 +67,7 @@ def sharded_model(cfg: ModelConfig, device: str, compile_: bool) -> Decoder:
 def train_tokens_per_s(cfg: ModelConfig, device: str, batch: int, seq: int, steps: int, warmup: int,
                        compile_: bool) -> float:
     model = sharded_model(cfg, device, compile_)
-    settings = TrainSettings(**SETTINGS, batch_size=batch, seq_len=seq)
+    settings = TrainSettings(batch_size=batch, seq_len=seq, lr=3e-4, precision="bf16", compile=compile_)
     params = [(n, p) for n, p in model.named_parameters()]
     optimizer = make_optimizer(params, settings, device)
     data = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)

@@ -38,31 +38,32 @@ OTHER = "other (the stage's own work)"
 START, BETWEEN = "(start-up, before the first stage)", "(pipeline, between stages)"
 
 
-def stage_names() -> dict[tuple[str, str], str]:
-    """(module file stem, function) of each stage kind's entry point -> its stage name."""
-    from llm_lifecycle.workflows.pipeline import STAGES
+def kind_of_module() -> dict[str, str]:
+    """Module file stem -> the stage kind it implements (workflows/stages/)."""
+    from llm_lifecycle.workflows.stages import MODULES
 
-    names = {}
-    for name, spec in STAGES.items():
-        module, _, func = spec.entry.partition(":")
-        names[module.rsplit(".", 1)[-1], func] = name
-    return names
+    return {module: kind for kind, module in MODULES.items()}
 
 
 def summarize(speedscope: dict) -> tuple[dict[str, dict[str, float]], float]:
-    """({stage: {category: seconds}} in the order the stages ran, seconds in all)."""
+    """({stage: {category: seconds}} in the order the stages ran, seconds in all). A stage is
+    named by its kind; a later instance of a kind already seen gets a number ("pretrain #2")."""
     frames = speedscope["shared"]["frames"]
     main = max(speedscope["profiles"], key=lambda p: sum(p["weights"]))  # alive the whole run
-    names = stage_names()
+    kinds = kind_of_module()
     stages: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    current = None
+    current, left = None, False  # the stage running; whether the runner left it since
     for sample, seconds in zip(main["samples"], main["weights"]):
         stack = [frames[i] for i in sample]  # root first
         runner = next((i for i, f in enumerate(stack) if f["name"] == "_run_stage"), None)
-        if runner is not None and runner + 1 < len(stack):  # inside a stage: in its entry point?
+        if runner is None:
+            left = current is not None
+        elif runner + 1 < len(stack):  # inside a stage: in a kind's run()?
             entry = stack[runner + 1]
-            stem = os.path.splitext(os.path.basename(entry["file"] or ""))[0]
-            current = names.get((stem, entry["name"]), current)
+            kind = kinds.get(os.path.splitext(os.path.basename(entry["file"] or ""))[0])
+            if kind and entry["name"] == "run" and (left or not (current or "").startswith(kind)):
+                seen = sum(1 for s in stages if s == kind or s.startswith(f"{kind} #"))
+                current, left = kind if not seen else f"{kind} #{seen + 1}", False
         stage = (current if runner is not None else BETWEEN) if current else START
         category = next((c for c, belongs in CATEGORIES if any(belongs(f["name"], f["file"] or "") for f in stack)), OTHER)
         stages[stage][category] += seconds

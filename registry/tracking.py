@@ -251,7 +251,7 @@ def file_digest(path: str | Path) -> str:
 
 
 class MlflowTracker:
-    """The stage-facing `Tracker` (workflows/stage.py) bound to one MLflow run."""
+    """The stage-facing `Tracker` (workflows/runner/stage.py) bound to one MLflow run."""
 
     def __init__(self, run_id: str):
         from mlflow.tracking import MlflowClient
@@ -537,15 +537,6 @@ def registered_version(ref: str) -> tuple[str, str] | None:
         name, alias = name.split("@", 1)
         return name, str(client.get_model_version_by_alias(name, alias).version)
     return (name, rest) if rest.isdigit() else None
-
-
-def version_with_fingerprint(name: str, fingerprint: str) -> str | None:
-    """The version of `name` a pipeline stage with this fingerprint registered, if any."""
-    from mlflow.tracking import MlflowClient
-
-    versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    found = [v for v in versions if v.tags.get("llm.fingerprint") == fingerprint]
-    return str(max(int(v.version) for v in found)) if found else None
 
 
 def link_eval_run(tracker: MlflowTracker, name: str, version: str, scores: dict[str, float]) -> None:

@@ -61,24 +61,26 @@ def test_pipeline_profile_splits_wall_time_by_stage_and_category():
     frames = [
         frame("<module>", "llm"),                                        # 0
         frame("_find_and_load", "<frozen importlib._bootstrap>"),        # 1
-        frame("_run_stage", "/x/workflows/pipeline.py"),                 # 2
-        frame("run", "/x/workflows/pretrain.py"),                        # 3
-        frame("train", "/x/workflows/trainer.py"),                       # 4
+        frame("_run_stage", "/x/workflows/runner/pipeline.py"),          # 2
+        frame("run", "/x/workflows/stages/pretrain.py"),                 # 3
+        frame("train", "/x/workflows/engine/trainer.py"),               # 4
         frame("log_metrics", "/x/registry/tracking.py"),                 # 5
         frame("log_and_register_model", "/x/registry/tracking.py"),      # 6
-        frame("run", "/x/workflows/evaluate.py"),                        # 7
+        frame("run", "/x/workflows/stages/evaluate.py"),                 # 7
         frame("simple_evaluate", "/v/site-packages/lm_eval/evaluator.py"),  # 8
         frame("generate", "/x/models/generate.py"),                      # 9
     ]
     samples = [[0, 1], [0, 1],                 # imports before any stage
                [0, 2, 3, 4], [0, 2, 3, 4], [0, 2, 3, 4, 5],  # pretrain: training, one logging call
                [0, 2, 6],                      # registering pretrain's model: still pretrain's time
-               [0, 2, 7, 8], [0, 2, 7, 8, 9]]  # eval: evaluation, generation
+               [0, 2, 7, 8], [0, 2, 7, 8, 9],  # eval: evaluation, generation
+               [0], [0, 2, 3, 4]]              # the runner between stages, then a second pretrain instance
     main_thread = {"samples": samples, "weights": [0.5] * len(samples)}
     helper = {"samples": [[0]], "weights": [0.5]}
     stages, total = profile.summarize({"shared": {"frames": frames}, "profiles": [helper, main_thread]})
-    assert total == 4.0
-    assert list(stages) == [profile.START, "pretrain", "eval"]
+    assert total == 5.0
+    assert list(stages) == [profile.START, "pretrain", "eval", profile.BETWEEN, "pretrain #2"]
     assert stages[profile.START] == {"start-up (imports)": 1.0}
     assert stages["pretrain"] == {"training": 1.0, "MLflow logging": 1.0}
     assert stages["eval"] == {"evaluation": 0.5, "generation": 0.5}
+    assert stages["pretrain #2"] == {"training": 0.5}
