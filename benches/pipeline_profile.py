@@ -56,15 +56,16 @@ def summarize(speedscope: dict) -> tuple[dict[str, dict[str, float]], float]:
     for sample, seconds in zip(main["samples"], main["weights"]):
         stack = [frames[i] for i in sample]  # root first
         runner = next((i for i, f in enumerate(stack) if f["name"] == "_run_stage"), None)
-        if runner is None:
+        between = runner is None and any(f["name"] == "run_pipeline" for f in stack)  # not a truncated stack
+        if between:
             left = current is not None
-        elif runner + 1 < len(stack):  # inside a stage: in a kind's run()?
+        elif runner is not None and runner + 1 < len(stack):  # inside a stage: in a kind's run()?
             entry = stack[runner + 1]
             kind = kinds.get(os.path.splitext(os.path.basename(entry["file"] or ""))[0])
             if kind and entry["name"] == "run" and (left or not (current or "").startswith(kind)):
                 seen = sum(1 for s in stages if s == kind or s.startswith(f"{kind} #"))
                 current, left = kind if not seen else f"{kind} #{seen + 1}", False
-        stage = (current if runner is not None else BETWEEN) if current else START
+        stage = START if current is None else BETWEEN if between else current
         category = next((c for c, belongs in CATEGORIES if any(belongs(f["name"], f["file"] or "") for f in stack)), OTHER)
         stages[stage][category] += seconds
     return stages, sum(main["weights"])

@@ -69,18 +69,20 @@ def test_pipeline_profile_splits_wall_time_by_stage_and_category():
         frame("run", "/x/workflows/stages/evaluate.py"),                 # 7
         frame("simple_evaluate", "/v/site-packages/lm_eval/evaluator.py"),  # 8
         frame("generate", "/x/models/generate.py"),                      # 9
+        frame("run_pipeline", "/x/workflows/runner/pipeline.py"),        # 10
     ]
     samples = [[0, 1], [0, 1],                 # imports before any stage
                [0, 2, 3, 4], [0, 2, 3, 4], [0, 2, 3, 4, 5],  # pretrain: training, one logging call
                [0, 2, 6],                      # registering pretrain's model: still pretrain's time
                [0, 2, 7, 8], [0, 2, 7, 8, 9],  # eval: evaluation, generation
-               [0], [0, 2, 3, 4]]              # the runner between stages, then a second pretrain instance
+               [0], [0, 2, 7, 8],              # a truncated stack (py-spy's) stays in the stage
+               [0, 10], [0, 10, 2, 3, 4]]      # the runner between stages, then a second pretrain instance
     main_thread = {"samples": samples, "weights": [0.5] * len(samples)}
     helper = {"samples": [[0]], "weights": [0.5]}
     stages, total = profile.summarize({"shared": {"frames": frames}, "profiles": [helper, main_thread]})
-    assert total == 5.0
+    assert total == 6.0
     assert list(stages) == [profile.START, "pretrain", "eval", profile.BETWEEN, "pretrain #2"]
     assert stages[profile.START] == {"start-up (imports)": 1.0}
     assert stages["pretrain"] == {"training": 1.0, "MLflow logging": 1.0}
-    assert stages["eval"] == {"evaluation": 0.5, "generation": 0.5}
+    assert stages["eval"] == {"evaluation": 1.0, "generation": 0.5, profile.OTHER: 0.5}
     assert stages["pretrain #2"] == {"training": 0.5}
