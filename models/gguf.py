@@ -60,6 +60,7 @@ ARCHS = {
     "qwen2": Arch("qwen2"),
     "qwen3": Arch("qwen3"),
     "qwen3moe": Arch("qwen3moe", requires={"norm_topk_prob": True}),
+    "qwen2moe": Arch("qwen2moe", requires={"norm_topk_prob": False}),
     "gemma": Arch("gemma", requires={"tie_embeddings": True, "qkv_bias": False, "o_bias": False}),
     "phi2": Arch("phi2"),
     "phi3": Arch("phi3", fused_gate_up=True),
@@ -75,7 +76,7 @@ ARCHS = {
 }
 FAMILY_ARCHS = {
     "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-    "qwen3_moe": "qwen3moe", "gemma": "gemma", "phi": "phi2", "phi3": "phi3", "qwen": "qwen", "chatglm": "chatglm",
+    "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "gemma": "gemma", "phi": "phi2", "phi3": "phi3", "qwen": "qwen", "chatglm": "chatglm",
     "internlm2": "internlm2", "glm": "chatglm", "glm4": "glm4", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
 }
 BAICHUAN_DEPTH = {"rope": (32, "llama"), "alibi": (40, "refact")}  # llama.cpp's depth, else the stand-in
@@ -112,6 +113,7 @@ _LAYER = {
     "ffn.shared.w_gate.weight": "ffn_gate_shexp.weight",
     "ffn.shared.w_up.weight": "ffn_up_shexp.weight",
     "ffn.shared.w_down.weight": "ffn_down_shexp.weight",
+    "ffn.shared_gate.weight": "ffn_gate_inp_shexp.weight",  # [1, dim] written as [dim]
     "ffn.score_bias": "exp_probs_b.bias",
     "attn.wq_a.weight": "attn_q_a.weight",  # multi-head latent attention
     "attn.q_a_norm.weight": "attn_q_a_norm.weight",
@@ -200,7 +202,7 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, 
         layer, _, rest = name.removeprefix("layers.").partition(".")
         if not name.startswith("layers.") or rest not in _LAYER:
             raise ValueError(f"tensor {name!r} has no GGUF counterpart for architecture {arch.name}")
-        out[f"blk.{layer}.{_LAYER[rest]}"] = tensor
+        out[f"blk.{layer}.{_LAYER[rest]}"] = tensor.flatten() if rest == "ffn.shared_gate.weight" else tensor
     return out
 
 def _tensor_type(name: str, tensor: torch.Tensor, ggml_type: str):
@@ -289,6 +291,7 @@ def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None
         writer.add_expert_count(cfg.n_experts)
         writer.add_expert_used_count(cfg.n_experts_per_token)
         writer.add_expert_feed_forward_length(cfg.moe_ffn_dim)
+        writer.add_expert_shared_feed_forward_length(cfg.n_shared_experts * cfg.moe_ffn_dim)
     if arch.name == "deepseek2":
         _write_deepseek_hparams(writer, cfg)
     if cfg.position != "rope":

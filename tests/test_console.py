@@ -11,9 +11,9 @@ import warnings
 from rich.console import Console
 
 from llm_lifecycle.cli.progress import PlainProgress, RichProgress, console_progress
-from llm_lifecycle.workflows.library_output import FILE_NAME, library_output_to
-from llm_lifecycle.workflows.stage import StageResult
-from llm_lifecycle.workflows.summary import headline_metrics, summary_lines
+from llm_lifecycle.workflows.runner.library_output import FILE_NAME, library_output_to
+from llm_lifecycle.workflows.runner.stage import StageResult
+from llm_lifecycle.workflows.runner.summary import headline_metrics, summary_lines
 
 RESULTS = {
     "pretrain": StageResult(metrics={"heldout_ppl_before": 4100.0, "heldout_ppl": 210.0, "tokens_per_s": 5300.0,

@@ -20,9 +20,9 @@ from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
 from llm_lifecycle.models.hf import CHATML_TEMPLATE
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.workflows.export import export_model, llama_cpp_logits
-from llm_lifecycle.workflows.stage import UserError
-from llm_lifecycle.workflows.tokenizer import train_bpe
+from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
+from llm_lifecycle.workflows.runner.stage import UserError
+from llm_lifecycle.workflows.data.bpe import train_bpe
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
@@ -38,6 +38,8 @@ CASES = {
     "qwen3": dict(family="qwen3", qk_norm=True),
     "qwen3moe": dict(family="qwen3_moe", qk_norm=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=64,
                      tie_embeddings=False),
+    "qwen2moe": dict(family="qwen2_moe", qkv_bias=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=32,
+                     n_shared_experts=2, shared_expert_gate=True, norm_topk_prob=False, tie_embeddings=False),
     "gemma": dict(family="gemma", mlp="geglu", scale_embeddings=True, head_dim=24, n_kv_heads=1),
     "phi3": dict(family="phi3", tie_embeddings=False),
     "phi2": dict(family="phi", norm="layernorm", mlp="gelu", parallel_block=True, rotary_pct=0.5, qkv_bias=True,
