@@ -125,10 +125,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in valid:
-                raise ValueError(f"unknown model setting '{key}'; valid settings: {', '.join(valid)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in d.items():
+            if key not in defaults:
+                raise ValueError(f"unknown model setting '{key}'; valid settings: {', '.join(defaults)}")
+            _require_type(key, value, defaults[key])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -390,6 +391,22 @@ class ModelConfig:
         context = sum(min(seq_len, w or seq_len) for w in self.layer_windows())
         attention = 12 * self.n_heads * self.head_dim * context
         return float(6 * matmul_params + attention)
+
+
+def _require_type(name: str, value: Any, default: Any) -> None:
+    """A setting takes its default's type (an int where a float is expected); settings
+    whose default is None are checked by validate()."""
+    if default is None or default is dataclasses.MISSING:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float) if isinstance(default, float) else int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{name} must be {'a number' if isinstance(default, float) else type(default).__name__}, "
+                         f"got {value!r}")
 
 
 def _require_positive_int(name: str, value: Any) -> None:

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
 from llm_lifecycle.models.upcycle import upcycle
-from llm_lifecycle.registry.memory import training_memory
-from llm_lifecycle.workflows.glm import GLMTokens, blank_infilling, glm_batches, packed_length
-from llm_lifecycle.workflows.planning import shape_of
-from llm_lifecycle.workflows.trainer import lm_loss
+from llm_lifecycle.workflows.engine.memory import training_memory
+from llm_lifecycle.workflows.engine.glm import GLMTokens, blank_infilling, glm_batches, packed_length
+from llm_lifecycle.workflows.runner.planning import shape_of
+from llm_lifecycle.workflows.engine.trainer import lm_loss
 
 BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 MOE = dict(BASE, n_experts=4, n_experts_per_token=2, moe_ffn_dim=24)

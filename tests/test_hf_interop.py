@@ -182,7 +182,6 @@ NO_HF_LAYOUT = {
     "chatglm-small": "cannot hold rope_2d=True",  # ChatGLM2/3 (no 2D positions) is transformers' Glm
     "baichuan2-alibi-small": "cannot hold position='alibi'",
     "baichuan-alibi-small": "cannot hold position='alibi'",
-    "qwen2-moe-small": "no transformers layout",  # Qwen2MoeForCausalLM: not mapped in models/hf.py yet
 }
 
 

@@ -12,9 +12,9 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.registry.memory import inference_memory, training_memory
-from llm_lifecycle.workflows.planning import parse_params, shape_for_params, shape_of
-from llm_lifecycle.workflows.trainer import lm_loss
+from llm_lifecycle.workflows.engine.memory import inference_memory, training_memory
+from llm_lifecycle.workflows.runner.planning import parse_params, shape_for_params, shape_of
+from llm_lifecycle.workflows.engine.trainer import lm_loss
 
 
 def measured_training_peak(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -88,7 +88,7 @@ def test_plan_cli_prints_a_table_and_rejects_no_model():
 
 def test_lora_and_qlora_keep_the_base_frozen_and_small():
     from llm_lifecycle.models.lora import apply_lora
-    from llm_lifecycle.registry.memory import NF4_BYTES, lora_params, lora_training_memory
+    from llm_lifecycle.workflows.engine.memory import NF4_BYTES, lora_params, lora_training_memory
 
     for preset in ("llama-small", "qwen3-moe-small", "phi-small"):  # dense, MoE (experts unadapted), plain MLP
         cfg = ModelConfig.from_dict(load_preset(preset))
@@ -115,7 +115,7 @@ def test_activation_checkpointing_keeps_each_layers_input_and_one_layer():
 
 
 def test_gpus_needed_shards_training_and_splits_inference():
-    from llm_lifecycle.registry.memory import GPU_RESERVED_BYTES, gpus_needed
+    from llm_lifecycle.workflows.engine.memory import GPU_RESERVED_BYTES, gpus_needed
 
     gib = 2**30
     train = {"weights": 100 * gib, "optimizer": 200 * gib, "grads": 100 * gib, "activations": 30 * gib, "loss": 2 * gib}
@@ -128,8 +128,8 @@ def test_gpus_needed_shards_training_and_splits_inference():
 def test_training_time_matches_llama_7b_gpu_hours():
     """LLaMA-7B: 1T tokens in 82,432 A100-80GB GPU-hours (the LLaMA paper, table 15); with the
     6N + attention FLOPs that is about 47% MFU on 312 TFLOP/s."""
-    from llm_lifecycle.registry.memory import training_days
-    from llm_lifecycle.workflows.planning import dense_flops_per_token, gpu_spec
+    from llm_lifecycle.workflows.engine.memory import training_days
+    from llm_lifecycle.workflows.runner.planning import dense_flops_per_token, gpu_spec
 
     cfg = ModelConfig.from_dict({**load_preset("llama2-7b"), "max_seq_len": 2048})  # LLaMA-7B's shape
     flops = cfg.flops_per_token(2048)
