@@ -330,7 +330,8 @@ def eval_(
 def export(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's export stage."),
     model: Optional[str] = typer.Option(None, help="Or export this model (models:/…, folder) ..."),
-    out: Optional[Path] = typer.Option(None, help="... into this folder."),
+    out: Optional[Path] = typer.Option(None, help="... into this folder (new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out (never other files)."),
     format_: Optional[str] = typer.Option(None, "--format", help="auto (hf if transformers has the layout, else ours; default) | hf | gguf (llama.cpp, Ollama) | safetensors (ours)."),
     gguf_type: Optional[str] = typer.Option(None, help="GGUF weights: f32 | f16 (default) | q8_0 | q4_0."),
     set_: Optional[List[str]] = SetOption,
@@ -344,7 +345,7 @@ def export(
         raise UserError("llm export: give --recipe, or both --model and --out")
     from llm_lifecycle.workflows.export import export_model
 
-    console.print(f"exported {model} to {export_model(model, out, format_ or 'auto', gguf_type or 'f16')}")
+    console.print(f"exported {model} to {export_model(model, out, format_ or 'auto', gguf_type or 'f16', overwrite)}")
 
 
 @app.command("import")

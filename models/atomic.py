@@ -18,6 +18,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+FILE_MODE = 0o666 & ~UMASK  # what open() would have given: mkstemp/mkdtemp make 0600/0700
+DIR_MODE = 0o777 & ~UMASK
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a directory's entries') data to disk."""
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
@@ -28,10 +40,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _settle_tree(root: Path) -> None:
+    """Give every file and folder under `root` the user's normal permissions (some writers,
+    like mkstemp, make them private) and flush them to disk."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
+            os.chmod(Path(dirpath) / name, FILE_MODE)
             fsync_path(Path(dirpath) / name)
+        os.chmod(dirpath, DIR_MODE)
         fsync_path(Path(dirpath))
 
 
@@ -45,6 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         fsync_path(tmp_path)
         os.replace(tmp_path, path)
         fsync_path(path.parent)
@@ -67,7 +84,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _settle_tree(tmp)
         _replace_dir(tmp, target)
         fsync_path(target.parent)
     except BaseException:

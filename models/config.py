@@ -13,10 +13,13 @@ from typing import Any
 # Decides the Hugging Face layout used by export/import (the transformers model_type).
 FAMILIES = (
     "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v2", "deepseek_v3", "gemma", "phi", "glm",
+    "glm4",
 )
-# Families with no transformers layout (Qwen 1, Baichuan 2, ChatGLM-6B's 2D positions): our
-# own format (Baichuan 2 with RoPE exports as Llama, see models/hf.py).
-FAMILIES += ("qwen", "baichuan", "chatglm")
+# Families whose checkpoints ship as remote code (Qwen 1, Baichuan 2, ChatGLM, InternLM2):
+# imported by our own mapping (models/hf_remote.py); exported through the transformers
+# layout that computes the same where the model uses nothing else (models/hf.py: EXPORTS_AS),
+# to GGUF (models/gguf.py), or in our own format.
+FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
@@ -58,6 +61,7 @@ class ModelConfig:
     o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, Phi)
+    post_norms: bool = False  # "sandwich": x + norm(attn(norm(x))), x + norm(mlp(norm(x))) (GLM-4-0414, Gemma 2)
     mlp_bias: bool = False  # biases on the dense MLP's projections (Phi)
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # token embeddings times sqrt(dim) (Gemma; keeps them on the scale of the stream)
@@ -171,6 +175,8 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} '{getattr(self, name)}' is not one of {', '.join(allowed)}")
         _require_positive_int("ffn_multiple_of", self.ffn_multiple_of)
+        if self.post_norms and self.parallel_block:
+            raise ValueError("post_norms normalises each branch of the sequential block; it needs parallel_block: false")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if not 0 < self.rotary_pct <= 1:
@@ -326,7 +332,7 @@ class ModelConfig:
 
     def _layer_params(self, layer: int, experts_counted: int) -> int:
         """One block; `experts_counted` routed experts of an MoE layer (all for total, top-k for active)."""
-        norms = (1 if self.parallel_block else 2) * self._norm_params()
+        norms = ((1 if self.parallel_block else 2) + (2 if self.post_norms else 0)) * self._norm_params()
         if self.is_moe_layer(layer):
             router = self.dim * self.n_experts
             mlp = router + self._mlp_params(self.moe_ffn_dim) * (experts_counted + self.n_shared_experts)

@@ -741,7 +741,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class Block(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x)); or, with parallel_block (GPT-J,
-    Phi), x + attn(norm(x)) + ffn(norm(x)) from one shared norm."""
+    Phi), x + attn(norm(x)) + ffn(norm(x)) from one shared norm. With post_norms (GLM-4-0414,
+    Gemma 2) each branch's output is normalised too before it joins the stream."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -749,16 +750,18 @@ class Block(nn.Module):
         self.attn = LatentAttention(cfg, layer_idx) if cfg.is_mla else Attention(cfg, layer_idx)
         self.ffn_norm = None if cfg.parallel_block else make_norm(cfg, cfg.dim)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.ffn_dim)
+        self.attn_post_norm = make_norm(cfg, cfg.dim) if cfg.post_norms else nn.Identity()
+        self.ffn_post_norm = make_norm(cfg, cfg.dim) if cfg.post_norms else nn.Identity()
 
     def forward(self, x, rope, mask, kv_cache, q_scale=None) -> tuple[torch.Tensor, RouterStats | None]:
         h = self.attn_norm(x)
-        attn = self.attn(h, rope, mask, kv_cache, q_scale)
+        attn = self.attn_post_norm(self.attn(h, rope, mask, kv_cache, q_scale))
         if self.ffn_norm is None:
             out, stats = self._ffn(h)
             return x + attn + out, stats
         x = x + attn
         out, stats = self._ffn(self.ffn_norm(x))
-        return x + out, stats
+        return x + self.ffn_post_norm(out), stats
 
     def _ffn(self, h: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
         if isinstance(self.ffn, MoE):

@@ -232,6 +232,28 @@ HF_FAMILIES: dict[str, Family] = {
         names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
         moe=True, rope_interleaved=True,
     ),
+    # GLM-4-0414: Glm plus a norm on each branch's output ("sandwich" norms)
+    "glm4": Family(
+        "Glm4ForCausalLM",
+        config={"attention_bias": "qkv_bias", "partial_rotary_factor": "rotary_pct"},
+        implied={"post_norms": True},
+        constants=SILU,
+        defaults={"partial_rotary_factor": 0.5, "attention_bias": True},
+        names={"attn_post_norm.weight": "post_self_attn_layernorm.weight", "ffn_post_norm.weight": "post_mlp_layernorm.weight"},
+        fused={"mlp.gate_up_proj.weight": ("ffn.w_gate.weight", "ffn.w_up.weight")},
+        rope_interleaved=True,
+    ),
+    # Phi-3: the Llama computation with q/k/v and gate/up fused (GQA: unequal parts).
+    "phi3": Family(
+        "Phi3ForCausalLM",
+        config={"sliding_window": "sliding_window", "partial_rotary_factor": "rotary_pct"},
+        constants=SILU,
+        defaults={"partial_rotary_factor": 1.0},
+        fused={
+            "self_attn.qkv_proj.weight": ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight"),
+            "mlp.gate_up_proj.weight": ("ffn.w_gate.weight", "ffn.w_up.weight"),
+        },
+    ),
     "glm": Family(
         "GlmForCausalLM",
         config={"attention_bias": "qkv_bias", "partial_rotary_factor": "rotary_pct"},
@@ -243,10 +265,20 @@ HF_FAMILIES: dict[str, Family] = {
 }
 
 
-# Our families that export through another's layout: Baichuan 2 (7B, RoPE) is the Llama
-# layout plus NormHead, which export folds into the output weights.
-EXPORTS_AS = {"baichuan": "llama"}
+# Our families that export through another's layout when the model uses none of the knobs
+# that layout lacks: Baichuan 2 (7B, RoPE) is the Llama layout plus NormHead, which export
+# folds into the output weights; Qwen 1 without LogN or windows is Llama with q/k/v biases;
+# InternLM2 is Llama with its tensors fused; ChatGLM2/3 without GLM-130B's 2D positions is
+# transformers' Glm (GLM-4 kept ChatGLM3's architecture).
+EXPORTS_AS = {"baichuan": "llama", "qwen": "llama", "internlm2": "llama", "chatglm": "glm"}
 FOLDED = ("norm_head",)  # knobs export bakes into the weights
+
+
+def fold_norm_head(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Baichuan 2's NormHead baked in: the head's rows at unit norm, as the model uses them."""
+    if cfg.norm_head:
+        state = {**state, "lm_head.weight": torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)}
+    return state
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
@@ -351,7 +383,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Our ModelConfig for a Hugging Face config.json of a supported family."""
     model_type = hf.get("model_type")
     if model_type not in HF_FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not supported for import; supported: {', '.join(HF_FAMILIES)}")
+        from llm_lifecycle.models.hf_remote import REMOTE_FAMILIES
+
+        supported = ", ".join([*HF_FAMILIES, *REMOTE_FAMILIES])
+        raise ValueError(f"model_type {model_type!r} is not supported for import; supported: {supported}")
     family = HF_FAMILIES[model_type]
     for key, accepted in family.constants.items():
         accepted = accepted if isinstance(accepted, tuple) else (accepted,)
@@ -412,9 +447,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     family = family_of(cfg)
-    state = _adapt(cfg, family, dict(state), to_hf=True)
-    if cfg.norm_head:  # Baichuan 2's NormHead: the head's rows at unit norm, as the model uses them
-        state["lm_head.weight"] = torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)
+    state = _adapt(cfg, family, fold_norm_head(cfg, state), to_hf=True)
     names, top = family.layer_names(), family.top_names()
     fused_parts = {part: hf for hf, parts in family.fused.items() for part in parts}
     out: dict[str, torch.Tensor] = {}
@@ -483,7 +516,8 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> d
         elif rest == expert_prefix + "down_proj":
             state[prefix + "ffn.w_down"] = tensor
         elif rest in family.fused:
-            for part, piece in zip(family.fused[rest], tensor.chunk(len(family.fused[rest]))):
+            parts = family.fused[rest]
+            for part, piece in zip(parts, tensor.split([_rows(cfg, part) for part in parts])):
                 state[prefix + part] = piece
         elif rest in to_ours:
             state[prefix + to_ours[rest]] = tensor
@@ -496,6 +530,15 @@ def from_hf_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> d
     return {k: v.contiguous() for k, v in _adapt(cfg, family, state, to_hf=False).items()}
 
 
+def _rows(cfg: ModelConfig, name: str) -> int:
+    """Output rows of one of our projections that a family fuses with others."""
+    if name.startswith("attn.wq."):
+        return cfg.n_heads * cfg.head_dim
+    if name.startswith(("attn.wk.", "attn.wv.")):
+        return cfg.n_kv_heads * cfg.head_dim
+    return cfg.ffn_dim  # ffn.w_gate, ffn.w_up
+
+
 def _adapt(cfg: ModelConfig, family: Family, state: dict[str, torch.Tensor], to_hf: bool) -> dict[str, torch.Tensor]:
     """The family's value conventions that differ from ours, applied to (our-named) tensors."""
     if family.norm_offset:
@@ -503,13 +546,13 @@ def _adapt(cfg: ModelConfig, family: Family, state: dict[str, torch.Tensor], to_
             if name.endswith("norm.weight"):
                 state[name] = state[name] - 1 if to_hf else state[name] + 1
     if family.rope_interleaved:
-        for name, (heads, start) in _rotary_rows(cfg).items():
+        for name, (heads, start) in rotary_rows(cfg).items():
             if name in state:
-                state[name] = _permute_rotary(state[name], heads, start, cfg.rotary_dim, to_hf)
+                state[name] = permute_rotary(state[name], heads, start, cfg.rotary_dim, to_hf)
     return state
 
 
-def _rotary_rows(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+def rotary_rows(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Projections whose output rows RoPE rotates: name -> (heads, first rotated row in a head)."""
     rows = {}
     for layer in range(cfg.n_layers):
@@ -523,7 +566,7 @@ def _rotary_rows(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return rows
 
 
-def _permute_rotary(t: torch.Tensor, heads: int, start: int, rotary: int, to_hf: bool) -> torch.Tensor:
+def permute_rotary(t: torch.Tensor, heads: int, start: int, rotary: int, to_hf: bool) -> torch.Tensor:
     """Reorder each head's rotated rows between the interleaved layout (pairs 2i, 2i+1) and
     ours (pairs i, i + rotary/2): the same rotation, so q.k and the logits do not change."""
     halves = torch.cat((torch.arange(0, rotary, 2), torch.arange(1, rotary, 2)))  # ours[j] = interleaved[halves[j]]
@@ -599,7 +642,12 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
-    cfg = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")))
+    from llm_lifecycle.models.hf_remote import REMOTE_FAMILIES, import_remote
+
+    hf = json.loads(config_file.read_text(encoding="utf-8"))
+    if hf.get("model_type") in REMOTE_FAMILIES:  # remote-code layouts: our own mapping, their code never runs
+        return import_remote(hf, _read_hf_weights(hf_dir))
+    cfg = config_from_hf(hf)
     return cfg, from_hf_state_dict(cfg, _read_hf_weights(hf_dir))
 
 
@@ -630,6 +678,12 @@ def _hf_tokenizer(hf_dir: Path):
         return Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     if not (hf_dir / "tokenizer_config.json").is_file():
         return None
+    remote = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("auto_map")
+    if remote:  # Qwen 1, Baichuan, ChatGLM, InternLM2 ship their tokenizer class as code too
+        raise ValueError(
+            f"{hf_dir}: the tokenizer is remote code ({remote.get('AutoTokenizer')}), which is never run; "
+            "put a tokenizer.json (the fast tokenizer) in the folder"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False).backend_tokenizer

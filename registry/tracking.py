@@ -23,6 +23,7 @@ from llm_lifecycle.registry.hardware import hardware_profile
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 REDACTED = "[REDACTED]"
+PYFUNC_CODE = "llm_lifecycle.models.pyfunc_model"  # the file each registered model is logged as
 # Setting names whose (text) values are credentials. "token" but not "tokenizer"/"tokenize".
 SECRET_NAME = re.compile(r"secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz])", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
@@ -103,10 +104,22 @@ def ensure_experiment(name: str, ws: Path | None = None) -> str:
 # reach the tracking store: every param, tag and text artifact we log goes through these.
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ that other threads changing it cannot break. Copying walks the
+    keys and then looks each one up, and MLflow's telemetry thread sets and removes
+    _MLFLOW_TELEMETRY_SESSION_ID meanwhile: a key gone between the two is a KeyError, a key
+    added during the walk a RuntimeError. Both are transient, so copy again."""
+    while True:
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+
+
 def _secret_env_values() -> list[str]:
     """Values of environment variables named like credentials (HF_TOKEN, MLFLOW_TRACKING_PASSWORD...)."""
     return sorted(
-        (v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6),
+        (v for k, v in environ_snapshot().items() if SECRET_NAME.search(k) and len(v) >= 6),
         key=len, reverse=True,
     )
 
@@ -388,19 +401,22 @@ def log_and_register_model(
     tags: dict[str, str],
 ) -> str:
     """Log `model_dir` as a pyfunc text-generation model; register it; point the aliases at it.
+    The model is logged as code (models/pyfunc_model.py), never as a pickle, so loading it
+    unpickles nothing.
 
     Returns the new version number.
     """
+    import importlib.util
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from llm_lifecycle import __version__
-    from llm_lifecycle.models.pyfunc import TextGenerationModel
 
     with _active(tracker.run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TextGenerationModel(),
+            python_model=importlib.util.find_spec(PYFUNC_CODE).origin,
             artifacts={"model_dir": str(model_dir)},
             input_example=["Once upon a time"],
             pip_requirements=[f"llm-lifecycle=={__version__}"],

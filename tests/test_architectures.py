@@ -52,6 +52,7 @@ KNOB_CONFIGS = {
     "window-logn-bias": dict(sliding_window=8, window_layers=1, logn_train_len=16, qkv_bias=True),
     "moe-shared-dense-first": dict(MOE, n_layers=3, n_shared_experts=2, n_dense_layers=1, mlp="geglu"),
     "glm-2d": dict(rope_2d=True, rotary_pct=0.5, norm="layernorm"),
+    "post-norms": dict(post_norms=True),
     # the interop knobs (their computation is checked against transformers in tests/test_hf_parity.py)
     "phi-biases-gemma-scale": dict(norm="layernorm", mlp="gelu", mlp_bias=True, o_bias=True, head_bias=True,
                                    tie_embeddings=False, scale_embeddings=True),
@@ -133,6 +134,20 @@ def test_parallel_block_shares_one_norm():
     sequential = make(n_layers=1)
     sequential.load_state_dict(model.state_dict(), strict=False)  # same weights, ffn_norm = 1
     assert max_diff(sequential(tokens(1, 6)).logits, model(tokens(1, 6)).logits) > 1e-4
+
+
+def test_post_norms_normalise_each_branch_before_the_residual_add():
+    model = make(post_norms=True, n_layers=1)
+    block = model.layers[0]
+    with torch.no_grad():
+        block.attn_post_norm.weight.uniform_(0.5, 1.5)
+        block.ffn_post_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 32)
+    rope = model.rope(0, 6, x.device)
+    h = x + block.attn_post_norm(block.attn(block.attn_norm(x), rope, None, None))
+    expected = h + block.ffn_post_norm(block.ffn(block.ffn_norm(h)))
+    out, _ = block(x, rope, None, None)
+    torch.testing.assert_close(out, expected)
 
 
 # ---- positions -------------------------------------------------------------------------------

@@ -111,3 +111,28 @@ def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
     assert not (fetch.directory / "documents.jsonl").exists()
+
+
+def test_reading_the_environment_survives_a_thread_changing_it(monkeypatch):
+    """MLflow's telemetry thread sets and removes _MLFLOW_TELEMETRY_SESSION_ID while a
+    pipeline runs; copying os.environ meanwhile once died with a KeyError (issue 22)."""
+    import threading
+
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "Zr4" * 10)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            for i in range(50):
+                os.environ[f"_CHURN_{i}"] = "x"
+            for i in range(50):
+                os.environ.pop(f"_CHURN_{i}", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert tracking.redact_text("hf_" + "Zr4" * 10) == tracking.REDACTED
+    finally:
+        stop.set()
+        thread.join()

@@ -37,6 +37,8 @@ FAMILIES = {
     "gemma": dict(head_dim=24, hidden_act="gelu_pytorch_tanh"),
     "phi": dict(partial_rotary_factor=0.5, hidden_act="gelu_new", tie_word_embeddings=False),
     "glm": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),
+    "glm4": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),  # plus post-branch norms
+    "phi3": dict(tie_word_embeddings=False, pad_token_id=0),  # q/k/v fused with GQA: unequal parts
     "deepseek_v2": dict(  # queries without a latent here (V3 below has one)
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
@@ -61,10 +63,10 @@ def tiny_tokenizer():
     return tok
 
 
-def random_hf_model(model_type: str):
+def random_hf_model(model_type: str, **overrides):
     """A seeded tiny transformers model with every weight random, norms and biases included
     (their default init, ones and zeros, would hide a dropped bias or a mis-mapped norm)."""
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **FAMILIES[model_type]})
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **FAMILIES[model_type], **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import yaml
 
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
@@ -69,9 +73,63 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 180) -> N
     raise AssertionError(f"no answer from {url} within {timeout} s")
 
 
-def test_llm_serve_answers_with_the_registered_models_text(registered_int4):
+class Exploit:
+    """Unpickling this runs `touch MARKER` (what a tampered python_model.pkl would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def model_folder(model_uri: str) -> Path:
+    """The registered version's artifact folder in the workspace's store."""
+    return Path(urllib.parse.urlparse(mlflow.models.get_model_info(model_uri).artifact_path).path)
+
+
+def plant_pickles(folder: Path, marker: Path) -> None:
+    """Where a tampering hand would put them: beside MLmodel and beside the weights."""
+    for path in [folder / "python_model.pkl", *(d / "model.pkl" for d in folder.rglob("*") if d.is_dir())]:
+        path.write_bytes(pickle.dumps(Exploit(marker)))
+
+
+def test_a_registered_model_is_code_and_loads_without_opening_any_pickle(registered_int4, tmp_path):
+    folder = model_folder(registered_int4)
+    assert not list(folder.rglob("*.pkl"))
+    assert "model_code_path" in yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    want = mlflow.pyfunc.load_model(registered_int4).predict(PROMPTS)
+    marker = tmp_path / "code-ran"
+    plant_pickles(folder, marker)
+    assert mlflow.pyfunc.load_model(registered_int4).predict(PROMPTS) == want
+    assert not marker.exists(), "a planted pickle was opened"
+
+
+def test_serve_refuses_a_version_whose_mlmodel_or_code_was_tampered(registered_int4, tmp_path):
+    folder, marker = model_folder(registered_int4), tmp_path / "code-ran"
+    code = folder / "pyfunc_model.py"
+    code.write_text(code.read_text() + f"\nimport os; os.system('touch {marker}')\n")
+    result = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "serve", "--model", registered_int4],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "differs" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # The form MLflow gives a pickled model: MLmodel names python_model.pkl instead of the code file.
+    plant_pickles(folder, marker)
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    flavor.pop("model_code_path")
+    flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    result = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "serve", "--model", registered_int4],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not logged as llm-lifecycle code" in result.stderr, result.stderr
+    assert not marker.exists(), "the tampered model's code ran"
+
+
+def test_llm_serve_answers_with_the_registered_models_text(registered_int4, tmp_path):
     want = mlflow.pyfunc.load_model(registered_int4).predict(PROMPTS)
     assert len(want) == 2 and all(isinstance(t, str) and t for t in want)
+    marker = tmp_path / "code-ran"
+    plant_pickles(model_folder(registered_int4), marker)  # served as it is: they are never opened
     port = free_port()
     server = llm("serve", "--model", registered_int4, "--port", str(port), start_new_session=True,
                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -82,6 +140,7 @@ def test_llm_serve_answers_with_the_registered_models_text(registered_int4):
         os.killpg(server.pid, signal.SIGTERM)  # the wrapper, mlflow and its uvicorn workers
         server.wait(timeout=60)
     assert answer == {"predictions": want}
+    assert not marker.exists(), "a planted pickle was opened"
 
 
 def test_serving_an_unknown_version_is_one_clear_line(registered_int4):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,65 @@ def test_activation_checkpointing_gives_the_same_gradients(fields):
         (out.logits.square().mean() + out.aux_loss).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints verify against the checksum written with them (issue 22).
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert run_child(out, "--steps", "6").returncode == 0
+    return torch.load(out / "final.pt")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_weight_byte(path: Path) -> None:
+    """Change one byte of tensor data: the file still loads, with a wrong weight."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_weight_byte], ids=["truncated", "changed"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, uninterrupted,
+                                                                                        damage):
+    killed = run_child(tmp_path, "--steps", "6", "--kill-at", "5")
+    assert killed.returncode == -9
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step-00000002.pt", "step-00000002.pt.sha256", "step-00000004.pt", "step-00000004.pt.sha256"]
+    damage(ckpts / "step-00000004.pt")
+    resumed = run_child(tmp_path, "--steps", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {ckpts / 'step-00000004.pt'} is damaged" in resumed.stdout, resumed.stdout
+    assert "resuming training from step 2 (step-00000002.pt)" in resumed.stdout, resumed.stdout
+    final = torch.load(tmp_path / "final.pt")
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_corruption_is_told_apart_from_a_refused_pickle(tmp_path):
+    from llm_lifecycle.workflows.stage import UserError
+    from llm_lifecycle.workflows.trainer import DamagedCheckpoint, read_checkpoint
+
+    marker = tmp_path / "code-ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    hostile = tmp_path / "step-00000003.pt"
+    torch.save({"step": 3, "model": Exploit()}, hostile)
+    with pytest.raises(UserError, match="refused to load checkpoint .* it was not executed"):
+        read_checkpoint(hostile)
+    assert not marker.exists()
+
+    truncated = tmp_path / "step-00000004.pt"  # from before checksums: torch's zip reader finds the damage
+    torch.save({"step": 4, "model": {"w": torch.ones(1000)}}, truncated)
+    _truncate(truncated)
+    with pytest.raises(DamagedCheckpoint, match="central directory|failed"):
+        read_checkpoint(truncated)

@@ -28,6 +28,13 @@ from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
 VOCAB, SEQ = 64, 16
 
 
+class PrintedProgress(SilentProgress):
+    """No bars; log lines (resuming, a damaged checkpoint skipped) go to stdout."""
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+
 class JsonlTracker:
     """Writes each metrics call as one flushed line, so the lines survive a SIGKILL."""
 
@@ -77,7 +84,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(stage="pretrain", recipe=None, workspace=args.out, stage_dir=args.out, upstream={},
-                       tracker=JsonlTracker(args.out / f"metrics.rank{rank()}.jsonl"), progress=SilentProgress())
+                       tracker=JsonlTracker(args.out / f"metrics.rank{rank()}.jsonl"), progress=PrintedProgress())
     train(ctx, model, settings, batches, lm_loss, args.out / "checkpoints",
           flops_per_token=cfg.flops_per_token(SEQ))
     if rank() == 0:

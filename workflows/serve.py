@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from llm_lifecycle.workflows.stage import UserError
@@ -33,12 +32,37 @@ def check_registered(model: str) -> None:
             client.get_model_version(name, version)
     except MlflowException as err:
         raise UserError(f"llm serve: {model}: {err.message.splitlines()[0]}; see `llm models list`") from None
+    check_logged_as_our_code(model)
+
+
+def check_logged_as_our_code(model: str) -> None:
+    """Serving a version runs the code file logged with it (models-from-code): refuse one
+    logged as a pickle (by a version of llm-lifecycle before issue 22) or whose code file
+    is not this package's own, before the server runs anything."""
+    import importlib.util
+    from pathlib import Path
+
+    import mlflow
+
+    from llm_lifecycle.registry.tracking import PYFUNC_CODE
+
+    info = mlflow.models.get_model_info(model)
+    flavor = info.flavors.get("python_function", {})
+    ours = Path(importlib.util.find_spec(PYFUNC_CODE).origin)
+    if Path(flavor.get("model_code_path") or "").name != ours.name:
+        raise UserError(f"llm serve: {model} was not logged as llm-lifecycle code (an older version logged pickles, "
+                        "which run code when loaded); it was not loaded; re-run the stage that made it to register it anew")
+    logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{info.artifact_path}/{ours.name}"))
+    if logged.read_bytes() != ours.read_bytes():
+        raise UserError(f"llm serve: {model}: its code file {ours.name} differs from this llm-lifecycle's; "
+                        "it was not run; re-run the stage that made it to register it anew")
 
 
 def serve_command(model: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of the MLflow model server for `model`."""
-    from llm_lifecycle.registry.tracking import tracking_uri
+    from llm_lifecycle.registry.tracking import environ_snapshot, tracking_uri
 
     argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
             "--host", host, "--port", str(port)]
-    return argv, {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    # Our models are code: a pickle in the artifact store (a tampered MLmodel naming one) is refused, not run.
+    return argv, {**environ_snapshot(), "MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}

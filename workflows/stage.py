@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 # Stages write files through these (re-exported here): complete on disk or absent.
-from llm_lifecycle.models.atomic import atomic_path, write_json_atomic  # noqa: F401
+from llm_lifecycle.models.atomic import atomic_dir, atomic_path, write_json_atomic  # noqa: F401
 
 
 class UserError(Exception):

@@ -8,15 +8,19 @@ checkpoints holding model, optimizer, scheduler, RNG states and the data positio
 are a pure function of the micro-step index, so a run killed at step k and resumed sees
 exactly the data it would have seen and produces the same losses.
 
-Checkpoints are `checkpoints/step-NNNNNNNN.pt`, the newest `keep_checkpoints` kept, loaded
-with `torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused,
-never run. A non-finite loss or gradient stops training before the optimizer step, so the
+Checkpoints are `checkpoints/step-NNNNNNNN.pt`, the newest `keep_checkpoints` kept, each
+with its sha256 beside it (`step-NNNNNNNN.pt.sha256`, written before the checkpoint lands).
+A resumed run loads the newest checkpoint that verifies: one that is truncated or changed
+since it was written is named and skipped, and the one before it is used. Loading is
+`torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused (an
+error, not a skip: somebody put it there), never run. A non-finite loss or gradient stops training before the optimizer step, so the
 newest checkpoint on disk is the last good one.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import pickle
 import random
@@ -144,8 +148,21 @@ def checkpoint_file(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"step-{step:08d}.pt"
 
 
+def checksum_file(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(ckpt_dir.glob("step-*.pt"))  # zero-padded: name order is step order
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    files = sorted(ckpt_dir.glob("step-*.pt"))  # zero-padded: name order is step order
+    files = checkpoints(ckpt_dir)
     return files[-1] if files else None
 
 
@@ -160,28 +177,53 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, data
         return
     state = {"step": step, "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "data_position": data_position}
-    with atomic_path(checkpoint_file(ckpt_dir, step)) as tmp:
+    path = checkpoint_file(ckpt_dir, step)
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
+        with atomic_path(checksum_file(path)) as tmp_sum:  # lands first: a checkpoint never lacks its checksum
+            tmp_sum.write_text(sha256(tmp) + "\n", encoding="ascii")
+    for old in checkpoints(ckpt_dir)[:-keep]:
         old.unlink()
+        checksum_file(old).unlink(missing_ok=True)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that does not hold what was written: truncated, or changed since."""
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's state: tensors and plain containers only. Anything else (a pickle
-    that would run code when loaded) is refused with a UserError."""
+    """A checkpoint's state, if it verifies against its checksum (checkpoints from before
+    checksums have none) and holds tensors and plain containers only. A damaged file
+    raises DamagedCheckpoint; a pickle that would run code when loaded is refused with a
+    UserError."""
+    sums = checksum_file(path)
+    if sums.is_file() and sha256(path) != sums.read_text(encoding="ascii").strip():
+        raise DamagedCheckpoint(f"its sha256 differs from {sums.name}, written with it: truncated or changed since")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except pickle.UnpicklingError as err:
         reason = " ".join(str(err).split())[:160]
         raise UserError(
             f"refused to load checkpoint {path}: it is not a plain tensor checkpoint ({reason}); "
-            "it was not executed; delete it (or its folder) to start this stage afresh"
+            "it was not executed; delete that file to resume from the checkpoint before it"
         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise DamagedCheckpoint(" ".join(str(err).split())[:160]) from None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, int]:
-    """Restore a checkpoint; returns (optimizer step, data position in micro-batches)."""
-    state = read_checkpoint(path)
+def read_newest_good_checkpoint(ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that verifies; newer damaged ones are reported
+    and left on disk (the run writes over them as it passes their step)."""
+    for path in reversed(checkpoints(ckpt_dir)):
+        try:
+            return path, read_checkpoint(path)
+        except DamagedCheckpoint as err:
+            log(f"  [yellow]checkpoint {path} is damaged ({err}); not loaded, trying the one before it[/yellow]")
+    return None
+
+
+def restore(state: dict, model, optimizer, scheduler) -> tuple[int, int]:
+    """Restore a checkpoint's state; returns (optimizer step, data position in micro-batches)."""
     distributed.load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
@@ -277,9 +319,10 @@ def train(
     optimizer = make_optimizer(trainable, settings, device)
     scheduler = make_scheduler(optimizer, settings)
     start, data_position = 0, 0
-    resume_from = latest_checkpoint(ckpt_dir)
-    if resume_from is not None:
-        start, data_position = load_checkpoint(resume_from, model, optimizer, scheduler)
+    resumed = read_newest_good_checkpoint(ckpt_dir, ctx.progress.log)
+    if resumed is not None:
+        resume_from, state = resumed
+        start, data_position = restore(state, model, optimizer, scheduler)
         ctx.progress.log(f"  resuming {description} from step {start} ({resume_from.name})")
         ctx.tracker.set_tags({"llm.resumed_from_step": str(start)})
     run_model = maybe_compile(model, settings.compile, ctx.progress.log)
