@@ -148,8 +148,11 @@ def main() -> None:
     parser.add_argument("--prompts", default="64,512")
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch (and llama.cpp) threads; default torch's")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches, lengths = [int(b) for b in args.batches.split(",")], [int(n) for n in args.prompts.split(",")]
     if args.quick:
         batches, lengths, args.new, args.rounds = [2], [8], 8, 1
