@@ -1,8 +1,8 @@
 """Near-duplicate detection on a corpus with planted duplicates: recall, precision, docs/s.
 
-The corpus is built from ../shared/data/corpus (English Wikipedia, C4, WikiText-2,
-Shakespeare, Chinese classics) cut into 1-3 KB documents. Into it we plant, at random
-positions:
+The corpus is built from the texts in DATA/corpus (--data DATA, ../shared/data by default:
+English Wikipedia, C4, WikiText-2, Shakespeare, Chinese classics) cut into 1-3 KB documents.
+Into it we plant, at random positions:
   - exact copies after normalisation (case and whitespace changed),
   - near-duplicates: copies with word (or, for Chinese, character) swaps, deletions and
     insertions, kept when their exact 5-gram Jaccard with the original is >= POSITIVE_J,
@@ -42,7 +42,7 @@ from llm_lifecycle.workflows.dedup import (
     shingles,
 )
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 THRESHOLD = 0.8
 NUM_PERM = 128
 POSITIVE_J = 0.85  # planted near-duplicates are at least this similar ...
@@ -65,15 +65,15 @@ def _chunks(units: list[str], sep: str, rng: random.Random) -> list[str]:
     return docs
 
 
-def base_documents(rng: random.Random) -> list[str]:
+def base_documents(corpus: Path, rng: random.Random) -> list[str]:
     docs = []
-    for line in (CORPUS / "en_wiki_demo.txt").read_text(encoding="utf-8").splitlines():
+    for line in (corpus / "en_wiki_demo.txt").read_text(encoding="utf-8").splitlines():
         docs += _chunks(line.split(), " ", rng)
-    for line in (CORPUS / "en_c4_demo.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (corpus / "en_c4_demo.jsonl").read_text(encoding="utf-8").splitlines():
         docs += _chunks(json.loads(line)["text"].split(), " ", rng)
     for name in ("en_wikitext2_valid_tokenized.txt", "en_wikitext2_test_tokenized.txt", "en_tinyshakespeare.txt"):
-        docs += _chunks(re.split(r"\n\s*\n", (CORPUS / name).read_text(encoding="utf-8")), "\n\n", rng)
-    poetry = re.split(r"\n\s*\n", (CORPUS / "zh_chinese_poetry_classics.txt").read_text(encoding="utf-8"))
+        docs += _chunks(re.split(r"\n\s*\n", (corpus / name).read_text(encoding="utf-8")), "\n\n", rng)
+    poetry = re.split(r"\n\s*\n", (corpus / "zh_chinese_poetry_classics.txt").read_text(encoding="utf-8"))
     chinese = _chunks(poetry, "\n\n", rng)
     docs += rng.sample(chinese, k=min(len(chinese), len(docs) // 2))  # about a third Chinese
     return [d.strip() for d in docs if len(d.strip()) > 200]
@@ -101,10 +101,10 @@ def restyle(text: str, rng: random.Random) -> str:
     return "  ".join(w.upper() if rng.random() < 0.3 else w for w in words) + "\n"
 
 
-def build_corpus(n_docs: int, seed: int = 0):
+def build_corpus(corpus: Path, n_docs: int, seed: int = 0):
     """(documents, group id per document, kind per document) with planted duplicates."""
     rng = random.Random(seed)
-    base = base_documents(rng)
+    base = base_documents(corpus, rng)
     rng.shuffle(base)
     n_base = min(len(base), int(n_docs * 0.8))
     base = base[:n_base]
@@ -295,11 +295,13 @@ def score(removed: dict[int, int], texts, groups, kinds) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4500)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
+                        help="the benchmark data folder (its corpus/ holds the source texts; not in the repository)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--libraries", action="store_true", help="also time datasketch+confirm and datatrove")
     args = parser.parse_args()
 
-    texts, groups, kinds, planted = build_corpus(args.docs, args.seed)
+    texts, groups, kinds, planted = build_corpus(args.data / "corpus", args.docs, args.seed)
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     zh = sum(map(is_cjk, texts))
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB ({zh} Chinese); planted {planted}", flush=True)

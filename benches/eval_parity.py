@@ -4,9 +4,9 @@ A tiny llama-small is trained with the pipeline's own stages (data-fetch .. pret
 to a Hugging Face folder with models/hf.py, and scored on mmlu, ceval-valid and gsm8k by both
 `LifecycleLM` (our model in torch) and `HFLM` (transformers' LlamaForCausalLM on the folder),
 in the same process, with the same lm-eval task definitions, data, batch size and seed.
-The benchmark splits we may not ship are stood in for by the official files in
-../shared/data, laid out as the official folders: MMLU val as `test`, C-Eval dev as `val`
-(and dev), GSM8K train split into test (last rows) and train (few-shot pool).
+The benchmark splits we may not ship are stood in for by the official files in DATA
+(--data DATA, ../shared/data by default), laid out as the official folders: MMLU val as
+`test`, C-Eval dev as `val` (and dev), GSM8K train split into test (last rows) and train (few-shot pool).
 
     flock /work/wt/bench.lock nice python benches/eval_parity.py --limit 100
 
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 # The score each suite is judged by, per lm-eval task name in the flattened metrics.
 HEADLINE = {
     "mmlu": ["eval.mmlu.acc"],
@@ -42,8 +42,8 @@ TINY_MODEL = [
 ]
 
 
-def official_layout(out: Path, shared: Path = SHARED_DATA, gsm8k_test: int = 200, gsm8k_train: int = 400) -> Path:
-    """A data folder in the official layouts, built from ../shared/data (see the module docstring)."""
+def official_layout(out: Path, shared: Path, gsm8k_test: int = 200, gsm8k_train: int = 400) -> Path:
+    """A data folder in the official layouts, built from the --data folder `shared` (see the module docstring)."""
     shutil.copytree(shared / "mmlu" / "dev", out / "mmlu" / "dev")
     (out / "mmlu" / "test").mkdir(parents=True)
     for f in (shared / "mmlu" / "val").iterdir():
@@ -141,6 +141,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=100, help="documents per task (per subject for mmlu/ceval)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--suites", default="mmlu,ceval,gsm8k")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
+                        help="the benchmark data folder: mmlu/, ceval/, gsm8k/ as in ../shared/data (not in the repository)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the trained model here (default: temp)")
     args = parser.parse_args()
 
@@ -152,7 +154,7 @@ def main() -> int:
         work = args.workdir or Path(tmp)
         model_dir = train_tiny(work / "llm-runs")
         hf_dir = export_hf(model_dir, work / "hf")
-        data_dir = official_layout(work / "data") if not (work / "data").exists() else work / "data"
+        data_dir = official_layout(work / "data", args.data) if not (work / "data").exists() else work / "data"
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model_dir}", file=sys.stderr)
         rows = [compare(model_dir, hf_dir, s, data_dir, args.limit, args.batch_size) for s in args.suites.split(",")]
     total_ours, total_hf = sum(r["ours_s"] for r in rows), sum(r["hf_s"] for r in rows)

@@ -2,7 +2,8 @@
 candidate languages, first 1,000 characters) against lingua's high-accuracy mode.
 
 Documents: English (Wikipedia, C4, Shakespeare, WikiText-2) and Chinese (classics) from
-../shared/data/corpus, labelled by their source. Model loading is timed separately.
+DATA/corpus (--data DATA, ../shared/data by default), labelled by their source. Model loading
+is timed separately.
 
     python benches/langid.py [--docs 2000]
 """
@@ -20,11 +21,11 @@ from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
 from llm_lifecycle.workflows.data import LANGUAGE_CANDIDATES
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 
 
-def labelled(n: int) -> list[tuple[str, str]]:
-    read = lambda name: (CORPUS / name).read_text(encoding="utf-8")  # noqa: E731
+def labelled(corpus: Path, n: int) -> list[tuple[str, str]]:
+    read = lambda name: (corpus / name).read_text(encoding="utf-8")  # noqa: E731
     en = [line for line in read("en_wiki_demo.txt").splitlines() if line.strip()]
     en += [json.loads(line)["text"] for line in read("en_c4_demo.jsonl").splitlines()]
     en += [p for p in re.split(r"\n\s*\n", read("en_tinyshakespeare.txt")) if len(p) > 100]
@@ -39,8 +40,10 @@ def labelled(n: int) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=2000)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
+                        help="the benchmark data folder (its corpus/ holds the source texts; not in the repository)")
     args = parser.parse_args()
-    docs = labelled(args.docs)
+    docs = labelled(args.data / "corpus", args.docs)
     texts = [t[:1000] for t, _ in docs]
     languages = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c.upper())) for c in LANGUAGE_CANDIDATES]
     print(f"{len(docs)} documents ({sum(1 for _, l in docs if l == 'zh')} Chinese), "

@@ -1,8 +1,8 @@
 """Tokenize + pack throughput: our sharded encoder against bare `tokenizers` encode_batch.
 
-The text is English (Wikipedia, C4, Shakespeare) and Chinese (classics) from
-../shared/data/corpus written as a documents jsonl. A byte-level BPE tokenizer (ours,
-vocabulary 8192) is trained on a sample of it. Then, best of --repeat runs each:
+The text is English (Wikipedia, C4, Shakespeare) and Chinese (classics) from DATA/corpus
+(--data DATA, ../shared/data by default) written as a documents jsonl. A byte-level BPE
+tokenizer (ours, vocabulary 8192) is trained on a sample of it. Then, best of --repeat runs each:
 
   bare         Tokenizer.encode_batch(all texts) on texts already in memory, with the
                tokenizer's own Rust threads on every core; nothing is written
@@ -35,14 +35,14 @@ import numpy as np
 # Spawned workers re-import this script: keep its top-level imports light (no torch).
 from llm_lifecycle.workflows.encode import encode_file
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 
 
-def documents(megabytes: float, seed: int = 0) -> list[str]:
-    docs = [line for line in (CORPUS / "en_wiki_demo.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-    docs += [json.loads(line)["text"] for line in (CORPUS / "en_c4_demo.jsonl").read_text(encoding="utf-8").splitlines()]
-    docs += re.split(r"\n\s*\n", (CORPUS / "en_tinyshakespeare.txt").read_text(encoding="utf-8"))
-    docs += re.split(r"\n\s*\n", (CORPUS / "zh_chinese_poetry_classics.txt").read_text(encoding="utf-8"))
+def documents(corpus: Path, megabytes: float, seed: int = 0) -> list[str]:
+    docs = [line for line in (corpus / "en_wiki_demo.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs += [json.loads(line)["text"] for line in (corpus / "en_c4_demo.jsonl").read_text(encoding="utf-8").splitlines()]
+    docs += re.split(r"\n\s*\n", (corpus / "en_tinyshakespeare.txt").read_text(encoding="utf-8"))
+    docs += re.split(r"\n\s*\n", (corpus / "zh_chinese_poetry_classics.txt").read_text(encoding="utf-8"))
     docs = [d.strip() for d in docs if d.strip()]
     random.Random(seed).shuffle(docs)
     out, size = [], 0
@@ -74,11 +74,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=4.0, help="megabytes of text")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
+                        help="the benchmark data folder (its corpus/ holds the source texts; not in the repository)")
     args = parser.parse_args()
     from llm_lifecycle.workflows.shards import TokenShards, write_parts
     from llm_lifecycle.workflows.tokenizer import EOT, train_bpe
 
-    texts = documents(args.mb)
+    texts = documents(args.data / "corpus", args.mb)
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     tokenizer = train_bpe(texts[::4], vocab_size=8192)
     eot = tokenizer.token_to_id(EOT)

@@ -1,8 +1,8 @@
 """Bytes per token on held-out English and Chinese: our tokenizer options against a GPT-2
 style byte-level BPE trained on the same text without them.
 
-Training text (from ../shared/data/corpus): Wikipedia (first 25 articles), C4 (first 250
-documents), Shakespeare (first 85 %), WikiText-2 valid, and about 3 MB of the Chinese
+Training text (from DATA/corpus; --data DATA, ../shared/data by default): Wikipedia (first
+25 articles), C4 (first 250 documents), Shakespeare (first 85 %), WikiText-2 valid, and about 3 MB of the Chinese
 classics. Held out, never trained on: the last 5 Wikipedia articles, the last 50 C4
 documents, the last 15 % of Shakespeare, WikiText-2 test, and the last 1 MB of the Chinese
 classics. Higher bytes per token = the same text in fewer tokens.
@@ -31,15 +31,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_lifecycle.workflows.tokenizer import SPECIAL_TOKENS, bytes_per_token, extend_vocabulary, train_bpe
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 
 
-def _read(name: str) -> str:
-    return (CORPUS / name).read_text(encoding="utf-8")
-
-
-def split_corpus() -> tuple[list[str], list[str], list[str], list[str]]:
+def split_corpus(corpus: Path) -> tuple[list[str], list[str], list[str], list[str]]:
     """(English train, Chinese train, English held-out, Chinese held-out) documents."""
+    _read = lambda name: (corpus / name).read_text(encoding="utf-8")  # noqa: E731
     wiki = [line for line in _read("en_wiki_demo.txt").splitlines() if line.strip()]
     c4 = [json.loads(line)["text"] for line in _read("en_c4_demo.jsonl").splitlines()]
     shakespeare = [p for p in re.split(r"\n\s*\n", _read("en_tinyshakespeare.txt")) if p.strip()]
@@ -76,8 +73,10 @@ def gpt2_style(texts: list[str], vocab_size: int) -> Tokenizer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
+                        help="the benchmark data folder (its corpus/ holds the source texts; not in the repository)")
     args = parser.parse_args()
-    en_train, zh_train, en_heldout, zh_heldout = split_corpus()
+    en_train, zh_train, en_heldout, zh_heldout = split_corpus(args.data / "corpus")
     mb = lambda docs: sum(len(d.encode("utf-8")) for d in docs) / 1e6  # noqa: E731
     print(f"train: English {mb(en_train):.1f} MB, Chinese {mb(zh_train):.1f} MB; "
           f"held out: English {mb(en_heldout):.1f} MB, Chinese {mb(zh_heldout):.1f} MB", flush=True)

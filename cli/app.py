@@ -351,12 +351,13 @@ def export(
 @app.command("import")
 def import_(
     source: str = typer.Argument(..., help="A Hugging Face folder (config.json + safetensors) or hub repo id."),
-    out: Path = typer.Option(..., help="Write our model folder here."),
+    out: Path = typer.Option(..., help="Write our model folder here (new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier import in --out (never other files)."),
 ) -> None:
     """Import a Hugging Face checkpoint (weights and tokenizer) as one of our model folders."""
-    from llm_lifecycle.workflows.model_ref import import_model
+    from llm_lifecycle.workflows.model_ref import import_into_user_folder
 
-    cfg = import_model(source, out)
+    cfg = import_into_user_folder(source, out, overwrite)
     console.print(f"imported {source} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) to {out}")
 
 
@@ -486,7 +487,8 @@ def serve(
 
 @app.command()
 def plan(
-    preset: Optional[str] = typer.Argument(None, help="Model preset (llm models presets) to plan for."),
+    preset: Optional[str] = typer.Argument(None, help="Model preset to plan for, e.g. llama3-8b, qwen3-30b-a3b "
+                                                   "(docs/models.md; an unknown name lists the known ones)."),
     params: Optional[str] = typer.Option(None, "--params", help="Or a LLaMA-shaped model of this size: 7B, 500M."),
     batch_size: int = typer.Option(1, help="Sequences per step (training) or generated at once (inference)."),
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),

@@ -1,9 +1,10 @@
 """lm-eval adapter: our models as an `lm_eval` LM, and the MMLU / GSM8K / C-Eval suites.
 
 `LifecycleLM` answers lm-eval's three request types with a plain forward pass (scoring) and
-`models.generate.generate` (generation). `evaluate_suite` runs lm-eval's own task definitions
-through `lm_eval.simple_evaluate`, reading the data from the hub (lm-eval's default) or from
-local files in the official layouts (see local_data.py), and flattens the scores into
+`models.generate.generate` (generation). `load_suite` builds lm-eval's own task definitions
+with their data, read from the hub (lm-eval's default) or from local files in the official
+layouts (see local_data.py), so missing data shows before anything runs; `evaluate_suite`
+runs them through `lm_eval.simple_evaluate` and flattens the scores into
 `eval.<task>.<metric>` for MLflow.
 """
 
@@ -36,7 +37,9 @@ __all__ = [
     "EvalError",
     "EvalReport",
     "LifecycleLM",
+    "SuiteTasks",
     "evaluate_suite",
+    "load_suite",
     "score_rows",
 ]
 
@@ -346,9 +349,35 @@ class EvalReport:
         return {**asdict(self), "num_samples": self.num_samples}
 
 
+@dataclass
+class SuiteTasks:
+    """A suite's lm-eval tasks, built with their data in memory: what `evaluate_suite` runs."""
+
+    suite: str
+    tasks: list
+    task_manager: object
+    data: dict  # source ("hub" | "local" | "builtin"), where, the splits used, notes
+
+
+def load_suite(suite: str, data_dir: str | Path | None = None) -> SuiteTasks:
+    """Find a suite's data and build its tasks; raises EvalError (a ValueError) for an unknown
+    suite or data that cannot be had (missing files, no hub offline).
+
+    data_dir: None -> lm-eval reads the hub datasets; a folder -> the official layouts under it
+    (local_data.py); "builtin" -> the shipped MIT mirror.
+    """
+    if suite not in SUITES:
+        raise EvalError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
+    root = resolve_data_dir(data_dir)
+    with tempfile.TemporaryDirectory(prefix="llm-eval-") as tmp:  # the converted files, read while building
+        task_manager, data = _task_manager(suite, root, Path(tmp))
+        tasks = _load_tasks(task_manager, suite, data)
+    return SuiteTasks(suite, tasks, task_manager, data)
+
+
 def evaluate_suite(
     lm: LM,
-    suite: str,
+    suite: str | SuiteTasks,
     *,
     data_dir: str | Path | None = None,
     limit: int | None = None,
@@ -361,49 +390,44 @@ def evaluate_suite(
     """Run one suite with lm-eval's own task definitions.
 
     lm: our LifecycleLM, or any lm-eval LM (its `hf` and `vllm` backends on an exported folder).
-    data_dir: None -> lm-eval reads the hub datasets; a folder -> the official layouts under it
-    (local_data.py); "builtin" -> the shipped MIT mirror. limit: documents per task (per subject
-    for MMLU and C-Eval). apply_chat_template: prompts (few-shot turns included) in the model's
-    chat template. Raises EvalError (a ValueError) for an unknown suite or missing data.
+    suite: a suite name, whose data `load_suite` finds in data_dir, or what `load_suite` returned.
+    limit: documents per task (per subject for MMLU and C-Eval). apply_chat_template: prompts
+    (few-shot turns included) in the model's chat template. Raises EvalError (a ValueError)
+    for an unknown suite or missing data.
     """
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    if suite not in SUITES:
-        raise EvalError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be a positive number of examples, got {limit}")
+    loaded = suite if isinstance(suite, SuiteTasks) else load_suite(suite, data_dir)
     if batch_size and isinstance(lm, LifecycleLM):
         lm.batch_size = batch_size
-    fewshot = DEFAULT_FEWSHOT[suite] if num_fewshot is None else num_fewshot
-    root = resolve_data_dir(data_dir)
-    with tempfile.TemporaryDirectory(prefix="llm-eval-") as tmp:
-        task_manager, data = _task_manager(suite, root, Path(tmp))
-        tasks = _load_tasks(task_manager, suite, data)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=fewshot,
-            limit=limit,
-            batch_size=lm.batch_size,
-            task_manager=task_manager,
-            log_samples=log_samples,
-            apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=apply_chat_template,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+    fewshot = DEFAULT_FEWSHOT[loaded.suite] if num_fewshot is None else num_fewshot
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=loaded.tasks,
+        num_fewshot=fewshot,
+        limit=limit,
+        batch_size=lm.batch_size,
+        task_manager=loaded.task_manager,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        fewshot_as_multiturn=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     results = json.loads(json.dumps(results, default=handle_non_serializable))
     return EvalReport(
-        suite=suite,
+        suite=loaded.suite,
         metrics=flat_metrics(results),
         results=results,
         versions=results.get("versions", {}),
         n_samples={task: int(n["effective"]) for task, n in results.get("n-samples", {}).items()},
         num_fewshot=fewshot,
-        data=data,
+        data=loaded.data,
     )
 
 

@@ -19,11 +19,16 @@ def registered_versions() -> list[dict]:
     client = MlflowClient()
     rows = []
     for model in client.search_registered_models():
+        # The registered model carries its aliases; the versions a search returns do not (their
+        # `aliases` is empty on the SQL store), so read them from the model.
+        aliases = {}
+        for alias, version in sorted(model.aliases.items()):
+            aliases.setdefault(str(version), []).append(alias)
         for v in client.search_model_versions(f"name='{model.name}'"):
             rows.append({
                 "name": model.name,
                 "version": str(v.version),
-                "aliases": list(v.aliases),
+                "aliases": aliases.get(str(v.version), []),
                 "stage": v.tags.get("llm.stage", ""),
                 "created": _when(v.creation_timestamp),
             })

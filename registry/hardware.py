@@ -1,7 +1,8 @@
 """The hardware a run happened on, as flat `hw.*` tags.
 
 Recorded beside every stage run and model version so a number can always be traced to
-the machine that produced it. GPU facts come from torch and, when installed, NVML.
+the machine that produced it. GPU facts come from torch and, when installed, NVML; the
+CPU's instruction sets from /proc/cpuinfo (Linux), since they decide whether bf16 is fast.
 """
 
 from __future__ import annotations
@@ -21,6 +22,51 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The CPU instruction sets that matter for training speed, as /proc/cpuinfo spells them.
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+# Either runs bf16 dot products in hardware (AMX tiles: Sapphire Rapids on; AVX512-BF16:
+# Cooper Lake, Zen 4 on). Without them oneDNN emulates bf16 by converting to fp32: no faster.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first processor in a /proc/cpuinfo text (x86 `flags`, Arm `Features`)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return parse_cpu_flags(f.read())
+    except OSError:  # not Linux: nothing known, so nothing assumed native
+        return frozenset()
+
+
+def native_bf16_isa(flags: frozenset[str]) -> str | None:
+    """The instruction set that makes bf16 matmuls native on this CPU, or None."""
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
+
+
+def cpu_has_native_bf16() -> bool:
+    return native_bf16_isa(cpu_flags()) is not None
+
+
+def _cpu_isa_tags() -> dict[str, str]:
+    import torch
+
+    flags = cpu_flags()
+    return {
+        "hw.cpu_isa": ",".join(f for f in CPU_ISA_FLAGS if f in flags) or "none",
+        "hw.cpu_native_bf16": native_bf16_isa(flags) or "none",
+        "hw.torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to
+    }
 
 
 def _gpu_tags() -> dict[str, str]:
@@ -65,6 +111,7 @@ def hardware_profile() -> dict[str, str]:
         "hw.torch": torch.__version__,
         "hw.torch_threads": str(torch.get_num_threads()),
     }
+    tags.update(_cpu_isa_tags())
     tags.update(_gpu_tags())
     return tags
 

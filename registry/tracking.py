@@ -1,9 +1,9 @@
 """MLflow tracking for pipelines and stages, and the Model Registry.
 
-Conventions (DESIGN.md): experiment = recipe name; one parent run per invocation; one
-nested run per stage named after it; `llm.*` and `hw.*` tags; per-step metrics logged
-asynchronously; each model-making stage logs a pyfunc model and registers a version of
-the model named after the recipe, with the stage as alias.
+Conventions (README.md, "Where results appear"): experiment = recipe name; one parent run
+per invocation; one nested run per stage named after it; `llm.*` and `hw.*` tags; per-step
+metrics logged asynchronously; each model-making stage logs a pyfunc model and registers a
+version of the model named after the recipe, with the stage as alias.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ SECRET_NAME = re.compile(r"secret|passw(?:or)?d|api[-_]?key|credential|token(?!i
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _ASSIGNED_SECRET = re.compile(
-    r"([\w.-]*(?:secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz]))[\w.-]*[\"']?\s*[=:]\s*[\"']?)"
+    r"([\w.-]*(?:secret|passw(?:or)?d|api[-_]?key|credential|token(?!i[sz]))[\w.-]*[\"']?[ \t]*[=:][ \t]*[\"']?)"
     r"(?![\d.]+\b|\[REDACTED\])[^\s,;'\"}\]]+",
     re.IGNORECASE,
-)
+)  # [ \t], not \s: a match never runs across a line into the next one's text
+_METRIC_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-.:/ ]")  # MLflow accepts nothing else in a metric name
 
 
 def workspace() -> Path:
@@ -147,6 +148,12 @@ def redact(data: Any, key: str = "") -> Any:
     return data
 
 
+def metric_key(name: str) -> str:
+    """`name` (which may hold a data path or URI) as a metric name: redacted first, since
+    replacing `=` and `:` by `_` hides `token=...` from the redaction."""
+    return _METRIC_KEY_UNSAFE.sub("_", redact_text(name))
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} -> {"a.b": "1"}; lists are JSON-encoded; long values truncated;
     secrets redacted."""
@@ -193,11 +200,13 @@ class MlflowTracker:
 
         self.run_id = run_id
         self.client = MlflowClient()
+        self._metric_keys: dict[str, str] = {}  # name -> metric_key(name): per-step logging redacts each name once
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        keys = self._metric_keys
+        clean = {keys.get(k) or keys.setdefault(k, metric_key(k)): float(v) for k, v in metrics.items() if v is not None}
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id, synchronous=False)
 
@@ -220,7 +229,13 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: dict | list, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, redact(data), artifact_file)
+        import yaml
+
+        clean = redact(data)
+        if artifact_file.endswith((".yaml", ".yml")):  # MLflow's own dump sorts keys: a recipe's stages would reorder
+            self.client.log_text(self.run_id, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True), artifact_file)
+        else:
+            self.client.log_dict(self.run_id, clean, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact_text(text), artifact_file)
@@ -230,8 +245,9 @@ class MlflowTracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        source = HTTPDatasetSource(url=Path(path).resolve().as_uri())
-        dataset = MetaDataset(source=source, name=name, digest=file_digest(path)[:16])
+        # Redacted before it becomes a URI: as_uri() percent-encodes `token=` past the pattern.
+        source = HTTPDatasetSource(url=Path(redact_text(str(Path(path).resolve()))).as_uri())
+        dataset = MetaDataset(source=source, name=redact_text(name), digest=file_digest(path)[:16])
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 

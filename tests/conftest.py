@@ -8,11 +8,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
+import csv  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Tests read only what the package ships (with its licences) or what they generate: a user's
+# clone has nothing beside it.
+PACKAGE = Path(__file__).resolve().parents[1]
+BUILTIN_EVAL = PACKAGE / "evals" / "builtin"
+
+# CI (.ci/run exports CI=1, as CI services do) installs every optional part, so there a test
+# whose install is missing fails instead of skipping.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
+
+
+def needs(present: bool, what: str, install: str) -> None:
+    """Skip the calling test when `what` is not installed, saying how to install it; fail under CI."""
+    if not present:
+        message = f"needs {what}, not installed here: {install}"
+        if IN_CI:
+            pytest.fail(f"{message} (.ci/run installs it)", pytrace=False)
+        pytest.skip(message)
+
 
 # A recipe shrunk to seconds per stage: same code paths as the real pipeline.
 TINY_OVERRIDES = [
@@ -35,3 +57,70 @@ def workspace(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LLM_HOME", str(ws))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return ws
+
+
+def shakespeare(chars: int) -> str:
+    """The first `chars` characters of the shipped Tiny Shakespeare excerpt
+    (workflows/builtin/corpus, public domain), its speeches joined by blank lines as in the play text."""
+    path = PACKAGE / "workflows" / "builtin" / "corpus" / "en_tinyshakespeare.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return "\n\n".join(json.loads(line)["text"] for line in f)[:chars]
+
+
+def chinese_questions(n: int, seed: int = 0) -> list[dict]:
+    """`n` generated four-choice arithmetic questions in Chinese, C-Eval's columns. C-Eval's own
+    questions are CC BY-NC-SA and not shipped; lm-eval's tasks read these the same way."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        wrong = rng.sample([a + b + d for d in (-11, -10, -2, -1, 1, 2, 10, 11)], 3)
+        right = i % 4  # the answer's position cycles through A-D
+        options = wrong[:right] + [a + b] + wrong[right:]
+        rows.append({"id": i, "question": f"{a}加{b}等于多少？", **dict(zip("ABCD", map(str, options))),
+                     "answer": "ABCD"[right], "explanation": f"{a}+{b}={a + b}"})
+    return rows
+
+
+def ceval_subjects() -> list[str]:
+    """The C-Eval subjects lm-eval's ceval-valid group runs (52)."""
+    import lm_eval.tasks
+
+    task_dir = Path(lm_eval.tasks.__file__).parent / "ceval"
+    return sorted(p.stem.removeprefix("ceval-valid_") for p in task_dir.glob("ceval-valid_*.yaml"))
+
+
+def official_layout(out: Path, gsm8k_test: int, gsm8k_train: int) -> Path:
+    """A data folder in the official layouts that `--data-dir` reads, for MMLU, C-Eval and GSM8K.
+
+    MMLU: the shipped dev and val CSVs (evals/builtin, MIT), val copied as `test`. GSM8K: the first
+    rows of the shipped test.jsonl and train.jsonl (MIT). C-Eval: generated questions
+    (`chinese_questions`) for every subject, as `dev` (with explanations) and `val`.
+    """
+    shutil.copytree(BUILTIN_EVAL / "mmlu" / "dev", out / "mmlu" / "dev")
+    (out / "mmlu" / "test").mkdir(parents=True)
+    for f in (BUILTIN_EVAL / "mmlu" / "val").iterdir():
+        shutil.copy(f, out / "mmlu" / "test" / f.name.replace("_val.csv", "_test.csv"))
+    (out / "gsm8k").mkdir()
+    for split, rows in (("test", gsm8k_test), ("train", gsm8k_train)):
+        lines = (BUILTIN_EVAL / "gsm8k" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        (out / "gsm8k" / f"{split}.jsonl").write_text("\n".join(lines[:rows]) + "\n", encoding="utf-8")
+    for split, columns in (("dev", ["id", "question", "A", "B", "C", "D", "answer", "explanation"]),
+                           ("val", ["id", "question", "A", "B", "C", "D", "answer"])):
+        (out / "ceval" / split).mkdir(parents=True)
+        for n, subject in enumerate(ceval_subjects()):
+            with (out / "ceval" / split / f"{subject}_{split}.csv").open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(chinese_questions(5, seed=2 * n + (split == "val")))
+    return out
+
+
+class Exploit:
+    """Unpickling this runs `touch MARKER`: what a hostile pickle (a checkpoint, a model file) would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

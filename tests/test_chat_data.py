@@ -1,16 +1,17 @@
-"""Chat data on the real SFT and preference files: loading, ChatML masks, batches, DPO loss."""
+"""Chat data on the real SFT and preference files the package ships (workflows/builtin/chat):
+loading, ChatML masks, batches, DPO loss."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from conftest import BUILTIN_EVAL, PACKAGE
 from llm_lifecycle.workflows.chat_data import (
     IGNORE_INDEX,
     PreferenceBatches,
@@ -25,11 +26,11 @@ from llm_lifecycle.workflows.chat_data import (
     strip_alpaca_template,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DOLLY = DATA / "sft" / "en_dolly_hhrlhf_train_small.jsonl"
-OASST_SFT = DATA / "sft" / "zh_oasst1_sft_zh.llamafactory.json"
-HH = DATA / "pref" / "en_hh_rlhf_harmless-base_test.jsonl.gz"
-OASST_RM = DATA / "pref" / "zh_oasst1_rm_zh.llamafactory.json"
+CHAT = PACKAGE / "workflows" / "builtin" / "chat"
+DOLLY = CHAT / "en_dolly_hhrlhf_train_small.jsonl"
+OASST_SFT = CHAT / "zh_oasst1_sft_zh.json"
+HH = CHAT / "en_hh_rlhf_harmless-base_test.jsonl.gz"
+OASST_RM = CHAT / "zh_oasst1_rm_zh.json"
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +123,16 @@ def test_chatml_jsonl_loads_and_bad_records_are_named(tmp_path, oasst):
 
 
 def test_gsm8k_problems_are_conversations_with_the_worked_solution_as_reply():
-    chats = load_conversations(DATA / "gsm8k" / "train.jsonl")
-    assert len(chats) == 7473
+    chats = load_conversations(BUILTIN_EVAL / "gsm8k" / "train.jsonl")
+    assert len(chats) == 200
     assert [m["role"] for m in chats[0]] == ["user", "assistant"]
     assert chats[0][0]["content"].startswith("Natalia sold clips") and chats[0][1]["content"].endswith("#### 72")
 
 
 def test_unknown_formats_name_the_file_and_the_accepted_formats():
     with pytest.raises(ValueError, match=r"test\.jsonl\.gz: unknown conversation format.*messages"):
-        load_conversations(DATA / "pref" / "en_hh_rlhf_harmless-base_test.jsonl.gz")
-    with pytest.raises(ValueError, match=r"llamafactory\.json: unknown preference format.*hh-rlhf"):
+        load_conversations(HH)
+    with pytest.raises(ValueError, match=r"zh_oasst1_sft_zh\.json: unknown preference format.*hh-rlhf"):
         load_preference_pairs(OASST_SFT)
 
 

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, needs
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.registry.tracking import configure
 from llm_lifecycle.workflows.stage import SilentProgress
@@ -149,14 +149,20 @@ def ui_server(swept):
         proc.kill()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
-def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(swept, ui_server):
+@pytest.fixture()
+def chromium() -> str:
+    """Debian's Chromium, checked before `llm ui` is started for it."""
+    needs(CHROMIUM is not None, "Debian's chromium", "apt-get install chromium")
+    return CHROMIUM
+
+
+def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(chromium, swept, ui_server):
     from playwright.sync_api import sync_playwright
 
     expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the +/- beside a parent run
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(90_000)
         page.goto(f"{ui_server}/#/experiments?workflowType=machine_learning", wait_until="load")

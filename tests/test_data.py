@@ -804,7 +804,6 @@ def test_fetch_records_groups_and_tokenize_carries_them(tmp_path):
 
 
 def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
-    pytest.importorskip("datatrove")
     english, chinese = distinct_docs()
     words = english[7].split()
     words[len(words) // 2] = "zebra"

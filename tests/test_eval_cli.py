@@ -4,7 +4,6 @@ links between an eval run and the model version it scored, and the ppl/long suit
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,11 +14,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from conftest import chinese_questions, official_layout, shakespeare
 from llm_lifecycle.models.checkpoint import save_model_dir
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
 
 
@@ -38,13 +37,13 @@ def _one_line_error(out: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A random tiny model in our checkpoint layout, with a byte-level BPE trained on real text."""
+    """A random tiny model in our checkpoint layout, with a byte-level BPE trained on real text (shipped)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([(SHARED_DATA / "corpus" / "en_tinyshakespeare.txt").read_text()[:20_000]], trainer)
+    tok.train_from_iterator([shakespeare(20_000)], trainer)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
                       max_seq_len=128)
@@ -53,12 +52,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("eval_parity", Path(__file__).parents[1] / "benches" / "eval_parity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    root = bench.official_layout(tmp_path_factory.mktemp("data"), SHARED_DATA, gsm8k_test=10, gsm8k_train=20)
+    root = official_layout(tmp_path_factory.mktemp("data"), gsm8k_test=10, gsm8k_train=20)
     (root / "ppl").mkdir()
-    (root / "ppl" / "heldout.txt").write_text((SHARED_DATA / "corpus" / "en_tinyshakespeare.txt").read_text()[-8000:])
+    (root / "ppl" / "heldout.txt").write_text(shakespeare(28_000)[20_000:])  # text the tokenizer did not see
     return root
 
 
@@ -78,9 +74,22 @@ def test_missing_data_and_no_network_is_one_line_exit_2(model_dir, tmp_path):
     line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "ceval", "--limit", "1", env=env))
     assert "ceval/ceval-exam" in line and "--data-dir" in line
     (tmp_path / "bench" / "mmlu" / "dev").mkdir(parents=True)
-    line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "mmlu", "--data-dir",
+    line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "ppl", "--suite", "mmlu", "--data-dir",
+                               str(tmp_path / "bench"), env=env))
+    assert "ppl/*.txt" in line  # the first suite's data is missing; no suite ran
+    (tmp_path / "bench" / "ppl").mkdir()
+    (tmp_path / "bench" / "ppl" / "heldout.txt").write_text(shakespeare(2000))
+    line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "ppl", "--suite", "mmlu", "--data-dir",
                                str(tmp_path / "bench"), env=env))
     assert "abstract_algebra_dev.csv" in line
+    # The data is checked before an MLflow run is opened: no FAILED eval runs left behind.
+    from mlflow import MlflowClient
+
+    from llm_lifecycle.registry import tracking
+
+    tracking.configure(tmp_path / "ws")
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_backend_and_suite_mistakes_are_user_errors(model_dir, workspace):
@@ -124,16 +133,15 @@ def test_eval_run_and_model_version_point_at_each_other(model_dir, data_dir, wor
 
 
 def test_cmmlu_from_its_official_layout(model_dir, tmp_path):
-    """CMMLU's files (`<split>/<subject>.csv`, header ,Question,A,B,C,D,Answer), filled with real
-    C-Eval questions since CMMLU itself is not in ../shared/data."""
+    """CMMLU's files (`<split>/<subject>.csv`, header ,Question,A,B,C,D,Answer), filled with
+    generated Chinese questions (CMMLU is CC BY-NC 4.0 and not shipped)."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
     from llm_lifecycle.evals.harness import LifecycleLM, evaluate_suite, score_rows
     from llm_lifecycle.models.load import load_model
 
-    with (SHARED_DATA / "ceval" / "dev" / "computer_network_dev.csv").open(newline="", encoding="utf-8") as f:
-        questions = list(csv.DictReader(f))
+    questions = chinese_questions(5)
     index = TaskManager(include_defaults=False, include_path=[Path(lm_eval.tasks.__file__).parent / "cmmlu"]).task_index
     subjects = [name.removeprefix("cmmlu_") for name in index if name.startswith("cmmlu_")]
     assert len(subjects) == 67

@@ -11,7 +11,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -19,12 +18,12 @@ import torch  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from conftest import official_layout, shakespeare  # noqa: E402
 from llm_lifecycle.evals.harness import BUILTIN_DATA_DIR, EvalError, LifecycleLM, evaluate_suite  # noqa: E402
 from llm_lifecycle.evals.perplexity import perplexity  # noqa: E402
 from llm_lifecycle.models.config import ModelConfig  # noqa: E402
 from llm_lifecycle.models.decoder import Decoder  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_LENGTH = 96
 
 
@@ -38,7 +37,7 @@ def tokenizer() -> Tokenizer:
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = (SHARED_DATA / "corpus" / "en_tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    text = shakespeare(50_000)
     tok.train_from_iterator([text, "Question: Answer: A B C D 0 1 2 3 4 5 6 7 8 9"], trainer)
     return tok
 
@@ -166,7 +165,7 @@ def test_generate_until_cuts_at_the_first_stop_string(model, tokenizer):
 
 
 def test_perplexity_is_exp_mean_nll_over_disjoint_windows(model, tokenizer):
-    ids = tokenizer.encode((SHARED_DATA / "corpus" / "en_tinyshakespeare.txt").read_text()[:3000]).ids
+    ids = tokenizer.encode(shakespeare(3000)).ids
     seq_len = 32
     nll, count = 0.0, 0
     for k in range(3):
@@ -185,7 +184,7 @@ def test_perplexity_is_exp_mean_nll_over_disjoint_windows(model, tokenizer):
 
 
 def _bench():
-    """benches/eval_parity.py, whose official-layout builder and backend comparison the tests share."""
+    """benches/eval_parity.py, whose backend comparison the tests share."""
     spec = importlib.util.spec_from_file_location("eval_parity", Path(__file__).parents[1] / "benches" / "eval_parity.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -194,8 +193,8 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """Official layouts: MMLU val copied as test, C-Eval dev copied as val, GSM8K train split in two."""
-    return _bench().official_layout(tmp_path_factory.mktemp("bench"), SHARED_DATA, gsm8k_test=20, gsm8k_train=50)
+    """Official layouts: shipped MMLU (val copied as test) and GSM8K rows, generated C-Eval questions."""
+    return official_layout(tmp_path_factory.mktemp("bench"), gsm8k_test=20, gsm8k_train=50)
 
 
 def _assert_scores(report, suite_metric: str, limit: int):

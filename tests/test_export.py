@@ -1,6 +1,7 @@
-"""`llm export --out` never deletes a user's file: a target that holds anything but an
-earlier export is refused with one line (exit 2) and left as it was; --overwrite replaces
-only an earlier export; exported files get the user's normal permissions (issue 22)."""
+"""`llm export --out` (and `llm import --out`) never delete a user's file: a target that
+holds anything but an earlier export is refused with one line (exit 2) and left as it was;
+--overwrite replaces only an earlier export; exported files get the user's normal
+permissions (issue 22)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from llm_lifecycle.models.checkpoint import save_model_dir
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.registry import tracking
-from llm_lifecycle.workflows.export import EXPORT_MANIFEST
+from llm_lifecycle.workflows.outputs import MANIFEST
 from llm_lifecycle.workflows.tokenizer import train_bpe
 
 
@@ -60,7 +61,7 @@ def test_a_folder_with_the_users_files_is_left_alone(model_dir, tmp_path):
     (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
     before = snapshot(folder)
     for extra in ([], ["--overwrite"]):
-        assert_one_line_refusal(export(model_dir, folder, *extra), "not empty", "not an earlier export")
+        assert_one_line_refusal(export(model_dir, folder, *extra), "not empty", "was not written by llm export")
         assert snapshot(folder) == before
 
 
@@ -68,16 +69,16 @@ def test_the_workspace_is_never_exported_over(model_dir, workspace):
     tracking.configure(workspace)  # creates mlflow.db in it
     before = snapshot(workspace)
     assert "mlflow.db" in before
-    assert_one_line_refusal(export(model_dir, workspace, "--overwrite"), "not an earlier export")
+    assert_one_line_refusal(export(model_dir, workspace, "--overwrite"), "was not written by llm export")
     assert snapshot(workspace) == before
 
 
 def test_overwrite_replaces_an_earlier_export_and_nothing_else(model_dir, tmp_path):
     out = tmp_path / "export"
     assert export(model_dir, out, "--format", "safetensors").exit_code == 0
-    assert (out / EXPORT_MANIFEST).is_file() and (out / "model.safetensors").is_file()
+    assert (out / MANIFEST).is_file() and (out / "model.safetensors").is_file()
 
-    assert_one_line_refusal(export(model_dir, out, "--format", "safetensors"), "earlier export", "--overwrite")
+    assert_one_line_refusal(export(model_dir, out, "--format", "safetensors"), "earlier llm export", "--overwrite")
     result = export(model_dir, out, "--format", "gguf", "--overwrite")
     assert result.exit_code == 0, result.output
     assert not (out / "model.safetensors").exists() and (out / "Modelfile").is_file()
@@ -97,3 +98,22 @@ def test_exported_files_get_the_users_normal_permissions(model_dir, tmp_path, fm
     for path in out.rglob("*"):
         want = DIR_MODE if path.is_dir() else FILE_MODE
         assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_import_keeps_to_the_same_rule(model_dir, tmp_path):
+    hf = tmp_path / "hf"
+    assert export(model_dir, hf, "--format", "hf").exit_code == 0
+
+    def import_(out, *extra):
+        return CliRunner().invoke(app, ["import", str(hf), "--out", str(out), *extra])
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("chapter 1")
+    assert_one_line_refusal(import_(folder, "--overwrite"), "was not written by llm import")
+    assert snapshot(folder) == {"thesis.tex": b"chapter 1"}
+
+    out = tmp_path / "imported"
+    assert import_(out).exit_code == 0 and (out / "model.safetensors").is_file()
+    assert_one_line_refusal(import_(out), "earlier llm import", "--overwrite")
+    assert import_(out, "--overwrite").exit_code == 0

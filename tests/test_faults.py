@@ -56,6 +56,51 @@ def test_secrets_never_reach_params_tags_or_artifacts(workspace, monkeypatch):
     assert b"[REDACTED]" in stored
 
 
+def test_planted_secrets_reach_neither_the_store_nor_the_workspace(workspace, tmp_path, monkeypatch):
+    """A secret in a data path (metric names, the run's note, the datasets table, result and
+    report files, the documents), in a list under a secret-looking name (params, the
+    recipe.yaml artifact) and in the environment: none of it is anywhere in mlflow.db or
+    the workspace, and the recipe artifact is still the recipe (issue 22)."""
+    import yaml
+
+    monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
+    folder = tmp_path / "token=SECRET123"
+    folder.mkdir()
+    words = "the king said that a small model learns quickly when its data is clean".split()
+    with open(folder / "corpus.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(40)) + f" {i}"}) + "\n")
+    stages = ["data-fetch", "data-clean", "tokenizer-train"]
+    result = CliRunner().invoke(app, ["pipeline", "llama-small", "--stages", ",".join(stages),
+                                      *[f"--set={o}" for o in TINY_OVERRIDES],
+                                      f"--set=data-fetch.sources=[{{uri: '{folder / 'corpus.jsonl'}'}}]",
+                                      "--set=tokenizer-train.special_tokens=[SECRET_TOK_777]"])
+    assert result.exit_code == 0, result.output
+    mlflow.flush_async_logging()
+
+    files = [p for p in sorted(workspace.rglob("*")) if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "result.json" for p in files)
+    leaked = [str(p) for p in files if b"SECRET123" in p.read_bytes() or SECRETS["HF_TOKEN"].encode() in p.read_bytes()]
+    assert not leaked, leaked
+    # The tokenizer must hold the special token it was asked for; nothing else may.
+    leaked = [str(p) for p in files if p.name != "tokenizer.json" and b"SECRET_TOK_777" in p.read_bytes()]
+    assert not leaked, leaked
+
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("llama-small").experiment_id])}
+    assert any("REDACTED" in key for key in runs["data-fetch"].data.metrics), runs["data-fetch"].data.metrics
+    recipe = yaml.safe_load(open(mlflow.artifacts.download_artifacts(run_id=runs["pipeline"].info.run_id,
+                                                                     artifact_path="recipe.yaml")))
+    assert list(recipe["stages"])[:3] == stages  # still the recipe, in its stage order
+    assert recipe["stages"]["tokenizer-train"]["special_tokens"] == [tracking.REDACTED]
+    assert recipe["stages"]["pretrain"]["steps"] == 6
+
+
+def test_redacting_text_never_crosses_a_line():
+    assert tracking.redact_text("token: abc123\nnext: kept") == f"token: {tracking.REDACTED}\nnext: kept"
+    assert tracking.redact_text("special_tokens:\n- kept") == "special_tokens:\n- kept"
+
+
 STAGES = ["data-fetch", "data-clean", "tokenizer-train", "tokenize", "pretrain"]
 
 

@@ -4,6 +4,7 @@ template; an Ollama Modelfile sits beside it."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import needs
 from llm_lifecycle.models.checkpoint import save_model_dir
 from llm_lifecycle.models.config import FAMILIES, ModelConfig
 from llm_lifecycle.models.decoder import Decoder
@@ -72,7 +74,10 @@ def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("family", TESTED)
 def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, tokenizer, family):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    needs(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (a source build)",
+          """CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install -c c.txt -e '.[llamacpp]'""")
+    import llama_cpp
+
     model = trained_model(tokenizer, family)
     model_dir = save_model_dir(tmp_path / "model", model, tokenizer)
     prompt = tokenizer.encode(PROMPT).ids

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from conftest import TINY_OVERRIDES
 from test_cli import llm
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

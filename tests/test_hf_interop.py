@@ -9,14 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # noqa: E402
 from llm_lifecycle.models.config import ModelConfig  # noqa: E402
 from llm_lifecycle.models.decoder import Decoder  # noqa: E402
 from llm_lifecycle.models.hf import export_hf, import_hf, load_hf  # noqa: E402
 from llm_lifecycle.models.presets import list_presets, load_preset  # noqa: E402
-
-transformers = pytest.importorskip("transformers")
 
 BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 LLAMA = dict(BASE, family="llama")

@@ -17,12 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # noqa: E402
 from llm_lifecycle.models.generate import generate  # noqa: E402
 from llm_lifecycle.models.hf import export_hf, load_hf  # noqa: E402
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
 TINY = dict(

@@ -14,12 +14,11 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from test_hf_parity import max_diff, prompts, random_hf_model, tiny_tokenizer
 
 from llm_lifecycle.models.hf import load_hf
-
-transformers = pytest.importorskip("transformers")
 
 HEADS, KV_HEADS, HEAD_DIM, DIM, LAYERS = 4, 2, 16, 64, 2
 

@@ -19,8 +19,9 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, Exploit
 from llm_lifecycle.cli.app import app
+from llm_lifecycle.registry.catalog import registered_versions
 from llm_lifecycle.registry.tracking import configure
 from llm_lifecycle.workflows.pipeline import plan, run_pipeline
 from llm_lifecycle.workflows.recipe import STAGE_ORDER, load_recipe
@@ -66,6 +67,8 @@ def test_registry_has_every_alias_and_pyfunc_generates_text(finished):
     versions = {alias: client.get_model_version_by_alias(recipe.name, alias) for alias in ALIASES}
     assert len({v.version for v in versions.values()}) == len(ALIASES)
     assert versions["sft"].tags["llm.stage"] == "sft" and "hw.cpu" in versions["sft"].tags
+    listed = {row["version"]: row["aliases"] for row in registered_versions() if row["name"] == recipe.name}
+    assert all(alias in listed[str(v.version)] for alias, v in versions.items()), listed  # `llm models list`
     out = mlflow.pyfunc.load_model(f"models:/{recipe.name}@sft").predict(["The king said"])
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
@@ -233,16 +236,6 @@ def test_sigkill_sweep_over_every_stage(finished, tmp_path, seed):
 # Nothing let in: a pickle that would run code is refused, never executed.
 
 
-class _Exploit:
-    """Unpickling this runs `touch MARKER` (what a hostile checkpoint would do)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def _one_line_error(result) -> str:
     """The one `error:` line of a failed in-process command (progress bars may precede it)."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
@@ -258,7 +251,7 @@ def test_crafted_pickle_in_checkpoint_path_is_refused_not_executed(finished, tmp
     stage = next(p for p in plan(load_recipe(recipe.name, overrides), ws) if p.name == "pretrain")
     hostile = stage.directory / "checkpoints" / "step-00000003.pt"
     hostile.parent.mkdir(parents=True)
-    torch.save({"step": 3, "model": _Exploit(marker)}, hostile)  # a real torch checkpoint file, with a payload
+    torch.save({"step": 3, "model": Exploit(marker)}, hostile)  # a real torch checkpoint file, with a payload
     args = ["pipeline", recipe.name, "--stages", "pretrain", *[f"--set={o}" for o in overrides]]
     line = _one_line_error(CliRunner().invoke(app, args))
     assert not marker.exists(), "the pickle's code ran"
@@ -272,7 +265,7 @@ def test_pickled_hf_weights_are_never_opened(finished, tmp_path):
     shutil.copytree(results["export"].outputs["hf"], folder)
     (folder / "model.safetensors").unlink()
     with open(folder / "pytorch_model.bin", "wb") as f:
-        pickle.dump(_Exploit(marker), f)
+        pickle.dump(Exploit(marker), f)
     line = _one_line_error(CliRunner().invoke(app, ["export", "--model", str(folder), "--out", str(tmp_path / "out")]))
     assert not marker.exists(), "the pickle's code ran"
     assert "safetensors" in line and "never opened" in line
@@ -298,7 +291,7 @@ def test_diverging_loss_stops_keeps_last_good_checkpoint_and_says_what_to_try(fi
     step = int(line.split("diverged at step ")[1].split(" ")[0])
     kept = sorted(p.name for p in (stage.directory / "checkpoints").iterdir())
     # Checkpoint step-k holds the weights after k updates: the last good one is step-<failing step>,
-    # and only the newest keep_checkpoints=2 are on disk.
-    assert kept == [f"step-{step - 1:08d}.pt", f"step-{step:08d}.pt"], (line, kept)
-    assert str(stage.directory / "checkpoints" / kept[-1]) in line and "--set pretrain.lr=1000" in line
+    # and only the newest keep_checkpoints=2 are on disk, each with its checksum.
+    assert kept == [f"step-{k:08d}.pt{suffix}" for k in (step - 1, step) for suffix in ("", ".sha256")], (line, kept)
+    assert str(stage.directory / "checkpoints" / f"step-{step:08d}.pt") in line and "--set pretrain.lr=1000" in line
     assert not (stage.directory / "model").exists() and not stage.result_file.exists()

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import Exploit
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.quantize import QuantConfig, quantize_model, save_quantized
@@ -73,16 +74,6 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 180) -> N
     raise AssertionError(f"no answer from {url} within {timeout} s")
 
 
-class Exploit:
-    """Unpickling this runs `touch MARKER` (what a tampered python_model.pkl would do)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def model_folder(model_uri: str) -> Path:
     """The registered version's artifact folder in the workspace's store."""
     return Path(urllib.parse.urlparse(mlflow.models.get_model_info(model_uri).artifact_path).path)
@@ -112,16 +103,21 @@ def test_serve_refuses_a_version_whose_mlmodel_or_code_was_tampered(registered_i
     result = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "serve", "--model", registered_int4],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "differs" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    # The form MLflow gives a pickled model: MLmodel names python_model.pkl instead of the code file.
     plant_pickles(folder, marker)
-    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
-    flavor = mlmodel["flavors"]["python_function"]
-    flavor.pop("model_code_path")
-    flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
-    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-    result = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "serve", "--model", registered_int4],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "not logged as llm-lifecycle code" in result.stderr, result.stderr
+    original = (folder / "MLmodel").read_text()
+    for change in (
+        # The form MLflow gives a pickled model: MLmodel names python_model.pkl instead of the code file.
+        lambda flavor: (flavor.pop("model_code_path"),
+                        flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")),
+        # A logged code folder goes first on sys.path: it could shadow llm_lifecycle itself.
+        lambda flavor: flavor.update(code="code"),
+    ):
+        mlmodel = yaml.safe_load(original)
+        change(mlmodel["flavors"]["python_function"])
+        (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+        result = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "serve", "--model", registered_int4],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "not logged as llm-lifecycle code" in result.stderr, result.stderr
     assert not marker.exists(), "the tampered model's code ran"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Exploit
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.workflows.trainer import CompiledWithFallback, expert_load_metrics
@@ -152,13 +152,8 @@ def test_corruption_is_told_apart_from_a_refused_pickle(tmp_path):
     from llm_lifecycle.workflows.trainer import DamagedCheckpoint, read_checkpoint
 
     marker = tmp_path / "code-ran"
-
-    class Exploit:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     hostile = tmp_path / "step-00000003.pt"
-    torch.save({"step": 3, "model": Exploit()}, hostile)
+    torch.save({"step": 3, "model": Exploit(marker)}, hostile)
     with pytest.raises(UserError, match="refused to load checkpoint .* it was not executed"):
         read_checkpoint(hostile)
     assert not marker.exists()

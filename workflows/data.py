@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
+from llm_lifecycle.registry.tracking import metric_key, redact_text
 from llm_lifecycle.workflows.dedup import CJK, exact_duplicates, is_cjk, near_duplicates, normalize_for_dedup
 from llm_lifecycle.workflows.stage import (
     Progress,
@@ -308,7 +309,8 @@ def fetch_source(
         files = [f for f in files if any(fnmatch.fnmatch(f.as_posix(), "*/" + p) for p in source.allow_patterns)]
     with progress.task(f"fetch {source.uri}") as task:
         for file in files:
-            label = source.uri if file == path else f"{source.uri}/{file.relative_to(path).as_posix()}"
+            # The label travels with each document into the workspace's files and reports: redacted.
+            label = redact_text(source.uri if file == path else f"{source.uri}/{file.relative_to(path).as_posix()}")
             for text in read_texts(file, source.text_field, source.split):
                 if source.limit is not None and stats.docs >= source.limit:
                     return stats
@@ -324,8 +326,8 @@ def fetch_source(
 
 
 def metric_label(uri: str) -> str:
-    """A source URI as MLflow accepts it inside a metric name."""
-    return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", uri)[:180]
+    """A source URI, redacted, as MLflow accepts it inside a metric name."""
+    return metric_key(uri)[:180]
 
 
 def fetch(ctx: StageContext, cfg: dict) -> StageResult:

@@ -66,14 +66,34 @@ def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int,
     return VLLM(pretrained=str(hf_dir), batch_size=batch_size)
 
 
-def run_suites(lm, model, tokenizer, tracker, suites, *, data_dir, limit, num_fewshot, seed=0,
+def load_suites(suites: list[str], data_dir) -> dict:
+    """Each suite's data, found before any run is opened: lm-eval suites -> their loaded tasks,
+    ppl/long -> None (their held-out text is checked). Missing data is a UserError naming it.
+    data_dir "hub" (or None) lets lm-eval read the hub."""
+    from llm_lifecycle.evals.harness import EvalError, load_suite
+    from llm_lifecycle.evals.long_context import heldout_text
+
+    loaded = {}
+    for suite in suites:
+        try:
+            if suite in OWN_SUITES:
+                heldout_text(data_dir)
+                loaded[suite] = None
+            else:
+                loaded[suite] = load_suite(suite, None if data_dir == "hub" else data_dir)
+        except EvalError as err:
+            raise UserError(str(err)) from None
+    return loaded
+
+
+def run_suites(lm, model, tokenizer, tracker, loaded: dict, *, data_dir, limit, num_fewshot, seed=0,
                apply_chat_template=False, batch_size=8) -> EvalOutcome:
-    """Every suite, logged to `tracker`; data_dir "hub" (or None) lets lm-eval read the hub."""
+    """Every suite `load_suites` loaded, logged to `tracker`."""
     from llm_lifecycle.evals.harness import EvalError, evaluate_suite, score_rows
     from llm_lifecycle.evals.long_context import long_suite, perplexity_suite
 
     outcome = EvalOutcome(metrics={})
-    for suite in suites:
+    for suite, tasks in loaded.items():
         try:
             if suite == "ppl":
                 metrics = perplexity_suite(model, tokenizer, data_dir, seq_len=model.cfg.max_seq_len, max_windows=limit)
@@ -85,8 +105,8 @@ def run_suites(lm, model, tokenizer, tracker, suites, *, data_dir, limit, num_fe
                 outcome.rows.append({"task": "long", "group": True, "n": None,
                                      **{k.split(".", 2)[2]: v for k, v in metrics.items()}})
             else:
-                report = evaluate_suite(lm, suite, data_dir=None if data_dir == "hub" else data_dir, limit=limit,
-                                        num_fewshot=num_fewshot, seed=seed, apply_chat_template=apply_chat_template)
+                report = evaluate_suite(lm, tasks, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                                        apply_chat_template=apply_chat_template)
                 metrics = report.metrics
                 rows = score_rows(report)
                 outcome.rows += [r for r in rows if r["group"]] or rows[:1]
@@ -128,7 +148,8 @@ def run(ctx: StageContext, cfg: dict) -> StageResult:
     model, tokenizer, model_dir = load_upstream_model(ctx, "rl")
     lm = make_lm("ours", model_dir, model, tokenizer, batch_size=cfg["batch_size"], max_gen_toks=cfg["max_gen_toks"],
                  work_dir=ctx.stage_dir)
-    outcome = run_suites(lm, model, tokenizer, ctx.tracker, cfg["suites"], data_dir=cfg["data_dir"],
+    loaded = load_suites(cfg["suites"], cfg["data_dir"])
+    outcome = run_suites(lm, model, tokenizer, ctx.tracker, loaded, data_dir=cfg["data_dir"],
                          limit=cfg["limit"], num_fewshot=cfg["num_fewshot"], seed=ctx.seed, batch_size=cfg["batch_size"])
     metrics = outcome.metrics
     metrics["eval.heldout.ppl"] = heldout_perplexity(ctx, model, ctx.recipe.stages["pretrain"]["seq_len"], 16)
@@ -157,12 +178,13 @@ def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot,
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as work_dir:
         lm = make_lm(backend, model_dir, model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks,
                      work_dir=Path(work_dir))
+        loaded = load_suites(suites, data_dir)  # missing data stops here, before a run is opened
         with tracking.start_run(experiment, "eval", {"llm.stage": "eval", "llm.model_ref": ref,
                                                      "llm.eval_backend": backend}) as tracker:
             tracker.log_params({"model": ref, "suites": suites, "data_dir": data_dir, "limit": limit,
                                 "num_fewshot": num_fewshot, "batch_size": batch_size, "backend": backend,
                                 "seed": seed, "apply_chat_template": apply_chat_template})
-            outcome = run_suites(lm, model, tokenizer, tracker, suites, data_dir=data_dir, limit=limit,
+            outcome = run_suites(lm, model, tokenizer, tracker, loaded, data_dir=data_dir, limit=limit,
                                  num_fewshot=num_fewshot, seed=seed, apply_chat_template=apply_chat_template,
                                  batch_size=batch_size)
             if version:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError, atomic_dir, write_json_atomic
+from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError, atomic_dir
 
 FORMATS = ("auto", "hf", "gguf", "safetensors")
 PROBE_IDS = torch.arange(3, 35)  # the fixed prompt both sides score
@@ -100,41 +100,6 @@ def copy_model_dir(model_dir: Path, out: Path) -> None:
                 shutil.copyfile(file, tmp / file.name)  # contents only: new files get the user's permissions
 
 
-# `llm export --out` writes into a user's folder, so it never deletes what it did not write:
-# every export carries a list of its files, and only a folder holding exactly those (an
-# earlier export) may be replaced, and only with --overwrite.
-EXPORT_MANIFEST = ".llm-export.json"
-
-
-def _exported_files(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()} - {EXPORT_MANIFEST}
-
-
-def check_export_target(out: Path, overwrite: bool) -> None:
-    """Refuse a target that holds anything but an earlier export of ours (and that one
-    without --overwrite): the export replaces the whole folder."""
-    import json
-
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UserError(f"llm export: --out {out} is a file, not a folder; nothing was written; choose a new folder")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    manifest = out / EXPORT_MANIFEST
-    try:
-        ours = set(json.loads(manifest.read_text(encoding="utf-8"))["files"]) if manifest.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        ours = None
-    if ours is None:
-        raise UserError(f"llm export: --out {out} is not empty and is not an earlier export; nothing was written; "
-                        "choose a new or empty folder (--overwrite replaces only an earlier export)")
-    foreign = sorted(_exported_files(out) - ours)
-    if foreign:
-        raise UserError(f"llm export: --out {out} holds files the export did not write ({', '.join(foreign[:3])}); "
-                        "nothing was written; move them away or choose another folder")
-    if not overwrite:
-        raise UserError(f"llm export: --out {out} holds an earlier export; pass --overwrite to replace it")
-
-
 def _write_export(model_dir: Path, ref: str, staged: Path, out: Path, fmt: str, gguf_type: str) -> str:
     """Write the export into the folder `staged` (replacing it), which becomes `out`; returns
     the line saying what was written."""
@@ -156,21 +121,19 @@ def _write_export(model_dir: Path, ref: str, staged: Path, out: Path, fmt: str, 
 
 
 def export_model(ref: str, out: Path, fmt: str = "hf", gguf_type: str = "f16", overwrite: bool = False) -> str:
-    """Export any model reference into the folder `out`; returns a line saying what was written.
-    The folder appears complete with its manifest, or not at all."""
+    """Export any model reference into the folder `out` (workflows/outputs.py: never over a
+    user's files); returns a line saying what was written."""
     from llm_lifecycle.workflows.model_ref import resolve_model_dir
+    from llm_lifecycle.workflows.outputs import output_folder
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
     out = Path(out).absolute()
-    check_export_target(out, overwrite)
-    model_dir = resolve_model_dir(ref)
-    if fmt == "auto":
-        fmt = "safetensors" if hf_blocker(model_dir) else "hf"
-    with atomic_dir(out) as staged:
-        written = _write_export(model_dir, ref, staged, out, fmt, gguf_type)  # the writers replace `staged` whole
-        write_json_atomic(staged / EXPORT_MANIFEST, {"format": fmt, "files": sorted(_exported_files(staged))})
-    return written
+    with output_folder(out, overwrite, "llm export") as staged:  # checks `out` before a model is fetched
+        model_dir = resolve_model_dir(ref)
+        if fmt == "auto":
+            fmt = "safetensors" if hf_blocker(model_dir) else "hf"
+        return _write_export(model_dir, ref, staged, out, fmt, gguf_type)  # the writers replace `staged` whole
 
 
 def run(ctx: StageContext, cfg: dict) -> StageResult:

@@ -67,6 +67,15 @@ def import_model(source: str, out: Path):
     return model.cfg
 
 
+def import_into_user_folder(source: str, out: Path, overwrite: bool):
+    """`llm import`: import_model into the user's folder `out`, never over their files
+    (workflows/outputs.py); checked before anything is downloaded."""
+    from llm_lifecycle.workflows.outputs import output_folder
+
+    with output_folder(Path(out).absolute(), overwrite, "llm import") as staged:
+        return import_model(source, staged)
+
+
 def resolve_model_dir(ref: str) -> Path:
     from llm_lifecycle.registry.tracking import workspace
 

@@ -206,7 +206,7 @@ def run_pipeline(
         parent.log_params({"recipe": str(recipe.path), "preset": recipe.preset, "seed": recipe.seed,
                            "overrides": recipe.overrides, "stages_run": ran})
         parent.log_params({"model": recipe.model})
-        parent.log_text(recipe.to_yaml(), "recipe.yaml")
+        parent.log_dict(recipe.to_dict(), "recipe.yaml")  # redacted as a structure, then written as YAML
         registered_name = sweep.registered_name if sweep else recipe.name
         for p in planned:
             if not p.cached and p.selected and not is_main_process() and p.name not in TRAINING_STAGES:

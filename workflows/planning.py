@@ -71,6 +71,9 @@ def available_memory() -> tuple[str, int]:
 
 def memory_report(recipe: Recipe) -> list[str]:
     """One line per training stage: its estimated peak and whether it fits this machine."""
+    from llm_lifecycle.workflows.distributed import device
+    from llm_lifecycle.workflows.trainer import resolve_precision
+
     cfg = recipe.model_config()
     shape = shape_of(cfg)
     lines = [f"model: {recipe.preset}, {cfg.num_params() / 1e6:.2f}M parameters "
@@ -78,7 +81,7 @@ def memory_report(recipe: Recipe) -> list[str]:
     where, available = available_memory()
     for stage in ("pretrain", "extend-context", "sft", "rl"):
         s = recipe.stages[stage]
-        precision = "fp32" if s["precision"] in ("fp32", "auto") and where == "RAM" else "bf16"
+        precision = resolve_precision(s["precision"], device())
         est = training_memory(shape, s["batch_size"], s["seq_len"], precision)
         need = est["total"] + (est["weights"] if stage == "rl" else 0)  # DPO holds a frozen reference copy
         verdict = "fits" if need < available else f"[bold red]will not fit[/bold red] in {format_bytes(available)} {where}"

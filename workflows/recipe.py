@@ -46,7 +46,7 @@ _TRAIN = {
     "checkpoint_every": 50,
     "keep_checkpoints": 2,  # the newest K checkpoints stay on disk
     "log_every": 10,
-    "precision": "auto",  # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
+    "precision": "auto",  # auto: bf16 autocast where bf16 is native (GPUs, CPUs with AMX/AVX512-BF16), else fp32
     "compile": False,  # torch.compile the model (falls back to eager if compiling fails)
     "activation_checkpointing": False,  # recompute block activations in backward: less memory
 }
@@ -220,11 +220,13 @@ class Recipe:
     description: str = ""
     overrides: list[str] = field(default_factory=list)
 
-    def to_yaml(self) -> str:
+    def to_dict(self) -> dict:
         """The fully resolved recipe (preset, overrides and defaults applied), re-runnable as is."""
-        data = {"name": self.name, "description": self.description, "seed": self.seed,
+        return {"name": self.name, "description": self.description, "seed": self.seed,
                 "model": {"preset": self.preset, **self.model}, "stages": self.stages}
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def model_config(self):
         from llm_lifecycle.models.config import ModelConfig

@@ -49,7 +49,10 @@ def check_logged_as_our_code(model: str) -> None:
     info = mlflow.models.get_model_info(model)
     flavor = info.flavors.get("python_function", {})
     ours = Path(importlib.util.find_spec(PYFUNC_CODE).origin)
-    if Path(flavor.get("model_code_path") or "").name != ours.name:
+    as_code = (Path(flavor.get("model_code_path") or "").name == ours.name
+               and flavor.get("loader_module") == "mlflow.pyfunc.loaders.code_model"
+               and not flavor.get("code"))  # logged code folders would go first on sys.path, shadowing ours
+    if not as_code:
         raise UserError(f"llm serve: {model} was not logged as llm-lifecycle code (an older version logged pickles, "
                         "which run code when loaded); it was not loaded; re-run the stage that made it to register it anew")
     logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{info.artifact_path}/{ours.name}"))

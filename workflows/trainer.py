@@ -2,8 +2,9 @@
 
 AdamW (β 0.9/0.95, ε 1e-8) with decoupled weight decay on matrices only, linear warm-up
 then cosine decay to `min_lr_ratio` of the peak, gradient clipping, gradient
-accumulation, bf16 autocast where the device supports it, torch.compile (with a fallback
-to eager) and activation checkpointing as switches, FSDP2 under torchrun, and atomic
+accumulation, bf16 autocast with fp32 master weights where the device runs bf16 natively
+(GPUs; CPUs with AMX or AVX512-BF16), torch.compile (with a fallback to eager) and
+activation checkpointing as switches, FSDP2 under torchrun, and atomic
 checkpoints holding model, optimizer, scheduler, RNG states and the data position. Batches
 are a pure function of the micro-step index, so a run killed at step k and resumed sees
 exactly the data it would have seen and produces the same losses.
@@ -32,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from llm_lifecycle.registry.hardware import cpu_has_native_bf16
 from llm_lifecycle.workflows import distributed
 from llm_lifecycle.workflows.stage import StageContext, UserError, atomic_path
 
@@ -100,12 +102,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, s) / s.lr)
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` runs bf16 matmuls in hardware: GPUs that support bf16, CPUs with
+    AMX or AVX512-BF16 (elsewhere bf16 is emulated and no faster than fp32)."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device == "cpu" and cpu_has_native_bf16()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a run trains in: `auto` is bf16 autocast where bf16 is native, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or (precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
+    """bf16 autocast (weights, gradients and AdamW states stay fp32), or None for plain fp32."""
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 
 
 def peak_flops(device: str) -> float | None:
