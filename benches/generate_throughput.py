@@ -48,7 +48,7 @@ from llm_lifecycle.models.presets import load_preset
 def synthetic_tokenizer(vocab_size: int):
     """Our byte-level BPE (what GGUF needs) trained on seeded random words: prompts are random
     ids anyway, so only the vocabulary size matters."""
-    from llm_lifecycle.workflows.tokenizer import train_bpe
+    from llm_lifecycle.workflows.data.bpe import train_bpe
 
     rng = random.Random(0)
     words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(20_000)]

@@ -22,8 +22,8 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.registry.memory import inference_memory
-from llm_lifecycle.workflows.planning import shape_of
+from llm_lifecycle.workflows.engine.memory import inference_memory
+from llm_lifecycle.workflows.runner.planning import shape_of
 
 
 def held_bytes(tensors) -> int:

@@ -29,7 +29,7 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.hf import ENDOFTEXT, hf_config, to_hf_state_dict
-from llm_lifecycle.workflows.trainer import fused_adamw_available, lm_loss, maybe_compile
+from llm_lifecycle.workflows.engine.trainer import fused_adamw_available, lm_loss, maybe_compile
 
 # ~7-8M parameters each: the preset designs, sized up (llama) or trimmed (MoE) to that size.
 CONFIGS = {

@@ -6,8 +6,10 @@ Heavy libraries (torch, mlflow, lm-eval) are imported inside the commands so tha
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +22,8 @@ from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from typer.core import TyperGroup
 
-from llm_lifecycle.workflows.stage import UserError
+from llm_lifecycle.registry.tracking import EnvironmentProblem
+from llm_lifecycle.workflows.runner.stage import UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -47,11 +50,36 @@ class _OneLineErrors(TyperGroup):
             _fail(f"{command}: {err.format_message().rstrip('.')}; see `{command} --help`", err.exit_code)
         except typer.Abort:
             _fail("aborted", 1)
-        except UserError as err:
+        except (UserError, EnvironmentProblem) as err:
             _fail(str(err))
+        except OSError as err:
+            message = _write_failure(err)
+            if message is None:
+                raise
+            _fail(message)
         if code == 130:
             err_console.print("[yellow]interrupted; re-run the same command to resume[/yellow]")
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _write_failure(err: OSError) -> str | None:
+    """The line for a write the machine refused (a full disk, a read-only or foreign folder),
+    or None for any other OSError (a bug: its traceback is wanted)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {err.filename or 'a file'} ({_free_space(err.filename)} free "
+                "there); free some space and re-run: what was written is complete or absent, so the run resumes")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
+        return f"cannot write {err.filename}: {err.strerror}; choose a folder you can write"
+    return None
+
+
+def _free_space(filename: str | None) -> str:
+    from llm_lifecycle.workflows.engine.memory import format_bytes
+
+    folder = Path(filename or ".").absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return format_bytes(shutil.disk_usage(folder).free)
 
 
 app = typer.Typer(
@@ -80,10 +108,11 @@ InitOption = typer.Option(
 NprocOption = typer.Option(1, "--nproc", help="Processes per node: >1 runs under torchrun with FSDP2.")
 NnodesOption = typer.Option(1, "--nnodes", help="Nodes taking part (torchrun).")
 RdzvOption = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the torchrun rendezvous (multi-node).")
+WaitOption = typer.Option(False, "--wait", help="If another llm process is running this recipe, queue behind it.")
 
 
 def _relaunch(nproc: int, nnodes: int, rdzv_endpoint: str | None) -> None:
-    from llm_lifecycle.workflows.launch import relaunch_if_asked
+    from llm_lifecycle.workflows.engine.launch import relaunch_if_asked
 
     relaunch_if_asked(nproc, nnodes, rdzv_endpoint)
 
@@ -94,14 +123,19 @@ def _workspace() -> Path:
     return workspace()
 
 
-def _run_stages(recipe_name: str, overrides: list[str] | None, **plan_args) -> None:
+def _run_stages(recipe_name: str, overrides: list[str] | None, wait: bool, **plan_args) -> None:
     from llm_lifecycle.cli.progress import RichProgress
-    from llm_lifecycle.workflows.pipeline import run_pipeline
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.registry.hardware import is_main_process
+    from llm_lifecycle.workflows.runner.pipeline import run_pipeline
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress
 
     recipe = load_recipe(recipe_name, overrides or [])
-    results = run_pipeline(recipe, _workspace(), RichProgress(console), **plan_args)
-    _print_results(recipe.name, results, plan_args.get("stages"))
+    # Under torchrun every rank runs this; rank 0 alone speaks for the job.
+    progress = RichProgress(console) if is_main_process() else SilentProgress()
+    results = run_pipeline(recipe, _workspace(), progress, wait=wait, **plan_args)
+    if is_main_process():
+        _print_results(recipe.name, results, plan_args.get("stages"))
 
 
 def _print_results(recipe_name: str, results: dict, stages) -> None:
@@ -131,6 +165,7 @@ def pipeline(
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Run the whole lifecycle (or some stages) of RECIPE; completed stages are reused.
     With --init the pipeline starts from that model at SFT (its tokenizer replaces training one)."""
@@ -139,49 +174,95 @@ def pipeline(
         _print_plan(recipe, set_ or [], stages, from_stage, tuple(force or ()))
         return
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, set_, stages=stages, from_stage=from_stage, force=tuple(force or ()))
+    _run_stages(recipe, set_, wait, stages=stages, from_stage=from_stage, force=tuple(force or ()))
 
 
 def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
-    from llm_lifecycle.workflows.pipeline import plan
-    from llm_lifecycle.workflows.planning import memory_report
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.pipeline import plan
+    from llm_lifecycle.workflows.runner.planning import memory_report
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     recipe = load_recipe(recipe_name, overrides)
     table = Table(title=f"plan for {recipe.name} ({recipe.path})")
-    for col in ("stage", "fingerprint", "status"):
+    for col in ("stage", "kind", "inputs", "fingerprint", "status"):
         table.add_column(col)
     for p in plan(recipe, _workspace(), stages, from_stage, force):
         status = "cached" if p.cached else ("run" if p.selected else "skip")
         style = {"cached": "green", "run": "bold yellow", "skip": "dim"}[status]
-        table.add_row(p.name, p.fingerprint, f"[{style}]{status}[/{style}]")
+        inputs = ", ".join(f"{port} <- {source}" for port, source in p.sources.items()) or "-"
+        table.add_row(p.name, p.kind, inputs, p.fingerprint, f"[{style}]{status}[/{style}]")
     console.print(table)
     for line in memory_report(recipe):
         console.print(line)
 
 
-def _stage_command(stage: str, doc: str):
-    def command(recipe: str = RecipeOption, set_: Optional[List[str]] = SetOption) -> None:
-        _run_stages(recipe, set_, stages=[stage])
+StageOption = typer.Option(None, "--stage", help="Which stage of this kind (a recipe may have several; "
+                                                  "default: the one named after the kind, or the only one).")
+FromOption = typer.Option(None, "--from", help="Start from this stage's model (a stage of the recipe) or any "
+                                               "model: models:/NAME@ALIAS, a folder, a Hugging Face repo id.")
+
+
+def _instance(recipe_name: str, overrides: list[str], kind: str, name: str | None) -> str:
+    """The recipe stage a standalone command runs: `name`, the one named after `kind`, or its only one."""
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides)
+    of_kind = [n for n, inst in recipe.instances.items() if inst.kind == kind]
+    if name is not None:
+        if name not in of_kind:
+            raise UserError(f"--stage {name}: recipe {recipe.name} has no {kind} stage of that name; "
+                            f"its {kind} stages: {', '.join(of_kind) or 'none'}")
+        return name
+    if kind in of_kind or len(of_kind) == 1:
+        return kind if kind in of_kind else of_kind[0]
+    raise UserError(f"recipe {recipe.name} has {len(of_kind)} {kind} stages ({', '.join(of_kind) or 'none'}); "
+                    f"choose one with --stage NAME")
+
+
+def _from_overrides(recipe_name: str, overrides: list[str], stage: str, source: str | None) -> list[str]:
+    """--from: a stage of the recipe feeds this one's model input; anything else is a model reference."""
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+
+    if source is None:
+        return []
+    if source in load_recipe(recipe_name, overrides).instances:
+        return [f"{stage}.from=[{source}]"]
+    return [f"{stage}.init={source}"]
+
+
+def _run_kind(recipe: str, kind: str, set_: list[str] | None, stage: str | None, wait: bool, overrides=(),
+              source=None) -> None:
+    name = _instance(recipe, list(set_ or []), kind, stage)
+    given = [*(set_ or []), *(f"{name}.{o}" for o in overrides)]
+    _run_stages(recipe, [*given, *_from_overrides(recipe, given, name, source)], wait, stages=[name])
+
+
+def _stage_command(kind: str, doc: str):
+    def command(recipe: str = RecipeOption, stage: Optional[str] = StageOption,
+                set_: Optional[List[str]] = SetOption, wait: bool = WaitOption) -> None:
+        _run_kind(recipe, kind, set_, stage, wait)
 
     command.__doc__ = doc
     return command
 
 
-def _training_command(stage: str, doc: str, can_init: bool = False):
-    """A training stage; --nproc etc. run it under torchrun. With `can_init`, --init starts it
-    from any model instead of the upstream stage's (hidden elsewhere)."""
+def _training_command(kind: str, doc: str):
+    """A training stage; --nproc etc. run it under torchrun; --from starts it from another
+    stage's model or any model reference."""
 
     def command(
         recipe: str = RecipeOption,
-        init: Optional[str] = InitOption if can_init else typer.Option(None, "--init", hidden=True),
+        stage: Optional[str] = StageOption,
+        from_: Optional[str] = FromOption,
+        init: Optional[str] = typer.Option(None, "--init", hidden=True),  # the older spelling of --from MODEL
         set_: Optional[List[str]] = SetOption,
         nproc: int = NprocOption,
         nnodes: int = NnodesOption,
         rdzv_endpoint: Optional[str] = RdzvOption,
+        wait: bool = WaitOption,
     ) -> None:
         _relaunch(nproc, nnodes, rdzv_endpoint)
-        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], stages=[stage])
+        _run_kind(recipe, kind, set_, stage, wait, source=from_ or init)
 
     command.__doc__ = doc
     return command
@@ -204,20 +285,22 @@ def tokenizer_train(
     extend: Optional[str] = typer.Option(None, help="Extend this tokenizer with tokens learned on the Chinese text."),
     pretrained: Optional[str] = typer.Option(None, help="Use this tokenizer as it is (file, folder, models:/, hub id)."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Train a BPE tokenizer (options from the Qwen / LLaMA / Chinese-LLaMA reports) or take a pretrained one."""
     import json
 
     given = {"vocab_size": vocab_size, "split_digits": split_digits, "whitespace_runs": whitespace_runs,
              "byte_fallback": byte_fallback, "special_tokens": special_token, "extend": extend, "pretrained": pretrained}
-    overrides = [f"tokenizer-train.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
-    _run_stages(recipe, [*(set_ or []), *overrides], stages=["tokenizer-train"])
+    overrides = [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    _run_kind(recipe, "tokenizer-train", set_, None, wait, overrides)
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model).", True))
+app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue a --from model)."))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss).", True))
+app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("distill")(_training_command("distill", "Distil a teacher's sampled solutions into a student (DeepSeek-R1)."))
 
 
 @app.command()
@@ -227,30 +310,30 @@ def quantize(
     bits: Optional[int] = typer.Option(None, help="8 or 4."),
     group_size: Optional[int] = typer.Option(None, help="Input columns per scale, e.g. 128; 0: one per output row."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Weight-only quantization of the recipe's final model; registers it as @int8 / @int4."""
     given = {"method": method, "bits": bits, "group_size": group_size}
-    overrides = [f"quantize.{k}={v}" for k, v in given.items() if v is not None]
-    _run_stages(recipe, [*(set_ or []), *overrides], stages=["quantize"])
+    overrides = [f"{k}={v}" for k, v in given.items() if v is not None]
+    _run_kind(recipe, "quantize", set_, None, wait, overrides)
 
 
 @app.command()
 def rl(
     recipe: str = RecipeOption,
     method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
+    stage: Optional[str] = StageOption,
+    from_: Optional[str] = FromOption,
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
+    wait: bool = WaitOption,
 ) -> None:
-    """Align the SFT model: reward model, DPO, PPO, GRPO or rejection-sampling SFT.
-    The model is registered as models:/RECIPE@METHOD."""
-    from llm_lifecycle.workflows.rl import METHODS
-
-    if method is not None and method not in METHODS:
-        raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
+    """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO or
+    rejection-sampling SFT. The model is registered as models:/RECIPE@STAGE and @METHOD."""
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], stages=["rl"])
+    _run_kind(recipe, "rl", set_, stage, wait, [f"method={method}"] if method else [], source=from_)
 
 
 @app.command()
@@ -265,7 +348,7 @@ def chat(
     """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
     if not 0 < top_p <= 1:
         raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
-    from llm_lifecycle.workflows.chat import ChatSession
+    from llm_lifecycle.workflows.serving.chat import ChatSession
 
     session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
     turns = iter(prompt) if prompt else None
@@ -293,23 +376,24 @@ def eval_(
         "default: the Hugging Face hub.",
     ),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N examples per task (per subject)."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the suite's, 5)."),
-    batch_size: int = typer.Option(8, help="Batch size for scoring and generation."),
+    num_fewshot: Optional[int] = typer.Option(None, min=0, help="Few-shot examples (default: the suite's, 5)."),
+    batch_size: int = typer.Option(8, min=1, help="Batch size for scoring and generation."),
     backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
     apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
     seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval, CMMLU), perplexity and long-context probes."""
     if recipe:
-        _run_stages(recipe, set_, stages=["eval"])
+        _run_kind(recipe, "eval", set_, None, wait)
         return
     if not model:
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
     if limit is not None and limit < 1:
         raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
-    from llm_lifecycle.workflows.evaluate import evaluate_model
+    from llm_lifecycle.workflows.stages.evaluate import evaluate_model
 
     outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
                              batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template)
@@ -335,15 +419,16 @@ def export(
     format_: Optional[str] = typer.Option(None, "--format", help="auto (hf if transformers has the layout, else ours; default) | hf | gguf (llama.cpp, Ollama) | safetensors (ours)."),
     gguf_type: Optional[str] = typer.Option(None, help="GGUF weights: f32 | f16 (default) | q8_0 | q4_0."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Export to a Hugging Face folder, a GGUF file with an Ollama Modelfile, or our safetensors folder."""
     if recipe:
         given = {"format": format_, "gguf_type": gguf_type}
-        _run_stages(recipe, [*(set_ or []), *(f"export.{k}={v}" for k, v in given.items() if v)], stages=["export"])
+        _run_kind(recipe, "export", set_, None, wait, [f"{k}={v}" for k, v in given.items() if v])
         return
     if not (model and out):
         raise UserError("llm export: give --recipe, or both --model and --out")
-    from llm_lifecycle.workflows.export import export_model
+    from llm_lifecycle.workflows.stages.export import export_model
 
     console.print(f"exported {model} to {export_model(model, out, format_ or 'auto', gguf_type or 'f16', overwrite)}")
 
@@ -355,7 +440,7 @@ def import_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier import in --out (never other files)."),
 ) -> None:
     """Import a Hugging Face checkpoint (weights and tokenizer) as one of our model folders."""
-    from llm_lifecycle.workflows.model_ref import import_into_user_folder
+    from llm_lifecycle.workflows.refs import import_into_user_folder
 
     cfg = import_into_user_folder(source, out, overwrite)
     console.print(f"imported {source} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) to {out}")
@@ -364,7 +449,7 @@ def import_(
 @recipes_app.command("list")
 def recipes_list() -> None:
     """The shipped recipes."""
-    from llm_lifecycle.workflows.recipe import RECIPES_DIR, list_recipes, read_yaml
+    from llm_lifecycle.workflows.runner.recipe import RECIPES_DIR, list_recipes, read_yaml
 
     table = Table(title="recipes")
     table.add_column("name")
@@ -377,9 +462,28 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
     """The fully resolved recipe (preset, overrides and defaults applied)."""
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     console.print(load_recipe(name, set_ or []).to_yaml(), highlight=False)
+
+
+@recipes_app.command("kinds")
+def recipes_kinds(kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all).")) -> None:
+    """The stage kinds a recipe can use: their inputs, output and every setting (type, default, allowed, help)."""
+    from llm_lifecycle.workflows import stages as kinds
+    from llm_lifecycle.workflows.runner.settings import field_help
+
+    if kind is not None and kind not in kinds.MODULES:
+        raise UserError(f"unknown stage kind {kind!r}; kinds are {', '.join(kinds.MODULES)}")
+    for name in [kind] if kind else kinds.MODULES:
+        spec = kinds.kind(name)
+        takes = ", ".join(f"{p.name} ({p.accepts}{'' if p.required else ', optional'})" for p in spec.inputs) or "nothing"
+        table = Table(title=f"{name}: takes {takes}; outputs {spec.output or 'nothing later stages take'}")
+        for col in ("setting", "type", "default", "allowed", "help"):
+            table.add_column(col)
+        for row in field_help(spec.settings):
+            table.add_row(row["name"], row["type"], repr(row["default"]), row["allowed"], row["help"])
+        console.print(table)
 
 
 @models_app.command("list")
@@ -409,7 +513,7 @@ def runs_list(recipe: Optional[str] = typer.Option(None, "--recipe", "-r"), limi
 
 
 @app.command()
-def ui(port: int = typer.Option(5000, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
+def ui(port: int = typer.Option(5000, min=1, max=65535, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
     """Open the MLflow UI on the workspace's tracking store."""
     import socket
     import subprocess
@@ -435,7 +539,7 @@ def compare(
     """Compare pipelines: what differs, loss curves, eval scores (terminal table + PNG/HTML report)."""
     import time
 
-    from llm_lifecycle.workflows.compare import compare_runs
+    from llm_lifecycle.workflows.runner.compare import compare_runs
 
     out = out or _workspace() / "reports" / time.strftime("compare-%Y%m%d-%H%M%S")
     report, run_id = compare_runs(runs, out)
@@ -458,12 +562,13 @@ def sweep(
     recipe: str = typer.Argument(..., help="Recipe name (llm recipes list) or path to a .yaml."),
     vary: List[str] = typer.Option(..., "--vary", help="KEY=V1,V2,... to vary (repeatable; all combinations run)."),
     set_: Optional[List[str]] = SetOption,
+    wait: bool = WaitOption,
 ) -> None:
     """Run RECIPE for every combination of --vary at equal token budget, then compare them."""
     from llm_lifecycle.cli.progress import RichProgress
-    from llm_lifecycle.workflows.sweep import run_sweep
+    from llm_lifecycle.workflows.runner.sweep import run_sweep
 
-    result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console))
+    result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console), wait)
     console.print(f"sweep run {result.run_id}: {len(result.pipeline_run_ids)} pipelines; "
                   f"report {result.report_dir / 'compare.html'}; compare again with `llm compare {result.run_id}`")
 
@@ -471,13 +576,13 @@ def sweep(
 @app.command()
 def serve(
     model: str = typer.Option(..., help="A registered version: models:/NAME@ALIAS (e.g. @int4) or models:/NAME/VERSION."),
-    port: int = 5001,
-    host: str = "127.0.0.1",
+    port: int = typer.Option(5001, min=1, max=65535, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
 ) -> None:
     """Serve a registered model with `mlflow models serve` (POST /invocations {"inputs": ["prompt"]})."""
     import subprocess
 
-    from llm_lifecycle.workflows.serve import check_registered, serve_command
+    from llm_lifecycle.workflows.serving.serve import check_registered, serve_command
 
     check_registered(model)
     argv, env = serve_command(model, host, port)
@@ -492,36 +597,68 @@ def plan(
     params: Optional[str] = typer.Option(None, "--params", help="Or a LLaMA-shaped model of this size: 7B, 500M."),
     batch_size: int = typer.Option(1, help="Sequences per step (training) or generated at once (inference)."),
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),
+    lora_rank: int = typer.Option(16, min=1, help="Rank of the LoRA / QLoRA adapters planned."),
+    gpu: Optional[str] = typer.Option(None, help="Size the job in GPUs of this kind: H100, H200, A100, A100-40GB, L4, A10, 4090."),
+    gpu_memory: Optional[float] = typer.Option(None, min=1, help="Or GPUs with this much memory (GiB)."),
+    tokens: Optional[str] = typer.Option(None, help="Estimate the time to train on this many tokens (e.g. 2T); needs --gpu."),
+    mfu: float = typer.Option(0.4, min=0.01, max=1.0, help="Model FLOPs utilisation the time estimate assumes."),
+    gpus: Optional[int] = typer.Option(None, min=1, help="GPUs the time estimate uses (default: as many as bf16 training needs)."),
+    recompute: bool = typer.Option(False, "--activation-checkpointing", help="Plan training with activation checkpointing."),
 ) -> None:
-    """Estimate training and inference memory by precision and quantization."""
-    from llm_lifecycle.registry.memory import format_bytes
-    from llm_lifecycle.workflows import planning
+    """Estimate training, LoRA/QLoRA and inference memory, GPUs needed, and training time."""
+    from llm_lifecycle.workflows.engine.memory import format_bytes, training_days
+    from llm_lifecycle.workflows.runner import planning
 
     if (preset is None) == (params is None):
         raise UserError("llm plan: give a preset name or --params (e.g. `llm plan llama3-8b`, `llm plan --params 7B`)")
+    if tokens is not None and gpu is None:
+        raise UserError("llm plan --tokens: the time estimate needs the GPU's peak FLOP/s; add --gpu (e.g. --gpu H100)")
+    gpu_bytes, peak = planning.gpu_spec(gpu) if gpu else (None, None)
+    gpu_bytes = gpu_memory * 2**30 if gpu_memory else gpu_bytes
     if preset is not None:
         from llm_lifecycle.models.config import ModelConfig
         from llm_lifecycle.models.presets import load_preset
 
         try:
-            shape = planning.shape_of(ModelConfig.from_dict(load_preset(preset)))
+            cfg = ModelConfig.from_dict(load_preset(preset))
         except ValueError as err:
             raise UserError(f"llm plan: {err}") from None
+        shape, flops_per_token = planning.shape_of(cfg), cfg.flops_per_token(seq_len)
     else:
         shape = planning.shape_for_params(planning.parse_params(params))
+        flops_per_token = planning.dense_flops_per_token(shape, seq_len)
     where, available = planning.available_memory()
+    rows = planning.plan_rows(shape, batch_size, seq_len, lora_rank, recompute)
     table = Table(title=f"memory for {preset or params} ({shape.params / 1e9:.2f}B parameters), "
                         f"batch {batch_size} x {seq_len} tokens")
-    for col in ("use", "precision", "weights", "optimizer", "grads", "activations / KV cache", "peak", f"fits {where}?"):
+    gpu_name = f"{gpu or 'GPUs'} ({gpu_bytes / 2**30:.0f} GiB)" if gpu_bytes else None
+    for col in ("use", "precision", "weights", "optimizer", "grads", "activations / KV cache", "peak", f"fits {where}?",
+                *([gpu_name] if gpu_name else [])):
         table.add_column(col)
-    for use, precision, est in planning.plan_rows(shape, batch_size, seq_len):
+    counts = planning.gpu_column(rows, gpu_bytes) if gpu_bytes else [None] * len(rows)
+    for (use, precision, est), count in zip(rows, counts):
         transient = est.get("activations", 0) + est.get("loss", 0) + est.get("kv_cache", 0) + est.get("working", 0)
         fits = "yes" if est["total"] < available else "[red]no[/red]"
         table.add_row(use, precision, *(format_bytes(est[k]) if k in est else "-" for k in ("weights", "optimizer", "grads")),
-                      format_bytes(transient), format_bytes(est["total"]), fits)
+                      format_bytes(transient), format_bytes(est["total"]), fits, *([count] if count else []))
     console.print(table)
     console.print(f"Training peak: weights + optimizer + the larger of activations and grads (grads fill "
                   f"as backward frees activations). {where} available here: {format_bytes(available)}")
+    if gpu_name:
+        console.print(f"GPUs: training sharded with FSDP (each GPU keeps its own batch's activations), inference "
+                      f"split by tensor parallelism; {format_bytes(planning.GPU_RESERVED_BYTES)} of each GPU reserved. "
+                      "-*: one GPU cannot hold a batch's activations (try --activation-checkpointing, a shorter "
+                      "--seq-len, or pipeline/sequence parallelism, which this plan does not model).")
+    if tokens is not None:
+        n_tokens = planning.parse_params(tokens, "--tokens")
+        n_gpus = gpus or planning.gpus_needed(rows[1][2], gpu_bytes)
+        if n_gpus is None:
+            raise UserError(f"llm plan --tokens: at batch {batch_size} x {seq_len} one {gpu}'s share of the "
+                            "activations does not fit; lower --seq-len or --batch-size, or give --gpus")
+        days = training_days(flops_per_token, n_tokens, n_gpus, peak, mfu)
+        console.print(f"Time: {n_tokens:.3g} tokens x {flops_per_token:.3g} FLOPs/token on {n_gpus} x {gpu} "
+                      f"({peak / 1e12:.0f} TFLOP/s bf16 each) at {mfu:.0%} MFU: {days:.1f} days "
+                      f"({days * 24 * n_gpus:,.0f} GPU-hours)")
 
 
 @app.command()

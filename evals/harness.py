@@ -359,18 +359,19 @@ class SuiteTasks:
     data: dict  # source ("hub" | "local" | "builtin"), where, the splits used, notes
 
 
-def load_suite(suite: str, data_dir: str | Path | None = None) -> SuiteTasks:
+def load_suite(suite: str, data_dir: str | Path | None = None, num_fewshot: int | None = None) -> SuiteTasks:
     """Find a suite's data and build its tasks; raises EvalError (a ValueError) for an unknown
     suite or data that cannot be had (missing files, no hub offline).
 
     data_dir: None -> lm-eval reads the hub datasets; a folder -> the official layouts under it
-    (local_data.py); "builtin" -> the shipped MIT mirror.
+    (local_data.py); "builtin" -> the shipped MIT mirror. Local data must hold `num_fewshot`
+    (default: the suite's) few-shot examples per subject.
     """
     if suite not in SUITES:
         raise EvalError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
     root = resolve_data_dir(data_dir)
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as tmp:  # the converted files, read while building
-        task_manager, data = _task_manager(suite, root, Path(tmp))
+        task_manager, data = _task_manager(suite, root, Path(tmp), _fewshot(suite, num_fewshot))
         tasks = _load_tasks(task_manager, suite, data)
     return SuiteTasks(suite, tasks, task_manager, data)
 
@@ -400,10 +401,10 @@ def evaluate_suite(
 
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be a positive number of examples, got {limit}")
-    loaded = suite if isinstance(suite, SuiteTasks) else load_suite(suite, data_dir)
+    loaded = suite if isinstance(suite, SuiteTasks) else load_suite(suite, data_dir, num_fewshot)
     if batch_size and isinstance(lm, LifecycleLM):
         lm.batch_size = batch_size
-    fewshot = DEFAULT_FEWSHOT[loaded.suite] if num_fewshot is None else num_fewshot
+    fewshot = _fewshot(loaded.suite, num_fewshot)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=loaded.tasks,
@@ -459,7 +460,14 @@ def score_rows(report: EvalReport) -> list[dict]:
     return rows
 
 
-def _task_manager(suite: str, root: Path | None, work_dir: Path):
+def _fewshot(suite: str, num_fewshot: int | None) -> int:
+    fewshot = DEFAULT_FEWSHOT[suite] if num_fewshot is None else num_fewshot
+    if fewshot < 0:
+        raise EvalError(f"num_fewshot must be 0 or more examples, got {fewshot}")
+    return fewshot
+
+
+def _task_manager(suite: str, root: Path | None, work_dir: Path, fewshot: int):
     """A TaskManager that knows only this suite's tasks; with local data, each leaf task is
     overridden (a YAML that includes lm-eval's own) to read its converted subject file."""
     import lm_eval.tasks
@@ -475,7 +483,7 @@ def _task_manager(suite: str, root: Path | None, work_dir: Path):
             "(or --data-dir builtin, or no --data-dir to read the hub)"
         )
     leaves = _leaf_tasks(stock.task_index, SUITES[suite])
-    mirror = build_mirror(suite, root, sorted(set(leaves.values())), work_dir / "data")
+    mirror = build_mirror(suite, root, sorted(set(leaves.values())), work_dir / "data", fewshot)
     override_dir = work_dir / "tasks"
     override_dir.mkdir()
     (override_dir / "mirror_loader.py").write_text("from llm_lifecycle.evals.local_data import load_config\n")

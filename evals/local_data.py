@@ -72,17 +72,28 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return Path(data_dir).expanduser()
 
 
-def build_mirror(benchmark: str, data_dir: Path, subjects: list[str], out_dir: Path) -> LocalMirror:
+def build_mirror(benchmark: str, data_dir: Path, subjects: list[str], out_dir: Path, fewshot: int) -> LocalMirror:
     """Convert `data_dir/<benchmark>` into a hub-shaped folder under `out_dir`.
 
     `subjects` are the dataset config names lm-eval's tasks ask for (e.g. 'abstract_algebra'),
-    ignored for GSM8K which has one config.
+    ignored for GSM8K which has one config. Each must hold `fewshot` few-shot examples.
     """
     build = {"mmlu": _mmlu, "ceval": _ceval, "cmmlu": _cmmlu, "gsm8k": _gsm8k}[benchmark]
     mirror = build(data_dir / benchmark, subjects, out_dir / benchmark)
+    _check_fewshot_pool(mirror, data_dir / benchmark, fewshot)
     if data_dir.resolve() == BUILTIN_DATA_DIR.resolve() and benchmark in BUILTIN_SPLIT_NOTES:
         mirror.notes.append(BUILTIN_SPLIT_NOTES[benchmark])
     return mirror
+
+
+def _check_fewshot_pool(mirror: LocalMirror, root: Path, fewshot: int) -> None:
+    """lm-eval asserts (a page of traceback) when a subject has fewer few-shot rows than asked."""
+    split = mirror.splits["fewshot"]
+    for file in sorted(mirror.path.glob("*.json")):
+        rows = len(json.loads(file.read_text(encoding="utf-8"))[split])
+        if rows < fewshot:
+            raise EvalError(f"{root}: {file.stem} has {rows} rows in its few-shot split '{split}', fewer than the "
+                            f"{fewshot} few-shot examples asked for; add rows or pass --num-fewshot {rows}")
 
 
 def _mmlu(root: Path, subjects: list[str], out: Path) -> LocalMirror:
@@ -175,8 +186,12 @@ def _gsm8k(root: Path, subjects: list[str], out: Path) -> LocalMirror:
     def rows(path: Path):
         for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
-                record = json.loads(line)
-                if not {"question", "answer"} <= record.keys():
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError) as err:
+                    raise EvalError(f"{path}:{line_no}: not a JSON object ({str(err)[:120]}); "
+                                    "each line must be one GSM8K record") from None
+                if not isinstance(record, dict) or not {"question", "answer"} <= record.keys():
                     raise EvalError(f"{path}:{line_no}: expected keys 'question' and 'answer'")
                 yield {"question": record["question"], "answer": record["answer"]}
 

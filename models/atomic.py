@@ -8,6 +8,7 @@ itself survives a crash.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -55,8 +56,12 @@ def _settle_tree(root: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        _raise_naming_target(path, err)
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -65,6 +70,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_path(tmp_path)
         os.replace(tmp_path, path)
         fsync_path(path.parent)
+    except Exception as err:
+        _raise_naming_target(path, err)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -80,16 +88,32 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path`,
     on any error it is removed and `path` is left as it was."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        _raise_naming_target(target, err)
+        raise
     try:
         yield tmp
         _settle_tree(tmp)
         _replace_dir(tmp, target)
         fsync_path(target.parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming_target(target, err)
         raise
+
+
+def _raise_naming_target(target: Path, err: BaseException) -> None:
+    """A full disk or a folder we may not write, however the writer reported it (safetensors
+    wraps the OS error in its own), becomes an OSError naming the file or folder asked for,
+    not our temporary name beside it."""
+    code = getattr(err, "errno", None)
+    if code not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        code = errno.ENOSPC if "No space left" in str(err) or "StorageFull" in str(err) else None
+    if code is not None:
+        raise OSError(code, os.strerror(code), str(target)) from err
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -20,7 +20,7 @@ FAMILIES = (
 # layout that computes the same where the model uses nothing else (models/hf.py: EXPORTS_AS),
 # to GGUF (models/gguf.py), or in our own format.
 FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
-ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
+ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "geglu", "gelu")
 POSITIONS = ("rope", "alibi")
@@ -47,7 +47,9 @@ class ModelConfig:
     rotary_pct: float = 1.0  # rotate only the first fraction of each head's dims (Phi 0.4, ChatGLM2 0.5)
     rope_2d: bool = False  # GLM 2D positions: half the rotary dims carry the position, half the span position
     # None or {"type": "linear" | "ntk" | "yarn" | "llama3", "factor": float, "original_max_seq_len": int}
-    # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4)
+    # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4;
+    # longrope, Phi-3's LongRoPE, takes per-frequency "short_factor" and "long_factor" lists, used
+    # while the sequence is within / past original_max_seq_len)
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     # Sliding-window attention: each query sees its last `sliding_window` keys (itself included).
@@ -73,6 +75,7 @@ class ModelConfig:
     n_experts_per_token: int = 2
     moe_ffn_dim: int = 256
     n_shared_experts: int = 0  # DeepSeekMoE: experts every token uses, besides its routed top-k
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output times sigmoid(w . x), per token
     n_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek's first_k_dense_replace)
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.01
@@ -86,6 +89,10 @@ class ModelConfig:
     # group's two best scores); the chosen weights times routed_scale.
     router_score: str = "softmax"  # softmax | sigmoid
     router_bias: bool = False
+    # DeepSeek-V3's auxiliary-loss-free balancing speed (gamma, 0.001 in the report): after
+    # each optimizer step every expert's bias moves by gamma towards balance, up when the
+    # expert got fewer than the mean assignments that step, down when more. 0: bias frozen.
+    router_bias_update: float = 0.0
     n_expert_groups: int = 1
     topk_groups: int = 1
     routed_scale: float = 1.0
@@ -118,10 +125,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in valid:
-                raise ValueError(f"unknown model setting '{key}'; valid settings: {', '.join(valid)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in d.items():
+            if key not in defaults:
+                raise ValueError(f"unknown model setting '{key}'; valid settings: {', '.join(defaults)}")
+            _require_type(key, value, defaults[key])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +210,8 @@ class ModelConfig:
             raise ValueError(f"n_experts must be >= 0 (0 = dense), got {self.n_experts}")
         if self.n_shared_experts < 0 or (self.n_shared_experts and not self.is_moe):
             raise ValueError(f"n_shared_experts ({self.n_shared_experts}) must be >= 0, and needs n_experts > 0")
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ValueError("shared_expert_gate scales the shared experts' output; it needs n_shared_experts > 0")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be between 0 and n_layers ({self.n_layers})")
         if self.is_moe:
@@ -254,6 +264,8 @@ class ModelConfig:
             )
         if not self.routed_scale > 0:
             raise ValueError(f"routed_scale must be positive, got {self.routed_scale}")
+        if self.router_bias_update < 0 or (self.router_bias_update and not self.router_bias):
+            raise ValueError(f"router_bias_update ({self.router_bias_update}) must be >= 0, and needs router_bias: true")
 
     def _validate_windows(self) -> None:
         window = self.sliding_window
@@ -279,6 +291,8 @@ class ModelConfig:
         valid = {"type", "factor", "original_max_seq_len"}
         if scaling.get("type") == "llama3":
             valid |= {"low_freq_factor", "high_freq_factor"}
+        if scaling.get("type") == "longrope":
+            valid |= {"short_factor", "long_factor"}
         unknown = set(scaling) - valid
         if unknown:
             raise ValueError(
@@ -289,7 +303,7 @@ class ModelConfig:
         factor = scaling.get("factor")
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
             raise ValueError(f"rope_scaling.factor must be a number >= 1, got {factor!r}")
-        if scaling["type"] in ("dynamic", "yarn", "llama3"):
+        if scaling["type"] in ("dynamic", "yarn", "llama3", "longrope"):
             original = scaling.get("original_max_seq_len")
             if not isinstance(original, int) or original <= 0:
                 raise ValueError(
@@ -298,6 +312,14 @@ class ModelConfig:
                 )
         if scaling["type"] == "llama3" and not scaling.get("low_freq_factor", 1.0) < scaling.get("high_freq_factor", 4.0):
             raise ValueError("rope_scaling.low_freq_factor must be below high_freq_factor")
+        if scaling["type"] == "longrope":
+            pairs = self.rotary_dim // (4 if self.rope_2d else 2)
+            for key in ("short_factor", "long_factor"):
+                factors = scaling.get(key)
+                if not isinstance(factors, list) or len(factors) != pairs or not all(
+                        isinstance(f, (int, float)) and f > 0 for f in factors):
+                    raise ValueError(f"rope_scaling.{key} must list {pairs} positive numbers, one per rotated "
+                                     f"frequency (rotary dims / 2), got {factors!r}")
 
     # ---- counting -------------------------------------------------------------------------
 
@@ -336,6 +358,7 @@ class ModelConfig:
         if self.is_moe_layer(layer):
             router = self.dim * self.n_experts
             mlp = router + self._mlp_params(self.moe_ffn_dim) * (experts_counted + self.n_shared_experts)
+            mlp += self.dim if self.shared_expert_gate else 0
         else:
             mlp = self._mlp_params(self.ffn_dim)
         return norms + self._attention_params() + mlp
@@ -368,6 +391,22 @@ class ModelConfig:
         context = sum(min(seq_len, w or seq_len) for w in self.layer_windows())
         attention = 12 * self.n_heads * self.head_dim * context
         return float(6 * matmul_params + attention)
+
+
+def _require_type(name: str, value: Any, default: Any) -> None:
+    """A setting takes its default's type (an int where a float is expected); settings
+    whose default is None are checked by validate()."""
+    if default is None or default is dataclasses.MISSING:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float) if isinstance(default, float) else int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{name} must be {'a number' if isinstance(default, float) else type(default).__name__}, "
+                         f"got {value!r}")
 
 
 def _require_positive_int(name: str, value: Any) -> None:

@@ -56,7 +56,19 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         return _yarn_frequencies(base**exponents, dim, base, factor, scaling["original_max_seq_len"])
     if kind == "llama3":
         return _llama3_frequencies(1.0 / (base**exponents), factor, scaling), 1.0
+    if kind == "longrope":  # the short factors; RotaryEmbedding swaps in the long ones past the original length
+        return longrope_frequencies(base**exponents, scaling, long=False)
     return 1.0 / (base**exponents), 1.0
+
+
+def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: bool) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: each frequency divided by its own searched factor (the short list
+    while the sequence fits the original length, the long list past it), and cos/sin scaled
+    by sqrt(1 + ln(factor) / ln(original length))."""
+    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+    factor, original = float(scaling["factor"]), scaling["original_max_seq_len"]
+    scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return 1.0 / (factors * wavelength_base), scale
 
 
 def _yarn_frequencies(wavelength_base: torch.Tensor, dim: int, base: float, factor: float, original_len: int):
@@ -107,6 +119,13 @@ class RotaryEmbedding(nn.Module):
         self._dynamic = (float(scaling["factor"]), scaling["original_max_seq_len"], cfg.rope_theta,
                          self.inv_freq.numel() * 2) if scaling.get("type") == "dynamic" else None
         self._dynamic_len = 0
+        # LongRoPE: the long factors' frequencies, used once a sequence passes the original length
+        self._longrope = None
+        if scaling.get("type") == "longrope":
+            dim = self.inv_freq.numel() * 2
+            wavelength_base = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+            self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True)[0],
+                              self.inv_freq)
 
     def forward(self, start: int, length: int, device: torch.device, position_ids: torch.Tensor | None = None,
                 table_len: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,6 +146,11 @@ class RotaryEmbedding(nn.Module):
         return pairs
 
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._longrope is not None:
+            original, long_freq, short_freq = self._longrope
+            wanted = long_freq if length > original else short_freq
+            if wanted is not self.inv_freq:  # crossed the original length (either way): new tables
+                self.inv_freq, self._tables = wanted, {}
         if self._dynamic is not None:
             factor, original, base, dim = self._dynamic
             seen = max(length, original)
@@ -546,6 +570,7 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
         self.w_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim))
         self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
@@ -562,7 +587,10 @@ class MoE(nn.Module):
         weighted = expert_out * top_probs.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted)
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:  # Qwen2-MoE: each token decides how much shared expert it takes
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         stats = RouterStats(probs.mean(dim=0), counts, torch.logsumexp(logits, dim=-1).pow(2).mean())
         return out.view(shape), stats
 
@@ -807,7 +835,7 @@ class Decoder(nn.Module):
         # Training-engine switch: recompute each block's activations in the backward pass
         # instead of keeping them (less memory, about one more forward of compute).
         self.activation_checkpointing = False
-        self._batch_counts: torch.Tensor | None = None  # global-batch expert counts so far
+        self._step_counts: torch.Tensor | None = None  # [moe layers, E] assignments this optimizer step so far
         self.reset_parameters()
 
     @torch.no_grad()
@@ -926,8 +954,20 @@ class Decoder(nn.Module):
 
     def begin_global_batch(self) -> None:
         """Forget the expert counts of the last optimizer step (the trainer calls this before
-        each step's first micro-batch) for the global-batch balance loss."""
-        self._batch_counts = None
+        each step's first micro-batch) for the global-batch balance loss and the bias update."""
+        self._step_counts = None
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing (the trainer calls this after each
+        optimizer step): every MoE layer's score_bias moves by router_bias_update towards
+        balance, up for an expert that got fewer than the mean assignments over the step
+        (all micro-batches and data-parallel ranks), down for one that got more."""
+        if not self.cfg.router_bias_update or self._step_counts is None:
+            return
+        moe_layers = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        for moe, load in zip(moe_layers, self._step_counts):
+            moe.score_bias += self.cfg.router_bias_update * torch.sign(load.mean() - load)
 
     def _router_loss(self, routers: list[RouterStats]) -> torch.Tensor:
         """coef * balance + z_coef * z-loss, summed over MoE layers.
@@ -939,16 +979,20 @@ class Decoder(nn.Module):
         not pushed to balance on its own.
         """
         counts = torch.stack([r.counts for r in routers]).float()  # [layers, E]
-        if self.cfg.moe_balance == "global_batch" and self.training:
-            counts = self._global_batch_counts(counts)
+        global_batch = self.cfg.moe_balance == "global_batch"
+        if self.training and (global_batch or self.cfg.router_bias_update):
+            step_counts = self._count_step(counts)
+            counts = step_counts if global_batch else counts
         share = counts / counts.sum(dim=-1, keepdim=True)
         balance = self.cfg.n_experts * (share * torch.stack([r.mean_prob for r in routers])).sum()
         z_loss = torch.stack([r.z_loss for r in routers]).sum()
         return self.cfg.router_aux_loss_coef * balance + self.cfg.router_z_loss_coef * z_loss
 
     @torch.no_grad()
-    def _global_batch_counts(self, counts: torch.Tensor) -> torch.Tensor:
+    def _count_step(self, counts: torch.Tensor) -> torch.Tensor:
+        """The expert counts of the optimizer step so far, over every data-parallel rank."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
             torch.distributed.all_reduce(counts)
-        self._batch_counts = counts if self._batch_counts is None else self._batch_counts + counts
-        return self._batch_counts
+        self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+        return self._step_counts

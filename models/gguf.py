@@ -5,27 +5,36 @@ architecture's keys, the tokenizer (byte-level BPE: tokens, types, merges, the p
 llama.cpp must split text with) and the ChatML chat template. An Ollama Modelfile is written
 beside it.
 
-Two layout facts carry over from llama.cpp's own converter (convert_hf_to_gguf.py):
-- llama.cpp's "llama" architecture rotates interleaved pairs (x0, x1), (x2, x3), ... with
-  RoPE while we (and Hugging Face) rotate the two halves of each head; permuting the rows of
-  the q and k projections head by head makes the two the same. The qwen architectures use
-  the half-rotation (NeoX) form and need no permutation.
+Layout facts that carry over from llama.cpp's own converter (convert_hf_to_gguf.py):
+- Some llama.cpp architectures (llama, baichuan, internlm2, chatglm, glm4, deepseek2) rotate interleaved pairs
+  (x0, x1), (x2, x3), ... with RoPE while we rotate the two halves of the rotated dims;
+  permuting the rows of the q and k projections head by head makes the two the same. The
+  others (qwen*, gemma, phi2, phi3) use the half-rotation (NeoX) form and need no permutation.
 - Quantized GGUF types work on blocks of 32 along a row: a tensor whose rows are not a whole
   number of blocks is written as F16; norms, biases and the MoE router stay F32.
+- llama.cpp picks Baichuan's RoPE or ALiBi variant by the depth (32 layers: 7B, RoPE; 40:
+  13B, ALiBi) and aborts on others; Baichuan models of other depths are written as llama
+  (RoPE) or refact (llama.cpp's llama-with-ALiBi), which compute the same.
+
+Sliding windows (Mistral, Qwen 1) and Qwen 1's LogN scaling only change the computation past
+a length; no llama.cpp builder of these families has them, so the file's context length is
+that length: up to it, llama.cpp computes what our model does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
 from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.hf import CHATML_TEMPLATE, check_exportable
+from llm_lifecycle.models.hf import CHATML_TEMPLATE, check_exportable, fold_norm_head, permute_rotary, rotary_rows
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -34,76 +43,167 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 @dataclass(frozen=True)
 class Arch:
     name: str  # llama.cpp's architecture name
-    permute_qk: bool  # see the module docstring
+    interleaved: bool = False  # RoPE on interleaved pairs: our q/k rows permuted (see the module docstring)
+    # knobs its builder computes beyond what the family's transformers layout holds (or only
+    # changes past the file's context length); the rest is checked by hf.check_exportable
+    holds: tuple[str, ...] = ()
+    requires: dict[str, Any] = field(default_factory=dict)  # our fields the builder fixes
+    mha_only: bool = False  # one [q; k; v] tensor of 3 x dim rows (Qwen 1)
+    fused_qkv: bool = False  # one attn_qkv tensor: [q; k; v] rows (Qwen 1)
+    fused_gate_up: bool = False  # ffn_up holds [gate; up] rows and there is no ffn_gate (ChatGLM, GLM-4, Phi-3)
+    ffn_factor: int = 1  # Qwen 1: llama.cpp reads feed_forward_length as twice the gated width
 
 
+_PAST_CONTEXT = ("sliding_window", "window_layers", "logn_train_len")
 ARCHS = {
-    "llama": Arch("llama", permute_qk=True),
-    "qwen2": Arch("qwen2", permute_qk=False),
-    "qwen3": Arch("qwen3", permute_qk=False),
-    "qwen3_moe": Arch("qwen3moe", permute_qk=False),
+    "llama": Arch("llama", interleaved=True, holds=_PAST_CONTEXT[:2]),  # also Mistral and Mixtral
+    "qwen2": Arch("qwen2"),
+    "qwen3": Arch("qwen3"),
+    "qwen3moe": Arch("qwen3moe", requires={"norm_topk_prob": True}),
+    "qwen2moe": Arch("qwen2moe", requires={"norm_topk_prob": False}),
+    "gemma": Arch("gemma", requires={"tie_embeddings": True, "qkv_bias": False, "o_bias": False}),
+    "phi2": Arch("phi2"),
+    "phi3": Arch("phi3", fused_gate_up=True),
+    "qwen": Arch("qwen", holds=_PAST_CONTEXT, requires={"qkv_bias": True, "o_bias": False},
+                 mha_only=True, fused_qkv=True, ffn_factor=2),
+    "chatglm": Arch("chatglm", interleaved=True, holds=("rope_2d",), fused_gate_up=True),
+    "glm4": Arch("glm4", interleaved=True, fused_gate_up=True),
+    "internlm2": Arch("internlm2", interleaved=True, requires={"qkv_bias": False, "o_bias": False}),
+    "baichuan": Arch("baichuan", interleaved=True, holds=("position",)),
+    "refact": Arch("refact", holds=("position",)),
+    # DeepSeek-V2 and V3: MLA written unabsorbed (attn_kv_b whole), which llama.cpp runs as plain attention
+    "deepseek2": Arch("deepseek2", interleaved=True),
 }
+FAMILY_ARCHS = {
+    "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "gemma": "gemma", "phi": "phi2", "phi3": "phi3", "qwen": "qwen", "chatglm": "chatglm",
+    "internlm2": "internlm2", "glm": "chatglm", "glm4": "glm4", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
+}
+BAICHUAN_DEPTH = {"rope": (32, "llama"), "alibi": (40, "refact")}  # llama.cpp's depth, else the stand-in
 
 # Our tensor names (inside "layers.{i}.") -> llama.cpp's (inside "blk.{i}.").
 _LAYER = {
     "attn_norm.weight": "attn_norm.weight",
+    "attn_norm.bias": "attn_norm.bias",
     "attn.wq.weight": "attn_q.weight",
     "attn.wk.weight": "attn_k.weight",
     "attn.wv.weight": "attn_v.weight",
     "attn.wq.bias": "attn_q.bias",
     "attn.wk.bias": "attn_k.bias",
     "attn.wv.bias": "attn_v.bias",
+    "attn.wqkv.weight": "attn_qkv.weight",  # fused by _fuse
+    "attn.wqkv.bias": "attn_qkv.bias",
     "attn.wo.weight": "attn_output.weight",
+    "attn.wo.bias": "attn_output.bias",
     "attn.q_norm.weight": "attn_q_norm.weight",
     "attn.k_norm.weight": "attn_k_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
+    "attn_post_norm.weight": "post_attention_norm.weight",  # post_norms
+    "ffn_post_norm.weight": "post_ffw_norm.weight",
     "ffn.w_gate.weight": "ffn_gate.weight",
     "ffn.w_up.weight": "ffn_up.weight",
+    "ffn.w_up.bias": "ffn_up.bias",
+    "ffn.w_gate_up.weight": "ffn_up.weight",  # fused by _fuse
     "ffn.w_down.weight": "ffn_down.weight",
+    "ffn.w_down.bias": "ffn_down.bias",
     "ffn.router.weight": "ffn_gate_inp.weight",
     "ffn.w_gate": "ffn_gate_exps.weight",  # stacked experts [E, out, in]
     "ffn.w_up": "ffn_up_exps.weight",
     "ffn.w_down": "ffn_down_exps.weight",
+    "ffn.shared.w_gate.weight": "ffn_gate_shexp.weight",
+    "ffn.shared.w_up.weight": "ffn_up_shexp.weight",
+    "ffn.shared.w_down.weight": "ffn_down_shexp.weight",
+    "ffn.shared_gate.weight": "ffn_gate_inp_shexp.weight",  # [1, dim] written as [dim]
+    "ffn.score_bias": "exp_probs_b.bias",
+    "attn.wq_a.weight": "attn_q_a.weight",  # multi-head latent attention
+    "attn.q_a_norm.weight": "attn_q_a_norm.weight",
+    "attn.wq_b.weight": "attn_q_b.weight",
+    "attn.wkv_a.weight": "attn_kv_a_mqa.weight",
+    "attn.kv_a_norm.weight": "attn_kv_a_norm.weight",
+    "attn.wkv_b.weight": "attn_kv_b.weight",
 }
-_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+_TOP = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "norm.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+    "lm_head.bias": "output.bias",
+}
 _KEEP_F32 = ("_norm.weight", ".bias", "ffn_gate_inp.weight")
 
 
+def arch_name(cfg: ModelConfig) -> str:
+    if cfg.family == "baichuan":
+        depth, stand_in = BAICHUAN_DEPTH[cfg.position]
+        return "baichuan" if cfg.n_layers == depth else stand_in
+    if cfg.family not in FAMILY_ARCHS:
+        families = ", ".join([*FAMILY_ARCHS, "baichuan"])
+        raise ValueError(f"family '{cfg.family}' has no llama.cpp architecture here; GGUF export supports {families}")
+    return FAMILY_ARCHS[cfg.family]
+
+
 def gguf_arch(cfg: ModelConfig) -> Arch:
-    if cfg.family not in ARCHS:
-        raise ValueError(f"family '{cfg.family}' has no llama.cpp architecture here; GGUF export supports {', '.join(ARCHS)}")
-    # llama.cpp's builders for these architectures are the transformers classes' computation:
-    # a design choice the family's transformers layout cannot hold, llama.cpp cannot run either.
-    check_exportable(cfg)
-    if cfg.is_moe and not cfg.norm_topk_prob:
-        raise ValueError("llama.cpp's qwen3moe always renormalises the top-k expert weights; norm_topk_prob must be true")
-    return ARCHS[cfg.family]
+    """The llama.cpp architecture that runs `cfg`, after checking it holds every design choice."""
+    arch = ARCHS[arch_name(cfg)]
+    # llama.cpp's builders compute what the family's transformers class computes, plus `holds`:
+    # a design choice outside both, llama.cpp cannot run either.
+    defaults = ModelConfig()
+    check_exportable(dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in arch.holds}))
+    for key, value in arch.requires.items():
+        if getattr(cfg, key) != value:
+            raise ValueError(f"llama.cpp's {arch.name} architecture needs {key}={value!r}")
+    if arch.mha_only and cfg.n_kv_heads != cfg.n_heads:
+        raise ValueError(f"llama.cpp's {arch.name} architecture needs multi-head attention (n_kv_heads = n_heads)")
+    if arch.name == "deepseek2" and not cfg.n_shared_experts:
+        raise ValueError("llama.cpp's deepseek2 architecture needs shared experts (n_shared_experts > 0)")
+    return arch
 
 
-def _permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of each head reordered from [first half, second half] to interleaved pairs."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+def exact_context(cfg: ModelConfig) -> int:
+    """The longest context on which llama.cpp computes what we do (see the module docstring)."""
+    limits = [w for w in cfg.layer_windows() if w is not None] + [cfg.logn_train_len or cfg.max_seq_len]
+    return min([cfg.max_seq_len, *limits])
+
+
+def rope_rows(cfg: ModelConfig) -> int:
+    """How many dims of each head llama.cpp rotates (GLM's 2D positions: plain text has span
+    position 0, so only the first half of our rotary dims turns)."""
+    return cfg.rotary_dim // 2 if cfg.rope_2d else cfg.rotary_dim
+
+
+def _fuse(cfg: ModelConfig, arch: Arch, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our separate projections concatenated where the architecture keeps one tensor."""
+    groups = {}
+    if arch.fused_qkv:
+        groups.update({f"attn.wqkv.{kind}": [f"attn.w{p}.{kind}" for p in "qkv"] for kind in ("weight", "bias")})
+    if arch.fused_gate_up:
+        groups["ffn.w_gate_up.weight"] = ["ffn.w_gate.weight", "ffn.w_up.weight"]
+    for layer in range(cfg.n_layers):
+        for fused, parts in groups.items():
+            state[f"layers.{layer}.{fused}"] = torch.cat([state.pop(f"layers.{layer}.{p}") for p in parts])
+    return state
 
 
 def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """llama.cpp's tensor names -> float32 tensors, in our state dict's order."""
     arch = gguf_arch(cfg)
+    state = {k: v.detach().float().cpu() for k, v in fold_norm_head(cfg, state).items()}
+    if arch.interleaved and cfg.rotary_dim:
+        for name, (heads, start) in rotary_rows(cfg).items():
+            if name in state:
+                state[name] = permute_rotary(state[name], heads, start, rope_rows(cfg), to_hf=True)
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    for name, tensor in _fuse(cfg, arch, state).items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # llama.cpp uses token_embd when there is no output tensor
-        tensor = tensor.detach().float().cpu()
         if name in _TOP:
             out[_TOP[name]] = tensor
             continue
         layer, _, rest = name.removeprefix("layers.").partition(".")
         if not name.startswith("layers.") or rest not in _LAYER:
             raise ValueError(f"tensor {name!r} has no GGUF counterpart for architecture {arch.name}")
-        if arch.permute_qk and rest.startswith(("attn.wq.", "attn.wk.")):
-            tensor = _permute(tensor, cfg.n_heads if rest.startswith("attn.wq.") else cfg.n_kv_heads)
-        out[f"blk.{layer}.{_LAYER[rest]}"] = tensor
+        out[f"blk.{layer}.{_LAYER[rest]}"] = tensor.flatten() if rest == "ffn.shared_gate.weight" else tensor
     return out
-
 
 def _tensor_type(name: str, tensor: torch.Tensor, ggml_type: str):
     """(GGMLQuantizationType, data as numpy) for one tensor."""
@@ -167,21 +267,36 @@ def _write_tokenizer(writer, tokenizer) -> None:
 # ---- the file --------------------------------------------------------------------------------
 
 
-def _write_hparams(writer, cfg: ModelConfig, ggml_type: str) -> None:
+def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None:
     from gguf import LlamaFileType, RopeScalingType
 
     writer.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                           "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[ggml_type])
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_context_length(cfg.max_seq_len)
+    writer.add_context_length(exact_context(cfg))
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.ffn_dim)
+    # MoE layers only (no dense ones): llama.cpp's llama sizes its experts by this length
+    ffn = cfg.moe_ffn_dim if cfg.is_moe and not cfg.n_dense_layers else cfg.ffn_dim
+    writer.add_feed_forward_length(ffn * arch.ffn_factor)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_value_length(cfg.v_head_dim if cfg.is_mla else cfg.head_dim)
+    if cfg.norm == "layernorm":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.is_moe:
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.n_experts_per_token)
+        writer.add_expert_feed_forward_length(cfg.moe_ffn_dim)
+        writer.add_expert_shared_feed_forward_length(cfg.n_shared_experts * cfg.moe_ffn_dim)
+    if arch.name == "deepseek2":
+        _write_deepseek_hparams(writer, cfg)
+    if cfg.position != "rope":
+        return  # ALiBi: no rotation (llama.cpp's refact and 40-layer baichuan builders add the bias)
+    writer.add_rope_dimension_count(rope_rows(cfg))
     scaling, theta = cfg.rope_scaling, cfg.rope_theta
     if scaling and scaling["type"] == "ntk":  # static NTK-aware scaling is a larger base (as in hf.py)
         theta = cfg.rope_theta * float(scaling["factor"]) ** (cfg.head_dim / (cfg.head_dim - 2))
@@ -193,10 +308,22 @@ def _write_hparams(writer, cfg: ModelConfig, ggml_type: str) -> None:
     elif scaling:
         raise ValueError(f"RoPE scaling {scaling['type']!r} is not exported to GGUF; supported: linear, ntk, yarn")
     writer.add_rope_freq_base(theta)
-    if cfg.is_moe:
-        writer.add_expert_count(cfg.n_experts)
-        writer.add_expert_used_count(cfg.n_experts_per_token)
-        writer.add_expert_feed_forward_length(cfg.moe_ffn_dim)
+
+
+def _write_deepseek_hparams(writer, cfg: ModelConfig) -> None:
+    """MLA ranks, dense first layers, shared experts and the router (V2: softmax, V3: sigmoid with groups)."""
+    from gguf import ExpertGatingFuncType
+
+    writer.add_q_lora_rank(cfg.q_lora_rank)
+    writer.add_kv_lora_rank(cfg.kv_lora_rank)
+    writer.add_leading_dense_block_count(cfg.n_dense_layers)
+    writer.add_expert_shared_count(cfg.n_shared_experts)
+    writer.add_expert_gating_func(ExpertGatingFuncType[cfg.router_score.upper()])
+    writer.add_expert_weights_norm(cfg.norm_topk_prob)
+    writer.add_expert_weights_scale(cfg.routed_scale)
+    if cfg.n_expert_groups > 1:
+        writer.add_expert_group_count(cfg.n_expert_groups)
+        writer.add_expert_group_used_count(cfg.topk_groups)
 
 
 def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
@@ -215,7 +342,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     writer = gguf.GGUFWriter(str(tmp), arch.name)
     try:
         writer.add_name(name)
-        _write_hparams(writer, cfg, ggml_type)
+        _write_hparams(writer, cfg, arch, ggml_type)
         _write_tokenizer(writer, tokenizer)
         for tensor_name, tensor in tensors.items():
             qtype, data = _tensor_type(tensor_name, tensor, ggml_type)

@@ -83,7 +83,8 @@ MOE_FIELDS = (
     "n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "n_dense_layers",
     "router_score", "router_bias", "n_expert_groups", "topk_groups", "routed_scale",
 )
-TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "ffn_multiple_of")
+TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "router_bias_update",
+                 "ffn_multiple_of")
 SILU = {"hidden_act": "silu"}
 # Other spellings of a config.json key that some transformers versions write (5.x: num_local_experts).
 KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}
@@ -112,6 +113,7 @@ class Family:
     moe: bool = False
     norm_offset: bool = False  # RMSNorm scales stored as w - 1 (Gemma computes x * (1 + w))
     rope_interleaved: bool = False  # rotary dims paired (0, 1), (2, 3), ... (GLM, DeepSeek) instead of halves
+    shared_width: str | None = None  # config key of the shared experts' total width, n_shared_experts x moe_ffn_dim
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
         """config.json key -> our field(s) (one key per field; a family's own key wins)."""
@@ -119,7 +121,8 @@ class Family:
         return {**keys, **self.config}
 
     def carried_fields(self) -> set[str]:
-        return {f for v in self.config_keys().values() for f in (v if isinstance(v, tuple) else (v,))}
+        fields = {f for v in self.config_keys().values() for f in (v if isinstance(v, tuple) else (v,))}
+        return fields | ({"n_shared_experts"} if self.shared_width else set())
 
     def layer_names(self) -> dict[str, str]:
         return {**COMMON_NAMES, **self.names}
@@ -232,6 +235,24 @@ HF_FAMILIES: dict[str, Family] = {
         names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
         moe=True, rope_interleaved=True,
     ),
+    # Qwen2-MoE: Qwen3-MoE's routing without q/k-norm, plus a shared expert behind a per-token sigmoid gate
+    "qwen2_moe": Family(
+        "Qwen2MoeForCausalLM",
+        config={
+            "qkv_bias": "qkv_bias", "num_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim",
+            "norm_topk_prob": "norm_topk_prob", **_MOE_CONFIG,
+        },
+        implied={"shared_expert_gate": True},
+        constants={**SILU, "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False},
+        defaults={"qkv_bias": True, "norm_topk_prob": False},
+        names={
+            "ffn.shared.w_gate.weight": "mlp.shared_expert.gate_proj.weight",
+            "ffn.shared.w_up.weight": "mlp.shared_expert.up_proj.weight",
+            "ffn.shared.w_down.weight": "mlp.shared_expert.down_proj.weight",
+            "ffn.shared_gate.weight": "mlp.shared_expert_gate.weight",
+        },
+        moe=True, shared_width="shared_expert_intermediate_size",
+    ),
     # GLM-4-0414: Glm plus a norm on each branch's output ("sandwich" norms)
     "glm4": Family(
         "Glm4ForCausalLM",
@@ -337,6 +358,8 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, A
         if key in ZERO_IS_NONE and config[key] == 0:
             config[key] = None
     config.update(_rope_to_hf(cfg))
+    if family.shared_width:
+        config[family.shared_width] = cfg.n_shared_experts * cfg.moe_ffn_dim
     config.update({k: v[0] if isinstance(v, tuple) else v for k, v in family.constants.items()})
     config.update(
         attention_dropout=0.0,
@@ -398,6 +421,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if value is not None:
             fields.update(dict.fromkeys(ours, value) if isinstance(ours, tuple) else {ours: value})
     fields.setdefault("n_kv_heads", hf["num_attention_heads"])  # absent: multi-head attention
+    if family.shared_width:  # one shared expert of that width = that many experts' worth of width
+        width, expert = hf[family.shared_width], fields["moe_ffn_dim"]
+        if width % expert:
+            raise ValueError(f"{family.shared_width} ({width}) is not a multiple of moe_intermediate_size ({expert})")
+        fields["n_shared_experts"] = width // expert
     fields.update(_rope_from_hf(hf))
     cfg = ModelConfig(**fields)
     cfg.validate()

@@ -49,18 +49,75 @@ def is_embedded_store(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
+class EnvironmentProblem(Exception):
+    """The workspace or the tracking server cannot be used: the user fixes the environment
+    (the CLI prints it as one line, exit code 2, like a UserError)."""
+
+
 def configure(ws: Path | None = None) -> str:
     """Point MLflow at the workspace store (or $MLFLOW_TRACKING_URI) and return the URI."""
     import mlflow
 
     ws = ws or workspace()
-    ws.mkdir(parents=True, exist_ok=True)
+    _require_writable_folder(ws)
     uri = tracking_uri(ws)
+    if uri.startswith(("http://", "https://")):
+        _require_answering_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if is_embedded_store(uri):
         _create_store_once(ws)
     return uri
+
+
+def _require_writable_folder(ws: Path) -> None:
+    """The workspace is a folder we can write (created when missing)."""
+    import tempfile
+
+    try:
+        ws.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=ws):  # a name of its own: torchrun's ranks check at once
+            pass
+    except OSError as err:
+        why = "it is a file, not a folder" if ws.is_file() else err.strerror or str(err)
+        raise EnvironmentProblem(
+            f"workspace {ws} (LLM_HOME, default ./llm-runs) cannot be used: {why}; "
+            "point LLM_HOME at a folder you can write"
+        ) from None
+
+
+# A tracking server that does not answer this fast is down; MLflow's own retries would
+# take minutes to say so.
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+def _require_answering_server(uri: str) -> None:
+    """One request to the MLflow API with MLflow's credentials, no retries: down, not MLflow,
+    or refusing the credentials is one line within seconds."""
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    where = f"MLFLOW_TRACKING_URI={redact_text(uri)}"
+    try:
+        answer = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                              max_retries=0, timeout=SERVER_PROBE_TIMEOUT_S, raise_on_status=False,
+                              params={"max_results": 1})
+    except Exception as err:  # refused, timed out, no route, TLS: every way of not answering
+        raise EnvironmentProblem(
+            f"{where}: the tracking server does not answer ({_one_line(err)}); start it, fix the address, "
+            "or unset MLFLOW_TRACKING_URI to use the workspace's own store"
+        ) from None
+    if answer.status_code in (401, 403):
+        raise EnvironmentProblem(f"{where}: the tracking server refused our credentials (HTTP {answer.status_code}); "
+                                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if answer.status_code != 200:
+        raise EnvironmentProblem(f"{where}: answers HTTP {answer.status_code} to the MLflow tracking API; "
+                                 "is it an MLflow tracking server? fix the address or unset MLFLOW_TRACKING_URI")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return redact_text(text if len(text) <= 200 else text[:197] + "...")
 
 
 def _create_store_once(ws: Path) -> None:
@@ -193,7 +250,7 @@ def file_digest(path: str | Path) -> str:
 
 
 class MlflowTracker:
-    """The stage-facing `Tracker` (workflows/stage.py) bound to one MLflow run."""
+    """The stage-facing `Tracker` (workflows/runner/stage.py) bound to one MLflow run."""
 
     def __init__(self, run_id: str):
         from mlflow.tracking import MlflowClient
@@ -472,15 +529,6 @@ def registered_version(ref: str) -> tuple[str, str] | None:
         name, alias = name.split("@", 1)
         return name, str(client.get_model_version_by_alias(name, alias).version)
     return (name, rest) if rest.isdigit() else None
-
-
-def version_with_fingerprint(name: str, fingerprint: str) -> str | None:
-    """The version of `name` a pipeline stage with this fingerprint registered, if any."""
-    from mlflow.tracking import MlflowClient
-
-    versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    found = [v for v in versions if v.tags.get("llm.fingerprint") == fingerprint]
-    return str(max(int(v.version) for v in found)) if found else None
 
 
 def link_eval_run(tracker: MlflowTracker, name: str, version: str, scores: dict[str, float]) -> None:

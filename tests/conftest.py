@@ -51,6 +51,19 @@ TINY_OVERRIDES = [
 ]
 
 
+class ListTracker:
+    """A tracker that keeps each log_metrics call as a row, for tests of the training loop."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append({"step": step, **metrics})
+
+    def set_tags(self, tags):
+        pass
+
+
 @pytest.fixture()
 def workspace(tmp_path, monkeypatch) -> Path:
     ws = tmp_path / "llm-runs"
@@ -61,8 +74,8 @@ def workspace(tmp_path, monkeypatch) -> Path:
 
 def shakespeare(chars: int) -> str:
     """The first `chars` characters of the shipped Tiny Shakespeare excerpt
-    (workflows/builtin/corpus, public domain), its speeches joined by blank lines as in the play text."""
-    path = PACKAGE / "workflows" / "builtin" / "corpus" / "en_tinyshakespeare.jsonl.gz"
+    (workflows/data/builtin/corpus, public domain), its speeches joined by blank lines as in the play text."""
+    path = PACKAGE / "workflows" / "data" / "builtin" / "corpus" / "en_tinyshakespeare.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return "\n\n".join(json.loads(line)["text"] for line in f)[:chars]
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
 from llm_lifecycle.models.upcycle import upcycle
-from llm_lifecycle.registry.memory import training_memory
-from llm_lifecycle.workflows.glm import GLMTokens, blank_infilling, glm_batches, packed_length
-from llm_lifecycle.workflows.planning import shape_of
-from llm_lifecycle.workflows.trainer import lm_loss
+from llm_lifecycle.workflows.engine.memory import training_memory
+from llm_lifecycle.workflows.engine.glm import GLMTokens, blank_infilling, glm_batches, packed_length
+from llm_lifecycle.workflows.runner.planning import shape_of
+from llm_lifecycle.workflows.engine.trainer import lm_loss
 
 BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 MOE = dict(BASE, n_experts=4, n_experts_per_token=2, moe_ffn_dim=24)
@@ -60,6 +60,7 @@ KNOB_CONFIGS = {
         MOE, n_kv_heads=4, head_dim=None, kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
         v_head_dim=6, router_score="sigmoid", router_bias=True, n_expert_groups=2, topk_groups=1, routed_scale=2.0,
     ),
+    "qwen2-moe-gated-shared": dict(MOE, n_shared_experts=2, shared_expert_gate=True, norm_topk_prob=False, qkv_bias=True),
 }
 
 
@@ -319,6 +320,20 @@ def test_shared_experts_add_a_dense_path_every_token_takes():
     torch.testing.assert_close(out, routed + shared(x))
 
 
+def test_qwen2_moe_gates_the_shared_experts_per_token():
+    """Qwen2-MoE: the shared experts' output times sigmoid(w . x), a gate per token."""
+    model = make(**{**MOE, "n_shared_experts": 2, "shared_expert_gate": True})
+    moe = model.layers[0].ffn
+    x = torch.randn(7, 32)
+    out, _ = moe(x)
+    shared, gate = moe.shared, moe.shared_gate
+    moe.shared = None
+    routed, _ = moe(x)
+    expected = routed + torch.sigmoid(x @ gate.weight.T) * shared(x)
+    torch.testing.assert_close(out, expected)
+    assert gate.weight.shape == (1, 32)
+
+
 def test_dense_first_layers():
     model = make(**{**MOE, "n_layers": 3, "n_dense_layers": 1})
     from llm_lifecycle.models.decoder import MLP, MoE
@@ -450,6 +465,8 @@ def test_invalid_knob_values_say_what_to_do():
         (dict(n_shared_experts=1), "needs n_experts > 0"),
         (dict(MOE, mlp="gelu"), "gated"),
         (dict(moe_balance="batch"), "moe_balance 'batch'"),
+        (dict(MOE, shared_expert_gate=True), "shared_expert_gate .* needs n_shared_experts"),
+        (dict(MOE, router_bias_update=0.001), "needs router_bias: true"),
     ]:
         with pytest.raises(ValueError, match=message):
             ModelConfig(**{**BASE, **change}).validate()

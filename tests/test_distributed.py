@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llm_lifecycle.workflows.launch import torchrun_command
+from llm_lifecycle.workflows.engine.launch import torchrun_command
 
 CHILD = Path(__file__).with_name("train_child.py")
 ARGS = ("--moe", "--grad-accum", "2", "--steps", "4", "--batch-size", "4")
@@ -50,6 +50,7 @@ def test_two_ranks_match_one_process(tmp_path):
 def test_torchrun_command_for_the_cli():
     cmd = torchrun_command(2, 1, None, ["pretrain", "-r", "llama-small", "--nproc", "2"])
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=2"] and "--standalone" in cmd
-    assert cmd[-7:] == ["-m", "llm_lifecycle.cli.app", "pretrain", "-r", "llama-small", "--nproc", "2"]
+    # `--`: torchrun's parser (which takes abbreviations) must not read --nproc as its --nproc-per-node
+    assert cmd[-8:] == ["-m", "llm_lifecycle.cli.app", "--", "pretrain", "-r", "llama-small", "--nproc", "2"]
     multi = torchrun_command(4, 2, "node0:29500", ["sft", "-r", "x"])
     assert "--rdzv-endpoint=node0:29500" in multi and "--nnodes=2" in multi

@@ -145,8 +145,8 @@ def test_two_pipelines_on_one_sqlite_store_lose_nothing(workspace):
 
 
 def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
-    from llm_lifecycle.workflows.pipeline import _stage_lock, plan
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.pipeline import _stage_lock, plan
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     recipe = load_recipe("llama-small")
     fetch = plan(recipe, workspace)[0]
@@ -156,6 +156,57 @@ def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
     assert not (fetch.directory / "documents.jsonl").exists()
+
+
+HOLD_RECIPE = """
+import sys, time
+from pathlib import Path
+from llm_lifecycle.workflows.runner.recipe_lock import hold_recipe
+from llm_lifecycle.workflows.runner.stage import SilentProgress
+with hold_recipe(Path(sys.argv[1]), "llama-small", False, SilentProgress()):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_recipe_elsewhere(workspace, seconds: float) -> subprocess.Popen:
+    """Another process that holds the recipe, as a running `llm pipeline llama-small` does."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RECIPE, str(workspace), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_recipe_running_elsewhere_is_refused_before_any_run(workspace):
+    holder = _hold_recipe_elsewhere(workspace, 60)
+    try:
+        result = CliRunner().invoke(app, ["pipeline", "llama-small", "--stages", "data-fetch"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "being run by another llm process" in errors[0], result.stderr
+    assert f"pid {holder.pid}" in errors[0] and "--wait" in errors[0]
+    assert MlflowClient(tracking.tracking_uri(workspace)).search_runs(  # refused before any run was opened
+        [e.experiment_id for e in MlflowClient(tracking.tracking_uri(workspace)).search_experiments()]) == []
+
+
+def test_wait_queues_behind_the_running_recipe(workspace):
+    holder = _hold_recipe_elsewhere(workspace, 600)
+    waiting = subprocess.Popen([sys.executable, "-m", "llm_lifecycle.cli.app", "pipeline", "llama-small",
+                                "--stages", "data-fetch", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        said = waiting.stdout.readline()
+        assert f"waiting for another llm process (pid {holder.pid}) running recipe llama-small" in said, said
+        assert not list(workspace.glob("llama-small/data-fetch/*/result.json"))  # queued, not running
+    finally:
+        holder.kill()  # the holder dies; the OS drops its lock
+        holder.wait()
+    out, err = waiting.communicate(timeout=600)
+    assert waiting.returncode == 0, err[-3000:]
+    assert next(workspace.glob("llama-small/data-fetch/*/result.json")).is_file()
 
 
 def test_reading_the_environment_survives_a_thread_changing_it(monkeypatch):

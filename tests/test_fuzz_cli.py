@@ -21,10 +21,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llm_lifecycle.cli.app import app
-from llm_lifecycle.workflows.recipe import STAGE_DEFAULTS, STAGE_ORDER
-from llm_lifecycle.workflows.rl import METHODS as RL_METHODS
+from llm_lifecycle.workflows import stages as kinds
+from llm_lifecycle.workflows.runner.settings import field_help
+from llm_lifecycle.workflows.stages.rl import METHODS as RL_METHODS
 
 RUNNER = CliRunner()
+STAGE_ORDER = list(kinds.DEFAULT_CHAIN)
+# Each stage's settings and their defaults, from the kinds' typed settings classes.
+STAGE_DEFAULTS = {k: {row["name"]: row["default"] for row in field_help(kinds.kind(k).settings)} for k in STAGE_ORDER}
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -115,6 +119,7 @@ BAD_RANGES = {
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)
     | st.lists(st.fixed_dictionaries({"uri": st.just("builtin:corpus"), "weight": st.floats(max_value=-1e-9)}), min_size=1, max_size=1),
+    "eval_lengths": st.text(max_size=5) | st.just([]) | st.lists(st.integers(max_value=1) | st.text(max_size=3), min_size=1, max_size=3),
     "rope_scaling": st.text(max_size=5) | st.just({"type": "nope", "factor": 2.0})
     | st.just({"type": "yarn", "factor": 0.5}) | st.just({"factor": 2.0, "unknown": 1}),
 }
@@ -175,7 +180,7 @@ def bad_recipe(draw):
         else:
             doc[target] = value
     elif kind == "model":
-        mistake = draw(st.sampled_from(["preset", "field", "kv_heads", "negative"]))
+        mistake = draw(st.sampled_from(["preset", "field", "kv_heads", "negative", "type"]))
         if mistake == "preset":
             doc["model"]["preset"] = draw(identifier.filter(lambda p: p not in ("llama-small", "qwen3-moe-small")))
         elif mistake == "field":
@@ -183,6 +188,9 @@ def bad_recipe(draw):
                          + "_x"] = 1
         elif mistake == "kv_heads":
             doc["model"]["n_kv_heads"] = 3  # does not divide 4 heads
+        elif mistake == "type":  # e.g. dim: 1e20, which YAML 1.1 reads as text
+            doc["model"][draw(st.sampled_from(["dim", "n_layers", "n_heads", "ffn_multiple_of", "rope_theta"]))] = draw(
+                st.sampled_from(["1e20", "64k", "big"]) | st.booleans() | wrong_container)
         else:
             doc["model"][draw(st.sampled_from(["dim", "n_layers", "n_heads"]))] = draw(st.integers(max_value=0))
     elif kind == "seed":
@@ -197,6 +205,49 @@ def bad_recipe(draw):
     else:
         doc = draw(st.lists(st.integers(), max_size=3) | st.integers() | st.text(max_size=20))
     return doc
+
+
+# A graph recipe's model stages, to be joined by generated `from:` links.
+GRAPH_STAGES = {"phase-1": {"kind": "pretrain"}, "phase-2": {"kind": "pretrain", "from": ["phase-1"]},
+                "sft": {}, "rl-a": {"kind": "rl"}, "rl-b": {"kind": "rl"}}
+
+
+@st.composite
+def bad_graph(draw):
+    """A graph recipe with one mistake in its links: a cycle, an unknown stage, an input of a
+    kind the stage does not take, a port the kind does not have, or a student-less distill."""
+    doc = yaml.safe_load(yaml.safe_dump(BASE))
+    doc["stages"] = {"data-fetch": {}, "data-clean": {}, "tokenizer-train": {"vocab_size": 512}, "tokenize": {},
+                     **yaml.safe_load(yaml.safe_dump(GRAPH_STAGES))}
+    names = list(doc["stages"])
+    model_stages = ["phase-1", "phase-2", "sft", "rl-a", "rl-b"]
+    mistake = draw(st.sampled_from(["cycle", "unknown", "wrong_kind", "bad_port", "distill", "self"]))
+    if mistake == "cycle":
+        a, b = draw(st.permutations(model_stages[2:]))[:2]
+        doc["stages"][a]["from"], doc["stages"][b]["from"] = [b], [a]
+    elif mistake == "unknown":
+        target = draw(st.sampled_from(model_stages))
+        doc["stages"][target]["from"] = [draw(identifier.filter(lambda n: n not in names))]
+    elif mistake == "wrong_kind":
+        doc["stages"][draw(st.sampled_from(["sft", "rl-a", "rl-b"]))]["from"] = [
+            draw(st.sampled_from(["data-fetch", "data-clean", "tokenizer-train", "tokenize"]))]
+    elif mistake == "bad_port":
+        doc["stages"][draw(st.sampled_from(model_stages))]["from"] = {
+            draw(identifier.filter(lambda n: n not in ("model", "tokenizer", "shards"))): "phase-1"}
+    elif mistake == "self":
+        target = draw(st.sampled_from(model_stages))
+        doc["stages"][target]["from"] = [target]
+    else:
+        doc["stages"]["student"] = {"kind": "distill", "from": {"teacher": draw(st.sampled_from(model_stages))}}
+    return doc
+
+
+@FUZZ
+@given(doc=bad_graph())
+def test_graph_mistakes_are_one_line_exit_2(recipe_file, doc):
+    recipe_file.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    args = ["pipeline", str(recipe_file), "--dry-run"]
+    assert_one_line_error(invoke(args), args)
 
 
 @st.composite
@@ -267,14 +318,14 @@ def bad_command(draw):
     """A command line that must be refused before any work starts."""
     recipe = draw(st.sampled_from(["llama-small", "qwen3-moe-small"]))
     kind = draw(st.sampled_from(["unknown_recipe", "unknown_stage", "unknown_option", "bad_set", "missing",
-                                 "train_with_bad_set", "bad_type"]))
+                                 "train_with_bad_set", "bad_type", "out_of_range"]))
     if kind == "unknown_recipe":
         return ["pipeline", draw(identifier.filter(lambda r: r not in ("llama-small", "qwen3-moe-small"))), "--dry-run"]
     if kind == "unknown_stage":
         option = draw(st.sampled_from(["--stages", "--from", "--force"]))
         return ["pipeline", recipe, "--dry-run", option, draw(identifier.filter(lambda s: s not in STAGE_DEFAULTS))]
     if kind == "unknown_option":
-        return ["pipeline", recipe, "--" + draw(identifier.filter(lambda o: o not in ("stages", "from", "force", "dry-run", "set", "help")))]
+        return ["pipeline", recipe, "--" + draw(identifier.filter(lambda o: o not in ("stages", "from", "force", "dry-run", "set", "help", "wait")))]
     if kind == "bad_set":
         key = draw(identifier.filter(lambda k: k not in ("seed", "name", "description")))  # no '=': not KEY=VALUE
         return ["pipeline", recipe, "--dry-run", "--set", draw(st.sampled_from([key, f"{key}.x=1", f"pretrain.{key}_x=1"]))]
@@ -284,6 +335,12 @@ def bad_command(draw):
     if kind == "train_with_bad_set":
         command = draw(st.sampled_from([["pretrain"], ["sft"], ["rl"], ["data", "fetch"], ["tokenize"], ["quantize"]]))
         return [*command, "--recipe", recipe, "--set", "pretrain.steps=0"]
+    if kind == "out_of_range":  # numbers a command cannot use (issue 22)
+        option, bad = draw(st.sampled_from([("--batch-size", st.integers(max_value=0)),
+                                            ("--num-fewshot", st.integers(max_value=-1))]))
+        port = draw(st.integers(max_value=0) | st.integers(min_value=65536))
+        return draw(st.sampled_from([["eval", "--model", "x", option, str(draw(bad))], ["ui", "--port", str(port)],
+                                     ["serve", "--model", "x", "--port", str(port)]]))
     return draw(st.sampled_from([["eval", "--model", "x", "--limit", "many"], ["eval", "--batch-size", "1.5"],
                                  ["runs", "list", "--limit", "x"], ["ui", "--port", "http"]]))
 
@@ -306,3 +363,88 @@ def test_random_pipeline_options_never_crash(recipe_file, recipe, sets, stages, 
     result = invoke(args)
     if result.exit_code != 0:
         assert_one_line_error(result, args)
+
+
+# ---------------------------------------------------------------------------------------
+# Files (issue 22): recipes that are not UTF-8 or repeat a key, damaged data files and
+# damaged model folders.
+
+BASE_TEXT = yaml.safe_dump(BASE, sort_keys=False)
+
+
+@settings(FUZZ, max_examples=40)
+@given(data=st.binary(min_size=1, max_size=40), at=st.integers(0, len(BASE_TEXT)))
+def test_recipe_bytes_that_are_not_utf8(recipe_file, data, at):
+    text = BASE_TEXT.encode()
+    spliced = text[:at] + data + text[at:]
+    try:
+        spliced.decode("utf-8")
+        return  # valid UTF-8: other tests cover text
+    except UnicodeDecodeError:
+        pass
+    recipe_file.write_bytes(spliced)
+    args = ["pipeline", str(recipe_file), "--dry-run"]
+    assert "not UTF-8 text" in assert_one_line_error(invoke(args), args)
+
+
+@settings(FUZZ, max_examples=40)
+@given(line=st.integers(0, len(BASE_TEXT.splitlines()) - 1))
+def test_recipe_lines_given_twice(recipe_file, line):
+    """Repeating any line that sets a key (at its place) gives a key twice in one mapping."""
+    lines = BASE_TEXT.splitlines()
+    if ":" not in lines[line] or lines[line].lstrip().startswith("-"):
+        return
+    recipe_file.write_text("\n".join([*lines[: line + 1], lines[line], *lines[line + 1 :]]) + "\n")
+    args = ["pipeline", str(recipe_file), "--dry-run"]
+    assert "duplicate key" in assert_one_line_error(invoke(args), args)
+
+
+DATA_SUFFIXES = [".jsonl", ".jsonl.gz", ".parquet", ".csv", ".txt"]
+
+
+@pytest.fixture(scope="module")
+def fetch_workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("fetch")
+
+
+@settings(FUZZ, max_examples=15)
+@given(suffix=st.sampled_from(DATA_SUFFIXES), content=st.binary(max_size=300),
+       depth=st.sampled_from([0, 0, 200_000]))
+def test_damaged_data_files_never_crash(fetch_workspace, monkeypatch, suffix, content, depth):
+    """Whatever bytes a data file holds, data-fetch reads its documents or stops in one line."""
+    monkeypatch.setenv("LLM_HOME", str(fetch_workspace / "llm-runs"))
+    source = fetch_workspace / f"data{suffix}"
+    source.write_bytes(b'{"text": ' + b"[" * depth + b"]" * depth + b"}\n" if depth else content)
+    args = ["data", "fetch", "-r", "llama-small", "--set", f"data-fetch.sources=[{{uri: '{source}'}}]"]
+    result = invoke(args)
+    if result.exit_code != 0:
+        assert_one_line_error(result, args)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from llm_lifecycle.models.checkpoint import save_model_dir
+    from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.models.decoder import Decoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    return save_model_dir(tmp_path_factory.mktemp("model") / "tiny", Decoder(cfg), None)
+
+
+@settings(FUZZ, max_examples=30)
+@given(part=st.sampled_from(["config.json", "model.safetensors"]), cut=st.floats(0, 0.999),
+       garbage=st.binary(max_size=64))
+def test_damaged_model_folders_never_crash(recipe_file, tiny_model, part, cut, garbage):
+    """A model file cut anywhere, with anything after the cut, is refused in one line."""
+    import shutil
+
+    folder = recipe_file.parent / "damaged"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(tiny_model, folder)
+    data = (folder / part).read_bytes()
+    (folder / part).write_bytes(data[: int(len(data) * cut)] + garbage)
+    args = ["chat", "--model", str(folder), "--prompt", "hi"]
+    assert_one_line_error(invoke(args), args)

@@ -14,29 +14,62 @@ import torch.nn.functional as F
 
 from conftest import needs
 from llm_lifecycle.models.checkpoint import save_model_dir
-from llm_lifecycle.models.config import FAMILIES, ModelConfig
+from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.generate import generate
-from llm_lifecycle.models.gguf import ARCHS, gguf_tensors
+from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
 from llm_lifecycle.models.hf import CHATML_TEMPLATE
-from llm_lifecycle.workflows.export import export_model, llama_cpp_logits
-from llm_lifecycle.workflows.stage import UserError
-from llm_lifecycle.workflows.tokenizer import train_bpe
+from llm_lifecycle.models.presets import load_preset
+from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
+from llm_lifecycle.workflows.runner.stage import UserError
+from llm_lifecycle.workflows.data.bpe import train_bpe
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
     "Numbers like 12345 and 2026 are split into digits. The early bird catches the worm. "
 )
 PROMPT = "The quick brown fox"
+TINY = dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
 
-# Each family's distinguishing knobs at a tiny size (families llama.cpp knows and ours has).
-FAMILY_KNOBS = {
-    "llama": {},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True},
-    "qwen3_moe": {"qk_norm": True, "n_experts": 4, "n_experts_per_token": 2, "moe_ffn_dim": 64, "tie_embeddings": False},
+# One case per llama.cpp architecture we write: the family and its distinguishing knobs at a tiny size.
+CASES = {
+    "llama": dict(family="llama"),
+    "qwen2": dict(family="qwen2", qkv_bias=True),
+    "qwen3": dict(family="qwen3", qk_norm=True),
+    "qwen3moe": dict(family="qwen3_moe", qk_norm=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=64,
+                     tie_embeddings=False),
+    "qwen2moe": dict(family="qwen2_moe", qkv_bias=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=32,
+                     n_shared_experts=2, shared_expert_gate=True, norm_topk_prob=False, tie_embeddings=False),
+    "gemma": dict(family="gemma", mlp="geglu", scale_embeddings=True, head_dim=24, n_kv_heads=1),
+    "phi3": dict(family="phi3", tie_embeddings=False),
+    "phi2": dict(family="phi", norm="layernorm", mlp="gelu", parallel_block=True, rotary_pct=0.5, qkv_bias=True,
+                 o_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False),
+    # Qwen 1: multi-head, windows in the lower layer and LogN past 48 tokens (the file's context)
+    "qwen": dict(family="qwen", n_kv_heads=4, qkv_bias=True, sliding_window=48, window_layers=1, logn_train_len=48,
+                 tie_embeddings=False),
+    "chatglm": dict(family="chatglm", rope_2d=True, qkv_bias=True, tie_embeddings=False),
+    "chatglm (glm)": dict(family="glm", rotary_pct=0.5, qkv_bias=True, tie_embeddings=False),
+    "glm4": dict(family="glm4", post_norms=True, rotary_pct=0.5, qkv_bias=True, tie_embeddings=False),
+    "internlm2": dict(family="internlm2", tie_embeddings=False),
+    # Baichuan 2 13B: llama.cpp's baichuan runs ALiBi at 40 layers; other depths go through refact
+    "baichuan": dict(family="baichuan", position="alibi", norm_head=True, n_kv_heads=2, n_layers=40, dim=32,
+                     n_heads=2, ffn_dim=64, tie_embeddings=False),
+    "refact": dict(family="baichuan", position="alibi", norm_head=True, n_kv_heads=4, tie_embeddings=False),
+    "llama (mistral)": dict(family="mistral", sliding_window=32, tie_embeddings=False),
+    "llama (mixtral)": dict(family="mixtral", n_experts=4, n_experts_per_token=2, moe_ffn_dim=64, tie_embeddings=False),
+    "deepseek2": dict(family="deepseek_v2", n_kv_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                      v_head_dim=8, n_experts=8, n_experts_per_token=2, moe_ffn_dim=16, n_shared_experts=2,
+                      n_dense_layers=1, routed_scale=1.5, norm_topk_prob=False, tie_embeddings=False),
+    "deepseek2 (v3)": dict(family="deepseek_v3", n_kv_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                           qk_rope_head_dim=4, v_head_dim=8, n_experts=8, n_experts_per_token=3, moe_ffn_dim=16,
+                           n_shared_experts=1, n_dense_layers=1, router_score="sigmoid", router_bias=True,
+                           n_expert_groups=4, topk_groups=2, routed_scale=2.5, tie_embeddings=False),
 }
-TESTED = [f for f in FAMILY_KNOBS if f in FAMILIES and f in ARCHS]
+
+
+def test_every_llama_cpp_architecture_we_write_has_a_case():
+    assert {name.split()[0] for name in CASES} == set(ARCHS)
+    assert {gguf_arch(ModelConfig(**{**TINY, **knobs})).name for knobs in CASES.values()} == set(ARCHS)
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +77,15 @@ def tokenizer():
     return train_bpe([TEXT] * 20, vocab_size=320)
 
 
-def trained_model(tokenizer, family: str) -> Decoder:
+def trained_model(tokenizer, case: str) -> Decoder:
     """A tiny model trained until it continues TEXT confidently, so a greedy continuation is a
     real check (an untrained model's near-tied logits would flip on rounding noise)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(family=family, vocab_size=tokenizer.get_vocab_size(), dim=64, n_layers=2, n_heads=4,
-                      n_kv_heads=2, ffn_dim=128, max_seq_len=128, **FAMILY_KNOBS[family])
+    cfg = ModelConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), **CASES[case]})
     model = Decoder(cfg)
     ids = torch.tensor(tokenizer.encode(TEXT * 3).ids[:97])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(100):  # untied heads need more than 60 steps
         logits = model(ids[None, :-1]).logits[0]
         loss = F.cross_entropy(logits, ids[1:])
         optimizer.zero_grad()
@@ -61,6 +93,11 @@ def trained_model(tokenizer, family: str) -> Decoder:
         optimizer.step()
     assert loss.item() < 0.5, "the tiny model did not learn the text"
     return model.eval()
+
+
+def needs_llama_cpp() -> None:
+    needs(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (a source build)",
+          """CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install -c c.txt -e '.[llamacpp]'""")
 
 
 def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int) -> list[int]:
@@ -72,22 +109,37 @@ def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("family", TESTED)
-def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, tokenizer, family):
-    needs(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python (a source build)",
-          """CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install -c c.txt -e '.[llamacpp]'""")
+@pytest.mark.parametrize("case", list(CASES))
+def test_llama_cpp_computes_our_logits_from_an_f32_file(tmp_path, tokenizer, case):
+    """The mapping alone, fast: random weights, no rounding but llama.cpp's F16 key/value cache."""
+    needs_llama_cpp()
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), **CASES[case]})).eval()
+    ids = tokenizer.encode(TEXT).ids[:30]  # inside the smallest window of the cases
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))  # norms and biases away from 1 and 0
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    gguf_file = write_gguf(tmp_path / "model.gguf", model.cfg, model.state_dict(), tokenizer, "f32")
+    assert np.abs(llama_cpp_logits(gguf_file, ids) - ours).max() < 0.002 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, tokenizer, case):
+    needs_llama_cpp()
     import llama_cpp
 
-    model = trained_model(tokenizer, family)
+    model = trained_model(tokenizer, case)
     model_dir = save_model_dir(tmp_path / "model", model, tokenizer)
     prompt = tokenizer.encode(PROMPT).ids
     with torch.no_grad():
         ours = model(torch.tensor([prompt])).logits[0].numpy()
     ours_greedy = generate(model, [prompt], max_new_tokens=12)[0]
 
-    # F16: weights rounded to half precision, within 1e-2. Q8_0: llama.cpp also rounds the
-    # activations to 8 bits for its int8 dot products: within 2% of the largest logit.
-    for gguf_type, tolerance in (("f16", 1e-2), ("q8_0", 0.02 * np.abs(ours).max())):
+    # F16: weights rounded to half precision (and llama.cpp's F16 key/value cache), within 0.2%
+    # of the largest logit. Q8_0: llama.cpp also rounds the activations to 8 bits for its int8
+    # dot products: within 2%.
+    for gguf_type, tolerance in (("f16", 0.002 * np.abs(ours).max()), ("q8_0", 0.02 * np.abs(ours).max())):
         export_model(str(model_dir), tmp_path / gguf_type, "gguf", gguf_type)
         gguf_file = tmp_path / gguf_type / f"{gguf_type}-{gguf_type}.gguf"
         theirs = llama_cpp_logits(gguf_file, prompt)
@@ -99,6 +151,23 @@ def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, toke
     for text in (TEXT, "Digits 0042 and <|im_start|>user\nhi<|im_end|>"):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text).ids
     llm.close()
+
+
+@pytest.mark.parametrize("preset", ["qwen-small", "chatglm-small", "baichuan2-alibi-small"])
+def test_presets_without_a_transformers_layout_export_to_gguf(tmp_path, tokenizer, preset):
+    """Qwen 1 (LogN, windows), ChatGLM (2D positions) and Baichuan 2 13B (ALiBi) have no
+    transformers class that computes them; llama.cpp's qwen, chatglm and refact do."""
+    needs_llama_cpp()
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**{**load_preset(preset), "vocab_size": tokenizer.get_vocab_size(), "n_layers": 2})).eval()
+    model_dir = save_model_dir(tmp_path / "model", model, tokenizer)
+    with pytest.raises(UserError, match="cannot hold"):
+        export_model(str(model_dir), tmp_path / "hf", "hf")
+    export_model(str(model_dir), tmp_path / "gguf", "gguf", "f32")
+    ids = tokenizer.encode(TEXT).ids[:60]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_cpp_logits(tmp_path / "gguf" / "gguf-f32.gguf", ids) - ours).max() < 0.002 * np.abs(ours).max()
 
 
 def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenizer):

@@ -181,6 +181,7 @@ NO_HF_LAYOUT = {
     "qwen-small": "cannot hold sliding_window=128",  # Qwen 1 is Llama only without LogN and windows
     "chatglm-small": "cannot hold rope_2d=True",  # ChatGLM2/3 (no 2D positions) is transformers' Glm
     "baichuan2-alibi-small": "cannot hold position='alibi'",
+    "baichuan-alibi-small": "cannot hold position='alibi'",
 }
 
 

@@ -40,6 +40,8 @@ FAMILIES = {
     "gemma": dict(head_dim=24, hidden_act="gelu_pytorch_tanh"),
     "phi": dict(partial_rotary_factor=0.5, hidden_act="gelu_new", tie_word_embeddings=False),
     "glm": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),
+    "qwen2_moe": dict(MOE, num_experts=4, shared_expert_intermediate_size=64, norm_topk_prob=False,
+                      tie_word_embeddings=False),  # shared expert 2 x moe width behind a sigmoid gate
     "glm4": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),  # plus post-branch norms
     "phi3": dict(tie_word_embeddings=False, pad_token_id=0),  # q/k/v fused with GQA: unequal parts
     "deepseek_v2": dict(  # queries without a latent here (V3 below has one)

@@ -177,14 +177,18 @@ def test_remote_code_configs_carry_their_family_knobs(tmp_path):
     assert internlm2.rope_scaling == {"type": "dynamic", "factor": 2.0, "original_max_seq_len": 128}
 
 
-def test_baichuan_13b_layout_imports_as_alibi(tmp_path):
-    """Baichuan2-13B's config has no max_position_embeddings (its modeling file uses ALiBi)."""
+def test_baichuan_13b_layouts_import_as_alibi(tmp_path):
+    """Baichuan2-13B's config has no max_position_embeddings (its modeling file uses ALiBi);
+    Baichuan-13B (version 1) has no z_loss_weight either, and no NormHead."""
     _, folder = baichuan2_checkpoint(tmp_path / "b")
     config = json.loads((folder / "config.json").read_text())
     del config["max_position_embeddings"]
     (folder / "config.json").write_text(json.dumps(config))
     model, _ = load_hf(folder)
-    assert (model.cfg.position, model.cfg.rotary_dim, model.cfg.max_seq_len) == ("alibi", 0, 128)
+    assert (model.cfg.position, model.cfg.rotary_dim, model.cfg.max_seq_len, model.cfg.norm_head) == ("alibi", 0, 128, True)
+    del config["z_loss_weight"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not load_hf(folder)[0].cfg.norm_head
 
 
 def test_unsupported_remote_layouts_are_refused_in_one_line(tmp_path):

@@ -52,7 +52,9 @@ def tiny_tokenizer():
         (dict(family="gpt2"), "family 'gpt2'"),
         (dict(n_layers=0), "n_layers must be a positive integer"),
         (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_seq_len"),
-        (dict(rope_scaling={"type": "longrope", "factor": 2.0}), "rope_scaling.type"),
+        (dict(rope_scaling={"type": "su", "factor": 2.0}), "rope_scaling.type"),
+        (dict(rope_scaling={"type": "longrope", "factor": 2.0, "original_max_seq_len": 16, "short_factor": [1.0],
+                            "long_factor": [1.0]}), "short_factor must list 4 positive numbers"),
         (dict(head_dim=15, dim=60), "head_dim \\(15\\) must be even"),
         (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta": 1}), "unknown key\\(s\\) beta"),
         (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "required for llama3"),
@@ -287,6 +289,30 @@ def test_rope_scaling_frequencies():
     )
     assert yarn[0] == plain[0] and torch.isclose(yarn[-1], plain[-1] / 4)
     assert temperature == pytest.approx(1 + 0.1 * torch.log(torch.tensor(4.0)).item())
+
+
+def test_longrope_matches_transformers_within_and_past_the_original_length():
+    """Phi-3's LongRoPE: short factors up to the original length, long ones past it, cos/sin
+    scaled by sqrt(1 + ln(factor) / ln(original)) — transformers' numbers for the same config."""
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llm_lifecycle.models.decoder import RotaryEmbedding
+
+    short, long = [1.0, 1.1, 1.3, 2.0], [1.0, 1.5, 4.0, 16.0]
+    scaling = {"type": "longrope", "factor": 8.0, "original_max_seq_len": 16, "short_factor": short, "long_factor": long}
+    cfg = ModelConfig(**{**DENSE, "head_dim": 8, "n_heads": 4, "dim": 32, "rope_scaling": scaling, "max_seq_len": 128})
+    cfg.validate()
+    hf = Phi3Config(hidden_size=32, num_attention_heads=4, max_position_embeddings=128, original_max_position_embeddings=16,
+                    rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+    rope = RotaryEmbedding(cfg)
+    for length in (16, 17):
+        hf_freq, hf_scale = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu", seq_len=length)
+        cos, _ = rope(0, length, torch.device("cpu"))[0]
+        assert rope.scale == pytest.approx(hf_scale)
+        torch.testing.assert_close(rope.inv_freq, hf_freq)
+        expected = torch.cat((hf_freq, hf_freq))[None, :] * torch.arange(length).float()[:, None]
+        torch.testing.assert_close(cos[:, 0], expected.cos() * hf_scale)
 
 
 @pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])

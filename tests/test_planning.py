@@ -12,9 +12,9 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.registry.memory import inference_memory, training_memory
-from llm_lifecycle.workflows.planning import parse_params, shape_for_params, shape_of
-from llm_lifecycle.workflows.trainer import lm_loss
+from llm_lifecycle.workflows.engine.memory import inference_memory, training_memory
+from llm_lifecycle.workflows.runner.planning import parse_params, shape_for_params, shape_of
+from llm_lifecycle.workflows.engine.trainer import lm_loss
 
 
 def measured_training_peak(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -94,3 +94,69 @@ def test_plan_cli_prints_a_table_and_rejects_no_model():
     assert ok.returncode == 0 and "int4" in ok.stdout and "GiB" in ok.stdout
     bad = subprocess.run(run, capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_lora_and_qlora_keep_the_base_frozen_and_small():
+    from llm_lifecycle.models.lora import apply_lora
+    from llm_lifecycle.workflows.engine.memory import NF4_BYTES, lora_params, lora_training_memory
+
+    for preset in ("llama-small", "qwen3-moe-small", "phi-small"):  # dense, MoE (experts unadapted), plain MLP
+        cfg = ModelConfig.from_dict(load_preset(preset))
+        adapters = sum(p.numel() for _, p in apply_lora(Decoder(cfg), 16, 32.0))
+        assert lora_params(shape_of(cfg), 16) == adapters, preset
+    shape = shape_for_params(7e9)
+    full = training_memory(shape, 1, 2048, "bf16", recompute=True)
+    lora = lora_training_memory(shape, 1, 2048, 16, quantized=False, recompute=True)
+    qlora = lora_training_memory(shape, 1, 2048, 16, quantized=True, recompute=True)
+    assert lora["optimizer"] == 8 * lora["adapter_params"] < 0.01 * full["optimizer"]  # moments of the adapters only
+    assert qlora["total"] < lora["total"] < full["total"] / 5
+    embed_head = 2 * shape.vocab_size * shape.dim  # QLoRA keeps these in bf16
+    assert lora["weights"] - qlora["weights"] == pytest.approx((shape.params - embed_head) * (2 - NF4_BYTES))
+    # the QLoRA paper's headline: a 65B model fine-tunes on one 48 GB GPU
+    assert lora_training_memory(shape_for_params(65e9), 1, 512, 64, quantized=True, recompute=True)["total"] < 48e9
+
+
+def test_activation_checkpointing_keeps_each_layers_input_and_one_layer():
+    cfg = ModelConfig.from_dict(load_preset("llama3-8b"))
+    shape = shape_of(cfg)
+    plain, kept = training_memory(shape, 1, 8192, "bf16"), training_memory(shape, 1, 8192, "bf16", recompute=True)
+    assert kept["activations"] < plain["activations"] / 10
+    assert kept["activations"] > 8192 * cfg.n_layers * cfg.dim * 2  # every layer's input stays
+
+
+def test_gpus_needed_shards_training_and_splits_inference():
+    from llm_lifecycle.workflows.engine.memory import GPU_RESERVED_BYTES, gpus_needed
+
+    gib = 2**30
+    train = {"weights": 100 * gib, "optimizer": 200 * gib, "grads": 100 * gib, "activations": 30 * gib, "loss": 2 * gib}
+    # each 80 GiB GPU gives 80 - 2 reserved - 32 of its own activations = 46 GiB to the 400 GiB of shards
+    assert GPU_RESERVED_BYTES == 2 * gib and gpus_needed(train, 80 * gib) == 9
+    assert gpus_needed(dict(train, activations=79 * gib), 80 * gib) is None  # one batch alone is too big
+    assert gpus_needed({"total": 140e9}, 80 * gib) == 2  # a 70B model's fp16 weights over 78 GiB GPUs
+
+
+def test_training_time_matches_llama_7b_gpu_hours():
+    """LLaMA-7B: 1T tokens in 82,432 A100-80GB GPU-hours (the LLaMA paper, table 15); with the
+    6N + attention FLOPs that is about 47% MFU on 312 TFLOP/s."""
+    from llm_lifecycle.workflows.engine.memory import training_days
+    from llm_lifecycle.workflows.runner.planning import dense_flops_per_token, gpu_spec
+
+    cfg = ModelConfig.from_dict({**load_preset("llama2-7b"), "max_seq_len": 2048})  # LLaMA-7B's shape
+    flops = cfg.flops_per_token(2048)
+    memory, peak = gpu_spec("A100")
+    assert memory == 80 * 2**30 and peak == 312e12
+    gpu_hours = training_days(flops, 1e12, 2048, peak, 0.47) * 24 * 2048
+    assert gpu_hours == pytest.approx(82_432, rel=0.05)
+    assert dense_flops_per_token(shape_for_params(6.74e9), 2048) == pytest.approx(flops, rel=0.02)
+
+
+def test_plan_cli_sizes_gpus_and_time_and_rejects_a_time_without_a_gpu():
+    run = [sys.executable, "-m", "llm_lifecycle.cli.app", "plan"]
+    env = {**__import__("os").environ, "COLUMNS": "200"}
+    ok = subprocess.run([*run, "llama2-7b", "--gpu", "H100", "--tokens", "2T"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "QLoRA r16" in ok.stdout and "H100 (80 GiB)" in ok.stdout and "GPU-hours" in ok.stdout
+    for bad in (["llama2-7b", "--tokens", "2T"], ["llama2-7b", "--gpu", "X100"], ["--params", "7B", "--gpu", "H100",
+                                                                                 "--tokens", "lots"]):
+        out = subprocess.run([*run, *bad], capture_output=True, text=True, env=env)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (bad, out.stderr)

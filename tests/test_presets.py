@@ -11,9 +11,12 @@ import pytest
 from conftest import TINY_OVERRIDES
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.presets import list_presets, load_preset
-from llm_lifecycle.workflows.pipeline import plan, run_pipeline
-from llm_lifecycle.workflows.recipe import STAGE_ORDER, load_recipe
-from llm_lifecycle.workflows.stage import SilentProgress
+from llm_lifecycle.workflows.runner.pipeline import plan, run_pipeline
+from llm_lifecycle.workflows.runner.recipe import load_recipe
+from llm_lifecycle.workflows.stages import DEFAULT_CHAIN
+
+STAGE_ORDER = list(DEFAULT_CHAIN)
+from llm_lifecycle.workflows.runner.stage import SilentProgress
 
 SMALL = [p for p in list_presets() if p.endswith("-small")]
 # A recipe option a preset is made for (the objective is a pretrain setting, not a model
@@ -40,6 +43,16 @@ PUBLISHED = {
     "qwen3-30b-a3b": (30.5e9, 3.3e9),
     "deepseek-v2": (236e9, 21e9),
     "deepseek-v3": (671e9, 37e9),
+    "yi-6b": (6.06e9, None),
+    "yi-34b": (34.39e9, None),
+    "internlm2-7b": (7.74e9, None),
+    "qwen2.5-72b": (72.7e9, None),
+    "qwen2-57b-a14b": (57.4e9, 14e9),
+    "glm4-9b": (9.4e9, None),
+    "phi3-mini": (3.82e9, None),
+    "baichuan-7b": (7.0e9, None),
+    "baichuan-13b": (13.26e9, None),
+    "llama1-65b": (65.2e9, None),
 }
 
 
@@ -61,6 +74,8 @@ def test_the_zoo_has_every_family():
         "llama-small", "llama2-small", "llama3-small", "qwen-small", "qwen2-small", "qwen3-small", "qwen3-moe-small",
         "baichuan2-small", "baichuan2-alibi-small", "chatglm-small", "mistral-small", "mixtral-small",
         "gemma-small", "phi-small", "deepseek-v2-small", "deepseek-v3-small",
+        "yi-small", "internlm2-small", "qwen2.5-small", "qwen2-moe-small", "glm4-small", "phi3-mini-small",
+        "baichuan-small", "baichuan-alibi-small", "llama1-small",
     }
     assert expected <= set(SMALL)
     assert set(PUBLISHED) <= set(list_presets())
@@ -95,13 +110,26 @@ def test_small_presets_are_small_and_use_their_knobs():
         cfg = knobs[name]
         assert cfg.is_mla and cfg.n_shared_experts and cfg.moe_ffn_dim * 4 <= cfg.ffn_dim and cfg.n_dense_layers == 1
     assert knobs["deepseek-v3-small"].router_score == "sigmoid" and knobs["deepseek-v3-small"].q_lora_rank
+    assert knobs["deepseek-v3-small"].router_bias_update == 0.001  # the V3 report's gamma
+    assert knobs["qwen3-moe-small"].moe_balance == "global_batch"  # the Qwen3 report's choice
+    assert knobs["yi-small"].n_kv_heads == 1 and knobs["yi-small"].rope_theta == 5e6 and not knobs["yi-small"].tie_embeddings
+    assert knobs["internlm2-small"].n_kv_heads * 4 == knobs["internlm2-small"].n_heads
+    qwen2_moe = knobs["qwen2-moe-small"]
+    assert qwen2_moe.shared_expert_gate and qwen2_moe.n_shared_experts and not qwen2_moe.norm_topk_prob and qwen2_moe.qkv_bias
+    assert knobs["glm4-small"].rotary_pct == 0.5 and knobs["glm4-small"].qkv_bias and not knobs["glm4-small"].rope_2d
+    phi3 = knobs["phi3-mini-small"]
+    assert phi3.norm == "rmsnorm" and phi3.mlp == "swiglu" and not phi3.parallel_block and phi3.n_kv_heads == phi3.n_heads
+    for name, position in (("baichuan-small", "rope"), ("baichuan-alibi-small", "alibi")):  # Baichuan 1: no NormHead
+        assert knobs[name].position == position and not knobs[name].norm_head and not knobs[name].max_z_loss_coef
+    llama1 = knobs["llama1-small"]
+    assert llama1.n_kv_heads == llama1.n_heads and not llama1.tie_embeddings
 
 
 def test_the_generic_recipe_takes_the_presets_vocabulary():
-    assert load_recipe("generic", ["model.preset=llama3-small"]).stages["tokenizer-train"]["vocab_size"] == 16384
+    assert load_recipe("generic", ["model.preset=llama3-small"]).settings("tokenizer-train").vocab_size == 16384
     assert load_recipe("generic", ["model.preset=llama-small"]).model["vocab_size"] == 4096
     tiny = recipe_for("llama3-small")
-    assert tiny.model["vocab_size"] == tiny.stages["tokenizer-train"]["vocab_size"] == 512
+    assert tiny.model["vocab_size"] == tiny.settings("tokenizer-train").vocab_size == 512
 
 
 def _check_finished(results, stages):
@@ -110,16 +138,20 @@ def _check_finished(results, stages):
         assert results[name].metrics is not None
 
 
-def test_every_small_preset_pretrains_in_one_shared_workspace(shared_workspace):
+PRETRAINED: list[str] = []  # presets pretrained so far in this module's shared workspace
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_small_preset_pretrains_in_one_shared_workspace(shared_workspace, name):
     """Pretrain for each preset; the stages before it run once for all of them."""
     stages = STAGE_ORDER[: STAGE_ORDER.index("pretrain") + 1]
-    for i, name in enumerate(SMALL):
-        recipe = recipe_for(name)
-        planned = {p.name: p for p in plan(recipe, shared_workspace, stages)}
-        assert all(planned[s].cached for s in stages[:-1]) == (i > 0), name  # data reused after the first
-        results = run_pipeline(recipe, shared_workspace, SilentProgress(), stages=stages)
-        _check_finished(results, stages)
-        assert results["pretrain"].metrics["final_loss"] < 8.0, name  # ln(512) = 6.2 at the start
+    recipe = recipe_for(name)
+    planned = {p.name: p for p in plan(recipe, shared_workspace, stages)}
+    assert all(planned[s].cached for s in stages[:-1]) == bool(PRETRAINED)  # data reused after the first
+    results = run_pipeline(recipe, shared_workspace, SilentProgress(), stages=stages)
+    _check_finished(results, stages)
+    assert results["pretrain"].metrics["final_loss"] < 8.0  # ln(512) = 6.2 at the start
+    PRETRAINED.append(name)
 
 
 def test_a_glm_preset_runs_every_stage_and_exports_in_our_layout(shared_workspace):

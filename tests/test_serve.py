@@ -26,7 +26,7 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.quantize import QuantConfig, quantize_model, save_quantized
 from llm_lifecycle.registry import tracking
-from llm_lifecycle.workflows.tokenizer import train_bpe
+from llm_lifecycle.workflows.data.bpe import train_bpe
 
 PROMPTS = ["The quick brown fox", "A stitch in time"]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Exploit
+from conftest import Exploit, ListTracker
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
-from llm_lifecycle.workflows.trainer import CompiledWithFallback, expert_load_metrics
+from llm_lifecycle.workflows.engine.trainer import CompiledWithFallback, expert_load_metrics
 
 CHILD = Path(__file__).with_name("train_child.py")
 
@@ -88,10 +88,10 @@ def test_global_batch_balance_counts_every_micro_batch_of_the_step():
     load_a = model(a).expert_load
     model(b)
     load_b = model(b).expert_load
-    assert torch.equal(model._batch_counts, (load_a + 2 * load_b).float())
+    assert torch.equal(model._step_counts, (load_a + 2 * load_b).float())
     model.begin_global_batch()
     model(a)
-    assert torch.equal(model._batch_counts, load_a.float())
+    assert torch.equal(model._step_counts, load_a.float())
 
 
 @pytest.mark.parametrize("fields", [dict(MOE), dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)])
@@ -106,6 +106,63 @@ def test_activation_checkpointing_gives_the_same_gradients(fields):
         (out.logits.square().mean() + out.aux_loss).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def biased_router_run(tmp_path: Path, bias_update: float, steps: int = 40) -> tuple[list[dict], Decoder]:
+    """DeepSeek-V3 routing (sigmoid, top-1 of 4) whose router sends nearly every token to
+    expert 0: every embedding carries one shared feature that only expert 0's router row
+    reads. Only the final norm trains (it cannot change the routing) and no balance loss is
+    on, so anything that evens the load out is the bias update."""
+    from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext
+    from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="deepseek_v3", vocab_size=97, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                      max_seq_len=16, tie_embeddings=False, n_experts=4, n_experts_per_token=1, moe_ffn_dim=16,
+                      router_score="sigmoid", router_bias=True, router_bias_update=bias_update,
+                      router_aux_loss_coef=0.0)
+    model = Decoder(cfg)
+    with torch.no_grad():
+        router = model.layers[0].ffn.router.weight
+        router.normal_(0.0, 1.0)  # scores that differ from token to token
+        model.tok_embeddings.weight[:, 0] = 0.5
+        router[:, 0] = 0.0
+        router[0, 0] = 0.6
+    settings = TrainSettings(
+        steps=steps, batch_size=4, seq_len=16, grad_accum=2, lr=1e-3, min_lr_ratio=1.0, warmup_steps=0,
+        weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0, checkpoint_every=steps, log_every=1,
+        precision="fp32", compile=False, activation_checkpointing=False,
+    )
+
+    def batches(start: int):
+        micro = start
+        while True:
+            ids = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(micro))
+            yield ids[:, :-1], ids[:, 1:]
+            micro += 1
+
+    tracker = ListTracker()
+    ctx = StageContext(stage="pretrain", kind="pretrain", recipe=None, workspace=tmp_path, stage_dir=tmp_path,
+                       inputs={}, sources={}, values={},
+                       tracker=tracker, progress=SilentProgress())
+    train(ctx, model, settings, batches, lm_loss, tmp_path / "checkpoints", flops_per_token=1.0,
+          trainable=[("norm.weight", model.norm.weight)])
+    return tracker.rows, model
+
+
+def test_v3_bias_update_alone_balances_an_imbalanced_router(tmp_path):
+    rows, model = biased_router_run(tmp_path / "update", bias_update=0.01, steps=30)
+    frozen_rows, frozen = biased_router_run(tmp_path / "frozen", bias_update=0.0, steps=3)
+    first, last = rows[0], rows[-5:]
+    # relative loads (1.0 = a quarter of the tokens): expert 0 takes nearly all at first
+    assert first["moe.layer0.max_load"] > 3.0 and first["moe.layer0.min_load"] < 0.1
+    assert max(r["moe.layer0.max_load"] for r in last) < 1.6  # each expert near its quarter
+    assert min(r["moe.layer0.min_load"] for r in last) > 0.5
+    bias = model.layers[0].ffn.score_bias
+    assert bias[0] < 0 < bias[1:].min()  # the busy expert pushed down, the idle ones up
+    router = model.layers[0].ffn.router.weight
+    assert torch.equal(router, frozen.layers[0].ffn.router.weight)  # the router itself never moved
+    assert all(r["moe.layer0.max_load"] > 3.0 for r in frozen_rows) and not frozen.layers[0].ffn.score_bias.any()
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,8 +205,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
 
 
 def test_corruption_is_told_apart_from_a_refused_pickle(tmp_path):
-    from llm_lifecycle.workflows.stage import UserError
-    from llm_lifecycle.workflows.trainer import DamagedCheckpoint, read_checkpoint
+    from llm_lifecycle.workflows.runner.stage import UserError
+    from llm_lifecycle.workflows.engine.trainer import DamagedCheckpoint, read_checkpoint
 
     marker = tmp_path / "code-ran"
     hostile = tmp_path / "step-00000003.pt"
