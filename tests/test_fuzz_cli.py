@@ -119,7 +119,7 @@ BAD_RANGES = {
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)
     | st.lists(st.fixed_dictionaries({"uri": st.just("builtin:corpus"), "weight": st.floats(max_value=-1e-9)}), min_size=1, max_size=1),
-    "eval_lengths": st.text(max_size=5) | st.just([]) | st.lists(st.integers(max_value=1) | st.text(max_size=3), min_size=1, max_size=3),
+    "eval_lengths": st.text(max_size=5) | st.lists(st.integers(max_value=1) | st.text(max_size=3), min_size=1, max_size=3),
     "rope_scaling": st.text(max_size=5) | st.just({"type": "nope", "factor": 2.0})
     | st.just({"type": "yarn", "factor": 0.5}) | st.just({"factor": 2.0, "unknown": 1}),
 }
