@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from llm_lifecycle.workflows.engine.memory import (
-    GPU_RESERVED_BYTES, ModelShape, format_bytes, gpus_needed, inference_memory, lora_training_memory, training_memory,
+    ModelShape, format_bytes, gpus_needed, inference_memory, lora_training_memory, training_memory,
 )
 from llm_lifecycle.workflows.runner.recipe import Recipe
 from llm_lifecycle.workflows.runner.stage import UserError
