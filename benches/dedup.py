@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_lifecycle.workflows.dedup import (
+from llm_lifecycle.workflows.data.dedup import (
     exact_duplicates,
     is_cjk,
     jaccard,
@@ -177,7 +177,7 @@ def datasketch_confirmed(texts: list[str]) -> dict[int, int]:
     """Our algorithm (same band choice, confirmation) on datasketch instead of rensa."""
     from datasketch import MinHash, MinHashLSH
 
-    from llm_lifecycle.workflows.dedup import lsh_bands
+    from llm_lifecycle.workflows.data.dedup import lsh_bands
 
     b = lsh_bands(THRESHOLD, NUM_PERM)
     lsh = MinHashLSH(num_perm=NUM_PERM, params=(b, NUM_PERM // b))
@@ -213,7 +213,7 @@ def datatrove_pipeline(texts: list[str]) -> dict[int, int]:
     from datatrove.utils.text import TextNormConfig
     from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 
-    from llm_lifecycle.workflows.dedup import lsh_bands
+    from llm_lifecycle.workflows.data.dedup import lsh_bands
 
     class ShingleUnits(WhitespaceTokenizer):
         def word_tokenize(self, text):

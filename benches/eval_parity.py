@@ -61,9 +61,9 @@ def official_layout(out: Path, shared: Path, gsm8k_test: int = 200, gsm8k_train:
 
 def train_tiny(workspace: Path) -> Path:
     """Pretrain a tiny llama-small with the pipeline's stages; returns its model folder."""
-    from llm_lifecycle.workflows.pipeline import run_pipeline
-    from llm_lifecycle.workflows.recipe import load_recipe
-    from llm_lifecycle.workflows.stage import SilentProgress
+    from llm_lifecycle.workflows.runner.pipeline import run_pipeline
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress
 
     os.environ["LLM_HOME"] = str(workspace)
     recipe = load_recipe("llama-small", TINY_MODEL)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
-from llm_lifecycle.workflows.data import LANGUAGE_CANDIDATES
+from llm_lifecycle.workflows.data.clean import LANGUAGE_CANDIDATES
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 

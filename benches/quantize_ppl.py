@@ -16,8 +16,8 @@ import torch
 from llm_lifecycle.evals.perplexity import perplexity
 from llm_lifecycle.models.load import load_model
 from llm_lifecycle.models.quantize import QuantConfig, quantize_model, state_dict_bytes
-from llm_lifecycle.workflows.quantize import calibration_batches
-from llm_lifecycle.workflows.shards import TokenShards
+from llm_lifecycle.workflows.stages.quantize import calibration_batches
+from llm_lifecycle.workflows.data.shards import TokenShards
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ tokenizer (ours, vocabulary 8192) is trained on a sample of it. Then, best of --
 
   bare         Tokenizer.encode_batch(all texts) on texts already in memory, with the
                tokenizer's own Rust threads on every core; nothing is written
-  ours N=1, 2  workflows.encode.encode_file + shards.write_parts: read the jsonl, parse,
+  ours N=1, 2  workflows/data/encode.py encode_file + shards.write_parts: read the jsonl, parse,
                encode in N worker processes, pack into uint16 memory-mapped shards with the
                document index, write (worker start-up included)
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 # Spawned workers re-import this script: keep its top-level imports light (no torch).
-from llm_lifecycle.workflows.encode import encode_file
+from llm_lifecycle.workflows.data.encode import encode_file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 
@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED_DATA,
                         help="the benchmark data folder (its corpus/ holds the source texts; not in the repository)")
     args = parser.parse_args()
-    from llm_lifecycle.workflows.shards import TokenShards, write_parts
-    from llm_lifecycle.workflows.tokenizer import EOT, train_bpe
+    from llm_lifecycle.workflows.data.shards import TokenShards, write_parts
+    from llm_lifecycle.workflows.data.bpe import EOT, train_bpe
 
     texts = documents(args.data / "corpus", args.mb)
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llm_lifecycle.workflows.tokenizer import SPECIAL_TOKENS, bytes_per_token, extend_vocabulary, train_bpe
+from llm_lifecycle.workflows.data.bpe import SPECIAL_TOKENS, bytes_per_token, extend_vocabulary, train_bpe
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the default --data: beside the clone
 

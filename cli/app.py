@@ -23,7 +23,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer v
 from typer.core import TyperGroup
 
 from llm_lifecycle.registry.tracking import EnvironmentProblem
-from llm_lifecycle.workflows.stage import UserError
+from llm_lifecycle.workflows.runner.stage import UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -74,7 +74,7 @@ def _write_failure(err: OSError) -> str | None:
 
 
 def _free_space(filename: str | None) -> str:
-    from llm_lifecycle.registry.memory import format_bytes
+    from llm_lifecycle.workflows.engine.memory import format_bytes
 
     folder = Path(filename or ".").absolute()
     while not folder.exists():
@@ -112,7 +112,7 @@ WaitOption = typer.Option(False, "--wait", help="If another llm process is runni
 
 
 def _relaunch(nproc: int, nnodes: int, rdzv_endpoint: str | None) -> None:
-    from llm_lifecycle.workflows.launch import relaunch_if_asked
+    from llm_lifecycle.workflows.engine.launch import relaunch_if_asked
 
     relaunch_if_asked(nproc, nnodes, rdzv_endpoint)
 
@@ -126,9 +126,9 @@ def _workspace() -> Path:
 def _run_stages(recipe_name: str, overrides: list[str] | None, wait: bool, **plan_args) -> None:
     from llm_lifecycle.cli.progress import RichProgress
     from llm_lifecycle.registry.hardware import is_main_process
-    from llm_lifecycle.workflows.pipeline import run_pipeline
-    from llm_lifecycle.workflows.recipe import load_recipe
-    from llm_lifecycle.workflows.stage import SilentProgress
+    from llm_lifecycle.workflows.runner.pipeline import run_pipeline
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress
 
     recipe = load_recipe(recipe_name, overrides or [])
     # Under torchrun every rank runs this; rank 0 alone speaks for the job.
@@ -178,38 +178,83 @@ def pipeline(
 
 
 def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
-    from llm_lifecycle.workflows.pipeline import plan
-    from llm_lifecycle.workflows.planning import memory_report
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.pipeline import plan
+    from llm_lifecycle.workflows.runner.planning import memory_report
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     recipe = load_recipe(recipe_name, overrides)
     table = Table(title=f"plan for {recipe.name} ({recipe.path})")
-    for col in ("stage", "fingerprint", "status"):
+    for col in ("stage", "kind", "inputs", "fingerprint", "status"):
         table.add_column(col)
     for p in plan(recipe, _workspace(), stages, from_stage, force):
         status = "cached" if p.cached else ("run" if p.selected else "skip")
         style = {"cached": "green", "run": "bold yellow", "skip": "dim"}[status]
-        table.add_row(p.name, p.fingerprint, f"[{style}]{status}[/{style}]")
+        inputs = ", ".join(f"{port} <- {source}" for port, source in p.sources.items()) or "-"
+        table.add_row(p.name, p.kind, inputs, p.fingerprint, f"[{style}]{status}[/{style}]")
     console.print(table)
     for line in memory_report(recipe):
         console.print(line)
 
 
-def _stage_command(stage: str, doc: str):
-    def command(recipe: str = RecipeOption, set_: Optional[List[str]] = SetOption, wait: bool = WaitOption) -> None:
-        _run_stages(recipe, set_, wait, stages=[stage])
+StageOption = typer.Option(None, "--stage", help="Which stage of this kind (a recipe may have several; "
+                                                  "default: the one named after the kind, or the only one).")
+FromOption = typer.Option(None, "--from", help="Start from this stage's model (a stage of the recipe) or any "
+                                               "model: models:/NAME@ALIAS, a folder, a Hugging Face repo id.")
+
+
+def _instance(recipe_name: str, overrides: list[str], kind: str, name: str | None) -> str:
+    """The recipe stage a standalone command runs: `name`, the one named after `kind`, or its only one."""
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides)
+    of_kind = [n for n, inst in recipe.instances.items() if inst.kind == kind]
+    if name is not None:
+        if name not in of_kind:
+            raise UserError(f"--stage {name}: recipe {recipe.name} has no {kind} stage of that name; "
+                            f"its {kind} stages: {', '.join(of_kind) or 'none'}")
+        return name
+    if kind in of_kind or len(of_kind) == 1:
+        return kind if kind in of_kind else of_kind[0]
+    raise UserError(f"recipe {recipe.name} has {len(of_kind)} {kind} stages ({', '.join(of_kind) or 'none'}); "
+                    f"choose one with --stage NAME")
+
+
+def _from_overrides(recipe_name: str, overrides: list[str], stage: str, source: str | None) -> list[str]:
+    """--from: a stage of the recipe feeds this one's model input; anything else is a model reference."""
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+
+    if source is None:
+        return []
+    if source in load_recipe(recipe_name, overrides).instances:
+        return [f"{stage}.from=[{source}]"]
+    return [f"{stage}.init={source}"]
+
+
+def _run_kind(recipe: str, kind: str, set_: list[str] | None, stage: str | None, wait: bool, overrides=(),
+              source=None) -> None:
+    name = _instance(recipe, list(set_ or []), kind, stage)
+    given = [*(set_ or []), *(f"{name}.{o}" for o in overrides)]
+    _run_stages(recipe, [*given, *_from_overrides(recipe, given, name, source)], wait, stages=[name])
+
+
+def _stage_command(kind: str, doc: str):
+    def command(recipe: str = RecipeOption, stage: Optional[str] = StageOption,
+                set_: Optional[List[str]] = SetOption, wait: bool = WaitOption) -> None:
+        _run_kind(recipe, kind, set_, stage, wait)
 
     command.__doc__ = doc
     return command
 
 
-def _training_command(stage: str, doc: str, can_init: bool = False):
-    """A training stage; --nproc etc. run it under torchrun. With `can_init`, --init starts it
-    from any model instead of the upstream stage's (hidden elsewhere)."""
+def _training_command(kind: str, doc: str):
+    """A training stage; --nproc etc. run it under torchrun; --from starts it from another
+    stage's model or any model reference."""
 
     def command(
         recipe: str = RecipeOption,
-        init: Optional[str] = InitOption if can_init else typer.Option(None, "--init", hidden=True),
+        stage: Optional[str] = StageOption,
+        from_: Optional[str] = FromOption,
+        init: Optional[str] = typer.Option(None, "--init", hidden=True),  # the older spelling of --from MODEL
         set_: Optional[List[str]] = SetOption,
         nproc: int = NprocOption,
         nnodes: int = NnodesOption,
@@ -217,7 +262,7 @@ def _training_command(stage: str, doc: str, can_init: bool = False):
         wait: bool = WaitOption,
     ) -> None:
         _relaunch(nproc, nnodes, rdzv_endpoint)
-        _run_stages(recipe, [*(set_ or []), *([f"{stage}.init={init}"] if init else [])], wait, stages=[stage])
+        _run_kind(recipe, kind, set_, stage, wait, source=from_ or init)
 
     command.__doc__ = doc
     return command
@@ -247,14 +292,15 @@ def tokenizer_train(
 
     given = {"vocab_size": vocab_size, "split_digits": split_digits, "whitespace_runs": whitespace_runs,
              "byte_fallback": byte_fallback, "special_tokens": special_token, "extend": extend, "pretrained": pretrained}
-    overrides = [f"tokenizer-train.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
-    _run_stages(recipe, [*(set_ or []), *overrides], wait, stages=["tokenizer-train"])
+    overrides = [f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    _run_kind(recipe, "tokenizer-train", set_, None, wait, overrides)
 
 
 app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue an --init model).", True))
+app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue a --from model)."))
 app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss).", True))
+app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
+app.command("distill")(_training_command("distill", "Distil a teacher's sampled solutions into a student (DeepSeek-R1)."))
 
 
 @app.command()
@@ -268,28 +314,26 @@ def quantize(
 ) -> None:
     """Weight-only quantization of the recipe's final model; registers it as @int8 / @int4."""
     given = {"method": method, "bits": bits, "group_size": group_size}
-    overrides = [f"quantize.{k}={v}" for k, v in given.items() if v is not None]
-    _run_stages(recipe, [*(set_ or []), *overrides], wait, stages=["quantize"])
+    overrides = [f"{k}={v}" for k, v in given.items() if v is not None]
+    _run_kind(recipe, "quantize", set_, None, wait, overrides)
 
 
 @app.command()
 def rl(
     recipe: str = RecipeOption,
     method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
+    stage: Optional[str] = StageOption,
+    from_: Optional[str] = FromOption,
     set_: Optional[List[str]] = SetOption,
     nproc: int = NprocOption,
     nnodes: int = NnodesOption,
     rdzv_endpoint: Optional[str] = RdzvOption,
     wait: bool = WaitOption,
 ) -> None:
-    """Align the SFT model: reward model, DPO, PPO, GRPO or rejection-sampling SFT.
-    The model is registered as models:/RECIPE@METHOD."""
-    from llm_lifecycle.workflows.rl import METHODS
-
-    if method is not None and method not in METHODS:
-        raise UserError(f"llm rl --method {method}: unknown method; choose one of {', '.join(METHODS)}")
+    """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO or
+    rejection-sampling SFT. The model is registered as models:/RECIPE@STAGE and @METHOD."""
     _relaunch(nproc, nnodes, rdzv_endpoint)
-    _run_stages(recipe, [*(set_ or []), *([f"rl.method={method}"] if method else [])], wait, stages=["rl"])
+    _run_kind(recipe, "rl", set_, stage, wait, [f"method={method}"] if method else [], source=from_)
 
 
 @app.command()
@@ -304,7 +348,7 @@ def chat(
     """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
     if not 0 < top_p <= 1:
         raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
-    from llm_lifecycle.workflows.chat import ChatSession
+    from llm_lifecycle.workflows.serving.chat import ChatSession
 
     session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
     turns = iter(prompt) if prompt else None
@@ -343,13 +387,13 @@ def eval_(
 ) -> None:
     """Evaluate a model with lm-eval suites (MMLU, GSM8K, C-Eval, CMMLU), perplexity and long-context probes."""
     if recipe:
-        _run_stages(recipe, set_, wait, stages=["eval"])
+        _run_kind(recipe, "eval", set_, None, wait)
         return
     if not model:
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
     if limit is not None and limit < 1:
         raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
-    from llm_lifecycle.workflows.evaluate import evaluate_model
+    from llm_lifecycle.workflows.stages.evaluate import evaluate_model
 
     outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
                              batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template)
@@ -380,11 +424,11 @@ def export(
     """Export to a Hugging Face folder, a GGUF file with an Ollama Modelfile, or our safetensors folder."""
     if recipe:
         given = {"format": format_, "gguf_type": gguf_type}
-        _run_stages(recipe, [*(set_ or []), *(f"export.{k}={v}" for k, v in given.items() if v)], wait, stages=["export"])
+        _run_kind(recipe, "export", set_, None, wait, [f"{k}={v}" for k, v in given.items() if v])
         return
     if not (model and out):
         raise UserError("llm export: give --recipe, or both --model and --out")
-    from llm_lifecycle.workflows.export import export_model
+    from llm_lifecycle.workflows.stages.export import export_model
 
     console.print(f"exported {model} to {export_model(model, out, format_ or 'auto', gguf_type or 'f16', overwrite)}")
 
@@ -396,7 +440,7 @@ def import_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier import in --out (never other files)."),
 ) -> None:
     """Import a Hugging Face checkpoint (weights and tokenizer) as one of our model folders."""
-    from llm_lifecycle.workflows.model_ref import import_into_user_folder
+    from llm_lifecycle.workflows.refs import import_into_user_folder
 
     cfg = import_into_user_folder(source, out, overwrite)
     console.print(f"imported {source} ({cfg.family}, {cfg.num_params() / 1e6:.1f}M parameters) to {out}")
@@ -405,7 +449,7 @@ def import_(
 @recipes_app.command("list")
 def recipes_list() -> None:
     """The shipped recipes."""
-    from llm_lifecycle.workflows.recipe import RECIPES_DIR, list_recipes, read_yaml
+    from llm_lifecycle.workflows.runner.recipe import RECIPES_DIR, list_recipes, read_yaml
 
     table = Table(title="recipes")
     table.add_column("name")
@@ -418,9 +462,28 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
     """The fully resolved recipe (preset, overrides and defaults applied)."""
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     console.print(load_recipe(name, set_ or []).to_yaml(), highlight=False)
+
+
+@recipes_app.command("kinds")
+def recipes_kinds(kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all).")) -> None:
+    """The stage kinds a recipe can use: their inputs, output and every setting (type, default, allowed, help)."""
+    from llm_lifecycle.workflows import stages as kinds
+    from llm_lifecycle.workflows.runner.settings import field_help
+
+    if kind is not None and kind not in kinds.MODULES:
+        raise UserError(f"unknown stage kind {kind!r}; kinds are {', '.join(kinds.MODULES)}")
+    for name in [kind] if kind else kinds.MODULES:
+        spec = kinds.kind(name)
+        takes = ", ".join(f"{p.name} ({p.accepts}{'' if p.required else ', optional'})" for p in spec.inputs) or "nothing"
+        table = Table(title=f"{name}: takes {takes}; outputs {spec.output or 'nothing later stages take'}")
+        for col in ("setting", "type", "default", "allowed", "help"):
+            table.add_column(col)
+        for row in field_help(spec.settings):
+            table.add_row(row["name"], row["type"], repr(row["default"]), row["allowed"], row["help"])
+        console.print(table)
 
 
 @models_app.command("list")
@@ -476,7 +539,7 @@ def compare(
     """Compare pipelines: what differs, loss curves, eval scores (terminal table + PNG/HTML report)."""
     import time
 
-    from llm_lifecycle.workflows.compare import compare_runs
+    from llm_lifecycle.workflows.runner.compare import compare_runs
 
     out = out or _workspace() / "reports" / time.strftime("compare-%Y%m%d-%H%M%S")
     report, run_id = compare_runs(runs, out)
@@ -503,7 +566,7 @@ def sweep(
 ) -> None:
     """Run RECIPE for every combination of --vary at equal token budget, then compare them."""
     from llm_lifecycle.cli.progress import RichProgress
-    from llm_lifecycle.workflows.sweep import run_sweep
+    from llm_lifecycle.workflows.runner.sweep import run_sweep
 
     result = run_sweep(recipe, vary, set_ or [], _workspace(), RichProgress(console), wait)
     console.print(f"sweep run {result.run_id}: {len(result.pipeline_run_ids)} pipelines; "
@@ -519,7 +582,7 @@ def serve(
     """Serve a registered model with `mlflow models serve` (POST /invocations {"inputs": ["prompt"]})."""
     import subprocess
 
-    from llm_lifecycle.workflows.serve import check_registered, serve_command
+    from llm_lifecycle.workflows.serving.serve import check_registered, serve_command
 
     check_registered(model)
     argv, env = serve_command(model, host, port)
@@ -543,8 +606,8 @@ def plan(
     recompute: bool = typer.Option(False, "--activation-checkpointing", help="Plan training with activation checkpointing."),
 ) -> None:
     """Estimate training, LoRA/QLoRA and inference memory, GPUs needed, and training time."""
-    from llm_lifecycle.registry.memory import format_bytes, training_days
-    from llm_lifecycle.workflows import planning
+    from llm_lifecycle.workflows.engine.memory import GPU_RESERVED_BYTES, format_bytes, training_days
+    from llm_lifecycle.workflows.runner import planning
 
     if (preset is None) == (params is None):
         raise UserError("llm plan: give a preset name or --params (e.g. `llm plan llama3-8b`, `llm plan --params 7B`)")
@@ -583,7 +646,7 @@ def plan(
                   f"as backward frees activations). {where} available here: {format_bytes(available)}")
     if gpu_name:
         console.print(f"GPUs: training sharded with FSDP (each GPU keeps its own batch's activations), inference "
-                      f"split by tensor parallelism; {format_bytes(planning.GPU_RESERVED_BYTES)} of each GPU reserved. "
+                      f"split by tensor parallelism; {format_bytes(GPU_RESERVED_BYTES)} of each GPU reserved. "
                       "-*: one GPU cannot hold a batch's activations (try --activation-checkpointing, a shorter "
                       "--seq-len, or pipeline/sequence parallelism, which this plan does not model).")
     if tokens is not None:
@@ -623,6 +686,8 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     # Per-artifact download bars from model registration interleave with our stage bars.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # With a tracking server MLflow prints "View run … at: http://…" as each run ends.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Checkpoints that ship as remote code on the Hugging Face hub: Qwen 1, Baichuan 1/2,
 ChatGLM2/3 and InternLM2/2.5. transformers has no class for them (their repos carry a
-modeling_*.py that `trust_remote_code=True` would run); we never run it. Each family here is
+modeling_*.py that remote-code loading in transformers would run); we never run it. Each family here is
 a config.json reader and a tensor mapping onto ours, written from the layouts those repos
 publish: key names, fused tensors and their shapes, config keys.
 

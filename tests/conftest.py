@@ -74,8 +74,8 @@ def workspace(tmp_path, monkeypatch) -> Path:
 
 def shakespeare(chars: int) -> str:
     """The first `chars` characters of the shipped Tiny Shakespeare excerpt
-    (workflows/builtin/corpus, public domain), its speeches joined by blank lines as in the play text."""
-    path = PACKAGE / "workflows" / "builtin" / "corpus" / "en_tinyshakespeare.jsonl.gz"
+    (workflows/data/builtin/corpus, public domain), its speeches joined by blank lines as in the play text."""
+    path = PACKAGE / "workflows" / "data" / "builtin" / "corpus" / "en_tinyshakespeare.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return "\n\n".join(json.loads(line)["text"] for line in f)[:chars]
 

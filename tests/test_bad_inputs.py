@@ -71,8 +71,8 @@ def test_a_key_given_twice_in_a_recipe(workspace, tmp_path, text, key, first):
 @pytest.mark.parametrize("setting, says", [
     ("model.dim=1e20", "dim must be int, got '1e20'"),
     ("model.rope_theta=fast", "rope_theta must be a number"),
-    ("extend-context.eval_lengths=abc", "eval_lengths: expected empty (twice seq_len) or a non-empty list"),
-    ("extend-context.eval_lengths=[1024, 1]", "eval_lengths"),
+    ("extend-context.eval_lengths=abc", "stages.extend-context.eval_lengths: expected"),
+    ("extend-context.eval_lengths=[1024, 1]", "stages.extend-context.eval_lengths: expected"),
 ])
 def test_settings_of_the_wrong_kind(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])

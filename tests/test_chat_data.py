@@ -1,4 +1,4 @@
-"""Chat data on the real SFT and preference files the package ships (workflows/builtin/chat):
+"""Chat data on the real SFT and preference files the package ships (workflows/data/builtin/chat):
 loading, ChatML masks, batches, DPO loss."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conftest import BUILTIN_EVAL, PACKAGE
-from llm_lifecycle.workflows.chat_data import (
+from llm_lifecycle.workflows.data.chat_data import (
     IGNORE_INDEX,
     PreferenceBatches,
     SFTBatches,
@@ -26,7 +26,7 @@ from llm_lifecycle.workflows.chat_data import (
     strip_alpaca_template,
 )
 
-CHAT = PACKAGE / "workflows" / "builtin" / "chat"
+CHAT = PACKAGE / "workflows" / "data" / "builtin" / "chat"
 DOLLY = CHAT / "en_dolly_hhrlhf_train_small.jsonl"
 OASST_SFT = CHAT / "zh_oasst1_sft_zh.json"
 HH = CHAT / "en_hh_rlhf_harmless-base_test.jsonl.gz"

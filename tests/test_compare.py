@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from conftest import TINY_OVERRIDES, needs
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.registry.tracking import configure
-from llm_lifecycle.workflows.stage import SilentProgress
-from llm_lifecycle.workflows.sweep import run_sweep
+from llm_lifecycle.workflows.runner.stage import SilentProgress
+from llm_lifecycle.workflows.runner.sweep import run_sweep
 
 RECIPE = "llama-small"
 VARY = "model.n_kv_heads=1,4"

@@ -24,11 +24,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from llm_lifecycle.workflows import data, encode, shards, tokenizer  # noqa: E402
-from llm_lifecycle.workflows.stage import StageContext, StageResult, UserError  # noqa: E402
+from llm_lifecycle.workflows import refs  # noqa: E402
+from llm_lifecycle.workflows.data import bpe, clean, dedup, encode, shards, sources  # noqa: E402
+from llm_lifecycle.workflows import stages as kinds  # noqa: E402
+from llm_lifecycle.workflows.runner.settings import build  # noqa: E402
 
-C4_FILE = data.BUILTIN_DIR / "corpus" / "en_c4_demo.jsonl.gz"
-POETRY_FILE = data.BUILTIN_DIR / "corpus" / "zh_chinese_poetry.jsonl.gz"
+
+def tokenizer_config(cfg: dict) -> bpe.TokenizerConfig:
+    return build(bpe.TokenizerConfig, cfg, "stages.tokenizer-train")
+from llm_lifecycle.workflows.runner.stage import StageContext, StageResult, UserError  # noqa: E402
+
+C4_FILE = refs.BUILTIN_DIR / "corpus" / "en_c4_demo.jsonl.gz"
+POETRY_FILE = refs.BUILTIN_DIR / "corpus" / "zh_chinese_poetry.jsonl.gz"
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,19 +100,34 @@ class RecordingProgress:
         self.messages.append(message)
 
 
-def make_ctx(root: Path, stage: str, upstream: dict[str, StageResult] | None = None, seed: int = 0) -> StageContext:
+# Which earlier stage's result each data stage takes on each of its input ports.
+DATA_PORTS = {"data-clean": {"documents": "data-fetch"}, "tokenizer-train": {"text": "data-clean"},
+              "tokenize": {"text": "data-clean", "tokenizer": "tokenizer-train"}}
+
+
+def make_ctx(root: Path, stage: str, results: dict[str, StageResult] | None = None, seed: int = 0) -> StageContext:
     stage_dir = root / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
+    sources = DATA_PORTS.get(stage, {})
     return StageContext(
         stage=stage,
+        kind=stage,
         recipe=SimpleNamespace(name="test"),
         workspace=root,
         stage_dir=stage_dir,
-        upstream=dict(upstream or {}),
+        inputs={port: (results or {})[source] for port, source in sources.items() if source in (results or {})},
+        sources=dict(sources),
+        values={},
         tracker=MemoryTracker(),
         progress=RecordingProgress(),
         seed=seed,
     )
+
+
+def run_stage(ctx: StageContext, cfg: dict) -> StageResult:
+    """The stage kind `ctx.kind` run with `cfg` validated into its typed settings."""
+    spec = kinds.kind(ctx.kind)
+    return spec.run(ctx, build(spec.settings, cfg, f"stages.{ctx.kind}"))
 
 
 def read_jsonl(path) -> list[dict]:
@@ -127,14 +149,14 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("data-stages")
     start = time.perf_counter()
     ctxs, results = {}, {}
-    for stage, fn, cfg in [
-        ("data-fetch", data.fetch, {"sources": [{"uri": "builtin:corpus"}]}),
-        ("data-clean", data.clean, {}),
-        ("tokenizer-train", tokenizer.train_tokenizer, {"vocab_size": 1024}),
-        ("tokenize", tokenizer.tokenize, {"shard_tokens": 1 << 16}),
+    for stage, cfg in [
+        ("data-fetch", {"sources": [{"uri": "builtin:corpus"}]}),
+        ("data-clean", {}),
+        ("tokenizer-train", {"vocab_size": 1024}),
+        ("tokenize", {"shard_tokens": 1 << 16}),
     ]:
         ctxs[stage] = make_ctx(root, stage, results)
-        results[stage] = fn(ctxs[stage], cfg)
+        results[stage] = run_stage(ctxs[stage], cfg)
     return SimpleNamespace(root=root, ctx=ctxs, result=results, seconds=time.perf_counter() - start)
 
 
@@ -154,7 +176,7 @@ def test_builtin_corpus_runs_all_data_stages_quickly(pipeline):
         )
     }
     [(path, name, context)] = pipeline.ctx["data-fetch"].tracker.inputs
-    assert (path.resolve(), name, context) == ((data.BUILTIN_DIR / "corpus").resolve(), "builtin:corpus", "data-fetch")
+    assert (path.resolve(), name, context) == ((refs.BUILTIN_DIR / "corpus").resolve(), "builtin:corpus", "data-fetch")
     assert fetch.metrics["fetch.builtin:corpus.chars"] == sum(len(d["text"]) for d in docs)
 
 
@@ -170,7 +192,7 @@ def test_clean_report_and_metrics_on_builtin(pipeline):
     assert report["steps"]["min_chars"]["removed"] > 0 and 1 <= len(report["steps"]["min_chars"]["examples"]) <= 3
     assert clean.metrics["clean.removed.min_chars"] == report["steps"]["min_chars"]["removed"]
     assert 0.005 < len(heldout) / report["kept"] < 0.05  # holdout_fraction 0.02
-    assert any(data.is_cjk(d["text"]) for d in heldout) and any(not data.is_cjk(d["text"]) for d in heldout)
+    assert any(dedup.is_cjk(d["text"]) for d in heldout) and any(not dedup.is_cjk(d["text"]) for d in heldout)
     assert not {d["text"] for d in heldout} & {d["text"] for d in train}
 
 
@@ -180,14 +202,14 @@ def test_clean_report_and_metrics_on_builtin(pipeline):
 
 def fetch_docs(tmp_path, sources, seed=0) -> tuple[list[dict], StageResult]:
     ctx = make_ctx(tmp_path, "data-fetch", seed=seed)
-    result = data.fetch(ctx, {"sources": sources})
+    result = run_stage(ctx, {"sources": sources})
     return read_jsonl(result.outputs["documents"]), result
 
 
 def test_fetch_local_txt_splits(tmp_path):
     txt = tmp_path / "notes.txt"
     txt.write_text("first line\nsecond line\n\n\nthird line\n  \nfourth\n", encoding="utf-8")
-    by_split = {s: fetch_docs(tmp_path / s, [{"uri": str(txt), "split": s}])[0] for s in data.TXT_SPLITS}
+    by_split = {s: fetch_docs(tmp_path / s, [{"uri": str(txt), "split": s}])[0] for s in sources.TXT_SPLITS}
     assert [d["text"] for d in by_split["paragraph"]] == ["first line\nsecond line", "third line", "fourth"]
     assert [d["text"] for d in by_split["line"]] == ["first line", "second line", "third line", "fourth"]
     assert [d["text"] for d in by_split["file"]] == ["first line\nsecond line\n\n\nthird line\n  \nfourth"]
@@ -263,9 +285,8 @@ def test_fetch_hf_offline_is_a_user_error(tmp_path, monkeypatch):
         fetch_docs(tmp_path, [{"uri": "hf://datasets/llm-lifecycle-tests/not-cached/data/train.jsonl"}])
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(
-        "cannot reach the Hugging Face hub to fetch hf://datasets/llm-lifecycle-tests/not-cached:"
-    )
+    assert message.startswith("stages.data-fetch.sources[0].uri: cannot reach the Hugging Face hub to fetch "
+                              "dataset hf://datasets/llm-lifecycle-tests/not-cached:")
     assert "builtin:NAME" in message
 
 
@@ -325,7 +346,7 @@ def test_fetch_hf_dataset_from_a_prepared_offline_cache(tmp_path, monkeypatch):
 
 def distinct_docs() -> tuple[list[str], list[str]]:
     english = [
-        t for t in builtin_texts(C4_FILE) if 400 <= len(t) <= 5000 and not data.rule_failure(t, data.QualityRules())
+        t for t in builtin_texts(C4_FILE) if 400 <= len(t) <= 5000 and not clean.rule_failure(t, clean.QualityRules())
     ][:25]
     chinese = [t for t in builtin_texts(POETRY_FILE) if len(t) >= 150][:15]
     return english, chinese
@@ -336,7 +357,7 @@ def run_clean(tmp_path, docs: list[dict], cfg: dict | None = None) -> tuple[Stag
     documents = tmp_path / "documents.jsonl"
     documents.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     ctx = make_ctx(tmp_path, "data-clean", {"data-fetch": StageResult(outputs={"documents": str(documents)})})
-    return data.clean(ctx, cfg or {}), ctx.tracker
+    return run_stage(ctx, cfg or {}), ctx.tracker
 
 
 def test_clean_removes_planted_exact_and_near_duplicates(tmp_path):
@@ -374,14 +395,14 @@ def test_clean_repeats_survive_dedup_and_holdout_is_by_content(tmp_path):
 
 
 def test_rule_filters_measure_cjk_in_characters():
-    rules = data.QualityRules()
+    rules = clean.QualityRules()
     english, chinese = distinct_docs()
-    assert data.rule_failure(english[0], rules) is None
-    assert all(data.rule_failure(t, rules) is None for t in chinese)  # no spaces, yet not "one long word"
-    assert data.rule_failure("a b c d e f g h i j k l m n o p", rules) == "mean_word_length"
-    assert data.rule_failure("### Title ### more ### words ### here " * 5, rules) == "symbol_ratio"
+    assert clean.rule_failure(english[0], rules) is None
+    assert all(clean.rule_failure(t, rules) is None for t in chinese)  # no spaces, yet not "one long word"
+    assert clean.rule_failure("a b c d e f g h i j k l m n o p", rules) == "mean_word_length"
+    assert clean.rule_failure("### Title ### more ### words ### here " * 5, rules) == "symbol_ratio"
     assert (
-        data.rule_failure(
+        clean.rule_failure(
             "\n".join(
                 [
                     "then the old man walked slowly down the long road into town...",
@@ -394,23 +415,23 @@ def test_rule_filters_measure_cjk_in_characters():
         == "ellipsis_lines"
     )
     assert (
-        data.rule_failure("\n".join(["Click here to subscribe now"] * 5 + ["The actual content"]), rules)
+        clean.rule_failure("\n".join(["Click here to subscribe now"] * 5 + ["The actual content"]), rules)
         == "duplicate_lines"
     )
-    assert data.word_count("床前明月光 moon light") == 7
+    assert clean.word_count("床前明月光 moon light") == 7
 
 
 def test_optional_gopher_and_c4_rules():
-    rules = data.QualityRules(min_alpha_word_fraction=0.8, min_stop_words=2, max_bullet_line_fraction=0.9,
+    rules = clean.QualityRules(min_alpha_word_fraction=0.8, min_stop_words=2, max_bullet_line_fraction=0.9,
                               c4_bad_content=True)
     english, chinese = distinct_docs()
-    assert data.rule_failure(english[0], rules) is None and data.rule_failure(chinese[0], rules) is None
-    assert data.rule_failure("1234 5678 9012 3456 7890 the and of 2345 6789 0123 4567", rules) == "alpha_words"
-    assert data.rule_failure("Buy cheap watches online today, great prices, fast shipping guaranteed", rules) == "stop_words"
+    assert clean.rule_failure(english[0], rules) is None and clean.rule_failure(chinese[0], rules) is None
+    assert clean.rule_failure("1234 5678 9012 3456 7890 the and of 2345 6789 0123 4567", rules) == "alpha_words"
+    assert clean.rule_failure("Buy cheap watches online today, great prices, fast shipping guaranteed", rules) == "stop_words"
     bullets = "\n".join(f"• item {w} of the list and more" for w in "one two three four five six seven".split())
-    assert data.rule_failure(bullets, rules) == "bullet_lines"
-    assert data.rule_failure(english[0] + " Lorem ipsum dolor sit amet.", rules) == "c4_bad_content"
-    assert data.rule_failure(bullets, data.QualityRules()) is None  # off by default
+    assert clean.rule_failure(bullets, rules) == "bullet_lines"
+    assert clean.rule_failure(english[0] + " Lorem ipsum dolor sit amet.", rules) == "c4_bad_content"
+    assert clean.rule_failure(bullets, clean.QualityRules()) is None  # off by default
 
 
 def test_clean_language_id_keeps_the_chosen_languages(tmp_path):
@@ -462,7 +483,7 @@ def test_tokenizer_specials_digits_and_chinese(pipeline):
 
 def test_tokenizer_vocab_too_small_is_a_user_error():
     with pytest.raises(UserError, match="vocab_size: 100 is below 259"):
-        tokenizer.train_bpe(["some text"], vocab_size=100)
+        bpe.train_bpe(["some text"], vocab_size=100)
 
 
 def small_corpus() -> list[str]:
@@ -471,7 +492,7 @@ def small_corpus() -> list[str]:
 
 def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
     texts = small_corpus()
-    tok = tokenizer.train_bpe(texts, vocab_size=700, whitespace_runs=8, special_tokens=["<|tool|>", "<|im_start|>"])
+    tok = bpe.train_bpe(texts, vocab_size=700, whitespace_runs=8, special_tokens=["<|tool|>", "<|im_start|>"])
     assert tok.get_vocab_size() <= 700
     assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool|>")] == [0, 1, 2, 3]
     code = "def f(x):\n        return x  # 12345"
@@ -479,22 +500,22 @@ def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
     assert "\u0120" * 7 in pieces and "\u0120re" in pieces  # a 7-space run, and the word keeps its space
     assert tok.decode(tok.encode(code).ids) == code
 
-    fallback = tokenizer.train_bpe(texts, vocab_size=700, byte_fallback=True)
+    fallback = bpe.train_bpe(texts, vocab_size=700, byte_fallback=True)
     assert fallback.get_vocab_size() == 700 and fallback.token_to_id("<0xE4>") is not None
     rare = "𠀀🦙 mixed English 文本 123"  # characters never seen in training
     ids = fallback.encode(rare).ids
     assert any(fallback.id_to_token(i).startswith("<0x") for i in ids)
     assert fallback.decode(ids) == rare
     with pytest.raises(UserError, match="whitespace_runs: needs the byte-level model"):
-        tokenizer.TokenizerConfig.from_cfg({"byte_fallback": True, "whitespace_runs": 4})
+        tokenizer_config({"byte_fallback": True, "whitespace_runs": 4})
     with pytest.raises(UserError, match="unknown setting"):
-        tokenizer.TokenizerConfig.from_cfg({"vocab": 10})
+        tokenizer_config({"vocab": 10})
 
 
 @pytest.mark.parametrize("byte_fallback", [True, False])
 def test_decode_gives_back_the_text_with_its_spaces_and_rare_characters(byte_fallback):
     english, chinese = builtin_texts(C4_FILE), builtin_texts(POETRY_FILE)
-    tok = tokenizer.train_bpe(english[:60] + chinese[:400], vocab_size=700, byte_fallback=byte_fallback)
+    tok = bpe.train_bpe(english[:60] + chinese[:400], vocab_size=700, byte_fallback=byte_fallback)
     crafted = [
         " x", "x ", "  two leading spaces", "two trailing spaces  ", " ", "   ", "",
         " 关关雎鸠，在河之洲。 ", "\u3000全角空格\u3000", " 𠀀🦙 rare characters ", " 学而时习之 mixed English 文本 𪚥 ",
@@ -512,25 +533,25 @@ def test_decode_gives_back_the_text_with_its_spaces_and_rare_characters(byte_fal
 
 def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_one(tmp_path):
     english, chinese = builtin_texts(C4_FILE)[:80], builtin_texts(POETRY_FILE)
-    base = tokenizer.train_bpe(english, vocab_size=400)
+    base = bpe.train_bpe(english, vocab_size=400)
     base_file = tmp_path / "base" / "tokenizer.json"  # a checkpoint folder holding a tokenizer.json
     base_file.parent.mkdir()
     base.save(str(base_file))
-    cfg = tokenizer.TokenizerConfig.from_cfg({"vocab_size": 800, "extend": str(base_file.parent)})
-    extended = tokenizer.build_tokenizer(cfg, english + chinese[:500])
+    cfg = tokenizer_config({"vocab_size": 800, "extend": str(base_file.parent)})
+    extended = bpe.build_tokenizer(cfg, english + chinese[:500])
     assert extended.get_vocab_size() == 800
     assert all(extended.id_to_token(i) == base.id_to_token(i) for i in range(400))  # old ids unchanged
     heldout = chinese[-100:]
-    assert tokenizer.bytes_per_token(extended, heldout) > 1.3 * tokenizer.bytes_per_token(base, heldout)
+    assert bpe.bytes_per_token(extended, heldout) > 1.3 * bpe.bytes_per_token(base, heldout)
     assert extended.encode(english[0]).ids == base.encode(english[0]).ids  # English untouched
     assert all(extended.decode(extended.encode(t).ids) == unicodedata.normalize("NFC", t) for t in heldout[:20])
 
-    same = tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 400, "pretrained": str(base_file)}), [])
+    same = bpe.build_tokenizer(tokenizer_config({"vocab_size": 400, "pretrained": str(base_file)}), [])
     assert same.to_str() == base.to_str()
     with pytest.raises(UserError, match="is below the 400 tokens"):
-        tokenizer.build_tokenizer(tokenizer.TokenizerConfig.from_cfg({"vocab_size": 300, "pretrained": str(base_file)}), [])
-    with pytest.raises(UserError, match="cannot get tokenizer.json of nobody/nothing"):
-        tokenizer.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
+        bpe.build_tokenizer(tokenizer_config({"vocab_size": 300, "pretrained": str(base_file)}), [])
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub to fetch nobody/nothing"):
+        bpe.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
 
 
 def test_continued_pretraining_grows_the_init_model_to_its_extended_tokenizer():
@@ -538,11 +559,11 @@ def test_continued_pretraining_grows_the_init_model_to_its_extended_tokenizer():
     tokens keep their rows (so their logits), new ones start as the mean row."""
     from llm_lifecycle.models.config import ModelConfig
     from llm_lifecycle.models.decoder import Decoder
-    from llm_lifecycle.workflows.pretrain import fit_to_tokenizer
+    from llm_lifecycle.workflows.stages.pretrain import fit_to_tokenizer
 
     english, chinese = builtin_texts(C4_FILE)[:60], builtin_texts(POETRY_FILE)[:300]
-    base = tokenizer.train_bpe(english, vocab_size=300)
-    extended = tokenizer.extend_vocabulary(base, chinese, vocab_size=500)
+    base = bpe.train_bpe(english, vocab_size=300)
+    extended = bpe.extend_vocabulary(base, chinese, vocab_size=500)
     torch.manual_seed(0)
     model = Decoder(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64)).eval()
     grown = fit_to_tokenizer(model, base, extended, "models:/base@pretrain").eval()
@@ -554,17 +575,17 @@ def test_continued_pretraining_grows_the_init_model_to_its_extended_tokenizer():
     torch.testing.assert_close(new_rows, model.tok_embeddings.weight.mean(0).expand(200, -1))
     assert fit_to_tokenizer(model, base, base, "x") is model
 
-    reordered = tokenizer.train_bpe(chinese, vocab_size=300)  # a different tokenizer: ids would change meaning
+    reordered = bpe.train_bpe(chinese, vocab_size=300)  # a different tokenizer: ids would change meaning
     with pytest.raises(UserError, match="is not the start of tokenizer-train's") as err:
         fit_to_tokenizer(model, base, reordered, "models:/base@pretrain")
     assert "tokenizer-train.extend: models:/base@pretrain" in str(err.value)
 
 
 def test_an_extended_tokenizer_goes_to_pretrain_init_not_to_sft_init():
-    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+    from llm_lifecycle.workflows.runner.recipe import ConfigError, load_recipe
 
     grow = load_recipe("llama-small", ["pretrain.init=org/model", "tokenizer-train.extend=org/model"])
-    assert grow.stages["tokenizer-train"]["pretrained"] is None  # not filled in from init: it is extended
+    assert grow.settings("tokenizer-train").pretrained is None  # not filled in from init: it is extended
     with pytest.raises(ConfigError, match=r"stages.tokenizer-train.extend: SFT from stages.sft.init \(org/model\)"):
         load_recipe("llama-small", ["sft.init=org/model", "tokenizer-train.extend=org/tok"])
 
@@ -582,7 +603,7 @@ def test_an_extended_tokenizer_goes_to_pretrain_init_not_to_sft_init():
     ],
 )
 def test_training_settings_beside_a_tokenizer_not_trained_here_are_rejected(overrides, named):
-    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+    from llm_lifecycle.workflows.runner.recipe import ConfigError, load_recipe
 
     setting, source = named
     with pytest.raises(ConfigError) as err:
@@ -595,14 +616,14 @@ def test_training_settings_beside_a_tokenizer_not_trained_here_are_rejected(over
 
 
 def test_settings_a_taken_or_extended_tokenizer_uses_are_accepted():
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     extend = load_recipe("llama-small", ["tokenizer-train.extend=org/tok", "tokenizer-train.min_frequency=3"])
-    assert extend.stages["tokenizer-train"]["min_frequency"] == 3  # extending trains on the Chinese text
+    assert extend.settings("tokenizer-train").min_frequency == 3  # extending trains on the Chinese text
     taken = load_recipe("llama-small", ["pretrain.init=org/model", "tokenizer-train.special_tokens=[<|tool|>]"])
-    assert taken.stages["tokenizer-train"]["pretrained"] == "org/model"
+    assert taken.settings("tokenizer-train").pretrained == "org/model"
     trained = load_recipe("llama-small", ["tokenizer-train.byte_fallback=true", "tokenizer-train.split_digits=false"])
-    assert trained.stages["tokenizer-train"]["byte_fallback"] is True
+    assert trained.settings("tokenizer-train").byte_fallback is True
 
 
 # ---------------------------------------------------------------------------------------
@@ -649,7 +670,7 @@ def test_tokenize_rerun_writes_nothing(pipeline):
     out = Path(pipeline.result["tokenize"].outputs["train"])
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
     ctx = make_ctx(pipeline.root, "tokenize", pipeline.result)
-    again = tokenizer.tokenize(ctx, {"shard_tokens": 1 << 16})
+    again = run_stage(ctx, {"shard_tokens": 1 << 16})
     assert again.metrics == pipeline.result["tokenize"].metrics
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
 
@@ -744,8 +765,8 @@ def test_token_view_and_sequential_windows_cover_the_stream(tmp_path):
 
 
 def test_mixture_schedule_samples_groups_by_phase_and_long_documents(tmp_path):
-    from llm_lifecycle.workflows.mixture import parse_schedule, phase_at, scheduled_batches
-    from llm_lifecycle.workflows.trainer import TrainSettings
+    from llm_lifecycle.workflows.data.mixture import parse_schedule, phase_at, scheduled_batches
+    from llm_lifecycle.workflows.engine.trainer import TrainSettings
 
     # Group "general" uses ids 10-19 in short documents, "knowledge" 20-29, "long" 30-39 in long ones.
     rng = np.random.default_rng(0)
@@ -764,8 +785,7 @@ def test_mixture_schedule_samples_groups_by_phase_and_long_documents(tmp_path):
         [{"until": 0.5, "mixture": {"general": 1.0}}, {"until": 1.0, "mixture": {"knowledge": 3, "general": 1}},
          ], "stages.pretrain.schedule")
     assert phase_at(schedule, 4, 10).mixture == {"general": 1.0} and phase_at(schedule, 5, 10).until == 1.0
-    settings = TrainSettings.from_cfg({**dict.fromkeys(TrainSettings.__dataclass_fields__, 0), "steps": 10,
-                                       "batch_size": 64, "seq_len": 8, "grad_accum": 1})
+    settings = TrainSettings(steps=10, batch_size=64, seq_len=8, grad_accum=1)
     stream = scheduled_batches(packed, schedule, settings, seed=3, start_micro_step=0)
     batches = [next(stream)[0] for _ in range(10)]
 
@@ -795,12 +815,12 @@ def test_fetch_records_groups_and_tokenize_carries_them(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(f"general text number {i} " * 5 for i in range(6)), encoding="utf-8")
     (tmp_path / "b.txt").write_text("\n\n".join(f"knowledge fact number {i} " * 5 for i in range(4)), encoding="utf-8")
     ctx = make_ctx(tmp_path, "data-fetch")
-    result = data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt")},
+    result = run_stage(ctx, {"sources": [{"uri": str(tmp_path / "a.txt")},
                                           {"uri": str(tmp_path / "b.txt"), "group": "knowledge", "weight": 2}]})
     docs = read_jsonl(result.outputs["documents"])
     assert [d["group"] for d in docs] == ["general"] * 6 + ["knowledge"] * 4
     with pytest.raises(UserError, match="group: expected a name"):
-        data.fetch(ctx, {"sources": [{"uri": str(tmp_path / "a.txt"), "group": "a b"}]})
+        run_stage(ctx, {"sources": [{"uri": str(tmp_path / "a.txt"), "group": "a b"}]})
 
 
 def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
@@ -823,16 +843,16 @@ def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
 def test_a_recipe_with_every_data_setting_loads(tmp_path):
     import yaml
 
-    from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
+    from llm_lifecycle.workflows.runner.recipe import ConfigError, load_recipe
 
-    docs = (Path(data.__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    docs = (Path(refs.__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
     stages = yaml.safe_load(docs.split("```yaml\n")[1].split("```")[0])["stages"]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "r", "model": {"preset": "llama-small"}, "stages": stages}))
     recipe = load_recipe(str(path))
-    assert recipe.stages["data-clean"]["rules"]["min_stop_words"] == 2
-    assert data.CleanConfig.from_cfg(recipe.stages["data-clean"]).rules.c4_bad_content is True
-    assert tokenizer.TokenizerConfig.from_cfg(recipe.stages["tokenizer-train"]).whitespace_runs == 16
-    assert recipe.stages["pretrain"]["schedule"][1]["mixture"] == {"general": 0.3, "knowledge": 0.7}
+    assert recipe.settings("data-clean").rules["min_stop_words"] == 2
+    assert recipe.settings("data-clean").quality_rules.c4_bad_content is True
+    assert recipe.settings("tokenizer-train").whitespace_runs == 16
+    assert recipe.settings("pretrain").schedule[1]["mixture"] == {"general": 0.3, "knowledge": 0.7}
     with pytest.raises(ConfigError, match="stages.pretrain.schedule"):
         load_recipe(str(path), ["pretrain.schedule=3"])

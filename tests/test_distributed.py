@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llm_lifecycle.workflows.launch import torchrun_command
+from llm_lifecycle.workflows.engine.launch import torchrun_command
 
 CHILD = Path(__file__).with_name("train_child.py")
 ARGS = ("--moe", "--grad-accum", "2", "--steps", "4", "--batch-size", "4")

@@ -73,8 +73,8 @@ def runs(ws: Path) -> list[tuple[str, str, str]]:
 
 def stages_to_run(ws: Path, command_sets: list[str], stages: str | None) -> list[str]:
     """What `llm pipeline --stages STAGES` would run now (the plan --dry-run prints)."""
-    from llm_lifecycle.workflows.pipeline import plan
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.pipeline import plan
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [*TINY_OVERRIDES, *EXACT, *command_sets])
     return [p.name for p in plan(recipe, ws, stages) if p.will_run]

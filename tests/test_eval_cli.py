@@ -93,8 +93,8 @@ def test_missing_data_and_no_network_is_one_line_exit_2(model_dir, tmp_path):
 
 
 def test_backend_and_suite_mistakes_are_user_errors(model_dir, workspace):
-    from llm_lifecycle.workflows.evaluate import evaluate_model
-    from llm_lifecycle.workflows.stage import UserError
+    from llm_lifecycle.workflows.stages.evaluate import evaluate_model
+    from llm_lifecycle.workflows.runner.stage import UserError
 
     args = dict(data_dir=None, limit=1, num_fewshot=0, batch_size=1)
     if not torch.cuda.is_available():
@@ -110,7 +110,7 @@ def test_eval_run_and_model_version_point_at_each_other(model_dir, data_dir, wor
     from mlflow import MlflowClient
 
     from llm_lifecycle.registry import tracking
-    from llm_lifecycle.workflows.evaluate import evaluate_model
+    from llm_lifecycle.workflows.stages.evaluate import evaluate_model
 
     tracking.configure(workspace)
     with tracking.start_run("tiny", "sft", {"llm.stage": "sft"}) as tracker:

@@ -18,8 +18,8 @@ from llm_lifecycle.models.checkpoint import save_model_dir
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.registry import tracking
+from llm_lifecycle.workflows.data.bpe import train_bpe
 from llm_lifecycle.workflows.outputs import MANIFEST
-from llm_lifecycle.workflows.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -145,8 +145,8 @@ def test_two_pipelines_on_one_sqlite_store_lose_nothing(workspace):
 
 
 def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
-    from llm_lifecycle.workflows.pipeline import _stage_lock, plan
-    from llm_lifecycle.workflows.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.pipeline import _stage_lock, plan
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
 
     recipe = load_recipe("llama-small")
     fetch = plan(recipe, workspace)[0]
@@ -161,8 +161,8 @@ def test_a_stage_running_elsewhere_is_not_run_twice(workspace):
 HOLD_RECIPE = """
 import sys, time
 from pathlib import Path
-from llm_lifecycle.workflows.recipe_lock import hold_recipe
-from llm_lifecycle.workflows.stage import SilentProgress
+from llm_lifecycle.workflows.runner.recipe_lock import hold_recipe
+from llm_lifecycle.workflows.runner.stage import SilentProgress
 with hold_recipe(Path(sys.argv[1]), "llama-small", False, SilentProgress()):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

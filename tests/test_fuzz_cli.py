@@ -21,10 +21,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from llm_lifecycle.cli.app import app
-from llm_lifecycle.workflows.recipe import STAGE_DEFAULTS, STAGE_ORDER
-from llm_lifecycle.workflows.rl import METHODS as RL_METHODS
+from llm_lifecycle.workflows import stages as kinds
+from llm_lifecycle.workflows.runner.settings import field_help
+from llm_lifecycle.workflows.stages.rl import METHODS as RL_METHODS
 
 RUNNER = CliRunner()
+STAGE_ORDER = list(kinds.DEFAULT_CHAIN)
+# Each stage's settings and their defaults, from the kinds' typed settings classes.
+STAGE_DEFAULTS = {k: {row["name"]: row["default"] for row in field_help(kinds.kind(k).settings)} for k in STAGE_ORDER}
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -115,7 +119,7 @@ BAD_RANGES = {
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)
     | st.lists(st.fixed_dictionaries({"uri": st.just("builtin:corpus"), "weight": st.floats(max_value=-1e-9)}), min_size=1, max_size=1),
-    "eval_lengths": st.text(max_size=5) | st.just([]) | st.lists(st.integers(max_value=1) | st.text(max_size=3), min_size=1, max_size=3),
+    "eval_lengths": st.text(max_size=5) | st.lists(st.integers(max_value=1) | st.text(max_size=3), min_size=1, max_size=3),
     "rope_scaling": st.text(max_size=5) | st.just({"type": "nope", "factor": 2.0})
     | st.just({"type": "yarn", "factor": 0.5}) | st.just({"factor": 2.0, "unknown": 1}),
 }
@@ -201,6 +205,49 @@ def bad_recipe(draw):
     else:
         doc = draw(st.lists(st.integers(), max_size=3) | st.integers() | st.text(max_size=20))
     return doc
+
+
+# A graph recipe's model stages, to be joined by generated `from:` links.
+GRAPH_STAGES = {"phase-1": {"kind": "pretrain"}, "phase-2": {"kind": "pretrain", "from": ["phase-1"]},
+                "sft": {}, "rl-a": {"kind": "rl"}, "rl-b": {"kind": "rl"}}
+
+
+@st.composite
+def bad_graph(draw):
+    """A graph recipe with one mistake in its links: a cycle, an unknown stage, an input of a
+    kind the stage does not take, a port the kind does not have, or a student-less distill."""
+    doc = yaml.safe_load(yaml.safe_dump(BASE))
+    doc["stages"] = {"data-fetch": {}, "data-clean": {}, "tokenizer-train": {"vocab_size": 512}, "tokenize": {},
+                     **yaml.safe_load(yaml.safe_dump(GRAPH_STAGES))}
+    names = list(doc["stages"])
+    model_stages = ["phase-1", "phase-2", "sft", "rl-a", "rl-b"]
+    mistake = draw(st.sampled_from(["cycle", "unknown", "wrong_kind", "bad_port", "distill", "self"]))
+    if mistake == "cycle":
+        a, b = draw(st.permutations(model_stages[2:]))[:2]
+        doc["stages"][a]["from"], doc["stages"][b]["from"] = [b], [a]
+    elif mistake == "unknown":
+        target = draw(st.sampled_from(model_stages))
+        doc["stages"][target]["from"] = [draw(identifier.filter(lambda n: n not in names))]
+    elif mistake == "wrong_kind":
+        doc["stages"][draw(st.sampled_from(["sft", "rl-a", "rl-b"]))]["from"] = [
+            draw(st.sampled_from(["data-fetch", "data-clean", "tokenizer-train", "tokenize"]))]
+    elif mistake == "bad_port":
+        doc["stages"][draw(st.sampled_from(model_stages))]["from"] = {
+            draw(identifier.filter(lambda n: n not in ("model", "tokenizer", "shards"))): "phase-1"}
+    elif mistake == "self":
+        target = draw(st.sampled_from(model_stages))
+        doc["stages"][target]["from"] = [target]
+    else:
+        doc["stages"]["student"] = {"kind": "distill", "from": {"teacher": draw(st.sampled_from(model_stages))}}
+    return doc
+
+
+@FUZZ
+@given(doc=bad_graph())
+def test_graph_mistakes_are_one_line_exit_2(recipe_file, doc):
+    recipe_file.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    args = ["pipeline", str(recipe_file), "--dry-run"]
+    assert_one_line_error(invoke(args), args)
 
 
 @st.composite

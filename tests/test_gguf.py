@@ -20,9 +20,9 @@ from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
 from llm_lifecycle.models.hf import CHATML_TEMPLATE
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.workflows.export import export_model, llama_cpp_logits
-from llm_lifecycle.workflows.stage import UserError
-from llm_lifecycle.workflows.tokenizer import train_bpe
+from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
+from llm_lifecycle.workflows.runner.stage import UserError
+from llm_lifecycle.workflows.data.bpe import train_bpe
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "

@@ -11,10 +11,10 @@ from conftest import ListTracker
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.mtp import MultiTokenPrediction
-from llm_lifecycle.workflows.pretrain import mtp_loss
-from llm_lifecycle.workflows.recipe import ConfigError, load_recipe
-from llm_lifecycle.workflows.stage import SilentProgress, StageContext
-from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
+from llm_lifecycle.workflows.stages.pretrain import mtp_loss
+from llm_lifecycle.workflows.runner.recipe import ConfigError, load_recipe
+from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext
+from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
 
 CFG = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 
@@ -63,7 +63,8 @@ def test_mtp_loss_is_logged_each_step_and_falls(tmp_path):
             micro += 1
 
     tracker = ListTracker()
-    ctx = StageContext(stage="pretrain", recipe=None, workspace=tmp_path, stage_dir=tmp_path, upstream={},
+    ctx = StageContext(stage="pretrain", kind="pretrain", recipe=None, workspace=tmp_path, stage_dir=tmp_path,
+                       inputs={}, sources={}, values={},
                        tracker=tracker, progress=SilentProgress())
     train(ctx, model, settings, batches, mtp_loss, tmp_path / "checkpoints", flops_per_token=model.flops_per_token(16))
     losses = [row["mtp_loss"] for row in tracker.rows if "mtp_loss" in row]
@@ -74,8 +75,8 @@ def test_mtp_loss_is_logged_each_step_and_falls(tmp_path):
 
 
 def test_mtp_settings_are_checked_before_any_run():
-    assert load_recipe("generic", ["pretrain.mtp_depth=1"]).stages["pretrain"]["mtp_weight"] == 0.3
-    with pytest.raises(ConfigError, match="mtp_depth must be an integer >= 0"):
+    assert load_recipe("generic", ["pretrain.mtp_depth=1"]).settings("pretrain").mtp_weight == 0.3
+    with pytest.raises(ConfigError, match="stages.pretrain.mtp_depth: .*>= 0"):
         load_recipe("generic", ["pretrain.mtp_depth=-1"])
     with pytest.raises(ConfigError, match="objective glm_blank_infilling has its own targets"):
         load_recipe("generic", ["model.preset=chatglm-small", "pretrain.objective=glm_blank_infilling",

@@ -12,9 +12,9 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.registry.memory import inference_memory, training_memory
-from llm_lifecycle.workflows.planning import parse_params, shape_for_params, shape_of
-from llm_lifecycle.workflows.trainer import lm_loss
+from llm_lifecycle.workflows.engine.memory import inference_memory, training_memory
+from llm_lifecycle.workflows.runner.planning import parse_params, shape_for_params, shape_of
+from llm_lifecycle.workflows.engine.trainer import lm_loss
 
 
 def measured_training_peak(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -49,14 +49,24 @@ def test_training_estimate_within_15_percent_of_measured_peak(preset):
     assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
 
 
-def test_kv_cache_estimate_equals_the_real_cache():
-    cfg = ModelConfig.from_dict(load_preset("qwen3-moe-small"))
+@pytest.mark.parametrize("preset", ["qwen3-moe-small", "deepseek-v2-small"])
+def test_kv_cache_estimate_equals_the_real_cache(preset):
+    cfg = ModelConfig.from_dict(load_preset(preset))
     model = Decoder(cfg).eval()
     cache = model.new_kv_cache()
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (2, 40)), kv_cache=cache)
     real = sum(t.nbytes for t in cache.keys + cache.values)
     assert inference_memory(shape_of(cfg), 2, 40, "fp32")["kv_cache"] == real
+    assert model.new_static_kv_cache(3, 50).nbytes == inference_memory(shape_of(cfg), 3, 50, "fp32")["kv_cache"]
+
+
+def test_mla_plan_counts_the_latent_cache():
+    cfg = ModelConfig.from_dict(load_preset("deepseek-v2"))
+    mem = inference_memory(shape_of(cfg), 1, 32768, "fp16")
+    # 60 layers * (512 latent + 64 RoPE key) * 32768 tokens * 2 bytes, not 60 * 128 heads * (192 + 128) * ...
+    assert mem["kv_cache"] == 60 * 576 * 32768 * 2
+    assert 2.0 < mem["kv_cache"] / 2**30 < 2.2
 
 
 def test_published_size_breakdown_adds_up():
@@ -88,7 +98,7 @@ def test_plan_cli_prints_a_table_and_rejects_no_model():
 
 def test_lora_and_qlora_keep_the_base_frozen_and_small():
     from llm_lifecycle.models.lora import apply_lora
-    from llm_lifecycle.registry.memory import NF4_BYTES, lora_params, lora_training_memory
+    from llm_lifecycle.workflows.engine.memory import NF4_BYTES, lora_params, lora_training_memory
 
     for preset in ("llama-small", "qwen3-moe-small", "phi-small"):  # dense, MoE (experts unadapted), plain MLP
         cfg = ModelConfig.from_dict(load_preset(preset))
@@ -115,7 +125,7 @@ def test_activation_checkpointing_keeps_each_layers_input_and_one_layer():
 
 
 def test_gpus_needed_shards_training_and_splits_inference():
-    from llm_lifecycle.registry.memory import GPU_RESERVED_BYTES, gpus_needed
+    from llm_lifecycle.workflows.engine.memory import GPU_RESERVED_BYTES, gpus_needed
 
     gib = 2**30
     train = {"weights": 100 * gib, "optimizer": 200 * gib, "grads": 100 * gib, "activations": 30 * gib, "loss": 2 * gib}
@@ -128,8 +138,8 @@ def test_gpus_needed_shards_training_and_splits_inference():
 def test_training_time_matches_llama_7b_gpu_hours():
     """LLaMA-7B: 1T tokens in 82,432 A100-80GB GPU-hours (the LLaMA paper, table 15); with the
     6N + attention FLOPs that is about 47% MFU on 312 TFLOP/s."""
-    from llm_lifecycle.registry.memory import training_days
-    from llm_lifecycle.workflows.planning import dense_flops_per_token, gpu_spec
+    from llm_lifecycle.workflows.engine.memory import training_days
+    from llm_lifecycle.workflows.runner.planning import dense_flops_per_token, gpu_spec
 
     cfg = ModelConfig.from_dict({**load_preset("llama2-7b"), "max_seq_len": 2048})  # LLaMA-7B's shape
     flops = cfg.flops_per_token(2048)

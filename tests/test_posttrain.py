@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_lifecycle.workflows import arith
-from llm_lifecycle.workflows.policy_opt import gae, group_advantages, k3_kl
-from llm_lifecycle.workflows.reward_model import pair_accuracy, ranking_loss
-from llm_lifecycle.workflows.verifiable import correctness_reward, extract_answer, format_reward
+from llm_lifecycle.workflows.data import arith
+from llm_lifecycle.workflows.rl.policy_opt import gae, group_advantages, k3_kl
+from llm_lifecycle.workflows.rl.reward_model import pair_accuracy, ranking_loss
+from llm_lifecycle.workflows.rl.verifiable import correctness_reward, extract_answer, format_reward
 
 BUILTIN_ARITH = Path(arith.__file__).parent / "builtin" / "arith"
 
@@ -93,7 +93,7 @@ def sft_model_dir(tmp_path_factory):
     from llm_lifecycle.models.checkpoint import save_model_dir
     from llm_lifecycle.models.config import ModelConfig
     from llm_lifecycle.models.decoder import Decoder
-    from llm_lifecycle.workflows.tokenizer import train_bpe
+    from llm_lifecycle.workflows.data.bpe import train_bpe
 
     texts = [arith.as_text(p) for p in arith.problems(300, seed=5)]
     tokenizer = train_bpe(texts, vocab_size=300)
@@ -110,23 +110,24 @@ TINY_RL = ["rl.steps=2", "rl.batch_size=2", "rl.group_size=2", "rl.max_new_token
 
 def _run_rl(workspace, sft_dir, method):
     from llm_lifecycle.registry import tracking
-    from llm_lifecycle.workflows import rl
-    from llm_lifecycle.workflows.recipe import load_recipe
-    from llm_lifecycle.workflows.stage import SilentProgress, StageContext, StageResult
+    from llm_lifecycle.workflows.stages import rl
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext, StageResult
 
     recipe = load_recipe("arith-grpo", [*TINY_RL, f"rl.method={method}"])
     tracking.configure(workspace)
     with tracking.start_run(recipe.name, "rl", {"llm.stage": "rl"}) as tracker:
-        ctx = StageContext(stage="rl", recipe=recipe, workspace=workspace, stage_dir=workspace / method,
-                           upstream={"sft": StageResult(outputs={"model": str(sft_dir)})}, tracker=tracker,
-                           progress=SilentProgress(), seed=recipe.seed)
-        return rl.run(ctx, recipe.stages["rl"])
+        inst = recipe.instances["rl"]
+        ctx = StageContext(stage="rl", kind="rl", recipe=recipe, workspace=workspace, stage_dir=workspace / method,
+                           inputs={"model": StageResult(outputs={"model": str(sft_dir)})}, sources={"model": "sft"},
+                           values=inst.upstream, tracker=tracker, progress=SilentProgress(), seed=recipe.seed)
+        return rl.run(ctx, inst.settings)
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_online_methods_train_two_steps_and_report_rewards(workspace, sft_model_dir, method):
     result = _run_rl(workspace, sft_model_dir, method)
-    assert (result.model_alias, result.aliases) == (method, ["rl"])
+    assert (result.model_alias, result.aliases) == (None, [method])  # registered @rl (the stage) and @method
     assert {"heldout_accuracy_before", "heldout_accuracy", "final_loss"} <= result.metrics.keys()
     assert math.isfinite(result.metrics["final_loss"])
     state = torch.load(workspace / method / "checkpoints" / "step-00000002.pt", weights_only=True)
@@ -136,7 +137,7 @@ def test_online_methods_train_two_steps_and_report_rewards(workspace, sft_model_
 
 
 def test_reward_model_saves_its_head_and_keeps_the_policy(workspace, sft_model_dir):
-    from llm_lifecycle.workflows.reward_model import load_reward_model
+    from llm_lifecycle.workflows.rl.reward_model import load_reward_model
 
     result = _run_rl(workspace, sft_model_dir, "rm")
     assert (result.model_alias, result.aliases) == ("rm", []) and result.outputs["model"] == str(sft_model_dir)
@@ -155,7 +156,7 @@ def test_dpo_reports_heldout_margin_before_and_after(workspace, sft_model_dir):
 
 
 def test_rejection_sampling_with_no_correct_sample_says_so(workspace, sft_model_dir):
-    from llm_lifecycle.workflows.stage import UserError
+    from llm_lifecycle.workflows.runner.stage import UserError
 
     # An untrained model answers nothing right: a clear error, not an empty fine-tune.
     with pytest.raises(UserError, match="no sampled answer was correct"):
@@ -173,14 +174,14 @@ def tiny(sft_model_dir):
 
 
 def _chat(tokenizer, p):
-    from llm_lifecycle.workflows.chat_data import encode_chat
+    from llm_lifecycle.workflows.data.chat_data import encode_chat
 
     return encode_chat(tokenizer, [{"role": "user", "content": p["question"]},
                                    {"role": "assistant", "content": p["answer"]}], 160)
 
 
 def test_packed_rows_compute_what_each_example_computes_alone(tiny):
-    from llm_lifecycle.workflows.chat_data import PackedSFTBatches, _pad_rows
+    from llm_lifecycle.workflows.data.chat_data import PackedSFTBatches, _pad_rows
 
     model, tokenizer = tiny
     examples = [_chat(tokenizer, p) for p in arith.problems(6, seed=9)]
@@ -240,9 +241,9 @@ def test_arith_demo_accuracy_rises_after_sft_and_again_after_grpo(workspace):
     from mlflow import MlflowClient
 
     from llm_lifecycle.registry.tracking import configure
-    from llm_lifecycle.workflows.pipeline import run_pipeline
-    from llm_lifecycle.workflows.recipe import load_recipe
-    from llm_lifecycle.workflows.stage import SilentProgress
+    from llm_lifecycle.workflows.runner.pipeline import run_pipeline
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress
 
     recipe = load_recipe("arith-grpo")
     stages = ["data-fetch", "data-clean", "tokenizer-train", "tokenize", "pretrain", "extend-context", "sft", "rl"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder, attention
 from llm_lifecycle.registry.hardware import cpu_flags, hardware_profile, native_bf16_isa, parse_cpu_flags
-from llm_lifecycle.workflows.trainer import autocast_dtype, resolve_precision
+from llm_lifecycle.workflows.engine.trainer import autocast_dtype, resolve_precision
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n"

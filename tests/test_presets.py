@@ -11,9 +11,12 @@ import pytest
 from conftest import TINY_OVERRIDES
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.presets import list_presets, load_preset
-from llm_lifecycle.workflows.pipeline import plan, run_pipeline
-from llm_lifecycle.workflows.recipe import STAGE_ORDER, load_recipe
-from llm_lifecycle.workflows.stage import SilentProgress
+from llm_lifecycle.workflows.runner.pipeline import plan, run_pipeline
+from llm_lifecycle.workflows.runner.recipe import load_recipe
+from llm_lifecycle.workflows.stages import DEFAULT_CHAIN
+
+STAGE_ORDER = list(DEFAULT_CHAIN)
+from llm_lifecycle.workflows.runner.stage import SilentProgress
 
 SMALL = [p for p in list_presets() if p.endswith("-small")]
 # A recipe option a preset is made for (the objective is a pretrain setting, not a model
@@ -123,10 +126,10 @@ def test_small_presets_are_small_and_use_their_knobs():
 
 
 def test_the_generic_recipe_takes_the_presets_vocabulary():
-    assert load_recipe("generic", ["model.preset=llama3-small"]).stages["tokenizer-train"]["vocab_size"] == 16384
+    assert load_recipe("generic", ["model.preset=llama3-small"]).settings("tokenizer-train").vocab_size == 16384
     assert load_recipe("generic", ["model.preset=llama-small"]).model["vocab_size"] == 4096
     tiny = recipe_for("llama3-small")
-    assert tiny.model["vocab_size"] == tiny.stages["tokenizer-train"]["vocab_size"] == 512
+    assert tiny.model["vocab_size"] == tiny.settings("tokenizer-train").vocab_size == 512
 
 
 def _check_finished(results, stages):

@@ -26,7 +26,7 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.quantize import QuantConfig, quantize_model, save_quantized
 from llm_lifecycle.registry import tracking
-from llm_lifecycle.workflows.tokenizer import train_bpe
+from llm_lifecycle.workflows.data.bpe import train_bpe
 
 PROMPTS = ["The quick brown fox", "A stitch in time"]
 
@@ -144,3 +144,20 @@ def test_serving_an_unknown_version_is_one_clear_line(registered_int4):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "int3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_version_is_logged_with_its_signature_and_without_running_the_model(registered_int4, tmp_path):
+    """An input example would make MLflow load the model and generate twice per version
+    (signature inference, serving check): the signature is given instead, quietly, and
+    predict works."""
+    import warnings
+
+    info = mlflow.models.get_model_info(registered_int4)
+    assert json.loads(info.signature.to_dict()["inputs"])[0]["type"] == "string"
+    assert info.saved_input_example_info is None
+    model_dir = tmp_path / "int4"  # the fixture's model folder
+    with warnings.catch_warnings(record=True) as caught, tracking.start_run("tiny", "again", {}) as tracker:
+        warnings.simplefilter("always")
+        tracking.log_and_register_model(tracker, model_dir, "tiny", ["again"], {})
+    assert not [w for w in caught if "mlflow" in w.filename], [str(w.message)[:80] for w in caught]
+    assert len(mlflow.pyfunc.load_model("models:/tiny@again").predict(PROMPTS)) == len(PROMPTS)

@@ -13,7 +13,7 @@ import torch
 from conftest import Exploit, ListTracker
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
-from llm_lifecycle.workflows.trainer import CompiledWithFallback, expert_load_metrics
+from llm_lifecycle.workflows.engine.trainer import CompiledWithFallback, expert_load_metrics
 
 CHILD = Path(__file__).with_name("train_child.py")
 
@@ -113,8 +113,8 @@ def biased_router_run(tmp_path: Path, bias_update: float, steps: int = 40) -> tu
     expert 0: every embedding carries one shared feature that only expert 0's router row
     reads. Only the final norm trains (it cannot change the routing) and no balance loss is
     on, so anything that evens the load out is the bias update."""
-    from llm_lifecycle.workflows.stage import SilentProgress, StageContext
-    from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
+    from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext
+    from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
 
     torch.manual_seed(0)
     cfg = ModelConfig(family="deepseek_v3", vocab_size=97, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
@@ -142,7 +142,8 @@ def biased_router_run(tmp_path: Path, bias_update: float, steps: int = 40) -> tu
             micro += 1
 
     tracker = ListTracker()
-    ctx = StageContext(stage="pretrain", recipe=None, workspace=tmp_path, stage_dir=tmp_path, upstream={},
+    ctx = StageContext(stage="pretrain", kind="pretrain", recipe=None, workspace=tmp_path, stage_dir=tmp_path,
+                       inputs={}, sources={}, values={},
                        tracker=tracker, progress=SilentProgress())
     train(ctx, model, settings, batches, lm_loss, tmp_path / "checkpoints", flops_per_token=1.0,
           trainable=[("norm.weight", model.norm.weight)])
@@ -204,8 +205,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
 
 
 def test_corruption_is_told_apart_from_a_refused_pickle(tmp_path):
-    from llm_lifecycle.workflows.stage import UserError
-    from llm_lifecycle.workflows.trainer import DamagedCheckpoint, read_checkpoint
+    from llm_lifecycle.workflows.runner.stage import UserError
+    from llm_lifecycle.workflows.engine.trainer import DamagedCheckpoint, read_checkpoint
 
     marker = tmp_path / "code-ran"
     hostile = tmp_path / "step-00000003.pt"

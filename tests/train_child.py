@@ -3,7 +3,7 @@
     python tests/train_child.py OUT_DIR [--kill-at STEP] [--moe] [--grad-accum N] [--steps N]
 
 Trains a small decoder on synthetic tokens (a pure function of the micro-step index) with
-workflows.trainer.train, appending each step's metrics to OUT_DIR/metrics.rank{R}.jsonl as it
+workflows/engine/trainer.py train(), appending each step's metrics to OUT_DIR/metrics.rank{R}.jsonl as it
 goes; --kill-at STEP SIGKILLs the process when step STEP asks for its data. Runs the same
 under torchrun.
 """
@@ -22,8 +22,8 @@ import torch
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.registry.hardware import rank
-from llm_lifecycle.workflows.stage import SilentProgress, StageContext
-from llm_lifecycle.workflows.trainer import TrainSettings, lm_loss, train
+from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext
+from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
 
 VOCAB, SEQ = 64, 16
 
@@ -63,11 +63,8 @@ def main() -> None:
                moe_ffn_dim=16, router_z_loss_coef=1e-3, moe_balance="global_batch") if args.moe else {}
     cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=SEQ, **moe)
     model = Decoder(cfg)
-    settings = TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, seq_len=SEQ, grad_accum=args.grad_accum, lr=3e-3,
-        min_lr_ratio=0.1, warmup_steps=2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0,
-        checkpoint_every=2, log_every=1, precision="fp32", compile=False, activation_checkpointing=False,
-    )
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=SEQ, grad_accum=args.grad_accum,
+                             lr=3e-3, warmup_steps=2, checkpoint_every=2, log_every=1, precision="fp32")
 
     def batches(start: int):
         micro = start
@@ -83,7 +80,8 @@ def main() -> None:
             micro += 1
 
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage="pretrain", recipe=None, workspace=args.out, stage_dir=args.out, upstream={},
+    ctx = StageContext(stage="pretrain", kind="pretrain", recipe=None, workspace=args.out, stage_dir=args.out,
+                       inputs={}, sources={}, values={},
                        tracker=JsonlTracker(args.out / f"metrics.rank{rank()}.jsonl"), progress=PrintedProgress())
     train(ctx, model, settings, batches, lm_loss, args.out / "checkpoints",
           flops_per_token=cfg.flops_per_token(SEQ))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llm_lifecycle.workflows.stage import UserError, atomic_dir, write_json_atomic
+from llm_lifecycle.workflows.runner.stage import UserError, atomic_dir, write_json_atomic
 
 MANIFEST = ".llm-output.json"
 

@@ -1,0 +1,57 @@
+"""What the model-making stages share: loading the upstream model, saving ours, perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llm_lifecycle.workflows.runner.stage import StageContext, UserError
+
+
+def load_input_model(ctx: StageContext, port: str = "model"):
+    """(model, tokenizer, model directory) of the model on the stage's input `port`."""
+    from llm_lifecycle.models.checkpoint import load_model_dir
+
+    model_dir = ctx.input_path(port, "model")
+    model, tokenizer = load_model_dir(model_dir)
+    return model, tokenizer, model_dir
+
+
+def load_init_model(ref: str, where: str):
+    """(model, tokenizer) a stage starts from instead of an input's: `stages.X.init`."""
+    from llm_lifecycle.models.checkpoint import load_model_dir
+    from llm_lifecycle.workflows.refs import resolve_model_dir
+
+    model, tokenizer = load_model_dir(resolve_model_dir(ref))
+    if tokenizer is None:
+        raise UserError(f"{where}: {ref} has no tokenizer.json; give a model that ships its tokenizer")
+    return model, tokenizer
+
+
+def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = None) -> Path:
+    from llm_lifecycle.models.checkpoint import save_model_dir
+
+    from llm_lifecycle.registry.hardware import is_main_process
+
+    out = ctx.stage_dir / "model"
+    if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them
+        return out
+    save_model_dir(out, model.cpu(), tokenizer, extra={"stage": ctx.stage, "recipe": ctx.recipe.name, **(extra or {})})
+    return out
+
+
+def heldout_perplexity(ctx: StageContext, model, seq_len: int, max_windows: int) -> float:
+    """Perplexity on the held-out token shards at `seq_len` (non-overlapping windows)."""
+    from llm_lifecycle.evals.perplexity import perplexity
+    from llm_lifecycle.workflows.data.shards import TokenShards
+
+    shards = TokenShards(ctx.input_path("shards", "heldout"))
+    tokens = torch.as_tensor(shards.tokens[: seq_len * max_windows].astype("int64"))
+    if tokens.numel() < seq_len + 1:
+        raise UserError(
+            f"held-out text has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
+            "raise the data-clean stage's holdout_fraction or add data"
+        )
+    device = next(model.parameters()).device
+    return perplexity(model.to(device), tokens, seq_len, max_windows=max_windows)

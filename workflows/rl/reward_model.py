@@ -1,0 +1,116 @@
+"""Reward model: the SFT model with a scalar head read at the last token, trained on
+preference pairs with the binary ranking loss with a margin of Llama 2:
+-log σ(r(x, y_chosen) - r(x, y_rejected) - m)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_lifecycle.workflows.data.chat_data import Encoded, _EpochOrder
+from llm_lifecycle.workflows.rl.policy_opt import ValueHead
+
+HEAD_FILE = "value_head.safetensors"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ValueHead(backbone.cfg.dim)
+
+    def begin_global_batch(self) -> None:  # the trainer's per-step hook, for MoE balance counts
+        if hasattr(self.backbone, "begin_global_batch"):
+            self.backbone.begin_global_batch()
+
+    def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Scores [B] of right-padded sequences ids [B, T] whose last real token is at `last` [B]."""
+        values = self.head(self.backbone(ids).hidden)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+
+def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) -> tuple[torch.Tensor, dict]:
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return loss, {"rm_accuracy": float(pair_accuracy(chosen, rejected)), "rm_margin": float((chosen - rejected).mean())}
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs ranked right; a tie counts half."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
+class PairBatches:
+    """(ids [2B, T], last [2B]): the B chosen sequences, then their B rejected ones."""
+
+    def __init__(self, pairs: list[tuple[Encoded, Encoded]], batch_size: int, seed: int, pad_id: int):
+        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
+        self._order = _EpochOrder(len(pairs), seed)
+
+    def batch(self, step: int, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = [self.pairs[i] for i in (indices if indices is not None else self._order.indices(step, self.batch_size))]
+        rows = [c[0] for c, _ in picked] + [r[0] for _, r in picked]
+        ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids, torch.tensor([len(r) - 1 for r in rows])
+
+    def batches(self, start: int = 0):
+        step = start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def rm_loss(margin: float):
+    def loss_fn(model: RewardModel, batch):
+        ids, last = batch
+        scores = model(ids, last)
+        n = ids.size(0) // 2
+        return ranking_loss(scores[:n], scores[n:], margin)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def heldout_accuracy(model: RewardModel, data: PairBatches) -> dict[str, float]:
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(data.pairs), data.batch_size):
+        ids, last = data.batch(0, list(range(start, min(start + data.batch_size, len(data.pairs)))))
+        scores = model(ids.to(device), last.to(device))
+        n = ids.size(0) // 2
+        chosen.append(scores[:n].cpu())
+        rejected.append(scores[n:].cpu())
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return {"rm_accuracy": float(pair_accuracy(c, r)), "rm_margin": float((c - r).mean())}
+
+
+def save_reward_model(path: Path, model: RewardModel, tokenizer, extra: dict) -> Path:
+    """Our model directory (the backbone, still a language model) plus the head's weights."""
+    from safetensors.torch import save_model
+
+    from llm_lifecycle.models.checkpoint import save_model_dir
+
+    model = model.cpu()
+    save_model_dir(path, model.backbone, tokenizer, extra={**extra, "reward_head": HEAD_FILE})
+    save_model(model.head, str(Path(path) / HEAD_FILE))
+    return Path(path)
+
+
+def load_reward_model(path: str | Path) -> tuple[RewardModel, object]:
+    from safetensors.torch import load_model
+
+    from llm_lifecycle.models.checkpoint import load_model_dir, read_config
+
+    head_file = read_config(path).get("reward_head")
+    if head_file is None:
+        raise ValueError(f"{path}: not a reward model (no reward_head in config.json)")
+    backbone, tokenizer = load_model_dir(path)
+    model = RewardModel(backbone)
+    load_model(model.head, str(Path(path) / head_file))
+    return model.eval(), tokenizer

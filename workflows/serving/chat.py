@@ -1,0 +1,38 @@
+"""`llm chat --model REF`: a quick look at what a model answers, in ChatML, with the
+conversation so far as context."""
+
+from __future__ import annotations
+
+from llm_lifecycle.workflows.runner.stage import UserError
+
+
+class ChatSession:
+    def __init__(self, ref: str, system: str | None, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int | None = None):
+        from llm_lifecycle.models.load import load_model
+        from llm_lifecycle.workflows.data.chat_data import IM_END, IM_START
+        from llm_lifecycle.workflows.refs import resolve_model_dir
+
+        self.model, self.tokenizer = load_model(resolve_model_dir(ref))
+        if self.tokenizer is None or None in (self.tokenizer.token_to_id(IM_START), self.tokenizer.token_to_id(IM_END)):
+            raise UserError(f"{ref}: its tokenizer has no ChatML tokens ({IM_START}, {IM_END}); chat needs a model "
+                            "from our sft or rl stages")
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
+
+    def reply(self, text: str) -> str:
+        from llm_lifecycle.models.generate import generate
+        from llm_lifecycle.workflows.data.chat_data import encode_prompt
+        from llm_lifecycle.workflows.rl.verifiable import stop_ids
+
+        self.messages.append({"role": "user", "content": text})
+        prompt = encode_prompt(self.tokenizer, self.messages)
+        if len(prompt) >= self.model.cfg.max_seq_len:
+            raise UserError(f"the conversation ({len(prompt)} tokens) no longer fits the model's "
+                            f"{self.model.cfg.max_seq_len}-token context; start a new chat")
+        room = min(self.max_new_tokens, self.model.cfg.max_seq_len - len(prompt))
+        out = generate(self.model, [prompt], room, self.temperature, self.top_p, stop_ids=stop_ids(self.tokenizer),
+                       seed=self.seed)[0]
+        answer = self.tokenizer.decode(out)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
