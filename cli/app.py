@@ -616,7 +616,7 @@ def plan(
     recompute: bool = typer.Option(False, "--activation-checkpointing", help="Plan training with activation checkpointing."),
 ) -> None:
     """Estimate training, LoRA/QLoRA and inference memory, GPUs needed, and training time."""
-    from llm_lifecycle.workflows.engine.memory import format_bytes, training_days
+    from llm_lifecycle.workflows.engine.memory import GPU_RESERVED_BYTES, format_bytes, training_days
     from llm_lifecycle.workflows.runner import planning
 
     if (preset is None) == (params is None):
@@ -656,7 +656,7 @@ def plan(
                   f"as backward frees activations). {where} available here: {format_bytes(available)}")
     if gpu_name:
         console.print(f"GPUs: training sharded with FSDP (each GPU keeps its own batch's activations), inference "
-                      f"split by tensor parallelism; {format_bytes(planning.GPU_RESERVED_BYTES)} of each GPU reserved. "
+                      f"split by tensor parallelism; {format_bytes(GPU_RESERVED_BYTES)} of each GPU reserved. "
                       "-*: one GPU cannot hold a batch's activations (try --activation-checkpointing, a shorter "
                       "--seq-len, or pipeline/sequence parallelism, which this plan does not model).")
     if tokens is not None:

@@ -97,8 +97,8 @@ class ModelConfig:
     topk_groups: int = 1
     routed_scale: float = 1.0
     # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0: keys and values
-    # are expanded from one kv_lora_rank latent per token (all an inference cache must keep;
-    # our KVCache keeps the expanded keys and values). Each head's query/key is a part without
+    # are expanded from one kv_lora_rank latent per token (what the KV cache keeps, with the
+    # shared RoPE key; decoding attends over it directly). Each head's query/key is a part without
     # RoPE (qk_nope_head_dim) plus a rotated part (qk_rope_head_dim) whose key is one vector
     # shared by all heads (decoupled RoPE); values have v_head_dim. q_lora_rank > 0 sends
     # queries through a low-rank latent too. head_dim is then qk_nope_head_dim + qk_rope_head_dim.

@@ -127,18 +127,19 @@ class RotaryEmbedding(nn.Module):
             self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True)[0],
                               self.inv_freq)
 
-    def forward(self, start: int, length: int, device: torch.device,
-                position_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, start: int, length: int, device: torch.device, position_ids: torch.Tensor | None = None,
+                table_len: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (cos, sin_signed) pair per rotated chunk of the head dims (see apply_rope):
         for positions start .. start+length-1, each [length, 1, chunk] (broadcast over
         heads), or for `position_ids` [B, T] — or GLM's [B, 2, T] (position, position inside
-        the blank span) — each [B, T, 1, chunk]."""
+        the blank span) — each [B, T, 1, chunk]. `table_len`: a bound on the positions, so
+        the table's size need not be read from `position_ids` (a sync a compiled step avoids)."""
         if position_ids is None:
             cos, sin = self._table(start + length, device)
             pairs = [(cos[start : start + length], sin[start : start + length])]
         else:
             ids = [position_ids[:, 0], position_ids[:, 1]] if position_ids.dim() == 3 else [position_ids]
-            cos, sin = self._table(int(position_ids.max()) + 1, device)
+            cos, sin = self._table(table_len or int(position_ids.max()) + 1, device)
             pairs = [(cos[i], sin[i]) for i in ids]
         if self.two_d and len(pairs) == 1:  # text outside a blank has span position 0: no rotation
             pairs.append((cos[:1], sin[:1]))
@@ -234,7 +235,10 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of every token seen so far, per layer; `Decoder.forward` appends.
+    """The two cached tensors of every token seen so far, per layer; `Decoder.forward`
+    appends. An attention layer decides what it caches (keys and values; MLA its latent), each
+    [B, heads, T, width]. Grows by concatenation: for scoring and chunked prefill. Generation
+    uses the preallocated StaticKVCache.
 
     `key_padding` (Bool[B, S], optional) marks real prompt tokens True and left-padding
     False, so a batch of prompts of different lengths can share one cache. Positions
@@ -250,12 +254,77 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].size(2)
 
+    def query_positions(self, n_new: int, device) -> torch.Tensor:
+        """Absolute positions [T] of the next `n_new` tokens."""
+        return torch.arange(self.length, self.length + n_new, device=device)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys[layer] is not None:
             k = torch.cat((self.keys[layer], k), dim=2)
             v = torch.cat((self.values[layer], v), dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+
+class StaticKVCache:
+    """A cache allocated once for a whole generation (as gpt-fast and vLLM do): per layer one
+    [B, heads, max_len, width] buffer per cached tensor, and each row's own length.
+
+    Rows keep their own positions, so prompts of different lengths need no padding, and a
+    decode step has the same shapes every time, which lets torch.compile run it as one graph.
+    Attention reads the whole buffer; keys at or past a row's length are masked out.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor):
+        self.keys, self.values, self.lengths = keys, values, lengths  # lengths: Long[B] cached tokens per row
+
+    @classmethod
+    def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], batch: int, max_len: int,
+                 dtype: torch.dtype, device) -> StaticKVCache:
+        """`widths`: per layer the (heads, width) of its two cached tensors."""
+        def buffer(heads: int, width: int) -> torch.Tensor:
+            return torch.zeros(batch, heads, max_len, width, dtype=dtype, device=device)
+
+        return cls([buffer(*k) for k, _ in widths], [buffer(*v) for _, v in widths],
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].size(2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys + self.values)
+
+    def query_positions(self, n_new: int, device) -> torch.Tensor:
+        """Absolute positions [B, 1, T] of each row's next `n_new` tokens (1: broadcast over heads)."""
+        return (self.lengths[:, None] + torch.arange(n_new, device=device))[:, None]
+
+    def mask(self, n_new: int) -> torch.Tensor:
+        """Bool [B, 1, T, max_len]: each new token sees its row's cached tokens and itself."""
+        k_pos = torch.arange(self.max_len, device=self.lengths.device)
+        return k_pos <= self.query_positions(n_new, k_pos.device)[..., None]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens at each row's length; the whole buffers come back."""
+        slots = self.query_positions(k.size(2), k.device)[..., None]  # [B, 1, T, 1]
+        self.keys[layer].scatter_(2, slots.expand_as(k), k)
+        self.values[layer].scatter_(2, slots.expand_as(v), v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n_new: int) -> None:
+        self.lengths += n_new
+
+    def fill(self, rows: torch.Tensor, prefix: KVCache) -> None:
+        """Copy a prefilled cache of equal-length rows into these `rows`."""
+        for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+            self.keys[layer][rows, :, : k.size(2)] = k
+            self.values[layer][rows, :, : v.size(2)] = v
+        self.lengths[rows] = prefix.length
+
+    def select(self, rows: torch.Tensor) -> StaticKVCache:
+        """A cache of only these rows (generation drops finished rows this way)."""
+        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows])
 
 
 def attention_mask(past: int, n_new: int, key_padding: torch.Tensor | None, device) -> torch.Tensor:
@@ -275,12 +344,11 @@ def attention_mask(past: int, n_new: int, key_padding: torch.Tensor | None, devi
     return allowed[:, None]  # broadcast over heads
 
 
-def sliding_window_mask(mask: torch.Tensor, past: int, window: int) -> torch.Tensor:
-    """`mask` further limited to the last `window` keys of each query (itself included)."""
-    n_new, n_keys = mask.shape[-2:]
-    q_pos = torch.arange(past, past + n_new, device=mask.device)[:, None]
-    k_pos = torch.arange(n_keys, device=mask.device)[None, :]
-    return mask & (q_pos - k_pos < window)
+def sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """`mask` further limited to the last `window` keys of each query (itself included);
+    `q_pos`: the queries' positions, [T] or per row [B, 1, T]."""
+    k_pos = torch.arange(mask.size(-1), device=mask.device)
+    return mask & (q_pos[..., None] - k_pos < window)
 
 
 class Attention(nn.Module):
@@ -313,19 +381,24 @@ class Attention(nn.Module):
         if q_scale is not None:
             q = q * q_scale[..., None, None].to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
-        past = kv_cache.length if kv_cache is not None else 0
+        if self.alibi is not None:
+            q_pos = kv_cache.query_positions(seq, x.device) if kv_cache is not None else torch.arange(seq, device=x.device)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
         if self.alibi is not None:
-            mask = self._alibi_bias(mask, past, seq, k.size(2), q.dtype)
+            mask = self._alibi_bias(mask, q_pos, q.dtype)
         out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
-    def _alibi_bias(self, mask: torch.Tensor, past: int, n_new: int, n_keys: int, dtype) -> torch.Tensor:
-        """ALiBi: slope_h * -(distance to the key), -inf where `mask` forbids attending."""
-        q_pos = torch.arange(past, past + n_new, device=mask.device)[:, None]
-        k_pos = torch.arange(n_keys, device=mask.device)[None, :]
-        bias = (self.alibi.to(mask.device)[:, None, None] * (k_pos - q_pos)).to(dtype)  # [H, T, S]
+    def cache_widths(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of the keys and of the values it caches per token."""
+        return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
+
+    def _alibi_bias(self, mask: torch.Tensor, q_pos: torch.Tensor, dtype) -> torch.Tensor:
+        """ALiBi: slope_h * -(distance to the key), -inf where `mask` forbids attending.
+        `q_pos`: the queries' positions, [T] or per row [B, 1, T]."""
+        k_pos = torch.arange(mask.size(-1), device=mask.device)
+        bias = (self.alibi.to(mask.device)[:, None, None] * (k_pos - q_pos[..., None])).to(dtype)  # [(B,) H, T, S]
         return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 
 
@@ -333,7 +406,14 @@ class LatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3). Keys and values are expanded per head
     from a normalised kv_lora_rank latent; RoPE rotates only a qk_rope_head_dim slice of each
     query and one key slice shared by every head (decoupled RoPE), since a rotation between
-    latent and key would keep the expansion from being folded into the query."""
+    latent and key would keep the expansion from being folded into the query.
+
+    The cache keeps only [latent | rotated key] per token (kv_lora_rank + qk_rope_head_dim
+    values, against n_heads * (qk head + v head) expanded). A prompt with nothing cached runs
+    the expanded form; tokens after cached ones run the absorbed form of the DeepSeek-V2
+    report: the key up-projection folded into the query (q_nope W_uk . latent equals
+    q_nope . W_uk latent), attention over the latents as one shared head, and the value
+    up-projection applied to the attention output."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -352,24 +432,59 @@ class LatentAttention(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | None,
+    def cache_widths(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One shared [latent | rotated key] per token; no separate values (they are the latent)."""
+        return (1, self.kv_rank + self.rope_dim), (1, 0)
+
+    def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | StaticKVCache | None,
                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_a_norm(self.wq_a(x)))
         q_nope, q_rot = q.view(batch, seq, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rot = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        kv = self.wkv_b(self.kv_a_norm(latent)).view(batch, seq, self.n_heads, -1)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        latent = self.kv_a_norm(latent)
         q_rot, k_rot = apply_rope(q_rot, rope), apply_rope(k_rot.view(batch, seq, 1, self.rope_dim), rope)
+        if q_scale is not None:
+            q_nope, q_rot = (t * q_scale[..., None, None].to(t.dtype) for t in (q_nope, q_rot))
+        fresh = kv_cache is None or (isinstance(kv_cache, KVCache) and kv_cache.keys[self.layer_idx] is None)
+        if kv_cache is not None:
+            entry = torch.cat((latent, k_rot.squeeze(2)), dim=-1)[:, None]  # [B, 1, T, rank + rope]
+            cached, _ = kv_cache.append(self.layer_idx, entry, entry[..., :0])
+        if fresh:
+            out = self._expanded(q_nope, q_rot, latent, k_rot, mask)
+        else:
+            out = self._absorbed(q_nope, q_rot, cached, mask)
+        return self.wo(out.reshape(batch, seq, -1))
+
+    def _expanded(self, q_nope, q_rot, latent, k_rot, mask) -> torch.Tensor:
+        """Per-head keys and values from this call's latents (the cheaper form for a prompt)."""
+        batch, seq = latent.shape[:2]
+        kv = self.wkv_b(latent).view(batch, seq, self.n_heads, -1)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, -1, self.n_heads, -1)), dim=-1)
-        if q_scale is not None:
-            q = q * q_scale[..., None, None].to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, dims]
-        if kv_cache is not None:
-            k, v = kv_cache.append(self.layer_idx, k, v)
         out = attention(q, k, v, mask)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_rot, cached, mask) -> torch.Tensor:
+        """Attention straight over the cached latents [B, 1, S, rank + rope]."""
+        # int8/int4 weights standing in for the projection give their matrix dequantized
+        w_kv = self.wkv_b.weight if type(self.wkv_b) is nn.Linear else self.wkv_b.dequantized(q_nope.dtype)
+        w_kv = w_kv.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
+        query = torch.cat((q_latent, q_rot.transpose(1, 2)), dim=-1)  # [B, heads, T, rank + rope]
+        # Every head reads the same latents: fold the heads into query rows of one head, so
+        # attention never copies the cache per head.
+        batch, heads, seq, width = query.shape
+        if mask is not None:  # [T, S] or [B, 1, T, S] -> [B, 1, heads * T, S]
+            mask = mask.view(-1, 1, *mask.shape[-2:])[:, :, None].expand(-1, -1, heads, -1, -1).flatten(2, 3)
+        out = F.scaled_dot_product_attention(
+            query.reshape(batch, 1, heads * seq, width), cached, cached[..., : self.kv_rank], attn_mask=mask,
+            scale=(self.nope_dim + self.rope_dim) ** -0.5,
+        )
+        return torch.einsum("bhtr,hvr->bthv", out.view(batch, heads, seq, -1), w_uv)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -742,22 +857,39 @@ class Decoder(nn.Module):
     def new_kv_cache(self, key_padding: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, key_padding)
 
+    def new_static_kv_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        weight = self.tok_embeddings.weight
+        widths = [layer.attn.cache_widths() for layer in self.layers]
+        if self.rope is not None:  # build the RoPE tables now, outside any compiled step
+            self.rope(0, max_len, weight.device)
+        return StaticKVCache.allocate(widths, batch, max_len, weight.dtype, weight.device)
+
     def forward(
         self,
         input_ids: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> DecoderOutput:
         """`attn_mask`: optional Bool[B, T, S] (True = may attend; S = cached + new tokens) in
         place of the causal mask, e.g. GLM's prefix-LM mask. `position_ids`: optional [B, T]
         or, for GLM's 2D positions, [B, 2, T] (position, position inside the blank span).
         `targets`: optional [B, T] next tokens (IGNORE_INDEX to skip one) for `loss`; the
-        logits are then left out (None) when the fused head loss applies."""
+        logits are then left out (None) when the fused head loss applies. `logits_to_keep`:
+        > 0 computes the logits of only the last that many positions (generation needs one)."""
         batch, seq = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        rope = self.rope(past, seq, input_ids.device, position_ids) if self.rope is not None else []
+        static = isinstance(kv_cache, StaticKVCache)
+        past = 0 if kv_cache is None or static else kv_cache.length
+        table_len = None
+        if static:  # each row at its own position
+            if position_ids is None:
+                position_ids = kv_cache.query_positions(seq, input_ids.device)[:, 0]
+            # a fixed table size keeps the step free of data-dependent shapes (dynamic NTK's
+            # tables depend on the length itself)
+            table_len = None if (self.cfg.rope_scaling or {}).get("type") == "dynamic" else kv_cache.max_len
+        rope = self.rope(past, seq, input_ids.device, position_ids, table_len) if self.rope is not None else []
         q_scale = None
         if self.cfg.logn_train_len is not None:
             if position_ids is None:
@@ -779,7 +911,9 @@ class Decoder(nn.Module):
                 x, stats = layer(x, rope, masks[window], kv_cache, q_scale)
             if stats is not None:
                 routers.append(stats)
-        h = self.norm(x)
+        if static:
+            kv_cache.advance(seq)
+        h = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
         aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)
         expert_load = torch.stack([r.counts for r in routers]) if routers else None
         # The fused loss needs the head as a plain weight and no other use of the logits.
@@ -805,15 +939,18 @@ class Decoder(nn.Module):
         """The attention mask of each distinct layer window. None (the fused causal kernel)
         covers plain training/prefill; a cache with earlier tokens or left-padding, an
         explicit mask, a window or ALiBi's bias need a mask tensor."""
+        q_pos = torch.arange(past, past + seq, device=device)
         if attn_mask is not None:
             base = attn_mask[:, None]
+        elif isinstance(kv_cache, StaticKVCache):
+            base, q_pos = kv_cache.mask(seq), kv_cache.query_positions(seq, device)
         elif kv_cache is not None and (past > 0 or kv_cache.key_padding is not None):
             base = attention_mask(past, seq, kv_cache.key_padding, device)
         elif self.cfg.position == "alibi" or any(self.windows):
             base = attention_mask(past, seq, None, device)
         else:
             base = None
-        return {w: base if w is None else sliding_window_mask(base, past, w) for w in set(self.windows)}
+        return {w: base if w is None else sliding_window_mask(base, q_pos, w) for w in set(self.windows)}
 
     def begin_global_batch(self) -> None:
         """Forget the expert counts of the last optimizer step (the trainer calls this before

@@ -1,18 +1,30 @@
-"""Batched autoregressive generation with the KV cache.
+"""Batched autoregressive generation, served the way gpt-fast and vLLM serve models.
 
-Prompts of different lengths are left-padded into one batch; the cache's padding mask
-hides the pads, and since RoPE depends only on relative positions the shift changes
-nothing. Each row stops at its first stop id or stop string; the batch stops when every
-row has.
+- The KV cache is allocated once for the whole generation (StaticKVCache): nothing is
+  concatenated per step, and every decode step has the same shapes, so with `compile=True`
+  the one-token step runs as one torch.compile graph.
+- Prompts of different lengths need no padding: each cache row keeps its own length and
+  positions. Prompts of equal length are prefilled together, and the prefill computes the
+  logits of the last position only.
+- Sampling (greedy, temperature, top-p) is one batched op per step; each row stops at its
+  first stop id or stop string. Once half the rows have stopped they leave the batch, cache
+  rows included, so finished rows cost at most as much as the rows still running.
+- `steer` sees each step's picks and may replace some: a forced token (a thinking budget's
+  end-of-thought, say) is emitted and is what that row's model reads next.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
 
-from llm_lifecycle.models.decoder import Decoder, KVCache
+from llm_lifecycle.models.decoder import Decoder, StaticKVCache
+
+# steer(step, rows, picked) -> the ids to emit: `rows` holds the prompt index of each entry
+# of `picked` [n], the rows still generating.
+Steer = Callable[[int, list[int], torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -26,56 +38,64 @@ def generate(
     seed: int | None = None,
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
+    steer: Steer | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt (the stop token that ended a row is not included; the
     tokens that completed a stop string are, see `generate_text` for cutting the text).
 
     temperature 0 is greedy; otherwise sample from softmax(logits / temperature), cut to the
     smallest set of tokens whose probability reaches `top_p` (nucleus sampling). Stop
-    strings need `decode` (token ids -> text).
+    strings need `decode` (token ids -> text). `compile` runs the decode step through
+    torch.compile: worth its one-off compile time (tens of seconds on a CPU) for long or
+    repeated generations.
     """
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (token ids -> text)")
-    # A stop string of n characters spans at most n tokens: decode only that tail per step.
-    tail = max((len(s) for s in stop_strings), default=0) + 1
-    if not prompts:
-        return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. <|endoftext|>) to condition on")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    # A stop string of n characters spans at most n tokens: decode only that tail per step.
+    tail = max((len(s) for s in stop_strings), default=0) + 1
+    stop = set(stop_ids)
+    step_fn = _compiled_decode_step if compile else _decode_step
     was_training = model.training
     model.eval()
-
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    real = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        real[row, width - len(prompt) :] = True
-    cache = KVCache(model.cfg.n_layers, key_padding=None if bool(real.all()) else real)
-
-    stop = set(stop_ids)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    logits = model(ids, kv_cache=cache).logits[:, -1]
-    for step in range(max_new_tokens):
-        next_ids = _pick(logits.float(), temperature, top_p, generator)
-        for row, token in enumerate(next_ids.tolist()):
-            if finished[row]:
-                continue
-            if token in stop:
-                finished[row] = True
-            else:
+    try:
+        cache = model.new_static_kv_cache(len(prompts), max(map(len, prompts)) + max_new_tokens - 1)
+        logits = _prefill(model, prompts, cache)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        rows = list(range(len(prompts)))  # the prompt of each cache row
+        running = [True] * len(rows)
+        for step in range(max_new_tokens):
+            ids = _pick(logits.float(), temperature, top_p, generator)
+            if steer is not None:
+                ids = steer(step, rows, ids)
+            for i, (row, token) in enumerate(zip(rows, ids.tolist())):
+                if not running[i]:
+                    continue
+                if token in stop:
+                    running[i] = False
+                    continue
                 outputs[row].append(token)
                 if stop_strings and any(s in decode(outputs[row][-tail:]) for s in stop_strings):
-                    finished[row] = True
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        logits = model(next_ids[:, None], kv_cache=cache).logits[:, -1]
-    model.train(was_training)
+                    running[i] = False
+            n_running = sum(running)
+            if n_running == 0 or step == max_new_tokens - 1:
+                break
+            if n_running <= len(rows) // 2:
+                keep = [i for i, r in enumerate(running) if r]
+                index = torch.tensor(keep, device=device)
+                cache, ids = cache.select(index), ids[index]
+                rows, running = [rows[i] for i in keep], [True] * len(keep)
+            logits = step_fn(model, ids, cache)
+    finally:
+        model.train(was_training)
     return outputs
 
 
@@ -98,6 +118,35 @@ def generate_text(
                     seed=seed, stop_strings=strings, decode=tokenizer.decode)
     texts = [tokenizer.decode(o) for o in outs]
     return [min((t.split(s, 1)[0] for s in strings), key=len, default=t) for t in texts]
+
+
+def _prefill(model: Decoder, prompts: list[list[int]], cache: StaticKVCache) -> torch.Tensor:
+    """Run each group of equal-length prompts at once (no padding, the fused causal kernel)
+    and copy its keys and values into its rows of `cache`; the last logits of every row [B, V]."""
+    device = cache.lengths.device
+    groups: dict[int, list[int]] = defaultdict(list)
+    for row, prompt in enumerate(prompts):
+        groups[len(prompt)].append(row)
+    last = None
+    for rows in groups.values():
+        part = model.new_kv_cache()
+        logits = model(torch.tensor([prompts[r] for r in rows], device=device), kv_cache=part, logits_to_keep=1).logits
+        index = torch.tensor(rows, device=device)
+        if last is None:
+            last = logits.new_empty(len(prompts), logits.size(-1))
+        last[index] = logits[:, -1]
+        cache.fill(index, part)
+    return last
+
+
+def _decode_step(model: Decoder, ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """One new token per row [B] through the model; its logits [B, V]."""
+    return model(ids[:, None], kv_cache=cache).logits[:, -1]
+
+
+# Shapes are marked dynamic on the first recompile (batch shrinks, another max length), so a
+# few compiles serve every later generation.
+_compiled_decode_step = torch.compile(_decode_step)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -113,6 +113,8 @@ class Family:
     moe: bool = False
     norm_offset: bool = False  # RMSNorm scales stored as w - 1 (Gemma computes x * (1 + w))
     rope_interleaved: bool = False  # rotary dims paired (0, 1), (2, 3), ... (GLM, DeepSeek) instead of halves
+    # our rope_scaling types its config holds (_rope_to_hf); Phi-3 reads a yarn entry as LongRoPE
+    rope_scalings: tuple[str, ...] = ("ntk", "linear", "dynamic", "yarn", "llama3")
     shared_width: str | None = None  # config key of the shared experts' total width, n_shared_experts x moe_ffn_dim
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
@@ -269,6 +271,7 @@ HF_FAMILIES: dict[str, Family] = {
         "Phi3ForCausalLM",
         config={"sliding_window": "sliding_window", "partial_rotary_factor": "rotary_pct"},
         constants=SILU,
+        rope_scalings=("ntk",),
         defaults={"partial_rotary_factor": 1.0},
         fused={
             "self_attn.qkv_proj.weight": ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight"),
@@ -331,6 +334,9 @@ def check_exportable(cfg: ModelConfig) -> Family:
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which needs {need}")
     if isinstance(cfg.sliding_window, list):
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which has one sliding_window for all layers")
+    if cfg.rope_scaling and cfg.rope_scaling["type"] not in family.rope_scalings:
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which cannot hold "
+                         f"rope_scaling type {cfg.rope_scaling['type']!r} (it holds: {', '.join(family.rope_scalings)})")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
     skipped = _unused_fields(cfg) | set(TRAINING_ONLY) | set(FOLDED)
     defaults = ModelConfig()

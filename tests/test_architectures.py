@@ -191,14 +191,41 @@ def test_alibi_attention_adds_a_distance_penalty_and_no_rotation():
     torch.testing.assert_close(attn(x, [], mask, None), expected)
 
 
-@pytest.mark.parametrize("fields", [dict(position="alibi"), dict(sliding_window=4), dict(logn_train_len=6)])
+MLA = dict(n_kv_heads=4, head_dim=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+CACHE_CASES = [dict(position="alibi"), dict(sliding_window=4), dict(logn_train_len=6), MLA]
+
+
+def position_sensitive(fields) -> Decoder:
+    return make(**fields) if fields.get("kv_lora_rank") else sharpen(make(**fields))
+
+
+@pytest.mark.parametrize("fields", CACHE_CASES)
 def test_kv_cache_decoding_matches_full_forward(fields):
-    model = sharpen(make(**fields))
+    model = position_sensitive(fields)
     x = tokens(2, 14)
     full = model(x).logits
     cache = model.new_kv_cache()
     parts = [model(x[:, :5], kv_cache=cache).logits] + [model(x[:, i : i + 1], kv_cache=cache).logits for i in range(5, 14)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fields", CACHE_CASES)
+def test_static_cache_rows_at_their_own_positions_match_full_forward(fields):
+    model = position_sensitive(fields)
+    x = tokens(2, 14)
+    full = model(x).logits
+    cache = model.new_static_kv_cache(2, 16)
+    starts = (5, 9)  # row 0 prefilled with 5 tokens, row 1 with 9, then both decode side by side
+    for row, n in enumerate(starts):
+        prefix = model.new_kv_cache()
+        model(x[row : row + 1, :n], kv_cache=prefix)
+        cache.fill(torch.tensor([row]), prefix)
+    for step in range(5):
+        ids = torch.stack([x[row, n + step] for row, n in enumerate(starts)])
+        logits = model(ids[:, None], kv_cache=cache).logits[:, 0]
+        expected = torch.stack([full[row, n + step] for row, n in enumerate(starts)])
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+    assert cache.lengths.tolist() == [10, 14]
 
 
 def test_logn_scales_queries_only_past_the_training_length():

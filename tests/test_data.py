@@ -285,9 +285,8 @@ def test_fetch_hf_offline_is_a_user_error(tmp_path, monkeypatch):
         fetch_docs(tmp_path, [{"uri": "hf://datasets/llm-lifecycle-tests/not-cached/data/train.jsonl"}])
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(
-        "cannot reach the Hugging Face hub to fetch hf://datasets/llm-lifecycle-tests/not-cached:"
-    )
+    assert message.startswith("stages.data-fetch.sources[0].uri: cannot reach the Hugging Face hub to fetch "
+                              "dataset hf://datasets/llm-lifecycle-tests/not-cached:")
     assert "builtin:NAME" in message
 
 
@@ -551,7 +550,7 @@ def test_extend_an_english_tokenizer_with_chinese_tokens_and_use_a_pretrained_on
     assert same.to_str() == base.to_str()
     with pytest.raises(UserError, match="is below the 400 tokens"):
         bpe.build_tokenizer(tokenizer_config({"vocab_size": 300, "pretrained": str(base_file)}), [])
-    with pytest.raises(UserError, match="cannot get tokenizer.json of nobody/nothing"):
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub to fetch nobody/nothing"):
         bpe.load_tokenizer("nobody/nothing", "stages.tokenizer-train.pretrained")
 
 

@@ -201,3 +201,21 @@ def test_every_small_preset_exports_to_transformers_or_says_why(name, tmp_path):
     x = batch(24)
     with torch.no_grad():
         assert (load_transformers(tmp_path / "hf")(x).logits - model(x).logits).abs().max() < 1e-4
+
+
+def test_a_rope_scaling_the_family_cannot_hold_is_refused_not_dropped():
+    """Phi-3's config reads a yarn entry as LongRoPE (and then wants its factor lists); no
+    config but ours holds LongRoPE's lists: both are refused, so export falls back to ours."""
+    from llm_lifecycle.models.hf import check_exportable
+
+    yarn = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 64}
+    longrope = {"type": "longrope", "factor": 2.0, "original_max_seq_len": 64, "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8}
+    phi3 = ModelConfig.from_dict({**load_preset("phi3-mini-small"), "rope_scaling": yarn})
+    with pytest.raises(ValueError, match="Phi3ForCausalLM, which cannot hold rope_scaling type 'yarn'"):
+        check_exportable(phi3)
+    llama = ModelConfig.from_dict({**load_preset("llama1-small"), "head_dim": 16, "rope_scaling": longrope})
+    llama.validate()
+    with pytest.raises(ValueError, match="cannot hold rope_scaling type 'longrope'"):
+        check_exportable(llama)
+    assert check_exportable(ModelConfig.from_dict({**load_preset("llama1-small"), "rope_scaling": yarn}))

@@ -7,7 +7,11 @@ logits; and greedy decoding gives the same tokens.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -135,3 +139,15 @@ def test_greedy_generation_matches_transformers(family):
             )
             expected.append(out[0, len(prompt):].tolist())
     assert generate(ours, batch, max_new_tokens=8) == expected
+
+
+@pytest.mark.slow
+def test_generate_bench_gives_transformers_greedy_tokens(tmp_path):
+    """benches/generate_throughput.py --quick: ours eager and compiled and transformers'
+    static+compile path must give its default generate's greedy tokens (the bench asserts)."""
+    bench = Path(__file__).parents[1] / "benches" / "generate_throughput.py"
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(bench), "--quick", "--json", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["greedy", "sampled"]
+    assert all(r["ours compiled"] > 0 and r["HF default"] > 0 for r in rows)

@@ -413,6 +413,42 @@ def test_generation_stops_per_row_at_a_stop_id():
     assert got[1] == greedy_by_recomputing(model, prompts[1], 10, {stop})
 
 
+def test_finished_rows_leave_the_batch_and_the_others_go_on():
+    model = make_model(**DENSE)
+    prompts = [tokens(1, n, seed=20 + n)[0].tolist() for n in (2, 5, 3, 7)]
+    free = generate(model, prompts, max_new_tokens=10)
+    # rows 0, 1 and 2 stop early (3 of 4: the batch shrinks to the last row), row 3 never does
+    stops = {free[0][1], free[1][2], free[2][0]} - set(free[3])
+    got = generate(model, prompts, max_new_tokens=10, stop_ids=stops)
+    assert got == [greedy_by_recomputing(model, p, 10, stops) for p in prompts]
+    assert len(got[3]) == 10 and all(len(g) < 10 for g in got[:3])
+
+
+def test_steer_forces_a_token_the_model_then_reads():
+    model = make_model(**DENSE)
+    prompts = [tokens(1, 4, seed=30)[0].tolist(), tokens(1, 6, seed=31)[0].tolist()]
+    forced = 42
+
+    def force_row_1_at_step_2(step, rows, picked):
+        if step == 2 and 1 in rows:
+            picked = picked.clone()
+            picked[rows.index(1)] = forced
+        return picked
+
+    got = generate(model, prompts, max_new_tokens=8, steer=force_row_1_at_step_2)
+    free = generate(model, prompts, max_new_tokens=8)
+    assert got[0] == free[0]
+    assert got[1][:2] == free[1][:2] and got[1][2] == forced
+    assert got[1][3:] == greedy_by_recomputing(model, prompts[1] + got[1][:3], 5, set())
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens():
+    model = make_model(**MOE)
+    prompts = [tokens(1, n, seed=40 + n)[0].tolist() for n in (3, 9, 5)]
+    assert generate(model, prompts, 12, compile=True) == generate(model, prompts, 12)
+
+
 def test_sampling_is_seeded_and_top_p_narrows_to_the_argmax():
     model = make_model(**DENSE)
     prompts = [[5, 6, 7], [8]]

@@ -76,7 +76,7 @@ def test_mtp_loss_is_logged_each_step_and_falls(tmp_path):
 
 def test_mtp_settings_are_checked_before_any_run():
     assert load_recipe("generic", ["pretrain.mtp_depth=1"]).settings("pretrain").mtp_weight == 0.3
-    with pytest.raises(ConfigError, match="mtp_depth must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="stages.pretrain.mtp_depth: .*>= 0"):
         load_recipe("generic", ["pretrain.mtp_depth=-1"])
     with pytest.raises(ConfigError, match="objective glm_blank_infilling has its own targets"):
         load_recipe("generic", ["model.preset=chatglm-small", "pretrain.objective=glm_blank_infilling",

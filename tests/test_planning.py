@@ -49,14 +49,24 @@ def test_training_estimate_within_15_percent_of_measured_peak(preset):
     assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
 
 
-def test_kv_cache_estimate_equals_the_real_cache():
-    cfg = ModelConfig.from_dict(load_preset("qwen3-moe-small"))
+@pytest.mark.parametrize("preset", ["qwen3-moe-small", "deepseek-v2-small"])
+def test_kv_cache_estimate_equals_the_real_cache(preset):
+    cfg = ModelConfig.from_dict(load_preset(preset))
     model = Decoder(cfg).eval()
     cache = model.new_kv_cache()
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (2, 40)), kv_cache=cache)
     real = sum(t.nbytes for t in cache.keys + cache.values)
     assert inference_memory(shape_of(cfg), 2, 40, "fp32")["kv_cache"] == real
+    assert model.new_static_kv_cache(3, 50).nbytes == inference_memory(shape_of(cfg), 3, 50, "fp32")["kv_cache"]
+
+
+def test_mla_plan_counts_the_latent_cache():
+    cfg = ModelConfig.from_dict(load_preset("deepseek-v2"))
+    mem = inference_memory(shape_of(cfg), 1, 32768, "fp16")
+    # 60 layers * (512 latent + 64 RoPE key) * 32768 tokens * 2 bytes, not 60 * 128 heads * (192 + 128) * ...
+    assert mem["kv_cache"] == 60 * 576 * 32768 * 2
+    assert 2.0 < mem["kv_cache"] / 2**30 < 2.2
 
 
 def test_published_size_breakdown_adds_up():

@@ -10,7 +10,7 @@ the activations) + what the head's loss holds. Activations are counted tensor by
 from what our decoder saves for backward (fused q/k/v and gate/up projections, SDPA
 attention, experts in one grouped matmul); tests/test_planning.py checks the total against
 a measured peak.
-Inference = weights at their precision + KV cache + the prefill's logits.
+Inference = weights at their precision + KV cache (MLA: the latent cache) + the prefill's logits.
 LoRA / QLoRA = the frozen base at 16 bits / NF4, fp32 adapters with their AdamW moments and
 gradients, and the same activations (backward still runs through every frozen layer).
 `gpus_needed` shards a job over GPUs as FSDP / tensor parallelism would, `training_days`
@@ -52,6 +52,9 @@ class ModelShape:
     gated_mlp: bool = True  # SwiGLU/GeGLU (gate and up) or a plain two-layer MLP
     parallel_block: bool = False  # attention and MLP share one norm
     tie_embeddings: bool = False  # one vocab x dim matrix for the embedding and the head
+    # Multi-head latent attention: the values a layer caches per token (latent + RoPE key),
+    # in place of the keys and values of every kv head; 0 for other attention.
+    latent_kv_dim: int = 0
 
 
 def activation_values_per_token(s: ModelShape, recompute: bool = False) -> float:
@@ -191,7 +194,8 @@ def inference_memory(s: ModelShape, batch_size: int, seq_len: int, precision: st
     weight_bytes = PRECISION_BYTES[precision]
     kv_bytes = PRECISION_BYTES[kv_precision or ("fp16" if weight_bytes < 2 else precision)]
     weights = s.params * weight_bytes
-    kv_cache = 2 * s.n_layers * s.n_kv_heads * s.head_dim * batch_size * seq_len * kv_bytes
+    per_token = s.latent_kv_dim or 2 * s.n_kv_heads * s.head_dim
+    kv_cache = s.n_layers * per_token * batch_size * seq_len * kv_bytes
     working = batch_size * (s.vocab_size * 4 + 8 * s.dim * kv_bytes)  # one step's logits and hidden states
     return {"weights": weights, "kv_cache": kv_cache, "working": working, "total": weights + kv_cache + working}
 
