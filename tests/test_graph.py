@@ -163,7 +163,7 @@ def test_two_stages_with_one_name_are_one_line(tmp_path):
     text = yaml.safe_dump(TINY_GRAPH, sort_keys=False) + "  rl-1:\n    kind: rl\n"
     (tmp_path / "dup.yaml").write_text(text)
     out = llm("pipeline", str(tmp_path / "dup.yaml"), workspace=tmp_path / "ws")
-    assert out.returncode == 2 and "'rl-1' appears twice" in out.stderr, out.stderr
+    assert out.returncode == 2 and "duplicate key 'rl-1'" in out.stderr, out.stderr
     assert not (tmp_path / "ws" / "mlflow.db").exists()
 
 

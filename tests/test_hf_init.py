@@ -51,7 +51,7 @@ def test_llm_import_adds_chat_tokens_and_keeps_the_logits(hf_folder, tmp_path, w
 def test_import_from_the_hub_offline_is_one_line(tmp_path, workspace):
     out = llm("import", "nobody-here/no-such-model", "--out", str(tmp_path / "x"), env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "cannot fetch nobody-here/no-such-model" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "cannot reach the Hugging Face hub to fetch nobody-here/no-such-model" in out.stderr
     assert "Traceback" not in out.stderr
 
 
