@@ -241,9 +241,10 @@ def _run_stage(recipe, workspace, p: PlannedStage, results, progress, parent, ba
                  else f"[bold]{p.name}[/bold] ({p.fingerprint})")
     with tracking.start_run(recipe.name, p.name, tags, parent_run_id=parent.run_id) as tracker:
         _seed_everything(recipe.seed)
-        tracker.log_params(as_dict(inst.settings))
-        if _uses_model(inst):
-            tracker.log_params({"model": inst.values["model"]})
+        params = as_dict(inst.settings)
+        if _uses_model(inst):  # the resolved model config (pretrain's own `model` setting is part of it)
+            params["model"] = inst.values["model"]
+        tracker.log_params(params)
         ctx = StageContext(
             stage=p.name,
             kind=inst.kind,
