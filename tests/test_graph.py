@@ -40,7 +40,7 @@ TINY_GRAPH = {
                     "log_every": 1},
         "reasoning": {"kind": "pretrain", "from": ["general"], "steps": 4, "batch_size": 4, "seq_len": 32, "lr": 1e-2,
                       "warmup_steps": 1, "log_every": 1},
-        "sft": {"data": ["builtin:arith/train.jsonl.gz"], "max_examples": 24, "steps": 3, "batch_size": 4,
+        "sft": {"data": ["builtin:arith/train.jsonl.gz"], "max_examples": 28, "heldout_chats": 4, "steps": 3, "batch_size": 4,
                 "seq_len": 160, "log_every": 1},
         "rl-1": {**RL, "steps": 2},
         "rl-2": {**RL, "steps": 8, "checkpoint_every": 2},
