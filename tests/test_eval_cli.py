@@ -69,7 +69,9 @@ def test_offline_on_the_official_layouts_ceval_mmlu_gsm8k(model_dir, data_dir, t
     assert "MLflow run" in out.stdout
 
 
-def test_missing_data_and_no_network_is_one_line_exit_2(model_dir, tmp_path):
+def test_missing_data_and_no_network_is_one_line_exit_2(model_dir, tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: an earlier test's store must not leak in.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     env = {"LLM_HOME": str(tmp_path / "ws")}
     line = _one_line_error(llm("eval", "--model", str(model_dir), "--suite", "ceval", "--limit", "1", env=env))
     assert "ceval/ceval-exam" in line and "--data-dir" in line
