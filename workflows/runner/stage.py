@@ -27,13 +27,6 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
 
 
-def reject_unknown_settings(section: str, cfg: dict, known: set[str]) -> None:
-    """One line naming the first setting of `section` (e.g. "stages.data-clean") not in `known`."""
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise UserError(f"{section}.{unknown[0]}: unknown setting; valid: {', '.join(sorted(known))}")
-
-
 # What flows along the graph's edges: each instance outputs one of these, each port takes one.
 OUTPUT_TYPES = ("documents", "text", "tokenizer", "shards", "model")
 
@@ -70,7 +63,7 @@ class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)  # name -> absolute path
     metrics: dict[str, float] = field(default_factory=dict)
     # For model-making stages: the model directory (our checkpoint layout) to log as an
-    # MLflow model and register under the recipe's name with `model_alias` as alias.
+    # MLflow model and register under the recipe's name.
     model_dir: str | None = None
     # Registered under the instance's name as alias, or `model_alias` instead when what it
     # registers is not its `model` output (rl's method rm: the reward model beside the policy).
