@@ -5,30 +5,26 @@ from __future__ import annotations
 import mlflow.pyfunc
 
 
-def _prompts(model_input) -> list[str]:
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "iloc"):  # a pandas DataFrame or Series
-        column = model_input.iloc[:, 0] if model_input.ndim == 2 else model_input
-        return [str(x) for x in column.tolist()]
-    return [str(x) for x in model_input]
-
-
 class TextGenerationModel(mlflow.pyfunc.PythonModel):
-    """Greedy (or sampled, via params) continuation of each prompt."""
+    """Greedy (or sampled, via params) continuation of each prompt.
+
+    `predict`'s type hints are its contract with MLflow: they make the logged signature (a
+    list of strings in, a list of strings out), and MLflow checks and converts what callers
+    pass (a one-column DataFrame from `mlflow models serve` becomes the list) before
+    `predict` runs."""
 
     def load_context(self, context) -> None:
         from llm_lifecycle.models.load import load_model
 
         self.model, self.tokenizer = load_model(context.artifacts["model_dir"])
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         import torch
 
         from llm_lifecycle.models.generate import generate
 
         params = params or {}
-        prompts = [self.tokenizer.encode(p).ids for p in _prompts(model_input)]
+        prompts = [self.tokenizer.encode(p).ids for p in model_input]
         stop = [i for i in (self.tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>")) if i is not None]
         with torch.no_grad():
             outputs = generate(
