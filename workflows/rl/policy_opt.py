@@ -39,6 +39,7 @@ class RolloutSettings:
     top_p: float
     system_prompt: str | None
     weights: RewardWeights
+    thinking_budget: int = 0  # at most this many thinking tokens per sample (0: no limit)
 
 
 @dataclass
@@ -54,13 +55,13 @@ class Samples:
 
 def sample(policy, tokenizer, problems: list[dict], s: RolloutSettings, seed: int, pad_id: int) -> Samples:
     """`group_size` completions for each problem, rows grouped by problem (g consecutive rows)."""
-    from llm_lifecycle.models.generate import generate
+    from llm_lifecycle.models.generate import generate, thinking_budget
 
     stops = stop_ids(tokenizer)
     prompts = [prompt_ids(tokenizer, p["question"], s.system_prompt) for p in problems]
     rows = [p for p in prompts for _ in range(s.group_size)]
     outs = generate(policy, rows, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                    stop_ids=stops, seed=seed)
+                    stop_ids=stops, seed=seed, steer=thinking_budget(tokenizer, s.thinking_budget))
     sequences, rewards, correct, lengths = [], [], [], []
     for i, (prompt, out) in enumerate(zip(rows, outs)):
         reference = problems[i // s.group_size]["answer"]
