@@ -78,6 +78,21 @@ def test_settings_of_the_wrong_kind(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("rl.reward_model=./no-such-rm", "stages.rl.reward_model: './no-such-rm' is not a folder; give models:/NAME@ALIAS"),
+    ("rl.judge=missing", "stages.rl.judge: 'missing' is not a folder"),
+    ("rl.kinds=[safety]", "stages.rl.kinds: 1 kinds for 2 data files; give one per file"),
+    ("rl.kinds=['', b]", "stages.rl.kinds: expected a list of non-empty names"),
+    ("rl.kind_prompts={safety: Be safe.}", "stages.rl.kind_prompts: 'safety' is not among kinds []"),
+    ("rl.safety_threshold=2", "stages.rl.safety_threshold: expected a number from 0 to 1"),
+    ("rl.think_reward=-1", "stages.rl.think_reward: expected a finite number >= 0"),
+    ("rl.pair_half=c", "stages.rl.pair_half: 'c' is not available; choose one of all, a, b"),
+])
+def test_reward_settings_out_of_range_before_any_run(workspace, setting, says):
+    assert says in one_line_error(["pipeline", "llama-small", "--set", setting])
+    assert runs_in(workspace) == 0
+
+
 @pytest.mark.parametrize("setting", ["pretrain.batch_size=1000000000", "model.dim=100000000000000000000"])
 def test_what_cannot_fit_in_memory_is_refused_before_any_run(workspace, setting):
     line = one_line_error(["pipeline", "llama-small", "--set", setting])
