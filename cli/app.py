@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from llm_lifecycle.registry.tracking import EnvironmentProblem
 from llm_lifecycle.workflows.runner.stage import UserError
@@ -125,7 +125,7 @@ def _workspace() -> Path:
 
 def _run_stages(recipe_name: str, overrides: list[str] | None, wait: bool, **plan_args) -> None:
     from llm_lifecycle.cli.progress import console_progress
-    from llm_lifecycle.registry.hardware import is_main_process
+    from llm_lifecycle.workflows.engine.ranks import is_main_process
     from llm_lifecycle.workflows.runner.pipeline import run_pipeline
     from llm_lifecycle.workflows.runner.recipe import load_recipe
     from llm_lifecycle.workflows.runner.stage import SilentProgress
@@ -204,6 +204,31 @@ def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
         console.print(line)
 
 
+def settings_help(kind: str) -> str:
+    """A stage kind's settings as --help text: the same list recipe validation, `llm recipes
+    kinds` and docs/settings.md come from (workflows/runner/settings.py `field_help`)."""
+    from llm_lifecycle.workflows import stages
+    from llm_lifecycle.workflows.runner.settings import field_help
+
+    lines = [f"Settings of a {kind} stage (in the recipe, or --set STAGE.KEY=VALUE):"]
+    for row in field_help(stages.kind(kind).settings):
+        allowed = f" [{row['allowed']}]" if row["allowed"] else ""
+        lines.append(f"  {row['name']} ({row['type']}, default {row['default']!r}){allowed}: {row['help']}")
+    return "\n".join(lines)
+
+
+def _kind_help(kind: str) -> type[TyperCommand]:
+    """A command class whose --help ends with the kind's settings, read only when help is asked
+    for: importing every kind's module up front (most bring torch) would slow each start by seconds."""
+
+    class KindCommand(TyperCommand):
+        def format_help(self, ctx, formatter) -> None:
+            self.epilog = escape(settings_help(kind))
+            return super().format_help(ctx, formatter)
+
+    return KindCommand
+
+
 StageOption = typer.Option(None, "--stage", help="Which stage of this kind (a recipe may have several; "
                                                   "default: the one named after the kind, or the only one).")
 FromOption = typer.Option(None, "--from", help="Start from this stage's model (a stage of the recipe) or any "
@@ -276,11 +301,15 @@ def _training_command(kind: str, doc: str):
     return command
 
 
-data_app.command("fetch")(_stage_command("data-fetch", "Fetch the recipe's data sources (builtin:, local, hf://)."))
-data_app.command("clean")(_stage_command("data-clean", "Filter and deduplicate the fetched text."))
+def _add_stage_command(typer_app: typer.Typer, name: str, kind: str, make, doc: str) -> None:
+    typer_app.command(name, cls=_kind_help(kind))(make(kind, doc))
 
 
-@tokenizer_app.command("train")
+_add_stage_command(data_app, "fetch", "data-fetch", _stage_command, "Fetch the recipe's data sources (builtin:, local, hf://).")
+_add_stage_command(data_app, "clean", "data-clean", _stage_command, "Filter and deduplicate the fetched text.")
+
+
+@tokenizer_app.command("train", cls=_kind_help("tokenizer-train"))
 def tokenizer_train(
     recipe: str = RecipeOption,
     vocab_size: Optional[int] = typer.Option(None, help="Tokens in all, special ones included."),
@@ -304,14 +333,16 @@ def tokenizer_train(
     _run_kind(recipe, "tokenizer-train", set_, None, wait, overrides)
 
 
-app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue a --from model)."))
-app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
-app.command("distill")(_training_command("distill", "Distil a teacher's sampled solutions into a student (DeepSeek-R1)."))
+_add_stage_command(app, "tokenize", "tokenize", _stage_command, "Encode the clean text into memory-mapped token shards.")
+_add_stage_command(app, "pretrain", "pretrain", _training_command,
+                   "Pretrain the recipe's model from scratch (or continue a --from model).")
+_add_stage_command(app, "extend-context", "extend-context", _training_command, "Extend the context length (RoPE base / YaRN).")
+_add_stage_command(app, "sft", "sft", _training_command, "Supervised fine-tuning on chat data (ChatML, assistant-only loss).")
+_add_stage_command(app, "distill", "distill", _training_command,
+                   "Distil a teacher's sampled solutions into a student (DeepSeek-R1).")
 
 
-@app.command()
+@app.command(cls=_kind_help("quantize"))
 def quantize(
     recipe: str = RecipeOption,
     method: Optional[str] = typer.Option(None, help="rtn | gptq | awq (gptq and awq calibrate on training text)."),
@@ -326,7 +357,7 @@ def quantize(
     _run_kind(recipe, "quantize", set_, None, wait, overrides)
 
 
-@app.command()
+@app.command(cls=_kind_help("rl"))
 def rl(
     recipe: str = RecipeOption,
     method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
@@ -374,7 +405,7 @@ def chat(
         console.print(f"[bold cyan]model>[/bold cyan] {session.reply(text)}", highlight=False)
 
 
-@app.command("eval")
+@app.command("eval", cls=_kind_help("eval"))
 def eval_(
     model: Optional[str] = typer.Option(None, help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
     suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, cmmlu, ppl, long (repeatable)."),
@@ -420,7 +451,7 @@ def eval_(
     console.print(f"MLflow run {outcome.run_id}{linked}; per-subject tables under its artifacts eval/<suite>/")
 
 
-@app.command()
+@app.command(cls=_kind_help("export"))
 def export(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's export stage."),
     model: Optional[str] = typer.Option(None, help="Or export this model (models:/…, folder) ..."),
@@ -478,17 +509,22 @@ def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
 
 
 @recipes_app.command("kinds")
-def recipes_kinds(kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all).")) -> None:
+def recipes_kinds(
+    kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference as Markdown (docs/settings.md)."),
+) -> None:
     """The stage kinds a recipe can use: their inputs, output and every setting (type, default, allowed, help)."""
     from llm_lifecycle.workflows import stages as kinds
     from llm_lifecycle.workflows.runner.settings import field_help
 
     if kind is not None and kind not in kinds.MODULES:
         raise UserError(f"unknown stage kind {kind!r}; kinds are {', '.join(kinds.MODULES)}")
+    if markdown:
+        print(kinds.settings_reference([kind] if kind else list(kinds.MODULES)), end="")
+        return
     for name in [kind] if kind else kinds.MODULES:
         spec = kinds.kind(name)
-        takes = ", ".join(f"{p.name} ({p.accepts}{'' if p.required else ', optional'})" for p in spec.inputs) or "nothing"
-        table = Table(title=f"{name}: takes {takes}; outputs {spec.output or 'nothing later stages take'}")
+        table = Table(title=f"{name}: takes {kinds.describe_inputs(spec)}; outputs {spec.output or 'nothing later stages take'}")
         for col in ("setting", "type", "default", "allowed", "help"):
             table.add_column(col)
         for row in field_help(spec.settings):

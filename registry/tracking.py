@@ -428,7 +428,7 @@ def start_run(
     other ranks get a NullTracker."""
     import mlflow
 
-    from llm_lifecycle.registry.hardware import is_main_process
+    from llm_lifecycle.workflows.engine.ranks import is_main_process
 
     if not is_main_process():
         yield NullTracker()

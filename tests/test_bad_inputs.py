@@ -78,6 +78,19 @@ def test_settings_of_the_wrong_kind(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("rl.rounds=0", "stages.rl.rounds: expected an integer >= 1, got 0"),
+    ("rl.prompts_per_round=-3", "stages.rl.prompts_per_round: expected an integer >= 1, got -3"),
+    ("rl.heldout_prompts=0", "stages.rl.heldout_prompts: expected an integer >= 1, got 0"),
+    ("rl.prompts=[]", "stages.rl.prompts: expected a non-empty list of strings"),
+    ("rl.data_half=c", "stages.rl.data_half"),
+])
+def test_bad_iterative_dpo_settings_are_refused_before_any_run(workspace, setting, says):
+    line = one_line_error(["pipeline", "llama-small", "--set", "rl.method=iterative-dpo", "--set", setting])
+    assert says in line, line
+    assert runs_in(workspace) == 0
+
+
 @pytest.mark.parametrize("setting", ["pretrain.batch_size=1000000000", "model.dim=100000000000000000000"])
 def test_what_cannot_fit_in_memory_is_refused_before_any_run(workspace, setting):
     line = one_line_error(["pipeline", "llama-small", "--set", setting])

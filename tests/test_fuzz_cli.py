@@ -85,7 +85,7 @@ def _parses_as_float(text: str) -> bool:
 
 POSITIVE_INTS = ["steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
                  "minhash_num_perm", "min_frequency", "shard_tokens", "eval_windows", "max_examples", "max_pairs",
-                 "heldout_pairs", "limit", "max_gen_toks", "calib_windows"]
+                 "heldout_pairs", "limit", "max_gen_toks", "calib_windows", "rounds", "prompts_per_round", "heldout_prompts"]
 BAD_RANGES = {
     **{k: st.integers(max_value=0) for k in POSITIVE_INTS},
     "seq_len": st.integers(max_value=1),
@@ -116,6 +116,8 @@ BAD_RANGES = {
     "group_size": st.integers(max_value=-1),
     "calib_windows": st.integers(max_value=0),
     "data": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
+    "prompts": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
+    "data_half": st.text(max_size=4).filter(lambda t: t not in ("all", "a", "b")),
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)
     | st.lists(st.fixed_dictionaries({"uri": st.just("builtin:corpus"), "weight": st.floats(max_value=-1e-9)}), min_size=1, max_size=1),

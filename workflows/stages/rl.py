@@ -5,6 +5,8 @@
   ppo     PPO with a critic, KL 0.04 to the reference, running reward normalisation (Qwen)
   grpo    GRPO: group sampling, group-relative advantages, KL to the reference (DeepSeek-R1, Qwen3)
   rs-sft  rejection sampling: keep correct samples of the SFT model, fine-tune on them (DeepSeek-R1)
+  iterative-dpo  online iterative DPO: rounds of sampling, ranking by a reward model, DPO on best
+          vs worst (Qwen2; workflows/rl/iterative_dpo.py)
 
 rm and dpo learn from preference pairs (`data`); ppo, grpo and rs-sft from problems with a
 checkable final answer (`problems`, GSM8K format) scored by workflows/rl/verifiable.py. Each
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -42,24 +45,28 @@ from llm_lifecycle.workflows.runner.settings import (
 )
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
-METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft")
+HALVES = ("all", "a", "b")
+METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft", "iterative-dpo")
 
 
 @dataclass
 class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, warmup_steps=4), AnswerEvalSettings):
-    method: str = setting("dpo", "rm | dpo | ppo | grpo | rs-sft (see the module's docstring)", choices=METHODS)
+    method: str = setting("dpo", "rm | dpo | ppo | grpo | rs-sft | iterative-dpo (see the module's docstring)",
+                          choices=METHODS)
     beta: float = setting(0.1, "DPO's beta: how far the policy may move from the reference", limit=POSITIVE)
     sft_weight: float = setting(0.0, "DPO: weight of an added language-model loss on the chosen reply",
                                 limit=NON_NEGATIVE)
     data: list[str] = setting(["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz", "builtin:chat/zh_oasst1_rm_zh.json"],
                               "preference pairs (rm, dpo): builtin:NAME or paths", limit=NON_EMPTY_STRINGS)
+    data_half: str = setting("all", "rm, dpo: all preference pairs, or only half a (even-numbered) or b (odd-numbered): "
+                             "two reward models from disjoint data, one to reward, one to judge", choices=HALVES)
     max_pairs: int = setting(2000, "train on at most this many pairs", limit=AT_LEAST_1)
     heldout_pairs: int = setting(64, "pairs held out for preference accuracy and margin", limit=AT_LEAST_1)
     rm_margin: float = setting(0.5, "rm: ranking loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)",
                                limit=NON_NEGATIVE)
     problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, rs-sft: GSM8K-format problems, "
                                   "rewarded for the exact final number and the format", limit=NON_EMPTY_STRINGS)
-    group_size: int = setting(8, "samples per prompt (batch_size prompts per step)", limit=AT_LEAST_1)
+    group_size: int = setting(8, "samples per prompt (ppo, grpo: batch_size prompts per step)", limit=AT_LEAST_1)
     temperature: float = setting(1.0, "sampling temperature", limit=POSITIVE)
     top_p: float = setting(1.0, "nucleus sampling mass", limit=FRACTION)
     kl_coef: float = setting(0.04, "KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)", limit=NON_NEGATIVE)
@@ -71,6 +78,14 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     gae_lambda: float = setting(0.95, "PPO GAE lambda", limit=FRACTION)
     vf_coef: float = setting(0.5, "PPO value-loss weight", limit=NON_NEGATIVE)
     rs_prompts: int = setting(256, "rs-sft: problems sampled for rejection sampling", limit=AT_LEAST_1)
+    rounds: int = setting(3, "iterative-dpo: rounds of sampling, ranking by the reward model and `steps` DPO steps",
+                          limit=AT_LEAST_1)
+    prompts: list[str] = setting(["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz"],
+                                 "iterative-dpo: chat prompts, the prompt turns of preference pairs (builtin:NAME or "
+                                 "paths)", limit=NON_EMPTY_STRINGS)
+    prompts_per_round: int = setting(64, "iterative-dpo: prompts per round, group_size replies each", limit=AT_LEAST_1)
+    heldout_prompts: int = setting(64, "iterative-dpo: prompts kept out of the rounds; the held-out reward and the "
+                                   "judge's win rate against the SFT model are measured on them", limit=AT_LEAST_1)
     init: str | None = setting(None, "align this model (models:/..., a folder, a hub id) instead of the input's")
 
 
@@ -86,6 +101,8 @@ def _pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> list:
     from llm_lifecycle.workflows.data.chat_data import encode_preference, load_preference_pairs
 
     raw = read_data_files(cfg.data, f"stages.{ctx.stage}.data", load_preference_pairs)
+    if cfg.data_half != "all":
+        raw = raw[HALVES.index(cfg.data_half) - 1 :: 2]
     system = _system_prompt(ctx)
     encoded = (encode_preference(tokenizer, p, c, r, cfg.seq_len, default_system=system) for p, c, r in raw)
     # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).
@@ -109,27 +126,14 @@ def _train_settings(cfg: RLSettings, **changes) -> RLSettings:
 # ---- preference methods -----------------------------------------------------------------------
 
 
-def _logps(model, batch):
-    from llm_lifecycle.workflows.data.chat_data import sequence_logprobs
-
-    chosen_ids, chosen_tgt, rejected_ids, rejected_tgt = batch
-    width = max(chosen_ids.size(1), rejected_ids.size(1))
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.size(1)), value=v)  # noqa: E731
-    ids = torch.cat([pad(chosen_ids, 0), pad(rejected_ids, 0)])
-    tgt = torch.cat([pad(chosen_tgt, -100), pad(rejected_tgt, -100)])
-    logps = sequence_logprobs(model(ids).logits.float(), tgt)
-    n = chosen_ids.size(0)
-    return logps[:n], logps[n:], tgt[:n]
-
-
 def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
-    from llm_lifecycle.workflows.data.chat_data import dpo_loss
+    from llm_lifecycle.workflows.data.chat_data import dpo_loss, pair_logps
 
     totals: dict[str, float] = {}
     with torch.no_grad():
         for batch in batches:
-            pc, pr, _ = _logps(policy, batch)
-            rc, rr, _ = _logps(reference, batch)
+            pc, pr, _ = pair_logps(policy, batch)
+            rc, rr, _ = pair_logps(reference, batch)
             _, m = dpo_loss(pc, pr, rc, rr, beta)
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
@@ -137,7 +141,7 @@ def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
 
 
 def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
-    from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_loss
+    from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_train_loss
 
     settings = _train_settings(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -147,17 +151,8 @@ def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     held_batches = [held.batch(i) for i in range(max(1, len(heldout) // settings.batch_size))]
     before = _dpo_heldout(policy, reference, held_batches, cfg.beta)
     data = PreferenceBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
-
-    def loss_fn(model, batch):
-        pc, pr, chosen_tgt = _logps(model, batch)
-        with torch.no_grad():
-            rc, rr, _ = _logps(reference.to(pc.device), batch)
-        sft_nll = -(pc / (chosen_tgt != -100).sum(-1).clamp(min=1)).mean() if cfg.sft_weight else None
-        loss, m = dpo_loss(pc, pr, rc, rr, cfg.beta, sft_nll=sft_nll, sft_weight=cfg.sft_weight)
-        return loss, {k: float(v) for k, v in m.items()}
-
     summary = train(
-        ctx, policy, settings, data.batches, loss_fn,
+        ctx, policy, settings, data.batches, dpo_train_loss(reference, cfg.beta, cfg.sft_weight),
         ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
@@ -258,7 +253,48 @@ def run_rs_sft(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     return policy, summary
 
 
-RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": run_ppo, "grpo": run_grpo, "rs-sft": run_rs_sft}
+def _reward_model_on(ctx: StageContext, port: str):
+    """The reward model of the rl instance (method rm) on `port`."""
+    from llm_lifecycle.workflows.rl.reward_model import load_reward_model
+
+    path = ctx.input_path(port, "reward_model")
+    return load_reward_model(path)[0]
+
+
+def _chat_prompts(ctx: StageContext, cfg: RLSettings) -> tuple[list, list]:
+    """(training prompts, held-out prompts): the distinct prompt turns of the `prompts` pairs,
+    in file order; the last `heldout_prompts` are held out (reward models that read the same
+    files from the start reach them only if they read them whole)."""
+    from llm_lifecycle.workflows.data.chat_data import load_preference_pairs
+
+    pairs = read_data_files(cfg.prompts, f"stages.{ctx.stage}.prompts", load_preference_pairs)
+    distinct = list({json.dumps(p, sort_keys=True): p for p, _, _ in pairs}.values())
+    if len(distinct) <= cfg.heldout_prompts:
+        raise UserError(f"stages.{ctx.stage}: {len(distinct)} distinct prompts cannot fill heldout_prompts="
+                        f"{cfg.heldout_prompts} and leave some for the rounds; add prompts or lower heldout_prompts")
+    return distinct[: -cfg.heldout_prompts], distinct[-cfg.heldout_prompts:]
+
+
+def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
+    from llm_lifecycle.workflows.rl.iterative_dpo import IterativeDPOSettings, iterative_dpo
+
+    if "reward_model" not in ctx.inputs:
+        raise UserError(f"stages.{ctx.stage}: method iterative-dpo ranks samples with a reward model; add "
+                        "`from: {model: SFT, reward_model: RM}` naming an rl instance with method rm")
+    judge = _reward_model_on(ctx, "judge") if "judge" in ctx.inputs else None
+    train_prompts, heldout = _chat_prompts(ctx, cfg)
+    rounds = IterativeDPOSettings(
+        rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round, group_size=cfg.group_size,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta,
+        sft_weight=cfg.sft_weight, system_prompt=_system_prompt(ctx),
+    )
+    summary = iterative_dpo(ctx, policy, tokenizer, _reward_model_on(ctx, "reward_model"), judge, train_prompts,
+                            heldout, _train_settings(cfg), rounds)
+    return policy, summary
+
+
+RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": run_ppo, "grpo": run_grpo, "rs-sft": run_rs_sft,
+           "iterative-dpo": run_iterative_dpo}
 
 
 def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
@@ -289,4 +325,9 @@ def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
                        aliases=[method])
 
 
-KIND = StageKind("rl", RLSettings, run, inputs=(Port("model", "model", unless="init"),), output="model", trains=True)
+KIND = StageKind("rl", RLSettings, run, inputs=(
+    Port("model", "model", unless="init"),
+    # iterative-dpo: the rl instances (method rm) whose reward models rank the samples and judge the rounds
+    Port("reward_model", "model", required=False, default=False, passes=False),
+    Port("judge", "model", required=False, default=False, passes=False),
+), output="model", trains=True)
