@@ -362,7 +362,8 @@ def quantize(
 @app.command(cls=_kind_help("rl"))
 def rl(
     recipe: str = RecipeOption,
-    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo, rs-sft or iterative-dpo "
+                                                    "(default: the recipe's)."),
     stage: Optional[str] = StageOption,
     from_: Optional[str] = FromOption,
     set_: Optional[List[str]] = SetOption,
@@ -371,8 +372,9 @@ def rl(
     rdzv_endpoint: Optional[str] = RdzvOption,
     wait: bool = WaitOption,
 ) -> None:
-    """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO or
-    rejection-sampling SFT. The model is registered as models:/RECIPE@STAGE and @METHOD."""
+    """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO,
+    rejection-sampling SFT or online iterative DPO. The model is registered as
+    models:/RECIPE@STAGE and @METHOD."""
     _relaunch(nproc, nnodes, rdzv_endpoint)
     _run_kind(recipe, "rl", set_, stage, wait, [f"method={method}"] if method else [], source=from_)
 

@@ -53,16 +53,6 @@ def format_reward(completion: str) -> float:
     return float(bool(_FORMAT.search(completion.rstrip())))
 
 
-@dataclass
-class RewardWeights:
-    correct: float = 1.0
-    format: float = 0.2
-
-
-def reward(completion: str, reference: str, weights: RewardWeights) -> float:
-    return weights.correct * correctness_reward(completion, reference) + weights.format * format_reward(completion)
-
-
 def load_problems(path) -> list[dict[str, str]]:
     """{"question", "answer"} records (GSM8K jsonl, optionally gzipped) from `path`."""
     from llm_lifecycle.workflows.data.chat_data import read_records
