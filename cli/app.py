@@ -20,13 +20,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from llm_lifecycle.registry.tracking import EnvironmentProblem
 from llm_lifecycle.workflows.runner.stage import UserError
 
 console = Console()
 err_console = Console(stderr=True)
+# --think / --no-think / neither -> the thinking mode (models/chat_markup.py THINKING_MODES)
+THINKING_SWITCH = {None: "", True: "think", False: "no_think"}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -125,7 +127,7 @@ def _workspace() -> Path:
 
 def _run_stages(recipe_name: str, overrides: list[str] | None, wait: bool, **plan_args) -> None:
     from llm_lifecycle.cli.progress import console_progress
-    from llm_lifecycle.registry.hardware import is_main_process
+    from llm_lifecycle.workflows.engine.ranks import is_main_process
     from llm_lifecycle.workflows.runner.pipeline import run_pipeline
     from llm_lifecycle.workflows.runner.recipe import load_recipe
     from llm_lifecycle.workflows.runner.stage import SilentProgress
@@ -204,6 +206,31 @@ def _print_plan(recipe_name, overrides, stages, from_stage, force) -> None:
         console.print(line)
 
 
+def settings_help(kind: str) -> str:
+    """A stage kind's settings as --help text: the same list recipe validation, `llm recipes
+    kinds` and docs/settings.md come from (workflows/runner/settings.py `field_help`)."""
+    from llm_lifecycle.workflows import stages
+    from llm_lifecycle.workflows.runner.settings import field_help
+
+    lines = [f"Settings of a {kind} stage (in the recipe, or --set STAGE.KEY=VALUE):"]
+    for row in field_help(stages.kind(kind).settings):
+        allowed = f" [{row['allowed']}]" if row["allowed"] else ""
+        lines.append(f"  {row['name']} ({row['type']}, default {row['default']!r}){allowed}: {row['help']}")
+    return "\n".join(lines)
+
+
+def _kind_help(kind: str) -> type[TyperCommand]:
+    """A command class whose --help ends with the kind's settings, read only when help is asked
+    for: importing every kind's module up front (most bring torch) would slow each start by seconds."""
+
+    class KindCommand(TyperCommand):
+        def format_help(self, ctx, formatter) -> None:
+            self.epilog = escape(settings_help(kind))
+            return super().format_help(ctx, formatter)
+
+    return KindCommand
+
+
 StageOption = typer.Option(None, "--stage", help="Which stage of this kind (a recipe may have several; "
                                                   "default: the one named after the kind, or the only one).")
 FromOption = typer.Option(None, "--from", help="Start from this stage's model (a stage of the recipe) or any "
@@ -276,11 +303,15 @@ def _training_command(kind: str, doc: str):
     return command
 
 
-data_app.command("fetch")(_stage_command("data-fetch", "Fetch the recipe's data sources (builtin:, local, hf://)."))
-data_app.command("clean")(_stage_command("data-clean", "Filter and deduplicate the fetched text."))
+def _add_stage_command(typer_app: typer.Typer, name: str, kind: str, make, doc: str) -> None:
+    typer_app.command(name, cls=_kind_help(kind))(make(kind, doc))
 
 
-@tokenizer_app.command("train")
+_add_stage_command(data_app, "fetch", "data-fetch", _stage_command, "Fetch the recipe's data sources (builtin:, local, hf://).")
+_add_stage_command(data_app, "clean", "data-clean", _stage_command, "Filter and deduplicate the fetched text.")
+
+
+@tokenizer_app.command("train", cls=_kind_help("tokenizer-train"))
 def tokenizer_train(
     recipe: str = RecipeOption,
     vocab_size: Optional[int] = typer.Option(None, help="Tokens in all, special ones included."),
@@ -304,14 +335,16 @@ def tokenizer_train(
     _run_kind(recipe, "tokenizer-train", set_, None, wait, overrides)
 
 
-app.command("tokenize")(_stage_command("tokenize", "Encode the clean text into memory-mapped token shards."))
-app.command("pretrain")(_training_command("pretrain", "Pretrain the recipe's model from scratch (or continue a --from model)."))
-app.command("extend-context")(_training_command("extend-context", "Extend the context length (RoPE base / YaRN)."))
-app.command("sft")(_training_command("sft", "Supervised fine-tuning on chat data (ChatML, assistant-only loss)."))
-app.command("distill")(_training_command("distill", "Distil a teacher's sampled solutions into a student (DeepSeek-R1)."))
+_add_stage_command(app, "tokenize", "tokenize", _stage_command, "Encode the clean text into memory-mapped token shards.")
+_add_stage_command(app, "pretrain", "pretrain", _training_command,
+                   "Pretrain the recipe's model from scratch (or continue a --from model).")
+_add_stage_command(app, "extend-context", "extend-context", _training_command, "Extend the context length (RoPE base / YaRN).")
+_add_stage_command(app, "sft", "sft", _training_command, "Supervised fine-tuning on chat data (ChatML, assistant-only loss).")
+_add_stage_command(app, "distill", "distill", _training_command,
+                   "Distil a teacher's sampled solutions into a student (DeepSeek-R1).")
 
 
-@app.command()
+@app.command(cls=_kind_help("quantize"))
 def quantize(
     recipe: str = RecipeOption,
     method: Optional[str] = typer.Option(None, help="rtn | gptq | awq (gptq and awq calibrate on training text)."),
@@ -326,10 +359,11 @@ def quantize(
     _run_kind(recipe, "quantize", set_, None, wait, overrides)
 
 
-@app.command()
+@app.command(cls=_kind_help("rl"))
 def rl(
     recipe: str = RecipeOption,
-    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo or rs-sft (default: the recipe's)."),
+    method: Optional[str] = typer.Option(None, help="rm, dpo, ppo, grpo, rs-sft or iterative-dpo "
+                                                    "(default: the recipe's)."),
     stage: Optional[str] = StageOption,
     from_: Optional[str] = FromOption,
     set_: Optional[List[str]] = SetOption,
@@ -338,8 +372,9 @@ def rl(
     rdzv_endpoint: Optional[str] = RdzvOption,
     wait: bool = WaitOption,
 ) -> None:
-    """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO or
-    rejection-sampling SFT. The model is registered as models:/RECIPE@STAGE and @METHOD."""
+    """Align a model (the recipe's SFT model, or --from any): reward model, DPO, PPO, GRPO,
+    rejection-sampling SFT or online iterative DPO. The model is registered as
+    models:/RECIPE@STAGE and @METHOD."""
     _relaunch(nproc, nnodes, rdzv_endpoint)
     _run_kind(recipe, "rl", set_, stage, wait, [f"method={method}"] if method else [], source=from_)
 
@@ -352,13 +387,20 @@ def chat(
     top_p: float = typer.Option(0.9, min=0.0, max=1.0),
     max_new_tokens: int = typer.Option(128, min=1),
     prompt: Optional[List[str]] = typer.Option(None, help="Say this (repeatable) and exit instead of reading stdin."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="End each message with /think or "
+                                         "/no_think (Qwen3's thinking modes); default: neither."),
+    thinking_budget: int = typer.Option(0, help="At most this many thinking tokens per reply, then </think> "
+                                        "is forced; 0: no limit."),
 ) -> None:
     """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
     if not 0 < top_p <= 1:
         raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
+    if thinking_budget < 0:
+        raise UserError(f"llm chat --thinking-budget {thinking_budget}: must be >= 0 (0: no limit)")
     from llm_lifecycle.workflows.serving.chat import ChatSession
 
-    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
+    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0, thinking=THINKING_SWITCH[think],
+                          thinking_budget=thinking_budget)
     turns = iter(prompt) if prompt else None
     while True:
         if turns is not None:
@@ -374,7 +416,7 @@ def chat(
         console.print(f"[bold cyan]model>[/bold cyan] {session.reply(text)}", highlight=False)
 
 
-@app.command("eval")
+@app.command("eval", cls=_kind_help("eval"))
 def eval_(
     model: Optional[str] = typer.Option(None, help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
     suite: List[str] = typer.Option(["mmlu"], help="Suite(s): mmlu, gsm8k, ceval, cmmlu, ppl, long (repeatable)."),
@@ -388,6 +430,9 @@ def eval_(
     batch_size: int = typer.Option(8, min=1, help="Batch size for scoring and generation."),
     backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
     apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="With --apply-chat-template: end each "
+                                         "prompt with /think or /no_think (Qwen3's thinking modes)."),
+    thinking_budget: int = typer.Option(0, help="At most this many thinking tokens per generated answer; 0: no limit."),
     seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
     set_: Optional[List[str]] = SetOption,
@@ -401,12 +446,17 @@ def eval_(
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
     if limit is not None and limit < 1:
         raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
+    if thinking_budget < 0:
+        raise UserError(f"llm eval: --thinking-budget must be >= 0 (0: no limit), got {thinking_budget}")
+    if think is not None and not apply_chat_template:
+        raise UserError("llm eval: --think/--no-think end a chat turn; add --apply-chat-template")
     from llm_lifecycle.cli.progress import console_progress
     from llm_lifecycle.workflows.stages.evaluate import evaluate_model
 
     outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
                              batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template,
-                             progress=console_progress(console))
+                             progress=console_progress(console), thinking=THINKING_SWITCH[think],
+                             thinking_budget=thinking_budget)
     metrics = sorted({k for row in outcome.rows for k in row} - {"task", "group", "n"})
     table = Table(title=f"eval of {model} ({backend} backend)")
     table.add_column("task")
@@ -420,7 +470,7 @@ def eval_(
     console.print(f"MLflow run {outcome.run_id}{linked}; per-subject tables under its artifacts eval/<suite>/")
 
 
-@app.command()
+@app.command(cls=_kind_help("export"))
 def export(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's export stage."),
     model: Optional[str] = typer.Option(None, help="Or export this model (models:/…, folder) ..."),
@@ -478,17 +528,22 @@ def recipes_show(name: str, set_: Optional[List[str]] = SetOption) -> None:
 
 
 @recipes_app.command("kinds")
-def recipes_kinds(kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all).")) -> None:
+def recipes_kinds(
+    kind: Optional[str] = typer.Argument(None, help="One stage kind (default: all)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference as Markdown (docs/settings.md)."),
+) -> None:
     """The stage kinds a recipe can use: their inputs, output and every setting (type, default, allowed, help)."""
     from llm_lifecycle.workflows import stages as kinds
     from llm_lifecycle.workflows.runner.settings import field_help
 
     if kind is not None and kind not in kinds.MODULES:
         raise UserError(f"unknown stage kind {kind!r}; kinds are {', '.join(kinds.MODULES)}")
+    if markdown:
+        print(kinds.settings_reference([kind] if kind else list(kinds.MODULES)), end="")
+        return
     for name in [kind] if kind else kinds.MODULES:
         spec = kinds.kind(name)
-        takes = ", ".join(f"{p.name} ({p.accepts}{'' if p.required else ', optional'})" for p in spec.inputs) or "nothing"
-        table = Table(title=f"{name}: takes {takes}; outputs {spec.output or 'nothing later stages take'}")
+        table = Table(title=f"{name}: takes {kinds.describe_inputs(spec)}; outputs {spec.output or 'nothing later stages take'}")
         for col in ("setting", "type", "default", "allowed", "help"):
             table.add_column(col)
         for row in field_help(spec.settings):

@@ -122,19 +122,3 @@ def best_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
-
-
-# ---- the process's place in a torchrun job (read from torchrun's environment) ---------------
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 alone tracks, writes outputs and registers models."""
-    return rank() == 0

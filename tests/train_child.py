@@ -21,7 +21,7 @@ import torch
 
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
-from llm_lifecycle.registry.hardware import rank
+from llm_lifecycle.workflows.engine.ranks import rank
 from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
 

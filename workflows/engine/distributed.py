@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from llm_lifecycle.registry.hardware import is_main_process, rank, world_size
+from llm_lifecycle.workflows.engine.ranks import is_main_process, rank, world_size
 from llm_lifecycle.workflows.runner.stage import UserError
 
 __all__ = ["init", "device", "shard_model", "sync_gradients", "rank_rows", "target_share", "mean_across_ranks",

@@ -32,7 +32,7 @@ def load_init_model(ref: str, where: str):
 def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = None) -> Path:
     from llm_lifecycle.models.checkpoint import save_model_dir
 
-    from llm_lifecycle.registry.hardware import is_main_process
+    from llm_lifecycle.workflows.engine.ranks import is_main_process
 
     out = ctx.stage_dir / "model"
     if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llm_lifecycle import __version__
-from llm_lifecycle.registry.hardware import is_main_process
+from llm_lifecycle.workflows.engine.ranks import is_main_process
 from llm_lifecycle.workflows.engine.distributed import barrier
 from llm_lifecycle.workflows.runner.library_output import library_output_to
 from llm_lifecycle.workflows.runner.graph import Instance, dependents

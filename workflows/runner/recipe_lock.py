@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from llm_lifecycle.registry.hardware import is_main_process
+from llm_lifecycle.workflows.engine.ranks import is_main_process
 from llm_lifecycle.workflows.runner.stage import Progress, UserError
 
 # Recipe locks this process holds: a sweep holds its recipe while each variant's pipeline runs.

@@ -27,11 +27,15 @@ class ConfigError(UserError):
 class Limit:
     test: Callable[[Any], bool]
     says: str  # what a value must be, for the error line: "an integer >= 1"
+    says_for_int: str = ""  # the same for an int field, where "finite number" would mislead
+
+    def words(self, tp: Any) -> str:
+        return self.says_for_int if tp is int and self.says_for_int else self.says
 
 
 AT_LEAST_1 = Limit(lambda v: v >= 1, "an integer >= 1")
-POSITIVE = Limit(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-NON_NEGATIVE = Limit(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+POSITIVE = Limit(lambda v: math.isfinite(v) and v > 0, "a finite number > 0", "an integer >= 1")
+NON_NEGATIVE = Limit(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", "an integer >= 0")
 FRACTION = Limit(lambda v: 0 <= v <= 1, "a number from 0 to 1")
 BELOW_1 = Limit(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
 NON_EMPTY_STRINGS = Limit(lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of strings")
@@ -77,7 +81,8 @@ def field_help(cls: type) -> list[dict[str, Any]]:
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        allowed = ", ".join(map(str, f.metadata.get("choices", ()))) or getattr(f.metadata.get("limit"), "says", "")
+        limit = f.metadata.get("limit")
+        allowed = ", ".join(map(str, f.metadata.get("choices", ()))) or (limit.words(hints[f.name]) if limit else "")
         rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
                      "allowed": allowed, "help": f.metadata.get("help", "")})
     return rows
@@ -151,7 +156,7 @@ def build(cls: type, given: dict[str, Any], where: str, upstream: dict[str, Any]
                               f"{', '.join(map(str, meta['choices']))}")
         limit = meta.get("limit")
         if limit is not None and value is not None and not limit.test(value):
-            raise ConfigError(f"{where}.{key}: expected {limit.says}, got {value!r}")
+            raise ConfigError(f"{where}.{key}: expected {limit.words(tp)}, got {value!r}")
         values[key] = value
     settings = cls(**values)
     settings.check(where, upstream or {})
