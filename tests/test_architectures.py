@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
-from llm_lifecycle.models.upcycle import upcycle
+from llm_lifecycle.models.upcycle import computes_the_dense_model, upcycle, upcycled_config
 from llm_lifecycle.workflows.engine.memory import training_memory
 from llm_lifecycle.workflows.engine.glm import GLMTokens, blank_infilling, glm_batches, packed_length
 from llm_lifecycle.workflows.runner.planning import shape_of
@@ -362,7 +362,9 @@ def test_global_batch_balance_counts_the_whole_step():
 @pytest.mark.parametrize("moe_ffn_dim", [64, 32])
 def test_upcycled_experts_start_from_the_dense_mlp(moe_ffn_dim):
     dense = make(n_layers=2)
-    moe = upcycle(dense, n_experts=4, n_experts_per_token=2, moe_ffn_dim=moe_ffn_dim)
+    moe_cfg = upcycled_config(dense.cfg, {"n_experts": 4, "n_experts_per_token": 2, "moe_ffn_dim": moe_ffn_dim})
+    assert computes_the_dense_model(moe_cfg, noise=0.0) == (moe_ffn_dim == 64)
+    moe = upcycle(dense, moe_cfg)
     assert moe.cfg.is_moe and moe.layers[0].ffn.router.weight.abs().max() < 0.01  # near-uniform router
     torch.testing.assert_close(moe.tok_embeddings.weight, dense.tok_embeddings.weight)
     x = tokens(2, 10)
@@ -376,7 +378,9 @@ def test_upcycled_experts_start_from_the_dense_mlp(moe_ffn_dim):
         neurons = torch.cat([ffn.w_up[0], ffn.w_up[1]])
         assert torch.equal(neurons.sort(0).values, dense.layers[1].ffn.w_up.weight.sort(0).values)
     with pytest.raises(ValueError, match="dense model"):
-        upcycle(moe, 4, 2)
+        upcycled_config(moe.cfg, {"n_experts": 4})
+    with pytest.raises(ValueError, match="cannot exceed"):
+        upcycled_config(dense.cfg, {"n_experts": 4, "moe_ffn_dim": 128})
 
 
 # ---- GLM blank infilling ---------------------------------------------------------------------

@@ -86,10 +86,22 @@ def test_settings_of_the_wrong_kind(workspace, setting, says):
     ("rl.kind_prompts={safety: Be safe.}", "stages.rl.kind_prompts: 'safety' is not among kinds []"),
     ("rl.safety_threshold=2", "stages.rl.safety_threshold: expected a number from 0 to 1"),
     ("rl.think_reward=-1", "stages.rl.think_reward: expected a finite number >= 0"),
-    ("rl.pair_half=c", "stages.rl.pair_half: 'c' is not available; choose one of all, a, b"),
 ])
 def test_reward_settings_out_of_range_before_any_run(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--set", setting])
+    assert runs_in(workspace) == 0
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("rl.rounds=0", "stages.rl.rounds: expected an integer >= 1, got 0"),
+    ("rl.prompts_per_round=-3", "stages.rl.prompts_per_round: expected an integer >= 1, got -3"),
+    ("rl.heldout_prompts=0", "stages.rl.heldout_prompts: expected an integer >= 1, got 0"),
+    ("rl.prompts=[]", "stages.rl.prompts: expected a non-empty list of strings"),
+    ("rl.data_half=c", "stages.rl.data_half"),
+])
+def test_bad_iterative_dpo_settings_are_refused_before_any_run(workspace, setting, says):
+    line = one_line_error(["pipeline", "llama-small", "--set", "rl.method=iterative-dpo", "--set", setting])
+    assert says in line, line
     assert runs_in(workspace) == 0
 
 

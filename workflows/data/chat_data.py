@@ -526,3 +526,31 @@ def dpo_loss(
         loss = loss + sft_weight * sft_nll
         metrics["sft_nll"] = sft_nll.detach()
     return loss, metrics
+
+
+def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen log-probs [B], rejected log-probs [B], chosen targets) of a PreferenceBatches
+    batch, chosen and rejected run through the model as one batch of 2B."""
+    chosen_ids, chosen_tgt, rejected_ids, rejected_tgt = batch
+    width = max(chosen_ids.size(1), rejected_ids.size(1))
+    pad = lambda t, v: F.pad(t, (0, width - t.size(1)), value=v)  # noqa: E731
+    ids = torch.cat([pad(chosen_ids, 0), pad(rejected_ids, 0)])
+    tgt = torch.cat([pad(chosen_tgt, IGNORE_INDEX), pad(rejected_tgt, IGNORE_INDEX)])
+    logps = sequence_logprobs(model(ids).logits.float(), tgt)
+    n = chosen_ids.size(0)
+    return logps[:n], logps[n:], tgt[:n]
+
+
+def dpo_train_loss(reference, beta: float, sft_weight: float):
+    """The trainer's loss_fn(model, batch) for DPO against the frozen `reference`, with the
+    chosen replies' per-token NLL weighted by `sft_weight` when it is not 0."""
+
+    def loss_fn(model, batch):
+        pc, pr, chosen_tgt = pair_logps(model, batch)
+        with torch.no_grad():
+            rc, rr, _ = pair_logps(reference.to(pc.device), batch)
+        sft_nll = -(pc / (chosen_tgt != IGNORE_INDEX).sum(-1).clamp(min=1)).mean() if sft_weight else None
+        loss, m = dpo_loss(pc, pr, rc, rr, beta, sft_nll=sft_nll, sft_weight=sft_weight)
+        return loss, {k: float(v) for k, v in m.items()}
+
+    return loss_fn

@@ -5,6 +5,8 @@
   ppo     PPO with a critic, KL 0.04 to the reference, running reward normalisation (Qwen)
   grpo    GRPO: group sampling, group-relative advantages, KL to the reference (DeepSeek-R1, Qwen3)
   rs-sft  rejection sampling: keep correct samples of the SFT model, fine-tune on them (DeepSeek-R1)
+  iterative-dpo  online iterative DPO: rounds of sampling, ranking by a reward model, DPO on best
+          vs worst (Qwen2; workflows/rl/iterative_dpo.py)
 
 rm and dpo learn from preference pairs (`data`); ppo and grpo from prompts (`problems`:
 GSM8K problems with checkable answers, or the conversations of chat and preference files)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +50,15 @@ from llm_lifecycle.workflows.runner.settings import (
 )
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
-METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft")
+HALVES = ("all", "a", "b")
+METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft", "iterative-dpo")
 
 
 @dataclass
 class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, warmup_steps=4), AnswerEvalSettings,
                  RewardSettings):
-    method: str = setting("dpo", "rm | dpo | ppo | grpo | rs-sft (see the module's docstring)", choices=METHODS)
+    method: str = setting("dpo", "rm | dpo | ppo | grpo | rs-sft | iterative-dpo (see the module's docstring)",
+                          choices=METHODS)
     beta: float = setting(0.1, "DPO's beta: how far the policy may move from the reference", limit=POSITIVE)
     sft_weight: float = setting(0.0, "DPO: weight of an added language-model loss on the chosen reply",
                                 limit=NON_NEGATIVE)
@@ -62,17 +67,14 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     max_pairs: int = setting(2000, "train on at most this many pairs of each data file", limit=AT_LEAST_1)
     heldout_pairs: int = setting(64, "pairs of each data file held out for preference accuracy and margin",
                                  limit=AT_LEAST_1)
-    pair_half: str = setting("all", "train on all pairs left after the held-out ones, or on half a (even "
-                                    "positions) or b (odd): a judge trained on the other half than the reward's",
-                             choices=("all", "a", "b"))
+    data_half: str = setting("all", "rm, dpo: train on all pairs left after the held-out ones, or only half a (even-"
+                                    "numbered) or b (odd-numbered): two reward models from disjoint data, one to reward, "
+                                    "one to judge", choices=HALVES)
     rm_margin: float = setting(0.5, "rm: ranking loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)",
                                limit=NON_NEGATIVE)
     problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo: prompts (GSM8K problems, chat "
                                   "or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS)
-    heldout_prompts: int = setting(0, "ppo, grpo: prompts of each `problems` file held out to measure the reward, "
-                                      "KL and judge win rate of sampled replies before and after (0: none)",
-                                   limit=NON_NEGATIVE)
-    group_size: int = setting(8, "samples per prompt (batch_size prompts per step)", limit=AT_LEAST_1)
+    group_size: int = setting(8, "samples per prompt (ppo, grpo: batch_size prompts per step)", limit=AT_LEAST_1)
     temperature: float = setting(1.0, "sampling temperature", limit=POSITIVE)
     top_p: float = setting(1.0, "nucleus sampling mass", limit=FRACTION)
     kl_coef: float = setting(0.04, "KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)", limit=NON_NEGATIVE)
@@ -82,6 +84,16 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     gae_lambda: float = setting(0.95, "PPO GAE lambda", limit=FRACTION)
     vf_coef: float = setting(0.5, "PPO value-loss weight", limit=NON_NEGATIVE)
     rs_prompts: int = setting(256, "rs-sft: problems sampled for rejection sampling", limit=AT_LEAST_1)
+    rounds: int = setting(3, "iterative-dpo: rounds of sampling, ranking by the reward model and `steps` DPO steps",
+                          limit=AT_LEAST_1)
+    prompts: list[str] = setting(["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz"],
+                                 "iterative-dpo: chat prompts, the prompt turns of preference pairs (builtin:NAME or "
+                                 "paths)", limit=NON_EMPTY_STRINGS)
+    prompts_per_round: int = setting(64, "iterative-dpo: prompts per round, group_size replies each", limit=AT_LEAST_1)
+    heldout_prompts: int = setting(64, "prompts kept out of training (iterative-dpo: the last of `prompts`; ppo, grpo "
+                                       "with a reward model: the first of each `problems` file); the held-out reward, "
+                                       "KL and judge's win rate against the input model are measured on them",
+                                   limit=AT_LEAST_1)
     init: str | None = setting(None, "align this model (models:/..., a folder, a hub id) instead of the input's")
 
     def check(self, where: str, upstream: dict) -> None:
@@ -106,18 +118,18 @@ def _file_pairs(ctx: StageContext, cfg: RLSettings, tokenizer, uri: str, kind: s
     encoded = (encode_preference(tokenizer, p, c, r, cfg.seq_len, default_system=system) for p, c, r in raw)
     # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).
     usable = (e for e in encoded if any(e[0][1]) and any(e[1][1]))
-    return list(itertools.islice(usable, cfg.max_pairs * (1 + (cfg.pair_half != "all")) + cfg.heldout_pairs))
+    return list(itertools.islice(usable, cfg.max_pairs * (1 + (cfg.data_half != "all")) + cfg.heldout_pairs))
 
 
 def _split_pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[dict[str | None, list], list]:
     """({kind: its held-out pairs}, training pairs): the first `heldout_pairs` of each file are
-    held out, the rest (or `pair_half` of it) trained on."""
+    held out, the rest (or `data_half` of it) trained on."""
     heldout: dict[str | None, list] = {}
     train_pairs: list = []
     for uri, kind in zip(cfg.data, check_kinds(cfg, cfg.data, f"stages.{ctx.stage}")):
         pairs = _file_pairs(ctx, cfg, tokenizer, uri, kind)
         held, rest = pairs[: cfg.heldout_pairs], pairs[cfg.heldout_pairs:]
-        rest = rest if cfg.pair_half == "all" else rest[cfg.pair_half == "b" :: 2]
+        rest = rest if cfg.data_half == "all" else rest[HALVES.index(cfg.data_half) - 1 :: 2]
         if not rest or len(held) < cfg.heldout_pairs:
             raise UserError(f"stages.{ctx.stage}.data: {uri} has {len(pairs)} usable pairs, too few to hold out "
                             f"heldout_pairs={cfg.heldout_pairs} and train on the rest; add data or lower heldout_pairs")
@@ -133,27 +145,14 @@ def _train_settings(cfg: RLSettings, **changes) -> RLSettings:
 # ---- preference methods -----------------------------------------------------------------------
 
 
-def _logps(model, batch):
-    from llm_lifecycle.workflows.data.chat_data import sequence_logprobs
-
-    chosen_ids, chosen_tgt, rejected_ids, rejected_tgt = batch
-    width = max(chosen_ids.size(1), rejected_ids.size(1))
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.size(1)), value=v)  # noqa: E731
-    ids = torch.cat([pad(chosen_ids, 0), pad(rejected_ids, 0)])
-    tgt = torch.cat([pad(chosen_tgt, -100), pad(rejected_tgt, -100)])
-    logps = sequence_logprobs(model(ids).logits.float(), tgt)
-    n = chosen_ids.size(0)
-    return logps[:n], logps[n:], tgt[:n]
-
-
 def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
-    from llm_lifecycle.workflows.data.chat_data import dpo_loss
+    from llm_lifecycle.workflows.data.chat_data import dpo_loss, pair_logps
 
     totals: dict[str, float] = {}
     with torch.no_grad():
         for batch in batches:
-            pc, pr, _ = _logps(policy, batch)
-            rc, rr, _ = _logps(reference, batch)
+            pc, pr, _ = pair_logps(policy, batch)
+            rc, rr, _ = pair_logps(reference, batch)
             _, m = dpo_loss(pc, pr, rc, rr, beta)
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
@@ -161,7 +160,7 @@ def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
 
 
 def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
-    from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_loss
+    from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_train_loss
 
     settings = _train_settings(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -172,17 +171,8 @@ def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     held_batches = [held.batch(i) for i in range(max(1, len(heldout) // settings.batch_size))]
     before = _dpo_heldout(policy, reference, held_batches, cfg.beta)
     data = PreferenceBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
-
-    def loss_fn(model, batch):
-        pc, pr, chosen_tgt = _logps(model, batch)
-        with torch.no_grad():
-            rc, rr, _ = _logps(reference.to(pc.device), batch)
-        sft_nll = -(pc / (chosen_tgt != -100).sum(-1).clamp(min=1)).mean() if cfg.sft_weight else None
-        loss, m = dpo_loss(pc, pr, rc, rr, cfg.beta, sft_nll=sft_nll, sft_weight=cfg.sft_weight)
-        return loss, {k: float(v) for k, v in m.items()}
-
     summary = train(
-        ctx, policy, settings, data.batches, loss_fn,
+        ctx, policy, settings, data.batches, dpo_train_loss(reference, cfg.beta, cfg.sft_weight),
         ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
@@ -283,15 +273,16 @@ def _prompts(ctx: StageContext, cfg: RLSettings, tokenizer, reward) -> tuple[lis
 
     where = f"stages.{ctx.stage}.problems"
     room = cfg.seq_len - cfg.max_new_tokens
+    held = cfg.heldout_prompts if reward.models is not None else 0  # measured where a reward model scores
     heldout, train_prompts = [], []
     for uri, kind in zip(cfg.problems, check_kinds(cfg, cfg.problems, f"stages.{ctx.stage}")):
         prompts = [{**p, "kind": kind} for p in read_data_files([uri], where, load_prompts)
                    if len(encode_prompt(tokenizer, messages_of(p), _system_prompt(ctx))) <= room]
-        heldout += prompts[: cfg.heldout_prompts]
-        train_prompts += prompts[cfg.heldout_prompts:]
+        heldout += prompts[:held]
+        train_prompts += prompts[held:]
     if not train_prompts:
         raise UserError(f"{where}: no prompt left to train on: none fits seq_len - max_new_tokens = {room} tokens "
-                        f"beyond the heldout_prompts={cfg.heldout_prompts} held out; raise seq_len or add prompts")
+                        f"beyond the heldout_prompts={held} held out; raise seq_len or add prompts")
     if not reward.pays_for(train_prompts):
         raise UserError(f"{where}: these prompts have no answers to check, so every reward would be 0; wire a "
                         "reward model (`from: {reward_model: NAME}`) or set think_reward/language_reward")
@@ -394,7 +385,41 @@ def run_rs_sft(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     return policy, summary
 
 
-RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": _measured(run_ppo), "grpo": _measured(run_grpo), "rs-sft": run_rs_sft}
+def _chat_prompts(ctx: StageContext, cfg: RLSettings) -> tuple[list, list]:
+    """(training prompts, held-out prompts): the distinct prompt turns of the `prompts` pairs,
+    in file order; the last `heldout_prompts` are held out (reward models that read the same
+    files from the start reach them only if they read them whole)."""
+    from llm_lifecycle.workflows.data.chat_data import load_preference_pairs
+
+    pairs = read_data_files(cfg.prompts, f"stages.{ctx.stage}.prompts", load_preference_pairs)
+    distinct = list({json.dumps(p, sort_keys=True): p for p, _, _ in pairs}.values())
+    if len(distinct) <= cfg.heldout_prompts:
+        raise UserError(f"stages.{ctx.stage}: {len(distinct)} distinct prompts cannot fill heldout_prompts="
+                        f"{cfg.heldout_prompts} and leave some for the rounds; add prompts or lower heldout_prompts")
+    return distinct[: -cfg.heldout_prompts], distinct[-cfg.heldout_prompts:]
+
+
+def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
+    from llm_lifecycle.workflows.rl.iterative_dpo import IterativeDPOSettings, iterative_dpo
+
+    reward_model = _load_rm(ctx, "reward_model", cfg.reward_model, "reward_model")[0]
+    if reward_model is None:
+        raise UserError(f"stages.{ctx.stage}: method iterative-dpo ranks samples with a reward model; add "
+                        "`from: {model: SFT, reward_model: RM}` naming an rl instance with method rm")
+    judge = _load_rm(ctx, "judge", cfg.judge, "judge")[0]
+    train_prompts, heldout = _chat_prompts(ctx, cfg)
+    rounds = IterativeDPOSettings(
+        rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round, group_size=cfg.group_size,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta,
+        sft_weight=cfg.sft_weight, system_prompt=_system_prompt(ctx),
+    )
+    summary = iterative_dpo(ctx, policy, tokenizer, reward_model, judge, train_prompts,
+                            heldout, _train_settings(cfg), rounds)
+    return policy, summary
+
+
+RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": _measured(run_ppo), "grpo": _measured(run_grpo), "rs-sft": run_rs_sft,
+           "iterative-dpo": run_iterative_dpo}
 
 
 def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
