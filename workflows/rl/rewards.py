@@ -120,7 +120,7 @@ class RewardSettings(Settings):
                                        "the answer", limit=NON_NEGATIVE)
     language_reward: float = setting(0.0, "DeepSeek-R1's language consistency: share of the reply's words in the "
                                           "prompt's language", limit=NON_NEGATIVE)
-    judge: str | None = setting(None, "ppo, grpo: a reward model that judges held-out replies against the input "
+    judge: str | None = setting(None, "ppo, grpo, iterative-dpo: a reward model that judges held-out replies against the input "
                                       "model's (never the one giving the reward); or `from: {judge: NAME}`")
     kinds: list[str] = setting([], "the kind of each data file, in order (rm, dpo: `data`; ppo, grpo: `problems`), "
                                    "e.g. [safety, helpful]: held-out accuracy per kind, Llama 2's safety rule")

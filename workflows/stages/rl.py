@@ -8,7 +8,7 @@
   iterative-dpo  online iterative DPO: rounds of sampling, ranking by a reward model, DPO on best
           vs worst (Qwen2; workflows/rl/iterative_dpo.py)
 
-rm and dpo learn from preference pairs (`data`); ppo and grpo from prompts (`problems`:
+rm and dpo learn from preference pairs (`data`); ppo, grpo and iterative-dpo from prompts (`problems`:
 GSM8K problems with checkable answers, or the conversations of chat and preference files)
 scored by workflows/rl/rewards.py: a reward model wired to the `reward_model` input (and
 Llama 2's `safety_model`), the rule rewards, or a weighted sum; rs-sft from problems with
@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +49,6 @@ from llm_lifecycle.workflows.runner.settings import (
 )
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
-HALVES = ("all", "a", "b")
 METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft", "iterative-dpo")
 
 
@@ -67,16 +65,21 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     max_pairs: int = setting(2000, "train on at most this many pairs of each data file", limit=AT_LEAST_1)
     heldout_pairs: int = setting(64, "pairs of each data file held out for preference accuracy and margin",
                                  limit=AT_LEAST_1)
-    data_half: str = setting("all", "rm, dpo: train on all pairs left after the held-out ones, or only half a (even-"
-                                    "numbered) or b (odd-numbered): two reward models from disjoint data, one to reward, "
-                                    "one to judge", choices=HALVES)
+    pair_half: str = setting("all", "train on all pairs left after the held-out ones, or on half a (even "
+                                    "positions) or b (odd): a judge trained on the other half than the reward's",
+                             choices=("all", "a", "b"))
     rm_margin: float = setting(0.5, "rm: ranking loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)",
                                limit=NON_NEGATIVE)
-    problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo: prompts (GSM8K problems, chat "
-                                  "or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS)
+    problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, iterative-dpo: prompts (GSM8K "
+                                  "problems, chat or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS)
+    heldout_prompts: int = setting(0, "ppo, grpo, iterative-dpo: prompts of each `problems` file held out to measure "
+                                      "the reward, KL and judge win rate of sampled replies (0: none)",
+                                   limit=NON_NEGATIVE)
     group_size: int = setting(8, "samples per prompt (ppo, grpo: batch_size prompts per step)", limit=AT_LEAST_1)
     temperature: float = setting(1.0, "sampling temperature", limit=POSITIVE)
     top_p: float = setting(1.0, "nucleus sampling mass", limit=FRACTION)
+    thinking_budget: int = setting(0, "ppo, grpo: at most this many thinking tokens per sample, then </think> is "
+                                      "forced (Qwen3); 0: no limit", limit=NON_NEGATIVE)
     kl_coef: float = setting(0.04, "KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)", limit=NON_NEGATIVE)
     clip: float = setting(0.2, "PPO/GRPO ratio clip", limit=POSITIVE)
     ppo_epochs: int = setting(2, "PPO passes over each rollout", limit=AT_LEAST_1)
@@ -86,14 +89,7 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     rs_prompts: int = setting(256, "rs-sft: problems sampled for rejection sampling", limit=AT_LEAST_1)
     rounds: int = setting(3, "iterative-dpo: rounds of sampling, ranking by the reward model and `steps` DPO steps",
                           limit=AT_LEAST_1)
-    prompts: list[str] = setting(["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz"],
-                                 "iterative-dpo: chat prompts, the prompt turns of preference pairs (builtin:NAME or "
-                                 "paths)", limit=NON_EMPTY_STRINGS)
     prompts_per_round: int = setting(64, "iterative-dpo: prompts per round, group_size replies each", limit=AT_LEAST_1)
-    heldout_prompts: int = setting(64, "prompts kept out of training (iterative-dpo: the last of `prompts`; ppo, grpo "
-                                       "with a reward model: the first of each `problems` file); the held-out reward, "
-                                       "KL and judge's win rate against the input model are measured on them",
-                                   limit=AT_LEAST_1)
     init: str | None = setting(None, "align this model (models:/..., a folder, a hub id) instead of the input's")
 
     def check(self, where: str, upstream: dict) -> None:
@@ -118,18 +114,18 @@ def _file_pairs(ctx: StageContext, cfg: RLSettings, tokenizer, uri: str, kind: s
     encoded = (encode_preference(tokenizer, p, c, r, cfg.seq_len, default_system=system) for p, c, r in raw)
     # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).
     usable = (e for e in encoded if any(e[0][1]) and any(e[1][1]))
-    return list(itertools.islice(usable, cfg.max_pairs * (1 + (cfg.data_half != "all")) + cfg.heldout_pairs))
+    return list(itertools.islice(usable, cfg.max_pairs * (1 + (cfg.pair_half != "all")) + cfg.heldout_pairs))
 
 
 def _split_pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[dict[str | None, list], list]:
     """({kind: its held-out pairs}, training pairs): the first `heldout_pairs` of each file are
-    held out, the rest (or `data_half` of it) trained on."""
+    held out, the rest (or `pair_half` of it) trained on."""
     heldout: dict[str | None, list] = {}
     train_pairs: list = []
     for uri, kind in zip(cfg.data, check_kinds(cfg, cfg.data, f"stages.{ctx.stage}")):
         pairs = _file_pairs(ctx, cfg, tokenizer, uri, kind)
         held, rest = pairs[: cfg.heldout_pairs], pairs[cfg.heldout_pairs:]
-        rest = rest if cfg.data_half == "all" else rest[HALVES.index(cfg.data_half) - 1 :: 2]
+        rest = rest if cfg.pair_half == "all" else rest[cfg.pair_half == "b" :: 2]
         if not rest or len(held) < cfg.heldout_pairs:
             raise UserError(f"stages.{ctx.stage}.data: {uri} has {len(pairs)} usable pairs, too few to hold out "
                             f"heldout_pairs={cfg.heldout_pairs} and train on the rest; add data or lower heldout_pairs")
@@ -223,6 +219,7 @@ def _rollout_settings(ctx: StageContext, cfg: RLSettings, reward=None):
     return RolloutSettings(
         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, system_prompt=_system_prompt(ctx), reward=reward or Reward(cfg),
+        thinking_budget=cfg.thinking_budget,
     )
 
 
@@ -273,16 +270,15 @@ def _prompts(ctx: StageContext, cfg: RLSettings, tokenizer, reward) -> tuple[lis
 
     where = f"stages.{ctx.stage}.problems"
     room = cfg.seq_len - cfg.max_new_tokens
-    held = cfg.heldout_prompts if reward.models is not None else 0  # measured where a reward model scores
     heldout, train_prompts = [], []
     for uri, kind in zip(cfg.problems, check_kinds(cfg, cfg.problems, f"stages.{ctx.stage}")):
         prompts = [{**p, "kind": kind} for p in read_data_files([uri], where, load_prompts)
                    if len(encode_prompt(tokenizer, messages_of(p), _system_prompt(ctx))) <= room]
-        heldout += prompts[:held]
-        train_prompts += prompts[held:]
+        heldout += prompts[: cfg.heldout_prompts]
+        train_prompts += prompts[cfg.heldout_prompts:]
     if not train_prompts:
         raise UserError(f"{where}: no prompt left to train on: none fits seq_len - max_new_tokens = {room} tokens "
-                        f"beyond the heldout_prompts={held} held out; raise seq_len or add prompts")
+                        f"beyond the heldout_prompts={cfg.heldout_prompts} held out; raise seq_len or add prompts")
     if not reward.pays_for(train_prompts):
         raise UserError(f"{where}: these prompts have no answers to check, so every reward would be 0; wire a "
                         "reward model (`from: {reward_model: NAME}`) or set think_reward/language_reward")
@@ -385,35 +381,18 @@ def run_rs_sft(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     return policy, summary
 
 
-def _chat_prompts(ctx: StageContext, cfg: RLSettings) -> tuple[list, list]:
-    """(training prompts, held-out prompts): the distinct prompt turns of the `prompts` pairs,
-    in file order; the last `heldout_prompts` are held out (reward models that read the same
-    files from the start reach them only if they read them whole)."""
-    from llm_lifecycle.workflows.data.chat_data import load_preference_pairs
-
-    pairs = read_data_files(cfg.prompts, f"stages.{ctx.stage}.prompts", load_preference_pairs)
-    distinct = list({json.dumps(p, sort_keys=True): p for p, _, _ in pairs}.values())
-    if len(distinct) <= cfg.heldout_prompts:
-        raise UserError(f"stages.{ctx.stage}: {len(distinct)} distinct prompts cannot fill heldout_prompts="
-                        f"{cfg.heldout_prompts} and leave some for the rounds; add prompts or lower heldout_prompts")
-    return distinct[: -cfg.heldout_prompts], distinct[-cfg.heldout_prompts:]
-
-
 def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     from llm_lifecycle.workflows.rl.iterative_dpo import IterativeDPOSettings, iterative_dpo
 
-    reward_model = _load_rm(ctx, "reward_model", cfg.reward_model, "reward_model")[0]
-    if reward_model is None:
-        raise UserError(f"stages.{ctx.stage}: method iterative-dpo ranks samples with a reward model; add "
-                        "`from: {model: SFT, reward_model: RM}` naming an rl instance with method rm")
-    judge = _load_rm(ctx, "judge", cfg.judge, "judge")[0]
-    train_prompts, heldout = _chat_prompts(ctx, cfg)
+    reward = _reward(ctx, cfg)
+    heldout, train_prompts = _prompts(ctx, cfg, tokenizer, reward)
     rounds = IterativeDPOSettings(
         rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round, group_size=cfg.group_size,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta,
         sft_weight=cfg.sft_weight, system_prompt=_system_prompt(ctx),
     )
-    summary = iterative_dpo(ctx, policy, tokenizer, reward_model, judge, train_prompts,
+    judge = _load_rm(ctx, "judge", cfg.judge, "judge")
+    summary = iterative_dpo(ctx, policy, tokenizer, reward, judge if judge[0] is not None else None, train_prompts,
                             heldout, _train_settings(cfg), rounds)
     return policy, summary
 
