@@ -14,7 +14,7 @@ from llm_lifecycle.workflows.rl.iterative_dpo import best_worst_pairs, round_pro
 
 
 def test_best_worst_pairs_take_the_extremes_and_drop_ties():
-    prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    prompts = [{"messages": [{"role": "user", "content": q}]} for q in "ab"]
     replies = ["a1", "a2", "a3", "b1", "b2", "b3"]
     scores = torch.tensor([0.5, 2.0, -1.0, 1.0, 1.0, 1.0])
     pairs, gaps = best_worst_pairs(prompts, replies, scores, 3)
@@ -61,7 +61,7 @@ TINY = ["rl.method=iterative-dpo", "rl.rounds=2", "rl.steps=2", "rl.batch_size=2
 def _run(workspace, models, stage_dir):
     inputs = {"model": {"model": str(models["sft"])}, "reward_model": {"reward_model": str(models["rm"])},
               "judge": {"reward_model": str(models["judge"])}}
-    return run_rl_stage(workspace, [*TINY, f"rl.prompts=[{models['prompts']}]"], inputs, stage_dir)
+    return run_rl_stage(workspace, [*TINY, f"rl.problems=[{models['prompts']}]"], inputs, stage_dir)
 
 
 @pytest.mark.slow  # ~50 s on the shared 2-core machine

@@ -2,8 +2,9 @@
 
 Each round:
   1. the current policy samples `group_size` replies to each of `prompts_per_round` prompts;
-  2. a reward model scores them; the best and the worst reply of each prompt make a
-     preference pair (a prompt whose replies all score the same teaches nothing: dropped);
+  2. the reward (workflows/rl/rewards.py: a reward model, rule rewards, or a weighted sum)
+     scores them; the best and the worst reply of each prompt make a preference pair (a
+     prompt whose replies all score the same teaches nothing: dropped);
   3. the policy trains on those pairs with DPO for `steps` steps.
 
 The policy carries over from round to round; the DPO reference stays the model the first
@@ -13,10 +14,10 @@ the KL-regularised objective Xiong et al. analyse is relative to that initial mo
 every round optimises the same target, and β keeps bounding the distance from SFT instead
 of allowing a fresh β-sized step per round, as a reference re-anchored each round would.
 
-After every round the policy answers held-out prompts greedily, and a judge — a second
-reward model, trained on a disjoint half of the preference data, never the one that ranked
-the samples — compares its replies with the SFT model's: the judge win rate. Per-round
-figures go to the tracker with step = round (round 0: the SFT model).
+After every round the policy answers held-out prompts greedily: their reward, and how often
+a judge — a second reward model, trained on a disjoint half of the preference data, never
+the one that ranked the samples — prefers them to the SFT model's replies (the judge win
+rate). Per-round figures go to the tracker with step = round (round 0: the SFT model).
 
 A finished round leaves `round-N/round.json` and its trainer checkpoints, so a re-run
 resumes after the last finished round and, within a round, from its newest checkpoint.
@@ -32,17 +33,11 @@ from pathlib import Path
 
 import torch
 
-from llm_lifecycle.workflows.data.chat_data import (
-    Conversation,
-    PreferenceBatches,
-    dpo_train_loss,
-    encode_preference,
-    encode_prompt,
-)
+from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_train_loss, encode_preference, encode_prompt
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, latest_checkpoint, read_checkpoint, train
 from llm_lifecycle.workflows.rl.judge import win_rate
 from llm_lifecycle.workflows.rl.policy_opt import pad_id_of
-from llm_lifecycle.workflows.rl.reward_model import RewardModel, score_replies
+from llm_lifecycle.workflows.rl.rewards import Reward, messages_of
 from llm_lifecycle.workflows.rl.verifiable import stop_ids
 from llm_lifecycle.workflows.runner.stage import StageContext, UserError, write_json_atomic
 
@@ -62,30 +57,32 @@ class IterativeDPOSettings:
 
 @dataclass
 class Judging:
-    """What each round is measured on: held-out prompts, the SFT model's replies to them, the judge."""
+    """What each round is measured on: held-out prompts, the SFT model's replies to them, and
+    the judge (a reward model and its tokenizer), if any."""
 
-    prompts: list[Conversation]
+    prompts: list[dict]
     sft_replies: list[str]
-    judge: RewardModel | None
+    judge: tuple | None
 
 
 # ---- sampling and ranking -----------------------------------------------------------------------
 
 
-def sample_replies(policy, tokenizer, prompts: list[Conversation], n: int, s: IterativeDPOSettings,
-                   temperature: float, seed: int) -> list[str]:
-    """`n` replies per prompt (n consecutive entries per prompt), decoded without the stop token."""
+def sample_replies(policy, tokenizer, prompts: list[dict], n: int, s: IterativeDPOSettings, temperature: float,
+                   seed: int) -> tuple[list[str], list[bool]]:
+    """`n` replies per prompt (n consecutive entries per prompt), decoded without the stop
+    token, and whether each finished (stopped before max_new_tokens)."""
     from llm_lifecycle.models.generate import generate
 
-    ids = [encode_prompt(tokenizer, p, default_system=s.system_prompt) for p in prompts]
+    ids = [encode_prompt(tokenizer, messages_of(p), default_system=s.system_prompt) for p in prompts]
     rows = [p for p in ids for _ in range(n)]
     outs = generate(policy, rows, max_new_tokens=s.max_new_tokens, temperature=temperature, top_p=s.top_p,
                     stop_ids=stop_ids(tokenizer), seed=seed)
-    return [tokenizer.decode(o) for o in outs]
+    return [tokenizer.decode(o) for o in outs], [len(o) < s.max_new_tokens for o in outs]
 
 
-def best_worst_pairs(prompts: list[Conversation], replies: list[str], scores: torch.Tensor,
-                     n: int) -> tuple[list[tuple[Conversation, str, str]], torch.Tensor]:
+def best_worst_pairs(prompts: list[dict], replies: list[str], scores: torch.Tensor,
+                     n: int) -> tuple[list[tuple[dict, str, str]], torch.Tensor]:
     """Per prompt, (prompt, highest-scored reply, lowest-scored reply), and each kept pair's
     score gap; prompts whose best and worst tie (or read the same) are left out."""
     pairs, gaps = [], []
@@ -102,7 +99,7 @@ def best_worst_pairs(prompts: list[Conversation], replies: list[str], scores: to
 # ---- one round ----------------------------------------------------------------------------------
 
 
-def round_prompts(prompts: list[Conversation], round_index: int, per_round: int) -> list[Conversation]:
+def round_prompts(prompts: list[dict], round_index: int, per_round: int) -> list[dict]:
     """Round r's prompts: the next `per_round` of the training prompts, wrapping around."""
     start = round_index * per_round
     return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
@@ -124,7 +121,7 @@ class _RoundTracker:
 
 def _train_round(ctx: StageContext, policy, reference, tokenizer, pairs, settings: TrainSettings,
                  s: IterativeDPOSettings, round_index: int) -> dict[str, float]:
-    encoded = [encode_preference(tokenizer, p, c, r, settings.seq_len, default_system=s.system_prompt)
+    encoded = [encode_preference(tokenizer, messages_of(p), c, r, settings.seq_len, default_system=s.system_prompt)
                for p, c, r in pairs]
     try:
         data = PreferenceBatches(encoded, settings.batch_size, seed=ctx.seed + round_index,
@@ -140,18 +137,17 @@ def _train_round(ctx: StageContext, policy, reference, tokenizer, pairs, setting
     )
 
 
-def run_round(ctx: StageContext, policy, reference, reward_model, tokenizer, prompts: list[Conversation],
+def run_round(ctx: StageContext, policy, reference, reward: Reward, tokenizer, prompts: list[dict],
               train_settings: TrainSettings, s: IterativeDPOSettings, round_index: int) -> dict[str, float]:
     """Sample, rank, train: one round. The figures of the replies sampled this round (by the
     policy as the round found it) and of its DPO training."""
     seed = ctx.seed * 1_000_003 + round_index
-    replies = sample_replies(policy, tokenizer, prompts, s.group_size, s, s.temperature, seed)
-    repeated = [p for p in prompts for _ in range(s.group_size)]
-    scores = score_replies(reward_model, tokenizer, repeated, replies, s.system_prompt)
+    replies, finished = sample_replies(policy, tokenizer, prompts, s.group_size, s, s.temperature, seed)
+    scores, _ = reward([p for p in prompts for _ in range(s.group_size)], replies, finished)
     pairs, gaps = best_worst_pairs(prompts, replies, scores, s.group_size)
     if not pairs:
-        raise UserError(f"stages.{ctx.stage}: round {round_index + 1}: every prompt's {s.group_size} replies scored "
-                        "the same; raise temperature or group_size")
+        raise UserError(f"stages.{ctx.stage}: round {round_index + 1}: every prompt's {s.group_size} replies got "
+                        "the same reward; raise temperature or group_size")
     summary = _train_round(ctx, policy, reference, tokenizer, pairs, train_settings, s, round_index)
     return {"sample_reward": float(scores.mean()), "reward_gap": float(gaps.mean()), "pairs": float(len(pairs)),
             "dpo_loss": summary["final_loss"]}
@@ -160,14 +156,18 @@ def run_round(ctx: StageContext, policy, reference, reward_model, tokenizer, pro
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-def measure(policy, reward_model, tokenizer, judging: Judging, s: IterativeDPOSettings, seed: int) -> dict[str, float]:
-    """The policy's greedy replies to the held-out prompts: their reward from the ranking
-    reward model and, given a judge, how often the judge prefers them to the SFT model's."""
-    replies = sample_replies(policy, tokenizer, judging.prompts, 1, s, 0.0, seed)
-    figures = {"heldout_reward": float(score_replies(reward_model, tokenizer, judging.prompts, replies,
-                                                     s.system_prompt).mean())}
+def measure(policy, reward: Reward, tokenizer, judging: Judging, s: IterativeDPOSettings,
+            seed: int) -> dict[str, float]:
+    """The policy's greedy replies to the held-out prompts: their reward (the one that ranks
+    the samples) and, given a judge, how often the judge prefers them to the SFT model's."""
+    if not judging.prompts:
+        return {}
+    replies, finished = sample_replies(policy, tokenizer, judging.prompts, 1, s, 0.0, seed)
+    figures = {"heldout_reward": float(reward(judging.prompts, replies, finished)[0].mean())}
     if judging.judge is not None:
-        judged = win_rate(judging.judge, tokenizer, judging.prompts, replies, judging.sft_replies, s.system_prompt)
+        judge, judge_tokenizer = judging.judge
+        judged = win_rate(judge, judge_tokenizer, [messages_of(p) for p in judging.prompts], replies,
+                          judging.sft_replies, s.system_prompt)
         figures.update({"judge_win_rate": judged["win_rate"], "judge_score": judged["judge_score_a"]})
     return figures
 
@@ -186,22 +186,24 @@ def _restore_round(ctx: StageContext, policy, round_index: int) -> None:
     policy.load_state_dict(state["model"])
 
 
-def iterative_dpo(ctx: StageContext, policy, tokenizer, reward_model: RewardModel, judge: RewardModel | None,
-                  train_prompts: list[Conversation], heldout_prompts: list[Conversation],
-                  train_settings: TrainSettings, s: IterativeDPOSettings) -> dict[str, float]:
-    """Run the rounds on `policy` in place; the summary (each round's figures suffixed by its number)."""
+def iterative_dpo(ctx: StageContext, policy, tokenizer, reward: Reward, judge: tuple | None,
+                  train_prompts: list[dict], heldout_prompts: list[dict], train_settings: TrainSettings,
+                  s: IterativeDPOSettings) -> dict[str, float]:
+    """Run the rounds on `policy` in place; the summary (each round's figures suffixed by its
+    number). `judge`: (reward model, its tokenizer) or None."""
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     seed = ctx.seed * 1_000_003 + 999_983  # the held-out replies' seed (greedy: used only on ties)
-    judging = Judging(heldout_prompts, sample_replies(reference, tokenizer, heldout_prompts, 1, s, 0.0, seed), judge)
-    figures = measure(policy, reward_model, tokenizer, judging, s, seed)
+    sft_replies, _ = sample_replies(reference, tokenizer, heldout_prompts, 1, s, 0.0, seed)
+    judging = Judging(heldout_prompts, sft_replies, judge)
+    figures = measure(policy, reward, tokenizer, judging, s, seed)
     ctx.tracker.log_metrics({f"round.{k}": v for k, v in figures.items()}, step=0)
     summary = {f"{k}.round0": v for k, v in figures.items()}
     for r in range(s.rounds):
         done = _finished_round(ctx, r)
         if done is None:
             prompts = round_prompts(train_prompts, r, s.prompts_per_round)
-            done = run_round(ctx, policy, reference, reward_model, tokenizer, prompts, train_settings, s, r)
-            done.update(measure(policy.cpu(), reward_model, tokenizer, judging, s, seed))
+            done = run_round(ctx, policy, reference, reward, tokenizer, prompts, train_settings, s, r)
+            done.update(measure(policy.cpu(), reward, tokenizer, judging, s, seed))
             write_json_atomic(ctx.stage_dir / f"round-{r + 1}" / "round.json", done)
         else:
             _restore_round(ctx, policy, r)
