@@ -26,11 +26,32 @@ from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow
 from llm_lifecycle.models.config import ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
+# ChatML with Qwen's tool turns (workflows/data/chat_data.py renders the same text for training):
+# an assistant's tool_calls follow its content as <tool_call> JSON lines, and a run of `tool`
+# messages becomes one user turn of <tool_response> blocks. Thinking (<think>, /think) is plain
+# text in the messages. `enable_thinking=False` opens the reply with Qwen3's empty think block.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% if message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user\\n' }}"
+    "{% else %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set call = call['function'] if call['function'] is defined else call %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": ' + (call['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{ call['arguments'] if call['arguments'] is string else (call['arguments'] | tojson) }}"
+    "{{ '}\\n</tool_call>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 # ---- the family table --------------------------------------------------------------------------

@@ -487,6 +487,7 @@ def log_and_register_model(
     from mlflow.tracking import MlflowClient
 
     from llm_lifecycle import __version__
+    from llm_lifecycle.models.pyfunc import PARAMS  # the logged code's own generation params
 
     with _active(tracker.run_id), warnings.catch_warnings():
         # on purpose, see below; MLflow starts the message with a colour code
@@ -499,7 +500,9 @@ def log_and_register_model(
             # with an example MLflow loads the model and generates twice per version (to infer
             # the signature, then to check serving): 11-15 CPU s per version against 0.1 s,
             # for a model the stage has just trained and measured.
-            signature=infer_signature(["Once upon a time"], ["a continuation"]),
+            # The params schema lets callers pass generation params (MLflow drops params a
+            # signature does not declare).
+            signature=infer_signature(["Once upon a time"], ["a continuation"], params=PARAMS),
             pip_requirements=[f"llm-lifecycle=={__version__}"],
             registered_model_name=registered_name,
         )

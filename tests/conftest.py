@@ -72,6 +72,27 @@ def workspace(tmp_path, monkeypatch) -> Path:
     return ws
 
 
+def run_rl_stage(workspace: Path, sets: list[str], inputs: dict[str, dict[str, str]], stage_dir: Path):
+    """(StageResult, MLflow run id) of the `arith-grpo` recipe's rl stage with `sets`, run
+    directly (real MLflow store, real training) on the given inputs: port -> outputs."""
+    import mlflow
+
+    from llm_lifecycle.registry import tracking
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext, StageResult
+    from llm_lifecycle.workflows.stages import rl
+
+    recipe = load_recipe("arith-grpo", sets)
+    tracking.configure(workspace)
+    with tracking.start_run(recipe.name, "rl", {"llm.stage": "rl"}) as tracker:
+        inst = recipe.instances["rl"]
+        ctx = StageContext(stage="rl", kind="rl", recipe=recipe, workspace=workspace, stage_dir=stage_dir,
+                           inputs={port: StageResult(outputs=out) for port, out in inputs.items()},
+                           sources={port: port for port in inputs}, values=inst.upstream, tracker=tracker,
+                           progress=SilentProgress(), seed=recipe.seed)
+        return rl.run(ctx, inst.settings), mlflow.active_run().info.run_id
+
+
 def shakespeare(chars: int) -> str:
     """The first `chars` characters of the shipped Tiny Shakespeare excerpt
     (workflows/data/builtin/corpus, public domain), its speeches joined by blank lines as in the play text."""

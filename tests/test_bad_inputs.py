@@ -78,6 +78,31 @@ def test_settings_of_the_wrong_kind(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("rl.rounds=0", "stages.rl.rounds: expected an integer >= 1, got 0"),
+    ("rl.prompts_per_round=-3", "stages.rl.prompts_per_round: expected an integer >= 1, got -3"),
+])
+def test_bad_iterative_dpo_settings_are_refused_before_any_run(workspace, setting, says):
+    line = one_line_error(["pipeline", "llama-small", "--set", "rl.method=iterative-dpo", "--set", setting])
+    assert says in line, line
+    assert runs_in(workspace) == 0
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("rl.reward_model=./no-such-rm", "stages.rl.reward_model: './no-such-rm' is not a folder; give models:/NAME@ALIAS"),
+    ("rl.judge=missing", "stages.rl.judge: 'missing' is not a folder"),
+    ("rl.kinds=[safety]", "stages.rl.kinds: 1 kinds for 2 data files; give one per file"),
+    ("rl.kinds=['', b]", "stages.rl.kinds: expected a list of non-empty names"),
+    ("rl.kind_prompts={safety: Be safe.}", "stages.rl.kind_prompts: 'safety' is not among kinds []"),
+    ("rl.safety_threshold=2", "stages.rl.safety_threshold: expected a number from 0 to 1"),
+    ("rl.think_reward=-1", "stages.rl.think_reward: expected a finite number >= 0"),
+    ("rl.pair_half=c", "stages.rl.pair_half: 'c' is not available; choose one of all, a, b"),
+])
+def test_reward_settings_out_of_range_before_any_run(workspace, setting, says):
+    assert says in one_line_error(["pipeline", "llama-small", "--set", setting])
+    assert runs_in(workspace) == 0
+
+
 @pytest.mark.parametrize("setting", ["pretrain.batch_size=1000000000", "model.dim=100000000000000000000"])
 def test_what_cannot_fit_in_memory_is_refused_before_any_run(workspace, setting):
     line = one_line_error(["pipeline", "llama-small", "--set", setting])
@@ -179,6 +204,31 @@ def test_damaged_model_folders(workspace, model_dir, tmp_path, damage, says):
 @pytest.mark.parametrize("option", [["--batch-size", "0"], ["--num-fewshot", "-1"]])
 def test_eval_options_out_of_range(workspace, option):
     assert option[0] in one_line_error(["eval", "--model", "x", *option])
+
+
+# ---- thinking modes (Qwen3) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, says", [
+    (["chat", "--model", "x", "--thinking-budget", "-1"], "llm chat --thinking-budget -1: must be >= 0"),
+    (["eval", "--model", "x", "--thinking-budget", "-3"], "llm eval: --thinking-budget must be >= 0"),
+    (["eval", "--model", "x", "--no-think"], "--think/--no-think end a chat turn; add --apply-chat-template"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "rl.thinking_budget=-1"], "stages.rl.thinking_budget"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "eval.thinking_budget=-2"], "stages.eval.thinking_budget"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "sft.eval_thinking=maybe"], "stages.sft.eval_thinking"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "sft.eval_thinking=true"],
+     "stages.sft.eval_thinking: needs eval_data"),
+])
+def test_bad_thinking_settings(workspace, args, says):
+    assert says in one_line_error(args)
+    assert runs_in(workspace) == 0
+
+
+def test_a_thinking_budget_for_a_model_without_think_tokens(workspace, model_dir):
+    for command in (["chat", "--model", str(model_dir), "--thinking-budget", "8", "--prompt", "hi"],
+                    ["eval", "--model", str(model_dir), "--suite", "gsm8k", "--limit", "1", "--thinking-budget", "8"]):
+        assert "needs a tokenizer with <think> and </think>" in one_line_error(command)
+    assert runs_in(workspace) == 0
 
 
 def test_a_gsm8k_file_with_a_broken_line(workspace, model_dir, tmp_path):

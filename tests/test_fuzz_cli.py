@@ -85,11 +85,11 @@ def _parses_as_float(text: str) -> bool:
 
 POSITIVE_INTS = ["steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
                  "minhash_num_perm", "min_frequency", "shard_tokens", "eval_windows", "max_examples", "max_pairs",
-                 "heldout_pairs", "limit", "max_gen_toks", "calib_windows"]
+                 "heldout_pairs", "limit", "max_gen_toks", "calib_windows", "rounds", "prompts_per_round"]
 BAD_RANGES = {
     **{k: st.integers(max_value=0) for k in POSITIVE_INTS},
     "seq_len": st.integers(max_value=1),
-    "vocab_size": st.integers(max_value=259),
+    "vocab_size": st.integers(max_value=264),
     "warmup_steps": st.integers(max_value=-1),
     "min_chars": st.integers(max_value=-1),
     "workers": st.integers(max_value=-1),
@@ -103,6 +103,14 @@ BAD_RANGES = {
     "beta": st.floats(max_value=0),
     "weight_decay": st.floats(max_value=-1e-9),
     "sft_weight": st.floats(max_value=-1e-9),
+    **{k: st.floats(max_value=-1e-9) | st.just(math.inf) for k in ("reward_model_weight", "correct_reward",
+                                                                    "format_reward", "think_reward", "language_reward")},
+    "safety_threshold": st.floats(max_value=-1e-9) | st.floats(min_value=1.0001) | st.just(math.nan),
+    "pair_half": st.text(max_size=4).filter(lambda t: t not in ("all", "a", "b")),
+    "heldout_prompts": st.integers(max_value=-1),
+    **{k: st.sampled_from(["no-such-folder", "./missing/rm", "~/nope"]) for k in ("reward_model", "safety_model", "judge")},
+    "kinds": st.lists(st.just(""), min_size=1, max_size=2) | st.lists(st.just("safety"), min_size=3, max_size=4),
+    "kind_prompts": st.just({"unnamed-kind": "Be safe."}) | st.just({"": ""}),
     "min_lr_ratio": st.floats(min_value=1.0001, exclude_min=True) | st.floats(max_value=-1e-9) | st.just(math.nan),
     "beta1": st.floats(min_value=1.0) | st.floats(max_value=-1e-9),
     "beta2": st.floats(min_value=1.0) | st.floats(max_value=-1e-9),
@@ -115,6 +123,7 @@ BAD_RANGES = {
     "bits": st.integers().filter(lambda b: b not in (4, 8)),
     "group_size": st.integers(max_value=-1),
     "calib_windows": st.integers(max_value=0),
+    "thinking_budget": st.integers(max_value=-1),
     "data": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)
@@ -264,7 +273,7 @@ def good_recipe(draw):
     }))
     doc["stages"].setdefault(stage, {}).update(changes)
     doc["seed"] = draw(st.integers(0, 2**32 - 1))
-    doc["stages"]["tokenizer-train"]["vocab_size"] = draw(st.integers(260, 70000))
+    doc["stages"]["tokenizer-train"]["vocab_size"] = draw(st.integers(265, 70000))
     return doc
 
 

@@ -132,7 +132,7 @@ def test_each_instance_is_its_own_run_and_registry_alias(tiny):
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id}
     assert set(children) == set(TINY_GRAPH["stages"])
     assert children["rl-2"].data.tags["llm.kind"] == "rl" and children["rl-2"].data.tags["llm.parent_stage"] == "rl-1"
-    assert children["reasoning"].data.tags["llm.parent_stage"] == "tokenizer-train,tokenize,general"
+    assert children["reasoning"].data.tags["llm.parent_stage"] == "general,tokenizer-train,tokenize"
     for alias in ("general", "reasoning", "sft", "rl-1", "rl-2"):
         version = client.get_model_version_by_alias("tiny-graph", alias)
         assert version.tags["llm.stage"] == alias

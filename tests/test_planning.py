@@ -69,6 +69,31 @@ def test_mla_plan_counts_the_latent_cache():
     assert 2.0 < mem["kv_cache"] / 2**30 < 2.2
 
 
+def test_deepseek_v2_small_generates_the_same_tokens_from_a_cache_16x_below_the_expanded_one():
+    """The latent cache generate() allocates, against expanded keys and values per head (what
+    the cache held before; benches/mla_cache_memory.py measures that code at 4k context)."""
+    from llm_lifecycle.models.generate import generate
+
+    cfg = ModelConfig.from_dict(load_preset("deepseek-v2-small"))
+    torch.manual_seed(0)
+    model = Decoder(cfg).eval()
+    with torch.no_grad():  # wide weights: clear argmax margins
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.08)
+    prompt, new = torch.randint(0, cfg.vocab_size, (192,), generator=torch.Generator().manual_seed(1)).tolist(), 8
+    ids = list(prompt)
+    with torch.no_grad():  # no cache: every step the whole sequence in the expanded form
+        for _ in range(new):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert generate(model, [prompt], new) == [ids[len(prompt):]]
+    length = len(prompt) + new - 1  # what generate() caches
+    latent = model.new_static_kv_cache(1, length).nbytes
+    expanded = cfg.n_layers * length * cfg.n_heads * (cfg.head_dim + cfg.v_head_dim) * 4  # fp32 keys + values
+    assert expanded / latent == 16  # 16 heads x (48 + 32) / (64 + 16)
+    assert inference_memory(shape_of(cfg), 1, length, "fp32")["kv_cache"] == latent
+
+
 def test_published_size_breakdown_adds_up():
     cfg = ModelConfig.from_dict(load_preset("llama3-8b"))
     mem = inference_memory(shape_of(cfg), 1, 8192, "bf16")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_rl_stage
 
 from llm_lifecycle.workflows.data import arith
 from llm_lifecycle.workflows.rl.policy_opt import gae, group_advantages, k3_kl
@@ -109,19 +110,9 @@ TINY_RL = ["rl.steps=2", "rl.batch_size=2", "rl.group_size=2", "rl.max_new_token
 
 
 def _run_rl(workspace, sft_dir, method):
-    from llm_lifecycle.registry import tracking
-    from llm_lifecycle.workflows.stages import rl
-    from llm_lifecycle.workflows.runner.recipe import load_recipe
-    from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext, StageResult
-
-    recipe = load_recipe("arith-grpo", [*TINY_RL, f"rl.method={method}"])
-    tracking.configure(workspace)
-    with tracking.start_run(recipe.name, "rl", {"llm.stage": "rl"}) as tracker:
-        inst = recipe.instances["rl"]
-        ctx = StageContext(stage="rl", kind="rl", recipe=recipe, workspace=workspace, stage_dir=workspace / method,
-                           inputs={"model": StageResult(outputs={"model": str(sft_dir)})}, sources={"model": "sft"},
-                           values=inst.upstream, tracker=tracker, progress=SilentProgress(), seed=recipe.seed)
-        return rl.run(ctx, inst.settings)
+    result, _ = run_rl_stage(workspace, [*TINY_RL, f"rl.method={method}"], {"model": {"model": str(sft_dir)}},
+                             workspace / method)
+    return result
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

@@ -1,7 +1,8 @@
-"""Online RL on problems with checkable answers: GRPO and PPO.
+"""Online RL: GRPO and PPO.
 
 Both sample completions from the current policy (KV-cache generation), score them with the
-verifiable rewards (workflows/rl/verifiable.py), and keep the policy near a frozen reference.
+reward of workflows/rl/rewards.py (a reward model, the checkable answers' rules, or a
+weighted sum), and keep the policy near a frozen reference.
 
 GRPO (Shao et al. 2024, DeepSeekMath; DeepSeek-R1, Qwen3): `group_size` samples per prompt;
 each sample's advantage is its reward minus the group's mean, over the group's std; no
@@ -22,13 +23,18 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from llm_lifecycle.workflows.data.chat_data import IGNORE_INDEX, _EpochOrder
-from llm_lifecycle.workflows.rl.verifiable import RewardWeights, correctness_reward, format_reward, prompt_ids, stop_ids
+from llm_lifecycle.workflows.rl.rewards import messages_of
+from llm_lifecycle.workflows.rl.verifiable import stop_ids
+
+# reward(prompts, replies, finished) -> (rewards [N], correct [N]): workflows/rl/rewards.py Reward
+RewardFn = Callable[[list[dict], list[str], list[bool]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -38,7 +44,8 @@ class RolloutSettings:
     temperature: float
     top_p: float
     system_prompt: str | None
-    weights: RewardWeights
+    reward: RewardFn
+    thinking_budget: int = 0  # at most this many thinking tokens per sample (0: no limit)
 
 
 @dataclass
@@ -50,30 +57,30 @@ class Samples:
     rewards: torch.Tensor  # [N]
     correct: torch.Tensor  # [N] 1.0 where the final answer is right
     lengths: torch.Tensor  # [N] completion tokens
+    finished: torch.Tensor  # [N] True where the completion stopped before max_new_tokens
+    texts: list[str]  # [N] the completions, decoded
 
 
 def sample(policy, tokenizer, problems: list[dict], s: RolloutSettings, seed: int, pad_id: int) -> Samples:
-    """`group_size` completions for each problem, rows grouped by problem (g consecutive rows)."""
-    from llm_lifecycle.models.generate import generate
+    """`group_size` completions for each prompt (a dict, workflows/rl/rewards.py), rows grouped
+    by prompt (g consecutive rows)."""
+    from llm_lifecycle.models.generate import generate, thinking_budget
+    from llm_lifecycle.workflows.data.chat_data import encode_prompt
 
     stops = stop_ids(tokenizer)
-    prompts = [prompt_ids(tokenizer, p["question"], s.system_prompt) for p in problems]
+    prompts = [encode_prompt(tokenizer, messages_of(p), s.system_prompt) for p in problems]
     rows = [p for p in prompts for _ in range(s.group_size)]
     outs = generate(policy, rows, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                    stop_ids=stops, seed=seed)
-    sequences, rewards, correct, lengths = [], [], [], []
-    for i, (prompt, out) in enumerate(zip(rows, outs)):
-        reference = problems[i // s.group_size]["answer"]
-        text = tokenizer.decode(out)
-        stopped = len(out) < s.max_new_tokens
+                    stop_ids=stops, seed=seed, steer=thinking_budget(tokenizer, s.thinking_budget))
+    sequences, texts, finished, lengths = [], [], [], []
+    for prompt, out in zip(rows, outs):
+        stopped = len(out) < s.max_new_tokens  # a completion cut off never finished: no format credit
         completion = out + [stops[0]] if stopped else out  # train the stop token too
-        ok = correctness_reward(text, reference)
-        # A completion cut off by max_new_tokens gets no format credit: it never finished.
-        fmt = format_reward(text) if stopped else 0.0
-        rewards.append(s.weights.correct * ok + s.weights.format * fmt)
-        correct.append(ok)
+        texts.append(tokenizer.decode(out))
+        finished.append(stopped)
         lengths.append(len(completion))
         sequences.append((prompt, completion))
+    rewards, correct = s.reward([p for p in problems for _ in range(s.group_size)], texts, finished)
     width = max(len(p) + len(c) for p, c in sequences) - 1
     inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     targets = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -81,7 +88,8 @@ def sample(policy, tokenizer, problems: list[dict], s: RolloutSettings, seed: in
         seq = torch.tensor(prompt + completion)
         inputs[r, : len(seq) - 1] = seq[:-1]
         targets[r, len(prompt) - 1 : len(seq) - 1] = seq[len(prompt) :]
-    return Samples(inputs, targets, torch.tensor(rewards), torch.tensor(correct), torch.tensor(lengths, dtype=torch.float))
+    return Samples(inputs, targets, rewards.float(), correct.float(), torch.tensor(lengths, dtype=torch.float),
+                   torch.tensor(finished), texts)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

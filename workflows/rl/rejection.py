@@ -5,6 +5,7 @@ third stage); distill fine-tunes another, smaller one (DeepSeek-R1's distilled m
 from __future__ import annotations
 
 from llm_lifecycle.workflows.rl.policy_opt import RolloutSettings, pad_id_of, sample
+from llm_lifecycle.workflows.rl.verifiable import format_reward
 from llm_lifecycle.workflows.runner.stage import StageContext, UserError
 
 
@@ -20,11 +21,9 @@ def correct_answers(ctx: StageContext, model, tokenizer, problems: list[dict], r
             for i, problem in enumerate(chunk):
                 rows = range(i * rollout.group_size, (i + 1) * rollout.group_size)
                 best = max(rows, key=lambda r: float(out.rewards[r]))
-                if out.correct[best] and float(out.rewards[best]) >= rollout.weights.correct + rollout.weights.format:
-                    mask = out.targets[best] != -100
-                    answer = tokenizer.decode(out.targets[best][mask].tolist()[:-1])  # without the stop token
+                if out.correct[best] and out.finished[best] and format_reward(out.texts[best]):
                     kept.append([{"role": "user", "content": problem["question"]},
-                                 {"role": "assistant", "content": answer}])
+                                 {"role": "assistant", "content": out.texts[best]}])
             bar.advance(len(chunk))
     if not kept:
         raise UserError(f"{ctx.stage}: no sampled answer was correct; train the sampling model longer or sample more "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_lifecycle.workflows.data.chat_data import Encoded, _EpochOrder
-from llm_lifecycle.workflows.rl.policy_opt import ValueHead
+from llm_lifecycle.workflows.rl.policy_opt import ValueHead, pad_id_of
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -88,6 +88,33 @@ def heldout_accuracy(model: RewardModel, data: PairBatches) -> dict[str, float]:
         rejected.append(scores[n:].cpu())
     c, r = torch.cat(chosen), torch.cat(rejected)
     return {"rm_accuracy": float(pair_accuracy(c, r)), "rm_margin": float((c - r).mean())}
+
+
+@torch.no_grad()
+def score_replies(rm: RewardModel, tokenizer, prompts: list[list[dict]], replies: list[str],
+                  system_prompt: str | None, batch_size: int = 16) -> torch.Tensor:
+    """One score per (prompt conversation, assistant reply), read where training read it: the
+    last token of the ChatML chat, cut to the model's length as training cut its pairs.
+    `system_prompt` goes first when a conversation brings no system turn (the SFT model's
+    prompt, or a conditional reward model's domain prompt)."""
+    from llm_lifecycle.workflows.data.chat_data import encode_chat
+
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    rm.eval()
+    device = next(rm.parameters()).device
+    max_len, pad = rm.backbone.cfg.max_seq_len, pad_id_of(tokenizer)
+    rows = [encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": reply}], max_len,
+                        default_system=system_prompt)[0] for prompt, reply in zip(prompts, replies)]
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)] = torch.tensor(row)
+        last = torch.tensor([len(row) - 1 for row in chunk])
+        scores.append(rm(ids.to(device), last.to(device)).float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
 
 
 def save_reward_model(path: Path, model: RewardModel, tokenizer, extra: dict) -> Path:

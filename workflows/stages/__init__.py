@@ -21,6 +21,7 @@ MODULES = {
     "quantize": "quantize",
     "export": "export",
     "distill": "distill",
+    "upcycle": "upcycle",
 }
 # The default pipeline: the kinds a recipe that names no other kind runs, in this order.
 DEFAULT_CHAIN = ("data-fetch", "data-clean", "tokenizer-train", "tokenize", "pretrain", "extend-context", "sft", "rl",

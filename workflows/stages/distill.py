@@ -17,7 +17,6 @@ from llm_lifecycle.workflows.engine.trainer import TrainSettings
 from llm_lifecycle.workflows.rl.verifiable import (
     DEFAULT_SYSTEM_PROMPT,
     AnswerEvalSettings,
-    RewardWeights,
     heldout_answer_accuracy,
     load_problem_files,
 )
@@ -37,11 +36,12 @@ class DistillSettings(with_defaults(TrainSettings, steps=60, lr=3e-4, warmup_ste
 def run(ctx: StageContext, cfg: DistillSettings) -> StageResult:
     from llm_lifecycle.workflows.rl.policy_opt import RolloutSettings
     from llm_lifecycle.workflows.rl.rejection import correct_answers, fine_tune_on
+    from llm_lifecycle.workflows.rl.rewards import Reward, RewardSettings
 
     system = ctx.values.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
     teacher, teacher_tokenizer, _ = load_input_model(ctx, "teacher")
     rollout = RolloutSettings(group_size=cfg.samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_p=1.0, system_prompt=system, weights=RewardWeights(correct=1.0, format=0.2))
+                              top_p=1.0, system_prompt=system, reward=Reward(RewardSettings()))
     problems = load_problem_files(cfg.problems, f"stages.{ctx.stage}.problems")[: cfg.n_prompts]
     solutions = correct_answers(ctx, teacher, teacher_tokenizer, problems, rollout)
     del teacher

@@ -166,7 +166,8 @@ def fit_to_tokenizer(model, init_tokenizer, tokenizer, init_ref: str):
 
 KIND = StageKind(
     "pretrain", PretrainSettings, run,
-    # A later pretraining phase names the earlier phase in `from:` to continue its model.
-    inputs=(Port("tokenizer", "tokenizer"), Port("shards", "shards"), Port("model", "model", required=False, default=False)),
+    # A later pretraining phase names the earlier phase (or an upcycle) in `from:` to continue its
+    # model; that port comes first so the model's values (its config) win over the tokenizer's.
+    inputs=(Port("model", "model", required=False, default=False), Port("tokenizer", "tokenizer"), Port("shards", "shards")),
     output="model", trains=True,
 )

@@ -5,12 +5,18 @@
   ppo     PPO with a critic, KL 0.04 to the reference, running reward normalisation (Qwen)
   grpo    GRPO: group sampling, group-relative advantages, KL to the reference (DeepSeek-R1, Qwen3)
   rs-sft  rejection sampling: keep correct samples of the SFT model, fine-tune on them (DeepSeek-R1)
+  iterative-dpo  online iterative DPO: rounds of sampling, ranking by a reward model, DPO on best
+          vs worst (Qwen2; workflows/rl/iterative_dpo.py)
 
-rm and dpo learn from preference pairs (`data`); ppo, grpo and rs-sft from problems with a
-checkable final answer (`problems`, GSM8K format) scored by workflows/rl/verifiable.py. Each
-run registers its model under the method's name as alias (the policies also as `rl`).
-Held-out preference accuracy (rm, dpo) and held-out answer accuracy (`eval_data`) are
-measured before and after.
+rm and dpo learn from preference pairs (`data`); ppo, grpo and iterative-dpo from prompts (`problems`:
+GSM8K problems with checkable answers, or the conversations of chat and preference files)
+scored by workflows/rl/rewards.py: a reward model wired to the `reward_model` input (and
+Llama 2's `safety_model`), the rule rewards, or a weighted sum; rs-sft from problems with
+answers. Each run registers its model under the method's name as alias (the policies also
+as `rl`). Held-out preference accuracy (rm, dpo; per kind when `kinds` names them),
+held-out answer accuracy (`eval_data`), and for ppo/grpo the held-out reward of sampled
+replies, their KL to the reference and a `judge` reward model's win rate against the
+input model's replies are measured before and after.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from llm_lifecycle.workflows.engine.model_stage import load_init_model, load_input_model, save_stage_model
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, train
 from llm_lifecycle.workflows.refs import read_data_files, resolve_model_dir
+from llm_lifecycle.workflows.rl.rewards import RewardSettings, check_kinds
 from llm_lifecycle.workflows.rl.verifiable import (
     DEFAULT_SYSTEM_PROMPT,
     AnswerEvalSettings,
@@ -42,36 +49,52 @@ from llm_lifecycle.workflows.runner.settings import (
 )
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
-METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft")
+METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft", "iterative-dpo")
 
 
 @dataclass
-class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, warmup_steps=4), AnswerEvalSettings):
-    method: str = setting("dpo", "rm | dpo | ppo | grpo | rs-sft (see the module's docstring)", choices=METHODS)
+class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, warmup_steps=4), AnswerEvalSettings,
+                 RewardSettings):
+    method: str = setting("dpo", "rm | dpo | ppo | grpo | rs-sft | iterative-dpo (see the module's docstring)",
+                          choices=METHODS)
     beta: float = setting(0.1, "DPO's beta: how far the policy may move from the reference", limit=POSITIVE)
     sft_weight: float = setting(0.0, "DPO: weight of an added language-model loss on the chosen reply",
                                 limit=NON_NEGATIVE)
     data: list[str] = setting(["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz", "builtin:chat/zh_oasst1_rm_zh.json"],
                               "preference pairs (rm, dpo): builtin:NAME or paths", limit=NON_EMPTY_STRINGS)
-    max_pairs: int = setting(2000, "train on at most this many pairs", limit=AT_LEAST_1)
-    heldout_pairs: int = setting(64, "pairs held out for preference accuracy and margin", limit=AT_LEAST_1)
+    max_pairs: int = setting(2000, "train on at most this many pairs of each data file", limit=AT_LEAST_1)
+    heldout_pairs: int = setting(64, "pairs of each data file held out for preference accuracy and margin",
+                                 limit=AT_LEAST_1)
+    pair_half: str = setting("all", "train on all pairs left after the held-out ones, or on half a (even "
+                                    "positions) or b (odd): a judge trained on the other half than the reward's",
+                             choices=("all", "a", "b"))
     rm_margin: float = setting(0.5, "rm: ranking loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)",
                                limit=NON_NEGATIVE)
-    problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, rs-sft: GSM8K-format problems, "
-                                  "rewarded for the exact final number and the format", limit=NON_EMPTY_STRINGS)
-    group_size: int = setting(8, "samples per prompt (batch_size prompts per step)", limit=AT_LEAST_1)
+    problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, iterative-dpo: prompts (GSM8K "
+                                  "problems, chat or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS)
+    heldout_prompts: int = setting(0, "ppo, grpo, iterative-dpo: prompts of each `problems` file held out to measure "
+                                      "the reward, KL and judge win rate of sampled replies (0: none)",
+                                   limit=NON_NEGATIVE)
+    group_size: int = setting(8, "samples per prompt (ppo, grpo: batch_size prompts per step)", limit=AT_LEAST_1)
     temperature: float = setting(1.0, "sampling temperature", limit=POSITIVE)
     top_p: float = setting(1.0, "nucleus sampling mass", limit=FRACTION)
+    thinking_budget: int = setting(0, "ppo, grpo: at most this many thinking tokens per sample, then </think> is "
+                                      "forced (Qwen3); 0: no limit", limit=NON_NEGATIVE)
     kl_coef: float = setting(0.04, "KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)", limit=NON_NEGATIVE)
-    format_reward: float = setting(0.2, "paid for ending with a '#### N' line; a right answer pays 1",
-                                   limit=NON_NEGATIVE)
     clip: float = setting(0.2, "PPO/GRPO ratio clip", limit=POSITIVE)
     ppo_epochs: int = setting(2, "PPO passes over each rollout", limit=AT_LEAST_1)
     gamma: float = setting(1.0, "PPO discount", limit=FRACTION)
     gae_lambda: float = setting(0.95, "PPO GAE lambda", limit=FRACTION)
     vf_coef: float = setting(0.5, "PPO value-loss weight", limit=NON_NEGATIVE)
     rs_prompts: int = setting(256, "rs-sft: problems sampled for rejection sampling", limit=AT_LEAST_1)
+    rounds: int = setting(3, "iterative-dpo: rounds of sampling, ranking by the reward model and `steps` DPO steps",
+                          limit=AT_LEAST_1)
+    prompts_per_round: int = setting(64, "iterative-dpo: prompts per round, group_size replies each", limit=AT_LEAST_1)
     init: str | None = setting(None, "align this model (models:/..., a folder, a hub id) instead of the input's")
+
+    def check(self, where: str, upstream: dict) -> None:
+        super().check(where, upstream)
+        check_kinds(self, self.data if self.method in ("rm", "dpo") else self.problems, where)
 
 
 def _system_prompt(ctx: StageContext) -> str:
@@ -82,23 +105,32 @@ def _system_prompt(ctx: StageContext) -> str:
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def _pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> list:
+def _file_pairs(ctx: StageContext, cfg: RLSettings, tokenizer, uri: str, kind: str | None) -> list:
+    """One data file's usable encoded pairs, under its kind's system prompt (COOL RLHF) or the SFT's."""
     from llm_lifecycle.workflows.data.chat_data import encode_preference, load_preference_pairs
 
-    raw = read_data_files(cfg.data, f"stages.{ctx.stage}.data", load_preference_pairs)
-    system = _system_prompt(ctx)
+    raw = read_data_files([uri], f"stages.{ctx.stage}.data", load_preference_pairs)
+    system = cfg.kind_prompts.get(kind, _system_prompt(ctx))
     encoded = (encode_preference(tokenizer, p, c, r, cfg.seq_len, default_system=system) for p, c, r in raw)
     # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).
     usable = (e for e in encoded if any(e[0][1]) and any(e[1][1]))
-    return list(itertools.islice(usable, cfg.max_pairs + cfg.heldout_pairs))
+    return list(itertools.islice(usable, cfg.max_pairs * (1 + (cfg.pair_half != "all")) + cfg.heldout_pairs))
 
 
-def _split_pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[list, list]:
-    pairs = _pairs(ctx, cfg, tokenizer)
-    heldout, train_pairs = pairs[: cfg.heldout_pairs], pairs[cfg.heldout_pairs:]
-    if not train_pairs or not heldout:
-        raise UserError(f"stages.{ctx.stage}: {len(pairs)} usable pairs cannot fill heldout_pairs={cfg.heldout_pairs} "
-                        "and leave some to train on; add data or lower heldout_pairs")
+def _split_pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[dict[str | None, list], list]:
+    """({kind: its held-out pairs}, training pairs): the first `heldout_pairs` of each file are
+    held out, the rest (or `pair_half` of it) trained on."""
+    heldout: dict[str | None, list] = {}
+    train_pairs: list = []
+    for uri, kind in zip(cfg.data, check_kinds(cfg, cfg.data, f"stages.{ctx.stage}")):
+        pairs = _file_pairs(ctx, cfg, tokenizer, uri, kind)
+        held, rest = pairs[: cfg.heldout_pairs], pairs[cfg.heldout_pairs:]
+        rest = rest if cfg.pair_half == "all" else rest[cfg.pair_half == "b" :: 2]
+        if not rest or len(held) < cfg.heldout_pairs:
+            raise UserError(f"stages.{ctx.stage}.data: {uri} has {len(pairs)} usable pairs, too few to hold out "
+                            f"heldout_pairs={cfg.heldout_pairs} and train on the rest; add data or lower heldout_pairs")
+        heldout.setdefault(kind, []).extend(held)
+        train_pairs.extend(rest[: cfg.max_pairs])
     return heldout, train_pairs
 
 
@@ -109,27 +141,14 @@ def _train_settings(cfg: RLSettings, **changes) -> RLSettings:
 # ---- preference methods -----------------------------------------------------------------------
 
 
-def _logps(model, batch):
-    from llm_lifecycle.workflows.data.chat_data import sequence_logprobs
-
-    chosen_ids, chosen_tgt, rejected_ids, rejected_tgt = batch
-    width = max(chosen_ids.size(1), rejected_ids.size(1))
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.size(1)), value=v)  # noqa: E731
-    ids = torch.cat([pad(chosen_ids, 0), pad(rejected_ids, 0)])
-    tgt = torch.cat([pad(chosen_tgt, -100), pad(rejected_tgt, -100)])
-    logps = sequence_logprobs(model(ids).logits.float(), tgt)
-    n = chosen_ids.size(0)
-    return logps[:n], logps[n:], tgt[:n]
-
-
 def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
-    from llm_lifecycle.workflows.data.chat_data import dpo_loss
+    from llm_lifecycle.workflows.data.chat_data import dpo_loss, pair_logps
 
     totals: dict[str, float] = {}
     with torch.no_grad():
         for batch in batches:
-            pc, pr, _ = _logps(policy, batch)
-            rc, rr, _ = _logps(reference, batch)
+            pc, pr, _ = pair_logps(policy, batch)
+            rc, rr, _ = pair_logps(reference, batch)
             _, m = dpo_loss(pc, pr, rc, rr, beta)
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
@@ -137,27 +156,19 @@ def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
 
 
 def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
-    from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_loss
+    from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_train_loss
 
     settings = _train_settings(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    heldout, train_pairs = _split_pairs(ctx, cfg, tokenizer)
+    by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
+    heldout = [pair for pairs in by_kind.values() for pair in pairs]
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = PreferenceBatches(heldout, settings.batch_size, seed=ctx.seed, pad_id=pad)
     held_batches = [held.batch(i) for i in range(max(1, len(heldout) // settings.batch_size))]
     before = _dpo_heldout(policy, reference, held_batches, cfg.beta)
     data = PreferenceBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
-
-    def loss_fn(model, batch):
-        pc, pr, chosen_tgt = _logps(model, batch)
-        with torch.no_grad():
-            rc, rr, _ = _logps(reference.to(pc.device), batch)
-        sft_nll = -(pc / (chosen_tgt != -100).sum(-1).clamp(min=1)).mean() if cfg.sft_weight else None
-        loss, m = dpo_loss(pc, pr, rc, rr, cfg.beta, sft_nll=sft_nll, sft_weight=cfg.sft_weight)
-        return loss, {k: float(v) for k, v in m.items()}
-
     summary = train(
-        ctx, policy, settings, data.batches, loss_fn,
+        ctx, policy, settings, data.batches, dpo_train_loss(reference, cfg.beta, cfg.sft_weight),
         ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
@@ -173,10 +184,18 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
 
     settings = _train_settings(cfg)
     model = RewardModel(policy)
-    heldout, train_pairs = _split_pairs(ctx, cfg, tokenizer)
+    by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
-    held = PairBatches(heldout, settings.batch_size, seed=ctx.seed, pad_id=pad)
-    before = heldout_accuracy(model, held)
+    held = {kind: PairBatches(pairs, settings.batch_size, seed=ctx.seed, pad_id=pad) for kind, pairs in by_kind.items()}
+
+    def accuracy(m):
+        """Over all held-out pairs, and per kind when the data files have kinds."""
+        every = heldout_accuracy(m, PairBatches([p for b in held.values() for p in b.pairs], settings.batch_size,
+                                                seed=ctx.seed, pad_id=pad))
+        per_kind = {f"{kind}.{k}": v for kind, b in held.items() if kind for k, v in heldout_accuracy(m, b).items()}
+        return {**every, **per_kind}
+
+    before = accuracy(model)
     data = PairBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
     summary = train(
         ctx, model, settings, data.batches, rm_loss(cfg.rm_margin),
@@ -184,7 +203,7 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len),
         description="reward model",
     )
-    after = heldout_accuracy(model.cpu(), held)
+    after = accuracy(model.cpu())
     summary.update({f"heldout_before.{k}": v for k, v in before.items()})
     summary.update({f"heldout_after.{k}": v for k, v in after.items()})
     return model, summary
@@ -193,15 +212,124 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
 # ---- methods that sample from the policy ----------------------------------------------------------
 
 
-def _rollout_settings(ctx: StageContext, cfg: RLSettings):
+def _rollout_settings(ctx: StageContext, cfg: RLSettings, reward=None):
     from llm_lifecycle.workflows.rl.policy_opt import RolloutSettings
-    from llm_lifecycle.workflows.rl.verifiable import RewardWeights
+    from llm_lifecycle.workflows.rl.rewards import Reward
 
     return RolloutSettings(
         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, system_prompt=_system_prompt(ctx),
-        weights=RewardWeights(correct=1.0, format=cfg.format_reward),
+        top_p=cfg.top_p, system_prompt=_system_prompt(ctx), reward=reward or Reward(cfg),
+        thinking_budget=cfg.thinking_budget,
     )
+
+
+# ---- ppo/grpo: prompts, reward models, held-out reward and judge ---------------------------------------
+
+
+def _model_ref(ctx: StageContext, port: str, given: str | None) -> str | None:
+    """The reward model folder a setting names or the instance wired to input `port` made, or None."""
+    if given:
+        return str(resolve_model_dir(given))
+    if port in ctx.inputs:
+        return str(ctx.input_path(port, "reward_model"))
+    return None
+
+
+def _load_rm(ctx: StageContext, port: str, given: str | None, key: str):
+    """(reward model, its tokenizer), or (None, None) when neither setting nor input names one."""
+    from llm_lifecycle.workflows.rl.reward_model import load_reward_model
+
+    path = _model_ref(ctx, port, given)
+    if path is None:
+        return None, None
+    try:
+        return load_reward_model(path)
+    except ValueError as err:
+        raise UserError(f"stages.{ctx.stage}.{key}: {err}; name an rm instance or a models:/NAME@rm") from None
+
+
+def _reward(ctx: StageContext, cfg: RLSettings):
+    from llm_lifecycle.workflows.rl.rewards import Reward, RewardModels
+
+    helpful, helpful_tok = _load_rm(ctx, "reward_model", cfg.reward_model, "reward_model")
+    safety, safety_tok = _load_rm(ctx, "safety_model", cfg.safety_model, "safety_model")
+    if safety is not None and helpful is None:
+        raise UserError(f"stages.{ctx.stage}.safety_model: Llama 2's rule needs a helpfulness reward model too; "
+                        "set reward_model or wire one with `from: {reward_model: NAME}`")
+    if helpful is None:
+        return Reward(cfg)
+    return Reward(cfg, RewardModels(helpful, helpful_tok, safety, safety_tok, _system_prompt(ctx),
+                                    dict(cfg.kind_prompts), cfg.safety_threshold))
+
+
+def _prompts(ctx: StageContext, cfg: RLSettings, tokenizer, reward) -> tuple[list[dict], list[dict]]:
+    """(held-out prompts, training prompts): of each file's prompts that leave max_new_tokens
+    of room within seq_len, the first `heldout_prompts` are held out."""
+    from llm_lifecycle.workflows.data.chat_data import encode_prompt
+    from llm_lifecycle.workflows.rl.rewards import load_prompts, messages_of
+
+    where = f"stages.{ctx.stage}.problems"
+    room = cfg.seq_len - cfg.max_new_tokens
+    heldout, train_prompts = [], []
+    for uri, kind in zip(cfg.problems, check_kinds(cfg, cfg.problems, f"stages.{ctx.stage}")):
+        prompts = [{**p, "kind": kind} for p in read_data_files([uri], where, load_prompts)
+                   if len(encode_prompt(tokenizer, messages_of(p), _system_prompt(ctx))) <= room]
+        heldout += prompts[: cfg.heldout_prompts]
+        train_prompts += prompts[cfg.heldout_prompts:]
+    if not train_prompts:
+        raise UserError(f"{where}: no prompt left to train on: none fits seq_len - max_new_tokens = {room} tokens "
+                        f"beyond the heldout_prompts={cfg.heldout_prompts} held out; raise seq_len or add prompts")
+    if not reward.pays_for(train_prompts):
+        raise UserError(f"{where}: these prompts have no answers to check, so every reward would be 0; wire a "
+                        "reward model (`from: {reward_model: NAME}`) or set think_reward/language_reward")
+    return heldout, train_prompts
+
+
+@torch.no_grad()
+def _heldout_replies(policy, reference, tokenizer, prompts: list[dict], rollout, seed: int) -> dict:
+    """One sampled reply per held-out prompt: the texts, their mean reward, and the policy's KL to
+    the reference (per reply: the sum over its tokens of log π - log ref, averaged)."""
+    import dataclasses as dc
+
+    from llm_lifecycle.workflows.rl.policy_opt import pad_id_of, sample, token_logprobs
+
+    policy.eval()
+    out = sample(policy, tokenizer, prompts, dc.replace(rollout, group_size=1), seed, pad_id_of(tokenizer))
+    logps = token_logprobs(policy(out.inputs).logits, out.targets).sum(-1)
+    ref_logps = token_logprobs(reference(out.inputs).logits, out.targets).sum(-1)
+    return {"texts": out.texts, "reward": float(out.rewards.mean()), "kl": float((logps - ref_logps).mean())}
+
+
+def _measured(run_method):
+    """Run a ppo/grpo `run_method(prompts, rollout, reference)` between two samplings of the
+    held-out prompts (same seed): the reward before and after, the KL to the reference, and the
+    judge's win rate of the trained policy's replies against the input model's."""
+
+    def runner(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
+        reward = _reward(ctx, cfg)
+        heldout, prompts = _prompts(ctx, cfg, tokenizer, reward)
+        rollout = _rollout_settings(ctx, cfg, reward)
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        seed = ctx.seed + 999_983  # not a training step's seed
+        before = _heldout_replies(policy, reference, tokenizer, heldout, rollout, seed) if heldout else None
+        trained, summary = run_method(ctx, cfg, policy, tokenizer, prompts, rollout, reference)
+        if before is None:
+            return trained, summary
+        after = _heldout_replies(trained.cpu(), reference.cpu(), tokenizer, heldout, rollout, seed)
+        summary.update({"heldout_reward_before": before["reward"], "heldout_reward": after["reward"],
+                        "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout))})
+        judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")
+        if judge is not None:
+            from llm_lifecycle.workflows.rl.judge import win_rate
+            from llm_lifecycle.workflows.rl.rewards import messages_of
+
+            judged = win_rate(judge, judge_tok, [messages_of(p) for p in heldout], after["texts"], before["texts"],
+                              _system_prompt(ctx))
+            summary.update({"heldout_win_rate": judged["win_rate"], "heldout_judge_score_before": judged["judge_score_b"],
+                            "heldout_judge_score": judged["judge_score_a"]})
+        return trained, summary
+
+    return runner
 
 
 def _rollout_flops(policy, settings: TrainSettings) -> float:
@@ -209,14 +337,12 @@ def _rollout_flops(policy, settings: TrainSettings) -> float:
     return policy.cfg.flops_per_token(settings.seq_len) * 5 / 3
 
 
-def run_grpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
+def run_grpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer, prompts, rollout, reference):
     from llm_lifecycle.workflows.rl.policy_opt import grpo_batches, grpo_loss, pad_id_of
 
     settings = _train_settings(cfg, grad_accum=1)
-    problems = load_problem_files(cfg.problems, f"stages.{ctx.stage}.problems")
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    batches = grpo_batches(policy, reference, tokenizer, problems, settings.batch_size, _rollout_settings(ctx, cfg),
-                           ctx.seed, pad_id_of(tokenizer))
+    batches = grpo_batches(policy, reference, tokenizer, prompts, settings.batch_size, rollout, ctx.seed,
+                           pad_id_of(tokenizer))
     summary = train(
         ctx, policy, settings, batches, grpo_loss(cfg.kl_coef),
         ckpt_dir=ctx.stage_dir / "checkpoints",
@@ -226,16 +352,13 @@ def run_grpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     return policy, summary
 
 
-def run_ppo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
+def run_ppo(ctx: StageContext, cfg: RLSettings, policy, tokenizer, prompts, rollout, reference):
     from llm_lifecycle.workflows.rl.policy_opt import ActorCritic, pad_id_of, ppo_batches, ppo_loss
 
     settings = _train_settings(cfg, grad_accum=1)
-    problems = load_problem_files(cfg.problems, f"stages.{ctx.stage}.problems")
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
     model = ActorCritic(policy)
-    batches = ppo_batches(model, reference, tokenizer, problems, settings.batch_size, _rollout_settings(ctx, cfg),
-                          ctx.seed, pad_id_of(tokenizer), cfg.kl_coef, cfg.ppo_epochs, cfg.gamma,
-                          cfg.gae_lambda)
+    batches = ppo_batches(model, reference, tokenizer, prompts, settings.batch_size, rollout, ctx.seed,
+                          pad_id_of(tokenizer), cfg.kl_coef, cfg.ppo_epochs, cfg.gamma, cfg.gae_lambda)
     summary = train(
         ctx, model, settings, batches, ppo_loss(cfg.clip, cfg.vf_coef),
         ckpt_dir=ctx.stage_dir / "checkpoints",
@@ -258,7 +381,24 @@ def run_rs_sft(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     return policy, summary
 
 
-RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": run_ppo, "grpo": run_grpo, "rs-sft": run_rs_sft}
+def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
+    from llm_lifecycle.workflows.rl.iterative_dpo import IterativeDPOSettings, iterative_dpo
+
+    reward = _reward(ctx, cfg)
+    heldout, train_prompts = _prompts(ctx, cfg, tokenizer, reward)
+    rounds = IterativeDPOSettings(
+        rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round, group_size=cfg.group_size,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta,
+        sft_weight=cfg.sft_weight, system_prompt=_system_prompt(ctx),
+    )
+    judge = _load_rm(ctx, "judge", cfg.judge, "judge")
+    summary = iterative_dpo(ctx, policy, tokenizer, reward, judge if judge[0] is not None else None, train_prompts,
+                            heldout, _train_settings(cfg), rounds)
+    return policy, summary
+
+
+RUNNERS = {"dpo": run_dpo, "rm": run_rm, "ppo": _measured(run_ppo), "grpo": _measured(run_grpo), "rs-sft": run_rs_sft,
+           "iterative-dpo": run_iterative_dpo}
 
 
 def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
@@ -289,4 +429,11 @@ def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
                        aliases=[method])
 
 
-KIND = StageKind("rl", RLSettings, run, inputs=(Port("model", "model", unless="init"),), output="model", trains=True)
+# Reward models and the judge come only from `from:` (never the nearest earlier model) and pass
+# nothing on: the policy's sequence length and system prompt are what flow.
+KIND = StageKind("rl", RLSettings, run, inputs=(
+    Port("model", "model", unless="init"),
+    Port("reward_model", "model", required=False, default=False, passes=False),
+    Port("safety_model", "model", required=False, default=False, passes=False),
+    Port("judge", "model", required=False, default=False, passes=False),
+), output="model", trains=True)
