@@ -268,29 +268,33 @@ class KVCache:
 
 class StaticKVCache:
     """A cache allocated once for a whole generation (as gpt-fast and vLLM do): per layer one
-    [B, heads, max_len, width] buffer per cached tensor, and each row's own length.
+    [B, heads, size, width] buffer per cached tensor, and each row's own length.
 
     Rows keep their own positions, so prompts of different lengths need no padding, and a
     decode step has the same shapes every time, which lets torch.compile run it as one graph.
-    Attention reads the whole buffer; keys at or past a row's length are masked out.
+    Attention reads the whole buffer; slots holding no key a query may see are masked out.
+
+    A layer with a sliding window W shorter than `max_len` keeps a rolling buffer of W slots
+    (Mistral): position p goes to slot p % W, over the key W positions back that no later
+    query sees, so its memory stays W tokens however long the generation runs. Other layers
+    have `max_len` slots, and p % max_len = p.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, max_len: int):
         self.keys, self.values, self.lengths = keys, values, lengths  # lengths: Long[B] cached tokens per row
+        self.max_len = max_len
 
     @classmethod
-    def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], batch: int, max_len: int,
-                 dtype: torch.dtype, device) -> StaticKVCache:
-        """`widths`: per layer the (heads, width) of its two cached tensors."""
-        def buffer(heads: int, width: int) -> torch.Tensor:
-            return torch.zeros(batch, heads, max_len, width, dtype=dtype, device=device)
+    def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], windows: list[int | None], batch: int,
+                 max_len: int, dtype: torch.dtype, device) -> StaticKVCache:
+        """`widths`: per layer the (heads, width) of its two cached tensors; `windows`: per layer
+        its sliding window or None."""
+        def buffer(heads: int, width: int, window: int | None) -> torch.Tensor:
+            return torch.zeros(batch, heads, rolling_size(window, max_len), width, dtype=dtype, device=device)
 
-        return cls([buffer(*k) for k, _ in widths], [buffer(*v) for _, v in widths],
-                   torch.zeros(batch, dtype=torch.long, device=device))
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].size(2)
+        return cls([buffer(*k, w) for (k, _), w in zip(widths, windows)],
+                   [buffer(*v, w) for (_, v), w in zip(widths, windows)],
+                   torch.zeros(batch, dtype=torch.long, device=device), max_len)
 
     @property
     def nbytes(self) -> int:
@@ -300,14 +304,28 @@ class StaticKVCache:
         """Absolute positions [B, 1, T] of each row's next `n_new` tokens (1: broadcast over heads)."""
         return (self.lengths[:, None] + torch.arange(n_new, device=device))[:, None]
 
-    def mask(self, n_new: int) -> torch.Tensor:
-        """Bool [B, 1, T, max_len]: each new token sees its row's cached tokens and itself."""
-        k_pos = torch.arange(self.max_len, device=self.lengths.device)
-        return k_pos <= self.query_positions(n_new, k_pos.device)[..., None]
+    def key_positions(self, size: int, n_new: int) -> torch.Tensor:
+        """[B, 1, 1, size]: the position each slot of a `size`-slot buffer holds once the next
+        `n_new` tokens are written (negative: not written yet)."""
+        last = (self.lengths + n_new - 1)[:, None]
+        slots = torch.arange(size, device=last.device)
+        return (last - (last - slots) % size)[:, None, None]
+
+    def mask(self, n_new: int, window: int | None) -> torch.Tensor:
+        """Bool [B, 1, T, size]: each new token sees its row's written slots at or before it,
+        within `window` positions when the layers have one."""
+        q_pos = self.query_positions(n_new, self.lengths.device)[..., None]
+        k_pos = self.key_positions(rolling_size(window, self.max_len), n_new)
+        allowed = (k_pos >= 0) & (k_pos <= q_pos)
+        return allowed if window is None else allowed & (q_pos - k_pos < window)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens at each row's length; the whole buffers come back."""
-        slots = self.query_positions(k.size(2), k.device)[..., None]  # [B, 1, T, 1]
+        """Write the new tokens at their rows' positions (modulo a rolling buffer's size); the
+        whole buffers come back."""
+        size = self.keys[layer].size(2)
+        if size < self.max_len and k.size(2) > 1:  # a later token of the call would overwrite a key an earlier one sees
+            raise ValueError("a rolling (sliding-window) cache takes one token per row per step")
+        slots = self.query_positions(k.size(2), k.device)[..., None] % size  # [B, 1, T, 1]
         self.keys[layer].scatter_(2, slots.expand_as(k), k)
         self.values[layer].scatter_(2, slots.expand_as(v), v)
         return self.keys[layer], self.values[layer]
@@ -316,15 +334,26 @@ class StaticKVCache:
         self.lengths += n_new
 
     def fill(self, rows: torch.Tensor, prefix: KVCache) -> None:
-        """Copy a prefilled cache of equal-length rows into these `rows`."""
-        for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
-            self.keys[layer][rows, :, : k.size(2)] = k
-            self.values[layer][rows, :, : v.size(2)] = v
-        self.lengths[rows] = prefix.length
+        """Copy a prefilled cache of equal-length rows into these `rows` (of a rolling buffer,
+        the last positions that fit, each at its slot)."""
+        n = prefix.length
+        for buffers, cached in ((self.keys, prefix.keys), (self.values, prefix.values)):
+            for layer, t in enumerate(cached):
+                size = buffers[layer].size(2)
+                if n <= size:
+                    buffers[layer][rows, :, :n] = t
+                else:  # position n - size + i goes to slot (n - size + i) % size
+                    buffers[layer][rows] = torch.roll(t[:, :, n - size :], shifts=(n - size) % size, dims=2)
+        self.lengths[rows] = n
 
     def select(self, rows: torch.Tensor) -> StaticKVCache:
         """A cache of only these rows (generation drops finished rows this way)."""
-        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows])
+        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows], self.max_len)
+
+
+def rolling_size(window: int | None, max_len: int) -> int:
+    """Slots a layer's static cache needs: its window when shorter than the generation."""
+    return max_len if window is None else min(window, max_len)
 
 
 def attention_mask(past: int, n_new: int, key_padding: torch.Tensor | None, device) -> torch.Tensor:
@@ -386,7 +415,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
         if self.alibi is not None:
-            mask = self._alibi_bias(mask, q_pos, q.dtype)
+            k_pos = (kv_cache.key_positions(k.size(2), seq) if isinstance(kv_cache, StaticKVCache)
+                     else torch.arange(k.size(2), device=x.device))
+            mask = self._alibi_bias(mask, q_pos, k_pos, q.dtype)
         out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -394,10 +425,10 @@ class Attention(nn.Module):
         """(heads, width) of the keys and of the values it caches per token."""
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
 
-    def _alibi_bias(self, mask: torch.Tensor, q_pos: torch.Tensor, dtype) -> torch.Tensor:
+    def _alibi_bias(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> torch.Tensor:
         """ALiBi: slope_h * -(distance to the key), -inf where `mask` forbids attending.
-        `q_pos`: the queries' positions, [T] or per row [B, 1, T]."""
-        k_pos = torch.arange(mask.size(-1), device=mask.device)
+        `q_pos`: the queries' positions, [T] or per row [B, 1, T]; `k_pos`: the keys', [S] or
+        per row [B, 1, 1, S] (a rolling cache's slots)."""
         bias = (self.alibi.to(mask.device)[:, None, None] * (k_pos - q_pos[..., None])).to(dtype)  # [(B,) H, T, S]
         return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 
@@ -862,7 +893,7 @@ class Decoder(nn.Module):
         widths = [layer.attn.cache_widths() for layer in self.layers]
         if self.rope is not None:  # build the RoPE tables now, outside any compiled step
             self.rope(0, max_len, weight.device)
-        return StaticKVCache.allocate(widths, batch, max_len, weight.dtype, weight.device)
+        return StaticKVCache.allocate(widths, self.windows, batch, max_len, weight.dtype, weight.device)
 
     def forward(
         self,
@@ -939,11 +970,11 @@ class Decoder(nn.Module):
         """The attention mask of each distinct layer window. None (the fused causal kernel)
         covers plain training/prefill; a cache with earlier tokens or left-padding, an
         explicit mask, a window or ALiBi's bias need a mask tensor."""
+        if isinstance(kv_cache, StaticKVCache) and attn_mask is None:  # each window over its own buffer
+            return {w: kv_cache.mask(seq, w) for w in set(self.windows)}
         q_pos = torch.arange(past, past + seq, device=device)
         if attn_mask is not None:
             base = attn_mask[:, None]
-        elif isinstance(kv_cache, StaticKVCache):
-            base, q_pos = kv_cache.mask(seq), kv_cache.query_positions(seq, device)
         elif kv_cache is not None and (past > 0 or kv_cache.key_padding is not None):
             base = attention_mask(past, seq, kv_cache.key_padding, device)
         elif self.cfg.position == "alibi" or any(self.windows):

@@ -27,6 +27,7 @@ def shape_of(cfg) -> ModelShape:
         n_dense_layers=cfg.n_dense_layers if cfg.is_moe else 0, qk_norm=cfg.qk_norm, gated_mlp=cfg.mlp != "gelu",
         parallel_block=cfg.parallel_block, fused_loss=not cfg.max_z_loss_coef, tie_embeddings=cfg.tie_embeddings,
         latent_kv_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 0,
+        layer_windows=tuple(cfg.layer_windows()),
     )
 
 
