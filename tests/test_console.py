@@ -39,12 +39,18 @@ RESULTS = {
 def test_headline_metrics_name_each_stage_s_own_held_out_metric_under_one_prefix():
     assert headline_metrics(RESULTS) == {
         "_headline/pretrain.heldout_ppl": 210.0,
+        "_headline/pretrain.heldout_ppl_before": 4100.0,
         "_headline/pretrain.tokens_per_s": 5300.0,
         "_headline/extend-context.long_ppl": 190.0,
+        "_headline/extend-context.long_ppl_before": 260.0,
         "_headline/sft.heldout_loss": 4.2,
+        "_headline/sft.heldout_loss_before": 6.1,
         "_headline/rl.pref_accuracy": 0.61,
+        "_headline/rl.pref_accuracy_before": 0.0,
         "_headline/rl.reward_margin": 0.08,
+        "_headline/rl.reward_margin_before": 0.0,
         "_headline/rl.dpo_loss": 0.70,
+        "_headline/rl.dpo_loss_before": 0.6931,
         "_headline/eval.mmlu.acc": 0.25,
         "_headline/eval.gsm8k.exact_match": 0.0,
         "_headline/quantize.ppl_change_pct": 0.26,
