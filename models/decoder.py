@@ -393,6 +393,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.alibi = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None  # not a buffer, like inv_freq
+        self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None  # None: head_dim^-0.5
+        self.softcap = cfg.attn_logit_softcap
 
     def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | None,
                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -418,7 +420,7 @@ class Attention(nn.Module):
             k_pos = (kv_cache.key_positions(k.size(2), seq) if isinstance(kv_cache, StaticKVCache)
                      else torch.arange(k.size(2), device=x.device))
             mask = self._alibi_bias(mask, q_pos, k_pos, q.dtype)
-        out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale, softcap=self.softcap)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def cache_widths(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -519,18 +521,38 @@ class LatentAttention(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              enable_gqa: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention, causal when `mask` is None. On CPU it runs in fp32 even
+              enable_gqa: bool = False, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, causal when `mask` is None (a Bool mask or an additive
+    float bias); `scale` defaults to head_dim^-0.5. On CPU it runs in fp32 even
     under bf16 autocast: PyTorch's CPU flash attention computes bf16 blocks in fp32 after
     converting them, so bf16 inputs only add conversions (forward + backward at head size 32:
-    41 ms bf16 vs 32 ms fp32 on an AVX512-BF16 EPYC). The output keeps q's dtype."""
+    41 ms bf16 vs 32 ms fp32 on an AVX512-BF16 EPYC). The output keeps q's dtype.
+    `softcap` (Gemma 2) caps the scores at softcap * tanh(score / softcap), which no fused
+    kernel does: the scores are then computed in full."""
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, mask, scale or q.size(-1) ** -0.5, softcap)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             mask = mask.float() if mask is not None and mask.is_floating_point() else mask
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=enable_gqa)
+                                                 is_causal=mask is None, enable_gqa=enable_gqa, scale=scale)
         return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa,
+                                          scale=scale)
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v, the softmax in fp32."""
+    groups = q.size(1) // k.size(1)  # GQA: each key/value head serves `groups` query heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = softcap * torch.tanh(q @ k.transpose(-2, -1) * (scale / softcap))
+    if mask is None:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -948,13 +970,16 @@ class Decoder(nn.Module):
         aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)
         expert_load = torch.stack([r.counts for r in routers]) if routers else None
         # The fused loss needs the head as a plain weight and no other use of the logits.
-        if targets is not None and type(self.lm_head) is nn.Linear and not self.cfg.max_z_loss_coef:
+        if targets is not None and type(self.lm_head) is nn.Linear and self.cfg.fused_loss_applies:
             loss = linear_cross_entropy(h, self._head_weight(), self.lm_head.bias, targets)
             return DecoderOutput(logits=None, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
         if self.cfg.norm_head:
             logits = F.linear(h, self._head_weight(), self.lm_head.bias)
         else:
             logits = self.lm_head(h)
+        if self.cfg.final_logit_softcap:  # Gemma 2: logits capped at cap * tanh(logit / cap)
+            cap = self.cfg.final_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         if self.cfg.max_z_loss_coef:  # Baichuan2 max-z loss: penalise the largest logit, squared
             aux_loss = aux_loss + self.cfg.max_z_loss_coef * logits.float().amax(dim=-1).pow(2).mean()
         loss = None if targets is None else F.cross_entropy(
