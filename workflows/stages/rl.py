@@ -183,7 +183,7 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     from llm_lifecycle.workflows.rl.reward_model import PairBatches, RewardModel, heldout_accuracy, rm_loss
 
     settings = _train_settings(cfg)
-    model = RewardModel(policy)
+    model = RewardModel(policy, max_len=settings.seq_len)
     by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = {kind: PairBatches(pairs, settings.batch_size, seed=ctx.seed, pad_id=pad) for kind, pairs in by_kind.items()}
@@ -417,9 +417,11 @@ def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
 
         rm_dir = save_reward_model(ctx.stage_dir / "reward_model", trained, tokenizer,
                                    extra={"stage": ctx.stage, "recipe": ctx.recipe.name, "method": method})
-        # The policy is unchanged: later stages keep evaluating and exporting the SFT model.
+        # The policy is unchanged: later stages keep evaluating and exporting the SFT model. The
+        # stage named after its kind registers its reward model as @rm (not @rl, the policies'
+        # alias); a named instance (a graph's several reward models) under its own name.
         return StageResult(outputs={"model": str(sft_dir), "reward_model": str(rm_dir)}, metrics=summary,
-                           model_dir=str(rm_dir), model_alias="rm")
+                           model_dir=str(rm_dir), model_alias="rm" if ctx.stage == ctx.kind else None)
     if before:
         after = heldout_answer_accuracy(ctx, cfg, trained.cpu(), tokenizer, _system_prompt(ctx))
         summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],
