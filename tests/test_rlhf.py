@@ -196,3 +196,4 @@ def test_ppo_and_grpo_on_chat_prompts_take_their_reward_from_a_reward_model(work
     assert {"heldout_reward_before", "heldout_reward", "heldout_kl", "heldout_win_rate"} <= m.keys()
     assert m["heldout_prompts"] == 3 and 0.0 <= m["heldout_win_rate"] <= 1.0
     assert m["heldout_kl"] != 0.0  # the policy moved from the reference
+    assert 1 <= m["heldout_reply_tokens"] <= 9  # max_new_tokens 8, plus the stop token

@@ -297,7 +297,8 @@ def _heldout_replies(policy, reference, tokenizer, prompts: list[dict], rollout,
     out = sample(policy, tokenizer, prompts, dc.replace(rollout, group_size=1), seed, pad_id_of(tokenizer))
     logps = token_logprobs(policy(out.inputs).logits, out.targets).sum(-1)
     ref_logps = token_logprobs(reference(out.inputs).logits, out.targets).sum(-1)
-    return {"texts": out.texts, "reward": float(out.rewards.mean()), "kl": float((logps - ref_logps).mean())}
+    return {"texts": out.texts, "reward": float(out.rewards.mean()), "kl": float((logps - ref_logps).mean()),
+            "tokens": float(out.lengths.mean())}
 
 
 def _measured(run_method):
@@ -317,7 +318,9 @@ def _measured(run_method):
             return trained, summary
         after = _heldout_replies(trained.cpu(), reference.cpu(), tokenizer, heldout, rollout, seed)
         summary.update({"heldout_reward_before": before["reward"], "heldout_reward": after["reward"],
-                        "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout))})
+                        "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout)),
+                        # a reward model that pays for length is hacked by growing replies: show it
+                        "heldout_reply_tokens_before": before["tokens"], "heldout_reply_tokens": after["tokens"]})
         judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")
         if judge is not None:
             from llm_lifecycle.workflows.rl.judge import win_rate
