@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
