@@ -27,6 +27,8 @@ from llm_lifecycle.workflows.runner.stage import UserError
 
 console = Console()
 err_console = Console(stderr=True)
+# --think / --no-think / neither -> the thinking mode (models/chat_markup.py THINKING_MODES)
+THINKING_SWITCH = {None: "", True: "think", False: "no_think"}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -385,13 +387,20 @@ def chat(
     top_p: float = typer.Option(0.9, min=0.0, max=1.0),
     max_new_tokens: int = typer.Option(128, min=1),
     prompt: Optional[List[str]] = typer.Option(None, help="Say this (repeatable) and exit instead of reading stdin."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="End each message with /think or "
+                                         "/no_think (Qwen3's thinking modes); default: neither."),
+    thinking_budget: int = typer.Option(0, help="At most this many thinking tokens per reply, then </think> "
+                                        "is forced; 0: no limit."),
 ) -> None:
     """Talk to a model in ChatML; an empty line or Ctrl-D ends the chat."""
     if not 0 < top_p <= 1:
         raise UserError(f"llm chat --top-p {top_p}: must be in (0, 1]")
+    if thinking_budget < 0:
+        raise UserError(f"llm chat --thinking-budget {thinking_budget}: must be >= 0 (0: no limit)")
     from llm_lifecycle.workflows.serving.chat import ChatSession
 
-    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0)
+    session = ChatSession(model, system, temperature, top_p, max_new_tokens, seed=0, thinking=THINKING_SWITCH[think],
+                          thinking_budget=thinking_budget)
     turns = iter(prompt) if prompt else None
     while True:
         if turns is not None:
@@ -421,6 +430,9 @@ def eval_(
     batch_size: int = typer.Option(8, min=1, help="Batch size for scoring and generation."),
     backend: str = typer.Option("ours", help="ours (our adapter), hf or vllm (lm-eval's own, on an HF export)."),
     apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Prompt in the chat template."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="With --apply-chat-template: end each "
+                                         "prompt with /think or /no_think (Qwen3's thinking modes)."),
+    thinking_budget: int = typer.Option(0, help="At most this many thinking tokens per generated answer; 0: no limit."),
     seed: int = typer.Option(0, help="Seed for few-shot sampling and generation."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Run the recipe's eval stage instead."),
     set_: Optional[List[str]] = SetOption,
@@ -434,12 +446,17 @@ def eval_(
         raise UserError("llm eval: give --model (models:/NAME@ALIAS, a folder or a HF id) or --recipe")
     if limit is not None and limit < 1:
         raise UserError(f"llm eval: --limit must be a positive number of examples, got {limit}")
+    if thinking_budget < 0:
+        raise UserError(f"llm eval: --thinking-budget must be >= 0 (0: no limit), got {thinking_budget}")
+    if think is not None and not apply_chat_template:
+        raise UserError("llm eval: --think/--no-think end a chat turn; add --apply-chat-template")
     from llm_lifecycle.cli.progress import console_progress
     from llm_lifecycle.workflows.stages.evaluate import evaluate_model
 
     outcome = evaluate_model(model, suite, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
                              batch_size=batch_size, backend=backend, seed=seed, apply_chat_template=apply_chat_template,
-                             progress=console_progress(console))
+                             progress=console_progress(console), thinking=THINKING_SWITCH[think],
+                             thinking_budget=thinking_budget)
     metrics = sorted({k for row in outcome.rows for k in row} - {"task", "group", "n"})
     table = Table(title=f"eval of {model} ({backend} backend)")
     table.add_column("task")

@@ -84,7 +84,9 @@ class LifecycleLM(LM):
     """One of our decoders (`model(ids).logits` -> [B, T, V]) with a `tokenizers.Tokenizer`.
 
     `progress`: the caller's progress display (the stage contract's `Progress`: `task(description,
-    total)` yielding something with `advance(n)`); None shows nothing.
+    total)` yielding something with `advance(n)`); None shows nothing. `thinking` ("think" or
+    "no_think") ends the last user turn of chat-templated prompts with Qwen3's soft switch;
+    `thinking_budget` caps each generated answer's thinking (models/generate.py).
     """
 
     def __init__(
@@ -96,9 +98,15 @@ class LifecycleLM(LM):
         device: str = "cpu",
         max_gen_toks: int = 256,
         progress=None,
+        thinking: str = "",
+        thinking_budget: int = 0,
     ):
         super().__init__()
+        from llm_lifecycle.models.generate import thinking_budget as budget_steer
+
+        budget_steer(tokenizer, thinking_budget)  # a bad budget or a tokenizer without <think> fails here
         self.progress = progress
+        self.thinking, self.thinking_budget = thinking, thinking_budget
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self._device = torch.device(device)
@@ -148,7 +156,10 @@ class LifecycleLM(LM):
         """ChatML, the template our SFT stage trains with and our Hugging Face export ships."""
         from jinja2 import Template
 
-        return Template(self.chat_template()).render(messages=chat_history, add_generation_prompt=add_generation_prompt)
+        from llm_lifecycle.models.chat_markup import with_thinking_flag
+
+        messages = with_thinking_flag(chat_history, self.thinking)
+        return Template(self.chat_template()).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
     # --- lm-eval request types -----------------------------------------------------------
 
@@ -192,7 +203,7 @@ class LifecycleLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate (greedy unless do_sample) up to max_gen_toks, stopping early at <|endoftext|> or a
         special-token stop string, then cut the text at the first stop string."""
-        from llm_lifecycle.models.generate import generate
+        from llm_lifecycle.models.generate import generate, thinking_budget
 
         # Requests with the same generation settings are batched together.
         by_settings = defaultdict(list)
@@ -226,6 +237,7 @@ class LifecycleLM(LM):
                         temperature=temperature,
                         top_p=top_p,
                         stop_ids=tuple(stop_ids),
+                        steer=thinking_budget(self.tokenizer, self.thinking_budget),
                     )
                     for i, ids in zip(batch, new_tokens):
                         outputs[i] = _cut_at_stop(self.tok_decode(ids), until)

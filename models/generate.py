@@ -11,6 +11,7 @@
   rows included, so finished rows cost at most as much as the rows still running.
 - `steer` sees each step's picks and may replace some: a forced token (a thinking budget's
   end-of-thought, say) is emitted and is what that row's model reads next.
+  `thinking_budget` makes the steer of Qwen3's thinking budget.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from llm_lifecycle.models.chat_markup import THINK_END, THINK_START
 from llm_lifecycle.models.decoder import Decoder, StaticKVCache
 
 # steer(step, rows, picked) -> the ids to emit: `rows` holds the prompt index of each entry
@@ -97,6 +99,49 @@ def generate(
     finally:
         model.train(was_training)
     return outputs
+
+
+class ThinkingBudget:
+    """A steer that lets each row think at most `budget` tokens (Qwen3's thinking budget): a
+    row that has generated `budget` tokens after its `<think>` without a `</think>` is made to
+    emit `</think>` next, and goes on to its answer (the model writes the blank line after it
+    as it learned to). Thinking tokens are those strictly between `<think>` and `</think>`.
+    One instance per `generate` call: it keeps each row's count."""
+
+    def __init__(self, budget: int, open_id: int, close_id: int):
+        self.budget, self.open_id, self.close_id = budget, open_id, close_id
+        self.thought: dict[int, int] = {}  # prompt index -> thinking tokens so far, while its block is open
+        self.closed: set[int] = set()
+
+    def __call__(self, step: int, rows: list[int], picked: torch.Tensor) -> torch.Tensor:
+        picked = picked.clone()
+        for i, row in enumerate(rows):
+            if row in self.closed:
+                continue
+            if row not in self.thought:
+                if int(picked[i]) == self.open_id:
+                    self.thought[row] = 0
+            elif int(picked[i]) == self.close_id or self.thought[row] >= self.budget:
+                picked[i] = self.close_id
+                self.closed.add(row)
+            else:
+                self.thought[row] += 1
+        return picked
+
+
+def thinking_budget(tokenizer, budget: int) -> ThinkingBudget | None:
+    """The steer that caps each reply's thinking at `budget` tokens; None for budget 0 (no cap).
+    The tokenizer must have <think> and </think> as whole tokens (ours from tokenizer-train,
+    Qwen3's)."""
+    if budget < 0:
+        raise ValueError(f"thinking_budget must be >= 0 (0: no limit), got {budget}")
+    if budget == 0:
+        return None
+    open_id, close_id = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
+    if open_id is None or close_id is None:
+        raise ValueError(f"a thinking budget needs a tokenizer with {THINK_START} and {THINK_END} tokens "
+                         "(one trained by tokenizer-train, or Qwen3's)")
+    return ThinkingBudget(budget, open_id, close_id)
 
 
 def generate_text(

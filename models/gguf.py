@@ -247,7 +247,9 @@ def _write_tokenizer(writer, tokenizer) -> None:
     by_id = sorted(vocab.items(), key=lambda item: item[1])
     if [i for _, i in by_id] != list(range(len(by_id))):
         raise ValueError("the tokenizer's ids are not contiguous; GGUF needs one token per id")
-    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    # Special added tokens are control tokens; the others (the chat markup, <think> ...) are
+    # user-defined: llama.cpp, like `tokenizers`, then matches them whole in text and prints them.
+    added = {t["content"]: bool(t.get("special")) for t in data.get("added_tokens", [])}
     ids = {t: vocab.get(t) for t in SPECIAL_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
@@ -255,7 +257,8 @@ def _write_tokenizer(writer, tokenizer) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(data))
     writer.add_token_list([t for t, _ in by_id])
-    writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t, _ in by_id])
+    kinds = {True: TokenType.CONTROL, False: TokenType.USER_DEFINED}
+    writer.add_token_types([kinds[added[t]] if t in added else TokenType.NORMAL for t, _ in by_id])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
     writer.add_bos_token_id(ids[ENDOFTEXT])
     writer.add_add_bos_token(False)  # our models are trained without a BOS token

@@ -1,8 +1,14 @@
-"""The MLflow pyfunc flavour of our models: `predict(["prompt", ...])` returns generated text."""
+"""The MLflow pyfunc flavour of our models: `predict(["prompt", ...])` returns generated text.
+
+params (all optional; PARAMS holds the defaults, which the logged signature declares):
+max_new_tokens, temperature, top_p, and thinking_budget (at most this many tokens inside a
+generated <think> block, then </think> is forced; 0: no limit)."""
 
 from __future__ import annotations
 
 import mlflow.pyfunc
+
+PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "thinking_budget": 0}
 
 
 def _prompts(model_input) -> list[str]:
@@ -25,18 +31,19 @@ class TextGenerationModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         import torch
 
-        from llm_lifecycle.models.generate import generate
+        from llm_lifecycle.models.generate import generate, thinking_budget
 
-        params = params or {}
+        params = {**PARAMS, **(params or {})}
         prompts = [self.tokenizer.encode(p).ids for p in _prompts(model_input)]
         stop = [i for i in (self.tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>")) if i is not None]
         with torch.no_grad():
             outputs = generate(
                 self.model,
                 prompts,
-                max_new_tokens=int(params.get("max_new_tokens", 32)),
-                temperature=float(params.get("temperature", 0.0)),
-                top_p=float(params.get("top_p", 1.0)),
+                max_new_tokens=int(params["max_new_tokens"]),
+                temperature=float(params["temperature"]),
+                top_p=float(params["top_p"]),
                 stop_ids=stop,
+                steer=thinking_budget(self.tokenizer, int(params["thinking_budget"])),
             )
         return [self.tokenizer.decode(ids) for ids in outputs]

@@ -206,6 +206,31 @@ def test_eval_options_out_of_range(workspace, option):
     assert option[0] in one_line_error(["eval", "--model", "x", *option])
 
 
+# ---- thinking modes (Qwen3) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, says", [
+    (["chat", "--model", "x", "--thinking-budget", "-1"], "llm chat --thinking-budget -1: must be >= 0"),
+    (["eval", "--model", "x", "--thinking-budget", "-3"], "llm eval: --thinking-budget must be >= 0"),
+    (["eval", "--model", "x", "--no-think"], "--think/--no-think end a chat turn; add --apply-chat-template"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "rl.thinking_budget=-1"], "stages.rl.thinking_budget"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "eval.thinking_budget=-2"], "stages.eval.thinking_budget"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "sft.eval_thinking=maybe"], "stages.sft.eval_thinking"),
+    (["pipeline", "llama-small", "--dry-run", "--set", "sft.eval_thinking=true"],
+     "stages.sft.eval_thinking: needs eval_data"),
+])
+def test_bad_thinking_settings(workspace, args, says):
+    assert says in one_line_error(args)
+    assert runs_in(workspace) == 0
+
+
+def test_a_thinking_budget_for_a_model_without_think_tokens(workspace, model_dir):
+    for command in (["chat", "--model", str(model_dir), "--thinking-budget", "8", "--prompt", "hi"],
+                    ["eval", "--model", str(model_dir), "--suite", "gsm8k", "--limit", "1", "--thinking-budget", "8"]):
+        assert "needs a tokenizer with <think> and </think>" in one_line_error(command)
+    assert runs_in(workspace) == 0
+
+
 def test_a_gsm8k_file_with_a_broken_line(workspace, model_dir, tmp_path):
     root = tmp_path / "data" / "gsm8k"
     root.mkdir(parents=True)

@@ -308,3 +308,124 @@ def test_dpo_loss_is_log2_at_the_reference_and_falls_as_chosen_rises():
                                  sft_nll=torch.tensor(2.0), sft_weight=0.5)
     assert with_sft.item() == pytest.approx(better.item() + 1.0)
     assert metrics["sft_nll"].item() == 2.0
+
+
+# ---- Qwen's extensions: tool turns (Qwen2.5) and thinking (Qwen3) ---------------------------------
+
+# An OpenAI-style chat: two parallel calls (arguments as JSON text, content null), their results,
+# then the answer.
+TOOL_CHAT = [
+    {"role": "system", "content": "You can call get_weather(city)."},
+    {"role": "user", "content": "Weather in Oslo and Bergen?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Bergen"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'},
+    {"role": "tool", "tool_call_id": "c2", "content": '{"temp": 5}'},
+    {"role": "assistant", "content": "Oslo 3 C, Bergen 5 C."},
+]
+CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bergen"}}\n</tool_call>')
+TOOL_CHAT_TEXT = (
+    "<|im_start|>system\nYou can call get_weather(city).<|im_end|>\n"
+    "<|im_start|>user\nWeather in Oslo and Bergen?<|im_end|>\n"
+    f"<|im_start|>assistant\n{CALLS}<|im_end|>\n"
+    '<|im_start|>user\n<tool_response>\n{"temp": 3}\n</tool_response>\n<tool_response>\n{"temp": 5}\n</tool_response><|im_end|>\n'
+    "<|im_start|>assistant\nOslo 3 C, Bergen 5 C.<|im_end|>\n"
+)
+
+
+@pytest.fixture(scope="module")
+def markup_tokenizer(dolly):
+    """Our trained tokenizer (tokenizer-train's BPE): the chat markup as whole tokens 3..8."""
+    from llm_lifecycle.workflows.data.bpe import train_bpe
+
+    return train_bpe((m["content"] for chat in dolly[:300] for m in chat), vocab_size=1000)
+
+
+def test_a_trained_tokenizer_keeps_the_chat_markup_whole_and_in_decoded_text(markup_tokenizer):
+    markup = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    assert [markup_tokenizer.token_to_id(t) for t in markup] == [3, 4, 5, 6, 7, 8]
+    text = "<think>\nstep\n</think>\n\n<tool_call>\n{}\n</tool_call>"
+    ids = markup_tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids[0] == 3 and 4 in ids and 5 in ids
+    assert markup_tokenizer.decode(ids) == text  # not special: kept when special tokens are skipped
+
+
+def test_openai_tool_chats_load_and_render_as_qwen25(tmp_path, markup_tokenizer):
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": TOOL_CHAT}) + "\n")
+    chat = load_conversations(path)[0]
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "tool", "tool", "assistant"]
+    assert chat[2]["content"] == "" and chat[2]["tool_calls"][1] == {"name": "get_weather", "arguments": '{"city": "Bergen"}'}
+    ids, _ = encode_chat(markup_tokenizer, chat, max_len=100_000)
+    assert markup_tokenizer.decode(ids, skip_special_tokens=False) == TOOL_CHAT_TEXT
+    assert ids == markup_tokenizer.encode(TOOL_CHAT_TEXT).ids  # piecewise == whole text
+    # Arguments given as an object render the same JSON.
+    as_object = [*chat[:2], {"role": "assistant", "content": "", "tool_calls": [
+        {"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_weather", "arguments": {"city": "Bergen"}}]},
+        *chat[3:]]
+    assert encode_chat(markup_tokenizer, as_object, max_len=100_000)[0] == ids
+
+
+def test_loss_mask_covers_exactly_the_assistants_tool_calls_token_by_token(markup_tokenizer):
+    ids, mask = encode_chat(markup_tokenizer, TOOL_CHAT, max_len=100_000)
+    # Expected, from the text alone: a token is trained iff its characters lie inside an
+    # assistant turn's body or are that turn's <|im_end|>.
+    trained_spans, start = [], 0
+    for body in (CALLS, "Oslo 3 C, Bergen 5 C."):
+        begin = TOOL_CHAT_TEXT.index("<|im_start|>assistant\n" + body, start) + len("<|im_start|>assistant\n")
+        end = begin + len(body) + len("<|im_end|>")
+        trained_spans.append((begin, end))
+        start = end
+    encoding = markup_tokenizer.encode(TOOL_CHAT_TEXT)
+    assert encoding.ids == ids
+    expected = [int(any(b <= lo and hi <= e for b, e in trained_spans)) for lo, hi in encoding.offsets]
+    assert mask == expected
+    assert masked_spans(markup_tokenizer, ids, mask) == [CALLS + "<|im_end|>", "Oslo 3 C, Bergen 5 C.<|im_end|>"]
+    results = markup_tokenizer.encode("<tool_response>", add_special_tokens=False).ids
+    assert all(m == 0 for token, m in zip(ids, mask) if token in results)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"role": "user", "content": "x", "tool_calls": [{"name": "f", "arguments": {}}]}, "only assistant messages"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": "[1]"}]}, "object of arguments"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": "{oops"}]}, "JSONDecodeError"),
+    ({"role": "tool", "content": None}, "content of a tool message is NoneType"),
+])
+def test_bad_tool_turns_are_named(tmp_path, bad, says):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, bad,
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    with pytest.raises(ValueError, match=rf"bad\.jsonl: record 0: .*{says}"):
+        load_conversations(path)
+
+
+def test_thinking_flags_and_blocks():
+    from llm_lifecycle.models.chat_markup import think_block, with_thinking_flag, without_thinking
+
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}]
+    assert with_thinking_flag(chat, "") is chat
+    assert [m["content"] for m in with_thinking_flag(chat, "no_think")] == ["2+2?", "4", "3+3? /no_think"]
+    assert chat[2]["content"] == "3+3?"  # the caller's messages are left alone
+    assert with_thinking_flag(chat, "think")[2]["content"] == "3+3? /think"
+    assert think_block("<think>\n\n</think>\n\n#### 6") == ""
+    assert think_block("<think>\n3+3=6\n</think>\n\n#### 6") == "3+3=6"
+    assert think_block("#### 6") is None and think_block("<think>\nstill thinking") is None
+    assert without_thinking("<think>\n3+3=6\n</think>\n\n#### 6") == "#### 6" and without_thinking("#### 6") == "#### 6"
+
+
+def test_fusion_chats_put_worked_steps_in_think_and_direct_answers_after_an_empty_block(markup_tokenizer):
+    from llm_lifecycle.workflows.data import arith
+
+    chats = load_conversations(PACKAGE / "workflows" / "data" / "builtin" / "arith" / "fusion.jsonl.gz")
+    assert len(chats) == 2000
+    think, no_think = chats[0], chats[1]
+    assert think[0]["content"].endswith(" /think") and no_think[0]["content"].endswith(" /no_think")
+    assert think[1]["content"].startswith("<think>\n") and "<<" in think[1]["content"].split("</think>")[0]
+    assert no_think[1]["content"].startswith("<think>\n\n</think>\n\n#### ")
+    assert all(c[1]["content"].split("</think>\n\n")[1].startswith("#### ") for c in chats)
+    assert sum(c[0]["content"].endswith(" /think") for c in chats[:100]) == 50  # any prefix is half of each
+    held = {p["question"] for p in arith.problems(*arith.SPLITS["test"])}
+    assert not held & {c[0]["content"].rsplit(" /", 1)[0] for c in chats}
+    assert masked_spans(markup_tokenizer, *encode_chat(markup_tokenizer, no_think, 100_000)) == [no_think[1]["content"] + "<|im_end|>"]

@@ -482,7 +482,7 @@ def test_tokenizer_specials_digits_and_chinese(pipeline):
 
 
 def test_tokenizer_vocab_too_small_is_a_user_error():
-    with pytest.raises(UserError, match="vocab_size: 100 is below 259"):
+    with pytest.raises(UserError, match="vocab_size: 100 is below 265"):
         bpe.train_bpe(["some text"], vocab_size=100)
 
 
@@ -494,7 +494,8 @@ def test_tokenizer_options_whitespace_runs_specials_and_byte_fallback():
     texts = small_corpus()
     tok = bpe.train_bpe(texts, vocab_size=700, whitespace_runs=8, special_tokens=["<|tool|>", "<|im_start|>"])
     assert tok.get_vocab_size() <= 700
-    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool|>")] == [0, 1, 2, 3]
+    # the recipe's own special tokens follow ChatML's and the six chat-markup tokens (ids 3..8)
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool|>")] == [0, 1, 2, 9]
     code = "def f(x):\n        return x  # 12345"
     pieces = [tok.id_to_token(i) for i in tok.encode(code).ids]
     assert "\u0120" * 7 in pieces and "\u0120re" in pieces  # a 7-space run, and the word keeps its space

@@ -89,7 +89,7 @@ POSITIVE_INTS = ["steps", "batch_size", "grad_accum", "checkpoint_every", "keep_
 BAD_RANGES = {
     **{k: st.integers(max_value=0) for k in POSITIVE_INTS},
     "seq_len": st.integers(max_value=1),
-    "vocab_size": st.integers(max_value=259),
+    "vocab_size": st.integers(max_value=264),
     "warmup_steps": st.integers(max_value=-1),
     "min_chars": st.integers(max_value=-1),
     "workers": st.integers(max_value=-1),
@@ -123,6 +123,7 @@ BAD_RANGES = {
     "bits": st.integers().filter(lambda b: b not in (4, 8)),
     "group_size": st.integers(max_value=-1),
     "calib_windows": st.integers(max_value=0),
+    "thinking_budget": st.integers(max_value=-1),
     "data": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "suites": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2),
     "sources": st.just([]) | st.lists(st.integers(), min_size=1, max_size=2)
@@ -272,7 +273,7 @@ def good_recipe(draw):
     }))
     doc["stages"].setdefault(stage, {}).update(changes)
     doc["seed"] = draw(st.integers(0, 2**32 - 1))
-    doc["stages"]["tokenizer-train"]["vocab_size"] = draw(st.integers(260, 70000))
+    doc["stages"]["tokenizer-train"]["vocab_size"] = draw(st.integers(265, 70000))
     return doc
 
 

@@ -177,7 +177,7 @@ def test_presets_without_a_transformers_layout_export_to_gguf(tmp_path, tokenize
 
 
 def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenizer):
-    from gguf import GGUFReader
+    from gguf import GGUFReader, TokenType
 
     model = Decoder(ModelConfig(vocab_size=tokenizer.get_vocab_size(), dim=64, n_layers=2, n_heads=4,
                                 n_kv_heads=2, ffn_dim=96, max_seq_len=64))
@@ -193,6 +193,9 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
     assert field("tokenizer.chat_template") == CHATML_TEMPLATE
     assert field("tokenizer.ggml.pre") == "refact"
     assert field("tokenizer.ggml.tokens")[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    # ChatML's tokens are control tokens, the chat markup (<think>, <tool_call>, ...) user-defined
+    assert field("tokenizer.ggml.token_type")[:10] == [TokenType.CONTROL] * 3 + [TokenType.USER_DEFINED] * 6 + [
+        TokenType.NORMAL]
     assert field("tokenizer.ggml.eos_token_id") == tokenizer.token_to_id("<|im_end|>")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"

@@ -131,6 +131,34 @@ def test_exported_tokenizer_and_chat_template(exported):
     assert generation["eos_token_id"] == [2, 0] and generation["pad_token_id"] == 0
 
 
+def test_exported_chat_template_renders_tool_turns_and_thinking_as_training_does(exported):
+    """transformers' apply_chat_template on the exported template gives the text our SFT trains
+    on (chat_data.encode_chat), for Qwen2.5 tool turns and Qwen3 thinking replies alike."""
+    from llm_lifecycle.workflows.data.bpe import train_bpe
+    from llm_lifecycle.workflows.data.chat_data import encode_chat, encode_prompt
+
+    _, hf_dir, _ = exported
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ours = train_bpe(["weather in Oslo, 3 C"] * 20, vocab_size=300)
+    chat = [
+        {"role": "system", "content": "You can call get_weather(city)."},
+        {"role": "user", "content": "Oslo and Bergen? /no_think"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Bergen"}}}]},
+        {"role": "tool", "content": "3 C"},
+        {"role": "tool", "content": "5 C"},
+        {"role": "user", "content": "Thanks. /think"},
+        {"role": "assistant", "content": "<think>\nboth cold\n</think>\n\nBoth are cold."},
+    ]
+    ids, _ = encode_chat(ours, chat, max_len=100_000)
+    assert tok.apply_chat_template(chat, tokenize=False) == ours.decode(ids, skip_special_tokens=False)
+    prompt = ours.decode(encode_prompt(ours, chat[:2]), skip_special_tokens=False)
+    assert tok.apply_chat_template(chat[:2], add_generation_prompt=True, tokenize=False) == prompt
+    no_think = tok.apply_chat_template(chat[:2], add_generation_prompt=True, enable_thinking=False, tokenize=False)
+    assert no_think == prompt + "<think>\n\n</think>\n\n"  # Qwen3's hard switch
+
+
 def test_export_rejects_what_the_family_cannot_hold(tmp_path):
     model = random_model(dict(LLAMA, qk_norm=True))
     save_model_dir(tmp_path / "ours", model, tiny_tokenizer())
@@ -191,6 +219,8 @@ def test_every_small_preset_exports_to_transformers_or_says_why(name, tmp_path):
     export with transformers' logits equal to ours, or are refused with the reason."""
     fields = {**load_preset(name), "vocab_size": 97, "n_layers": 2, "max_seq_len": 64}
     fields["n_dense_layers"] = min(fields.get("n_dense_layers", 0), 1)
+    if isinstance(fields.get("sliding_window"), list):  # one window per layer kept: local, then global (Gemma 2)
+        fields["sliding_window"] = [16, None]
     model = random_model(fields)
     save_model_dir(tmp_path / "ours", model, tiny_tokenizer())
     if name in NO_HF_LAYOUT:

@@ -442,6 +442,67 @@ def test_steer_forces_a_token_the_model_then_reads():
     assert got[1][3:] == greedy_by_recomputing(model, prompts[1] + got[1][:3], 5, set())
 
 
+def thinking_tokens(out: list[int], open_id: int, close_id: int) -> tuple[int, bool]:
+    """(tokens after the first <think>, up to </think> or the end; whether </think> came)."""
+    body = out[out.index(open_id) + 1 :]
+    return (body.index(close_id), True) if close_id in body else (len(body), False)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_thinking_budget_is_never_exceeded(budget, seed):
+    """Rows open <think> at different steps (forced), then sample freely; with the budget's
+    steer no row thinks more than `budget` tokens, and a row that reached it is closed at once.
+    Some rows stop early (a stop id), so the batch shrinks while the budget runs."""
+    from llm_lifecycle.models.generate import ThinkingBudget
+
+    open_id, close_id, stop_id = 3, 4, 5
+    model = make_model(**DENSE)
+    prompts = [tokens(1, n, seed=50 + n)[0].tolist() for n in (2, 3, 4, 5, 6, 7)]
+
+    def open_then_budget(make_budget):
+        limit = make_budget()
+
+        def steer(step, rows, picked):
+            picked = picked.clone()
+            for i, row in enumerate(rows):
+                if step == row % 3:  # rows open their block at steps 0, 1 or 2
+                    picked[i] = open_id
+            return limit(step, rows, picked) if limit else picked
+        return steer
+
+    capped = generate(model, prompts, 30, temperature=1.5, seed=seed, stop_ids=[stop_id],
+                      steer=open_then_budget(lambda: ThinkingBudget(budget, open_id, close_id)))
+    free = generate(model, prompts, 30, temperature=1.5, seed=seed, stop_ids=[stop_id],
+                    steer=open_then_budget(lambda: None))
+    assert any(thinking_tokens(out, open_id, close_id)[0] > budget for out in free)  # the budget has work to do
+    forced = 0
+    for out in capped:
+        n, closed = thinking_tokens(out, open_id, close_id)
+        assert n <= budget, (budget, out)
+        after = out[out.index(open_id) + 1 :]
+        if len(after) > budget:  # went on past the budget: then the block was closed exactly there or before
+            assert closed
+        forced += closed and n == budget
+    assert forced >= 1
+
+
+def test_the_thinking_budget_needs_think_tokens_and_a_sane_value():
+    from tokenizers import Tokenizer, models
+
+    from llm_lifecycle.models.generate import ThinkingBudget, thinking_budget
+
+    plain = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="<|endoftext|>"))
+    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think>"):
+        thinking_budget(plain, 4)
+    assert thinking_budget(plain, 0) is None  # no limit needs no markup
+    with pytest.raises(ValueError, match=">= 0"):
+        thinking_budget(plain, -1)
+    marked = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "<think>": 1, "</think>": 2}, unk_token="<|endoftext|>"))
+    steer = thinking_budget(marked, 4)
+    assert isinstance(steer, ThinkingBudget) and (steer.open_id, steer.close_id, steer.budget) == (1, 2, 4)
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens():
     model = make_model(**MOE)

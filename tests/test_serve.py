@@ -160,4 +160,11 @@ def test_a_version_is_logged_with_its_signature_and_without_running_the_model(re
         warnings.simplefilter("always")
         tracking.log_and_register_model(tracker, model_dir, "tiny", ["again"], {})
     assert not [w for w in caught if "mlflow" in w.filename], [str(w.message)[:80] for w in caught]
-    assert len(mlflow.pyfunc.load_model("models:/tiny@again").predict(PROMPTS)) == len(PROMPTS)
+    loaded = mlflow.pyfunc.load_model("models:/tiny@again")
+    assert len(loaded.predict(PROMPTS)) == len(PROMPTS)
+    # Generation params are declared, so MLflow passes them on instead of dropping them.
+    params = {p["name"]: p["default"] for p in json.loads(info.signature.to_dict()["params"])}
+    assert params == {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "thinking_budget": 0}
+    one_token = loaded.predict(PROMPTS, params={"max_new_tokens": 1})
+    lengths = [(len(short), len(full)) for short, full in zip(one_token, loaded.predict(PROMPTS))]
+    assert all(short <= full for short, full in lengths) and any(short < full for short, full in lengths)

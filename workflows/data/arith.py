@@ -17,6 +17,8 @@ import json
 import random
 from pathlib import Path
 
+from llm_lifecycle.models.chat_markup import EMPTY_THINK, THINK_END, THINK_START, THINKING_FLAGS
+
 NAMES = ["Tom", "Ann", "Lily", "Sam", "Maya", "Ben", "Nora", "Leo", "Emma", "Jack", "Zoe", "Omar", "Ivy", "Max"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards", "coins", "eggs"]
 PLACES = ["the market", "the shop", "school", "the fair", "the park"]
@@ -92,7 +94,8 @@ def preference_pair(p: dict[str, str], rng: random.Random) -> dict[str, str]:
 
 # The shipped split: test first, then train, the pretraining text and the preference pairs
 # drawn so they never repeat a test question.
-SPLITS = {"test": (200, 1), "train": (4000, 2), "corpus": (8000, 3), "pairs": (1200, 4), "direct": (1000, 5)}
+SPLITS = {"test": (200, 1), "train": (4000, 2), "corpus": (8000, 3), "pairs": (1200, 4), "direct": (1000, 5),
+          "fusion": (2000, 6)}
 
 
 def direct_answer(p: dict[str, str]) -> dict[str, str]:
@@ -101,7 +104,17 @@ def direct_answer(p: dict[str, str]) -> dict[str, str]:
     return {"question": p["question"], "answer": "#### " + p["answer"].rsplit("#### ", 1)[1]}
 
 
-def build_splits() -> dict[str, list[dict[str, str]]]:
+def thinking_chat(p: dict[str, str], thinking: bool) -> dict[str, list[dict[str, str]]]:
+    """The problem as a chat in Qwen3's thinking template: asked with ` /think`, the worked
+    steps inside <think> and the `#### N` line after it; asked with ` /no_think`, an empty think
+    block and the `#### N` line alone (chat_data's module docstring has the template)."""
+    steps, final = p["answer"].rsplit("\n", 1)
+    reply = f"{THINK_START}\n{steps}\n{THINK_END}\n\n{final}" if thinking else EMPTY_THINK + final
+    flag = THINKING_FLAGS["think" if thinking else "no_think"]
+    return {"messages": [{"role": "user", "content": p["question"] + flag}, {"role": "assistant", "content": reply}]}
+
+
+def build_splits() -> dict[str, list[dict]]:
     test = problems(*SPLITS["test"])
     held = {p["question"] for p in test}
     return {
@@ -111,6 +124,8 @@ def build_splits() -> dict[str, list[dict[str, str]]]:
         "pairs": [preference_pair(p, rng) for rng in [random.Random(SPLITS["pairs"][1])]
                   for p in problems(*SPLITS["pairs"], exclude=held)],
         "direct": [direct_answer(p) for p in problems(*SPLITS["direct"], exclude=held)],
+        # Thinking and non-thinking chats alternate, so any first n of them are half of each.
+        "fusion": [thinking_chat(p, thinking=i % 2 == 0) for i, p in enumerate(problems(*SPLITS["fusion"], exclude=held))],
     }
 
 

@@ -17,7 +17,10 @@ so any text, Chinese included, encodes without unknown tokens. The options the r
   pretrained       use an existing tokenizer as it is; train nothing
 
 The fixed special tokens <|endoftext|>, <|im_start|>, <|im_end|> (ChatML) come first in a
-trained tokenizer, with ids 0, 1, 2, and are added to a pretrained one that lacks them.
+trained tokenizer, with ids 0, 1, 2, and are added to a pretrained one that lacks them. The chat
+markup of Qwen3's thinking mode and Qwen2.5's tool calls (<think>, </think>, <tool_call>, ...)
+follows as ids 3..8: whole tokens that BPE never splits, but not special ones, so decoding keeps
+them in the text (as in Qwen's tokenizers). A pretrained tokenizer keeps whatever markup it has.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from llm_lifecycle.models.chat_markup import MARKUP_TOKENS
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
 from llm_lifecycle.workflows.data.dedup import is_cjk
 from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, ConfigError, Limit, Settings, setting
@@ -44,12 +48,14 @@ class TokenizerConfig(Settings):
     """tokenizer-train's settings (the stage kind owns them: workflows/stages/tokenizer_train.py)."""
 
     vocab_size: int = setting(4096, "the total, special and added tokens included (default: the model's)",
-                              limit=Limit(lambda v: v >= 260, "an integer >= 260 (256 byte tokens plus the special tokens)"))
+                              limit=Limit(lambda v: v >= 265,
+                                          "an integer >= 265 (256 byte tokens plus the special and markup tokens)"))
     min_frequency: int = setting(2, "a merge must occur this often", limit=AT_LEAST_1)
     split_digits: bool = setting(True, "one token per digit (LLaMA, Qwen)")
     whitespace_runs: int = setting(0, "add tokens for runs of 2..N spaces (code); 0: none")
     byte_fallback: bool = setting(False, "False: GPT-2 byte-level BPE; True: character BPE + <0xXX> tokens")
-    special_tokens: list[str] = setting([], "more special tokens after <|endoftext|>, <|im_start|>, <|im_end|>")
+    special_tokens: list[str] = setting([], "more special tokens after <|endoftext|>, <|im_start|>, <|im_end|> "
+                                            "and the chat markup (<think>, <tool_call>, ...)")
     extend: str | None = setting(None, "a tokenizer to extend with tokens learned on the text (Chinese-LLaMA)")
     pretrained: str | None = setting(None, "a tokenizer to use as it is (default: the one of the model a recipe starts from)")
 
@@ -65,7 +71,9 @@ class TokenizerConfig(Settings):
 
     @property
     def specials(self) -> list[str]:
-        return SPECIAL_TOKENS + [t for t in self.special_tokens if t not in SPECIAL_TOKENS]
+        """The tokens a trained tokenizer reserves first: ChatML's, the chat markup, the recipe's own."""
+        fixed = SPECIAL_TOKENS + MARKUP_TOKENS
+        return fixed + [t for t in self.special_tokens if t not in fixed]
 
     @property
     def reserved(self) -> int:
@@ -124,7 +132,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
         # Every split of a run is a merge, so that any run up to N spaces ends as one token.
         runs = [(SPACE * a, SPACE * (n - a)) for n in range(2, cfg.whitespace_runs + 1) for a in range(1, n)]
         tokenizer = _with_tokens(tokenizer, [SPACE * n for n in range(2, cfg.whitespace_runs + 1)], first_merges=runs)
-    return tokenizer
+    return _not_special(tokenizer, MARKUP_TOKENS)
+
+
+def _not_special(tokenizer: Tokenizer, tokens: list[str]) -> Tokenizer:
+    """The tokenizer with `tokens` (reserved by the trainer as special tokens) made ordinary
+    added tokens: still never split, but kept when decoding."""
+    data = json.loads(tokenizer.to_str())
+    for added in data["added_tokens"]:
+        if added["content"] in tokens:
+            added["special"] = False
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _model_json(tokenizer: Tokenizer) -> dict:
@@ -219,7 +237,7 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
 
 
 def _missing_specials(tokenizer: Tokenizer, cfg: TokenizerConfig) -> list[str]:
-    return [t for t in cfg.specials if tokenizer.token_to_id(t) is None]
+    return [t for t in cfg.specials if t not in MARKUP_TOKENS and tokenizer.token_to_id(t) is None]
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:

@@ -5,11 +5,26 @@ order fixed by (seed, step), and score them (sequence log-probs, the DPO loss).
 Formats read (detected from the first record):
   conversations     dolly/Alpaca-prompt jsonl {"prompt", "response"} (mosaicml llm-foundry);
                     LLaMA-Factory alpaca JSON {instruction, input, output, history[, system]};
-                    ChatML jsonl {"messages": [{"role", "content"}, ...]};
+                    ChatML / OpenAI jsonl {"messages": [{"role", "content"}, ...]}, tool turns
+                    included (role "tool", an assistant's "tool_calls");
                     GSM8K jsonl {"question", "answer"} (the worked solution is the reply)
   preference pairs  Anthropic hh-rlhf jsonl(.gz) {"chosen", "rejected"} whole transcripts;
                     LLaMA-Factory rm JSON {instruction, input, output: [better, worse], history};
                     TRL-style {"prompt", "chosen", "rejected"} (prompt a string or messages)
+
+The template is ChatML, `<|im_start|>{role}\n{content}<|im_end|>\n` per turn, with Qwen's
+two extensions:
+  thinking (Qwen3)  an assistant reply may open with `<think>\n...\n</think>\n\n`, the
+                    reasoning; a non-thinking reply has the empty block `<think>\n\n</think>\n\n`.
+                    A user turn ending in ` /think` or ` /no_think` asks for either (the soft
+                    switch). Both are plain text in the messages: chats without them render
+                    exactly as before.
+  tool calls        (Qwen2.5) an assistant's calls follow its content, each
+                    `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` on lines of
+                    their own; the tools' results go back as one user turn of
+                    `<tool_response>\n{result}\n</tool_response>` blocks (consecutive results
+                    share the turn). Tool schemas are not rendered: put them in the system turn.
+                    The loss covers the assistant's turns, calls included, never the results.
 """
 
 from __future__ import annotations
@@ -26,16 +41,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_lifecycle.models.chat_markup import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESPONSE_END, TOOL_RESPONSE_START
 from llm_lifecycle.models.decoder import IGNORE_INDEX  # the target the model's loss skips
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Message = dict[str, Any]  # {"role": one of ROLES, "content": str[, "tool_calls": [{"name", "arguments"}]]}
 Conversation = list[Message]
 PreferencePair = tuple[Conversation, str, str]  # (prompt messages, chosen reply, rejected reply)
 Encoded = tuple[list[int], list[int]]  # (token ids, loss mask: 1 where the model is trained)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 CONVERSATION_FORMATS = (
@@ -93,13 +109,31 @@ def _convert_all(path: Path, records: list[dict], convert: Callable[[dict], Any]
     return out
 
 
+def _tool_call(call: dict) -> dict[str, Any]:
+    """{"name", "arguments"} of an OpenAI call {"type": "function", "function": {...}} or a bare
+    {"name", "arguments"}; arguments an object or the JSON text of one (OpenAI's), kept as given."""
+    function = call.get("function", call)
+    name, arguments = function["name"], function.get("arguments", {})
+    parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    if not isinstance(name, str) or not isinstance(parsed, dict):
+        raise TypeError("a tool call needs a string name and an object of arguments")
+    return {"name": name, "arguments": arguments}
+
+
+def _check_message(m: dict) -> Message:
+    role, calls = m["role"], m.get("tool_calls") or []
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if calls and role != "assistant":
+        raise ValueError(f"a {role} message has tool_calls; only assistant messages make calls")
+    content = "" if m.get("content") is None and calls else m["content"]  # OpenAI: null beside calls
+    if not isinstance(content, str):
+        raise TypeError(f"content of a {role} message is {type(content).__name__}, not a string")
+    return {"role": role, "content": content, **({"tool_calls": [_tool_call(c) for c in calls]} if calls else {})}
+
+
 def _check_conversation(messages: Conversation) -> Conversation:
-    for m in messages:
-        if m["role"] not in ROLES:
-            raise ValueError(f"role {m['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise TypeError(f"content of a {m['role']} message is {type(m['content']).__name__}, not a string")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [_check_message(m) for m in messages]
 
 
 # ---- conversations (SFT) ----------------------------------------------------------------------
@@ -262,22 +296,50 @@ def special_token_id(tokenizer, token: str) -> int:
     return token_id
 
 
+def _tool_call_text(call: dict[str, Any]) -> str:
+    """Qwen2.5's line for one call (what transformers renders from the exported template)."""
+    arguments = call["arguments"]
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    name = json.dumps(call["name"], ensure_ascii=False)
+    return f'{TOOL_CALL_START}\n{{"name": {name}, "arguments": {arguments}}}\n{TOOL_CALL_END}'
+
+
+def _turns(messages: Conversation) -> list[tuple[str, str]]:
+    """(role, text) of each ChatML turn: an assistant's tool calls follow its content, and a
+    run of tool results becomes one user turn of <tool_response> blocks (Qwen2.5)."""
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            block = f"{TOOL_RESPONSE_START}\n{m['content']}\n{TOOL_RESPONSE_END}"
+            if i and messages[i - 1]["role"] == "tool":
+                turns[-1] = ("user", f"{turns[-1][1]}\n{block}")
+            else:
+                turns.append(("user", block))
+        else:
+            calls = [_tool_call_text(_tool_call(c)) for c in m.get("tool_calls", ())]
+            turns.append((m["role"], "\n".join(([m["content"]] if m["content"] else []) + calls)))
+    return turns
+
+
 def _render(tokenizer, messages: Conversation, default_system: str | None) -> Encoded:
-    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message. Each piece is encoded on its
-    own so the mask boundaries are exact; the special tokens split the text at the same
-    places anyway, so the ids match encoding the rendered string for byte-level BPE."""
+    """`<|im_start|>{role}\\n{text}<|im_end|>\\n` per turn (see _turns). Each piece is encoded on
+    its own so the mask boundaries are exact; the special tokens split the text at the same
+    places anyway, so the ids match encoding the rendered string for byte-level BPE. The mask
+    is 1 on the assistant's text and its <|im_end|>: never on a tool's result."""
     im_start, im_end = special_token_id(tokenizer, IM_START), special_token_id(tokenizer, IM_END)
     if default_system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": default_system}, *messages]
-    pieces = ["\n"] + [text for m in messages for text in (m["role"] + "\n", m["content"])]
+    turns = _turns(messages)
+    pieces = ["\n"] + [text for role, body in turns for text in (role + "\n", body)]
     encoded = [e.ids for e in tokenizer.encode_batch(pieces, add_special_tokens=False)]
-    newline, headers, contents = encoded[0], encoded[1::2], encoded[2::2]
+    newline, headers, bodies = encoded[0], encoded[1::2], encoded[2::2]
     ids: list[int] = []
     mask: list[int] = []
-    for message, header, content in zip(messages, headers, contents):
-        trained = int(message["role"] == "assistant")
-        ids += [im_start, *header, *content, im_end, *newline]
-        mask += [0] * (1 + len(header)) + [trained] * (len(content) + 1) + [0] * len(newline)
+    for (role, _), header, body in zip(turns, headers, bodies):
+        trained = int(role == "assistant")
+        ids += [im_start, *header, *body, im_end, *newline]
+        mask += [0] * (1 + len(header)) + [trained] * (len(body) + 1) + [0] * len(newline)
     return ids, mask
 
 

@@ -45,6 +45,7 @@ class RolloutSettings:
     top_p: float
     system_prompt: str | None
     reward: RewardFn
+    thinking_budget: int = 0  # at most this many thinking tokens per sample (0: no limit)
 
 
 @dataclass
@@ -63,14 +64,14 @@ class Samples:
 def sample(policy, tokenizer, problems: list[dict], s: RolloutSettings, seed: int, pad_id: int) -> Samples:
     """`group_size` completions for each prompt (a dict, workflows/rl/rewards.py), rows grouped
     by prompt (g consecutive rows)."""
-    from llm_lifecycle.models.generate import generate
+    from llm_lifecycle.models.generate import generate, thinking_budget
     from llm_lifecycle.workflows.data.chat_data import encode_prompt
 
     stops = stop_ids(tokenizer)
     prompts = [encode_prompt(tokenizer, messages_of(p), s.system_prompt) for p in problems]
     rows = [p for p in prompts for _ in range(s.group_size)]
     outs = generate(policy, rows, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                    stop_ids=stops, seed=seed)
+                    stop_ids=stops, seed=seed, steer=thinking_budget(tokenizer, s.thinking_budget))
     sequences, texts, finished, lengths = [], [], [], []
     for prompt, out in zip(rows, outs):
         stopped = len(out) < s.max_new_tokens  # a completion cut off never finished: no format credit

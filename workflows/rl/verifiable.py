@@ -66,10 +66,13 @@ def load_problems(path) -> list[dict[str, str]]:
     return [{"question": r["question"], "answer": r["answer"]} for r in records]
 
 
-def prompt_ids(tokenizer, question: str, system_prompt: str | None) -> list[int]:
+def prompt_ids(tokenizer, question: str, system_prompt: str | None, thinking: str = "") -> list[int]:
+    """The question as a ChatML user turn, with Qwen3's ` /think` or ` /no_think` when asked."""
+    from llm_lifecycle.models.chat_markup import with_thinking_flag
     from llm_lifecycle.workflows.data.chat_data import encode_prompt
 
-    return encode_prompt(tokenizer, [{"role": "user", "content": question}], default_system=system_prompt)
+    messages = with_thinking_flag([{"role": "user", "content": question}], thinking)
+    return encode_prompt(tokenizer, messages, default_system=system_prompt)
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -94,6 +97,32 @@ def accuracy(model, tokenizer, problems: list[dict[str, str]], system_prompt: st
             formatted += format_reward(text)
     n = max(1, len(problems))
     return {"accuracy": correct / n, "format_rate": formatted / n}
+
+
+@torch.no_grad()
+def thinking_mode_rates(model, tokenizer, problems: list[dict[str, str]], system_prompt: str | None,
+                        max_new_tokens: int = 96, batch_size: int = 64) -> dict[str, float]:
+    """How well greedy replies follow Qwen3's soft switch on `problems`: the share of replies
+    asked with ` /think` that open a non-empty think block, the share asked with ` /no_think`
+    that open the empty one, and the exact-match accuracy in each mode."""
+    from llm_lifecycle.models.generate import generate
+    from llm_lifecycle.models.chat_markup import think_block
+
+    stops = stop_ids(tokenizer)
+    rates = {}
+    for mode in ("think", "no_think"):
+        followed = correct = 0.0
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            prompts = [prompt_ids(tokenizer, p["question"], system_prompt, thinking=mode) for p in chunk]
+            for p, ids in zip(chunk, generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops)):
+                text = tokenizer.decode(ids)
+                block = think_block(text)
+                followed += block is not None and (block != "") == (mode == "think")
+                correct += correctness_reward(text, p["answer"])
+        n = max(1, len(problems))
+        rates.update({f"{mode}_followed": followed / n, f"{mode}_accuracy": correct / n})
+    return rates
 
 
 # ---- stage helpers (sft and rl measure alike) ----------------------------------------------

@@ -1,5 +1,7 @@
 """`llm chat --model REF`: a quick look at what a model answers, in ChatML, with the
-conversation so far as context."""
+conversation so far as context. `thinking` ("think" / "no_think") ends each user turn with
+Qwen3's soft switch; `thinking_budget` caps each reply's thinking; earlier replies stay in the
+context without their think blocks, as Qwen3 keeps them."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from llm_lifecycle.workflows.runner.stage import UserError
 
 class ChatSession:
     def __init__(self, ref: str, system: str | None, temperature: float, top_p: float, max_new_tokens: int,
-                 seed: int | None = None):
+                 seed: int | None = None, thinking: str = "", thinking_budget: int = 0):
         from llm_lifecycle.models.load import load_model
         from llm_lifecycle.workflows.data.chat_data import IM_END, IM_START
         from llm_lifecycle.workflows.refs import resolve_model_dir
@@ -19,20 +21,32 @@ class ChatSession:
                             "from our sft or rl stages")
         self.messages = [{"role": "system", "content": system}] if system else []
         self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
+        self.thinking, self.thinking_budget = thinking, thinking_budget
+        if thinking_budget:
+            self._budget()  # a tokenizer without <think> is refused now, not at the first reply
+
+    def _budget(self):
+        from llm_lifecycle.models.generate import thinking_budget
+
+        try:
+            return thinking_budget(self.tokenizer, self.thinking_budget)
+        except ValueError as err:
+            raise UserError(f"llm chat --thinking-budget: {err}") from None
 
     def reply(self, text: str) -> str:
         from llm_lifecycle.models.generate import generate
+        from llm_lifecycle.models.chat_markup import with_thinking_flag, without_thinking
         from llm_lifecycle.workflows.data.chat_data import encode_prompt
         from llm_lifecycle.workflows.rl.verifiable import stop_ids
 
         self.messages.append({"role": "user", "content": text})
-        prompt = encode_prompt(self.tokenizer, self.messages)
+        prompt = encode_prompt(self.tokenizer, with_thinking_flag(self.messages, self.thinking))
         if len(prompt) >= self.model.cfg.max_seq_len:
             raise UserError(f"the conversation ({len(prompt)} tokens) no longer fits the model's "
                             f"{self.model.cfg.max_seq_len}-token context; start a new chat")
         room = min(self.max_new_tokens, self.model.cfg.max_seq_len - len(prompt))
         out = generate(self.model, [prompt], room, self.temperature, self.top_p, stop_ids=stop_ids(self.tokenizer),
-                       seed=self.seed)[0]
+                       seed=self.seed, steer=self._budget())[0]
         answer = self.tokenizer.decode(out)
-        self.messages.append({"role": "assistant", "content": answer})
+        self.messages.append({"role": "assistant", "content": without_thinking(answer)})
         return answer

@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_EMPTY_STRINGS, ConfigError, Settings, setting
+from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_EMPTY_STRINGS, NON_NEGATIVE, ConfigError, Settings, setting
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
 OWN_SUITES = ("ppl", "long")  # scored on our model object, not through lm-eval
@@ -41,13 +41,19 @@ def check_suites(suites: list[str], backend: str) -> None:
 
 
 def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int, max_gen_toks: int, work_dir: Path,
-            progress=None):
+            progress=None, thinking: str = "", thinking_budget: int = 0):
     """The lm-eval LM for `backend`: our adapter (showing its progress on `progress`), or
     lm-eval's hf/vllm backend on an exported folder."""
     if backend == "ours":
         from llm_lifecycle.evals.harness import LifecycleLM
 
-        return LifecycleLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, progress=progress)
+        try:
+            return LifecycleLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, progress=progress,
+                               thinking=thinking, thinking_budget=thinking_budget)
+        except ValueError as err:
+            raise UserError(f"eval: {err}") from None
+    if thinking or thinking_budget:
+        raise UserError(f"thinking modes and budgets run on our adapter only; use --backend ours, not {backend}")
     import torch
 
     if backend == "vllm" and not torch.cuda.is_available():
@@ -156,6 +162,8 @@ class EvalSettings(Settings):
     num_fewshot: int | None = setting(None, "few-shot examples (empty: the suite's default)")
     batch_size: int = setting(8, "sequences per forward pass", limit=AT_LEAST_1)
     max_gen_toks: int = setting(64, "tokens generated per answer (GSM8K)", limit=AT_LEAST_1)
+    thinking_budget: int = setting(0, "at most this many thinking tokens per answer, then </think> is forced "
+                                      "(Qwen3); 0: no limit", limit=NON_NEGATIVE)
 
     def check(self, where: str, upstream: dict) -> None:
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -214,7 +222,7 @@ def run(ctx: StageContext, cfg: EvalSettings) -> StageResult:
 
     model, tokenizer, model_dir = load_input_model(ctx)
     lm = make_lm("ours", model_dir, model, tokenizer, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
-                 work_dir=ctx.stage_dir, progress=ctx.progress)
+                 work_dir=ctx.stage_dir, progress=ctx.progress, thinking_budget=cfg.thinking_budget)
     data_dirs = {suite: suite_data_dir(suite, cfg.data_dir) for suite in cfg.suites}
     notes = {suite: not_run_note(suite) for suite, where in data_dirs.items() if where is None}
     if notes:
@@ -238,7 +246,7 @@ KIND = StageKind("eval", EvalSettings, run, inputs=(Port("model", "model"), Port
 
 def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot, batch_size, max_gen_toks=256,
                    backend: str = "ours", seed: int = 0, apply_chat_template: bool = False,
-                   progress=None) -> EvalOutcome:
+                   progress=None, thinking: str = "", thinking_budget: int = 0) -> EvalOutcome:
     """`llm eval --model REF`: a standalone, tracked evaluation of any model reference."""
     import tempfile
 
@@ -256,13 +264,14 @@ def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot,
     tracking.configure()
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as work_dir:
         lm = make_lm(backend, model_dir, model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks,
-                     work_dir=Path(work_dir), progress=progress)
+                     work_dir=Path(work_dir), progress=progress, thinking=thinking, thinking_budget=thinking_budget)
         loaded = load_suites(suites, data_dir, num_fewshot)  # missing data stops here, before a run is opened
         with tracking.start_run(experiment, "eval", {"llm.stage": "eval", "llm.model_ref": ref,
                                                      "llm.eval_backend": backend}) as tracker:
             tracker.log_params({"model": ref, "suites": suites, "data_dir": data_dir, "limit": limit,
                                 "num_fewshot": num_fewshot, "batch_size": batch_size, "backend": backend,
-                                "seed": seed, "apply_chat_template": apply_chat_template})
+                                "seed": seed, "apply_chat_template": apply_chat_template, "thinking": thinking,
+                                "thinking_budget": thinking_budget})
             outcome = run_suites(lm, model, tokenizer, tracker, loaded, data_dir=data_dir, limit=limit,
                                  num_fewshot=num_fewshot, seed=seed, apply_chat_template=apply_chat_template,
                                  batch_size=batch_size)

@@ -78,6 +78,8 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     group_size: int = setting(8, "samples per prompt (ppo, grpo: batch_size prompts per step)", limit=AT_LEAST_1)
     temperature: float = setting(1.0, "sampling temperature", limit=POSITIVE)
     top_p: float = setting(1.0, "nucleus sampling mass", limit=FRACTION)
+    thinking_budget: int = setting(0, "ppo, grpo: at most this many thinking tokens per sample, then </think> is "
+                                      "forced (Qwen3); 0: no limit", limit=NON_NEGATIVE)
     kl_coef: float = setting(0.04, "KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)", limit=NON_NEGATIVE)
     clip: float = setting(0.2, "PPO/GRPO ratio clip", limit=POSITIVE)
     ppo_epochs: int = setting(2, "PPO passes over each rollout", limit=AT_LEAST_1)
@@ -217,6 +219,7 @@ def _rollout_settings(ctx: StageContext, cfg: RLSettings, reward=None):
     return RolloutSettings(
         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, system_prompt=_system_prompt(ctx), reward=reward or Reward(cfg),
+        thinking_budget=cfg.thinking_budget,
     )
 
 

@@ -9,8 +9,22 @@ from typing import Any
 from llm_lifecycle.workflows.engine.model_stage import load_init_model, load_input_model, save_stage_model
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, lm_loss, train
 from llm_lifecycle.workflows.refs import read_data_files
-from llm_lifecycle.workflows.rl.verifiable import DEFAULT_SYSTEM_PROMPT, AnswerEvalSettings, heldout_answer_accuracy
-from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_EMPTY_STRINGS, NON_NEGATIVE, POSITIVE, setting, with_defaults
+from llm_lifecycle.workflows.rl.verifiable import (
+    DEFAULT_SYSTEM_PROMPT,
+    AnswerEvalSettings,
+    heldout_answer_accuracy,
+    load_problem_files,
+    thinking_mode_rates,
+)
+from llm_lifecycle.workflows.runner.settings import (
+    AT_LEAST_1,
+    NON_EMPTY_STRINGS,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    setting,
+    with_defaults,
+)
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
 
@@ -30,6 +44,13 @@ class SFTSettings(with_defaults(TrainSettings, steps=60, lr=3e-4, warmup_steps=6
     lora_rank: int = setting(0, "> 0: train rank-r LoRA adapters on the projections, merged into the saved model",
                              limit=NON_NEGATIVE)
     lora_alpha: float = setting(16.0, "LoRA scale numerator (scale = alpha / rank)", limit=POSITIVE)
+    eval_thinking: bool = setting(False, "after training, ask eval_data's problems with /think and with /no_think: "
+                                         "how often the reply's think block is non-empty and empty (Qwen3's "
+                                         "mode fusion)")
+
+    def check(self, where: str, upstream: dict) -> None:
+        if self.eval_thinking and not self.eval_data:
+            raise ConfigError(f"{where}.eval_thinking: needs eval_data, the held-out problems to ask in both modes")
 
     def passes_on(self, upstream: dict[str, Any]) -> dict[str, Any]:
         return {"system_prompt": self.system_prompt}
@@ -50,6 +71,13 @@ def split_heldout(examples: list, n: int, seed: int, where: str) -> tuple[list, 
                         "to train on; add data or lower heldout_chats")
     order = random.Random(seed).sample(range(len(examples)), len(examples))
     return [examples[i] for i in order[:n]], [examples[i] for i in order[n:]]
+
+
+def heldout_thinking_rates(ctx: StageContext, cfg: SFTSettings, model, tokenizer) -> dict[str, float]:
+    """thinking.{think,no_think}_{followed,accuracy} on eval_data's problems, never trained on."""
+    problems = load_problem_files([cfg.eval_data], f"stages.{ctx.stage}.eval_data")[: cfg.eval_n]
+    rates = thinking_mode_rates(model, tokenizer, problems, cfg.system_prompt, max_new_tokens=cfg.max_new_tokens)
+    return {f"thinking.{name}": value for name, value in rates.items()}
 
 
 def run(ctx: StageContext, cfg: SFTSettings) -> StageResult:
@@ -86,6 +114,8 @@ def run(ctx: StageContext, cfg: SFTSettings) -> StageResult:
         after = heldout_answer_accuracy(ctx, cfg, model.cpu(), tokenizer, cfg.system_prompt)
         summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],
                         "heldout_format_rate": after["format_rate"]})
+    if cfg.eval_thinking:
+        summary.update(heldout_thinking_rates(ctx, cfg, model.cpu(), tokenizer))
     model_dir = save_stage_model(ctx, model, tokenizer)
     return StageResult(outputs={"model": str(model_dir)}, metrics=summary, model_dir=str(model_dir))
 
