@@ -386,14 +386,11 @@ def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
 
     reward = _reward(ctx, cfg)
     heldout, train_prompts = _prompts(ctx, cfg, tokenizer, reward)
-    rounds = IterativeDPOSettings(
-        rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round, group_size=cfg.group_size,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta,
-        sft_weight=cfg.sft_weight, system_prompt=_system_prompt(ctx),
-    )
+    rounds = IterativeDPOSettings(rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round,
+                                  rollout=_rollout_settings(ctx, cfg, reward), beta=cfg.beta, sft_weight=cfg.sft_weight)
     judge = _load_rm(ctx, "judge", cfg.judge, "judge")
-    summary = iterative_dpo(ctx, policy, tokenizer, reward, judge if judge[0] is not None else None, train_prompts,
-                            heldout, _train_settings(cfg), rounds)
+    summary = iterative_dpo(ctx, policy, tokenizer, judge if judge[0] is not None else None, train_prompts, heldout,
+                            _train_settings(cfg), rounds)
     return policy, summary
 
 
