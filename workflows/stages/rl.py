@@ -141,17 +141,22 @@ def _train_settings(cfg: RLSettings, **changes) -> RLSettings:
 # ---- preference methods -----------------------------------------------------------------------
 
 
-def _dpo_heldout(policy, reference, batches, beta) -> dict[str, float]:
-    from llm_lifecycle.workflows.data.chat_data import dpo_loss, pair_logps
+def _heldout_logps(model, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(chosen, rejected) log-probs of each held-out batch."""
+    from llm_lifecycle.workflows.data.chat_data import pair_logps
+
+    with torch.no_grad():
+        return [pair_logps(model, batch)[:2] for batch in batches]
+
+
+def _dpo_heldout(policy_logps, reference_logps, beta) -> dict[str, float]:
+    from llm_lifecycle.workflows.data.chat_data import dpo_loss
 
     totals: dict[str, float] = {}
-    with torch.no_grad():
-        for batch in batches:
-            pc, pr, _ = pair_logps(policy, batch)
-            rc, rr, _ = pair_logps(reference, batch)
-            _, m = dpo_loss(pc, pr, rc, rr, beta)
-            for k, v in m.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+    for (pc, pr), (rc, rr) in zip(policy_logps, reference_logps):
+        _, m = dpo_loss(pc, pr, rc, rr, beta)
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / len(policy_logps)
     return totals
 
 
@@ -165,7 +170,10 @@ def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = PreferenceBatches(heldout, settings.batch_size, seed=ctx.seed, pad_id=pad)
     held_batches = [held.batch(i) for i in range(max(1, len(heldout) // settings.batch_size))]
-    before = _dpo_heldout(policy, reference, held_batches, cfg.beta)
+    # The policy starts as the reference: one pass gives both sides of "before", and the
+    # reference's log-probs serve "after" too.
+    reference_logps = _heldout_logps(reference, held_batches)
+    before = _dpo_heldout(reference_logps, reference_logps, cfg.beta)
     data = PreferenceBatches(train_pairs, settings.batch_size, seed=ctx.seed, pad_id=pad)
     summary = train(
         ctx, policy, settings, data.batches, dpo_train_loss(reference, cfg.beta, cfg.sft_weight),
@@ -173,7 +181,7 @@ def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
         flops_per_token=policy.cfg.flops_per_token(settings.seq_len) * 4 / 3,  # + reference forward
         description="dpo",
     )
-    after = _dpo_heldout(policy.cpu(), reference.cpu(), held_batches, cfg.beta)
+    after = _dpo_heldout(_heldout_logps(policy.cpu(), held_batches), reference_logps, cfg.beta)
     summary.update({f"heldout_before.{k}": v for k, v in before.items()})
     summary.update({f"heldout_after.{k}": v for k, v in after.items()})
     return policy, summary
@@ -389,14 +397,11 @@ def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
 
     reward = _reward(ctx, cfg)
     heldout, train_prompts = _prompts(ctx, cfg, tokenizer, reward)
-    rounds = IterativeDPOSettings(
-        rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round, group_size=cfg.group_size,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta,
-        sft_weight=cfg.sft_weight, system_prompt=_system_prompt(ctx),
-    )
+    rounds = IterativeDPOSettings(rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round,
+                                  rollout=_rollout_settings(ctx, cfg, reward), beta=cfg.beta, sft_weight=cfg.sft_weight)
     judge = _load_rm(ctx, "judge", cfg.judge, "judge")
-    summary = iterative_dpo(ctx, policy, tokenizer, reward, judge if judge[0] is not None else None, train_prompts,
-                            heldout, _train_settings(cfg), rounds)
+    summary = iterative_dpo(ctx, policy, tokenizer, judge if judge[0] is not None else None, train_prompts, heldout,
+                            _train_settings(cfg), rounds)
     return policy, summary
 
 
