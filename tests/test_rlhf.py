@@ -197,3 +197,11 @@ def test_ppo_and_grpo_on_chat_prompts_take_their_reward_from_a_reward_model(work
     assert m["heldout_prompts"] == 3 and 0.0 <= m["heldout_win_rate"] <= 1.0
     assert m["heldout_kl"] != 0.0  # the policy moved from the reference
     assert 1 <= m["heldout_reply_tokens"] <= 9  # max_new_tokens 8, plus the stop token
+
+
+def test_a_judge_wired_to_a_stage_that_made_no_reward_model_is_one_clear_error(workspace, sft_dir):
+    from llm_lifecycle.workflows.runner.stage import StageResult, UserError
+
+    with pytest.raises(UserError, match=r"stages.rl.from.judge: 'rm' made no reward model; name an rl instance with "
+                                        r"method rm"):
+        _run(workspace, sft_dir, "bad-judge", ["rl.method=grpo"], inputs={"judge": StageResult(outputs={"model": "x"})})

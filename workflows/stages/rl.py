@@ -238,9 +238,12 @@ def _model_ref(ctx: StageContext, port: str, given: str | None) -> str | None:
     """The reward model folder a setting names or the instance wired to input `port` made, or None."""
     if given:
         return str(resolve_model_dir(given))
-    if port in ctx.inputs:
-        return str(ctx.input_path(port, "reward_model"))
-    return None
+    if port not in ctx.inputs:
+        return None
+    if "reward_model" not in ctx.inputs[port].outputs:
+        raise UserError(f"stages.{ctx.stage}.from.{port}: '{ctx.sources.get(port, port)}' made no reward model; "
+                        "name an rl instance with method rm")
+    return str(ctx.input_path(port, "reward_model"))
 
 
 def _load_rm(ctx: StageContext, port: str, given: str | None, key: str):
@@ -316,6 +319,7 @@ def _measured(run_method):
 
     def runner(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
         reward = _reward(ctx, cfg)
+        judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")  # a wrong judge fails before training
         heldout, prompts = _prompts(ctx, cfg, tokenizer, reward)
         rollout = _rollout_settings(ctx, cfg, reward)
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -329,7 +333,6 @@ def _measured(run_method):
                         "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout)),
                         # a reward model that pays for length is hacked by growing replies: show it
                         "heldout_reply_tokens_before": before["tokens"], "heldout_reply_tokens": after["tokens"]})
-        judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")
         if judge is not None:
             from llm_lifecycle.workflows.rl.judge import win_rate
             from llm_lifecycle.workflows.rl.rewards import messages_of
