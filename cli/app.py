@@ -26,6 +26,8 @@ from llm_lifecycle.registry.tracking import EnvironmentProblem
 from llm_lifecycle.workflows.runner.stage import UserError
 
 console = Console()
+# In a log file a line stays one line (a path split at column 80 greps badly); terminals wrap.
+console.soft_wrap = not console.is_terminal
 err_console = Console(stderr=True)
 # --think / --no-think / neither -> the thinking mode (models/chat_markup.py THINKING_MODES)
 THINKING_SWITCH = {None: "", True: "think", False: "no_think"}

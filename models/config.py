@@ -13,7 +13,7 @@ from typing import Any
 # Decides the Hugging Face layout used by export/import (the transformers model_type).
 FAMILIES = (
     "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "deepseek_v2", "deepseek_v3", "gemma", "phi", "glm",
-    "glm4",
+    "glm4", "gemma2", "internlm3",
 )
 # Families whose checkpoints ship as remote code (Qwen 1, Baichuan 2, ChatGLM, InternLM2):
 # imported by our own mapping (models/hf_remote.py); exported through the transformers
@@ -59,6 +59,12 @@ class ModelConfig:
     window_layers: int | None = None
     # Qwen1 LogN scaling: at positions past this training length, q is scaled by log_len(pos).
     logn_train_len: int | None = None
+    # Gemma 2: attention scores scaled by query_pre_attn_scalar^-0.5 instead of head_dim^-0.5
+    # (27B: dim / n_heads); soft caps cap * tanh(x / cap) on the attention scores (50) and on
+    # the output logits (30), so neither grows without bound. None: off.
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     qkv_bias: bool = False
     o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
@@ -136,6 +142,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @property
+    def fused_loss_applies(self) -> bool:
+        """Whether training's loss can come straight from the head (the chunked linear + cross-
+        entropy) without the full logits: not when max-z loss or a logit soft cap needs them."""
+        return not self.max_z_loss_coef and not self.final_logit_softcap
+
+    @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
@@ -202,6 +214,12 @@ class ModelConfig:
         self._validate_mla()
         if self.logn_train_len is not None:
             _require_positive_int("logn_train_len", self.logn_train_len)
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name} must be a positive number or null, got {value!r}")
+        if self.is_mla and (self.query_pre_attn_scalar or self.attn_logit_softcap):
+            raise ValueError("query_pre_attn_scalar and attn_logit_softcap are Gemma 2's; latent attention has neither")
         if self.norm_head and self.tie_embeddings:
             raise ValueError("norm_head normalises the output head's rows; it needs tie_embeddings: false")
         if self.max_z_loss_coef < 0:

@@ -268,29 +268,33 @@ class KVCache:
 
 class StaticKVCache:
     """A cache allocated once for a whole generation (as gpt-fast and vLLM do): per layer one
-    [B, heads, max_len, width] buffer per cached tensor, and each row's own length.
+    [B, heads, size, width] buffer per cached tensor, and each row's own length.
 
     Rows keep their own positions, so prompts of different lengths need no padding, and a
     decode step has the same shapes every time, which lets torch.compile run it as one graph.
-    Attention reads the whole buffer; keys at or past a row's length are masked out.
+    Attention reads the whole buffer; slots holding no key a query may see are masked out.
+
+    A layer with a sliding window W shorter than `max_len` keeps a rolling buffer of W slots
+    (Mistral): position p goes to slot p % W, over the key W positions back that no later
+    query sees, so its memory stays W tokens however long the generation runs. Other layers
+    have `max_len` slots, and p % max_len = p.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, max_len: int):
         self.keys, self.values, self.lengths = keys, values, lengths  # lengths: Long[B] cached tokens per row
+        self.max_len = max_len
 
     @classmethod
-    def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], batch: int, max_len: int,
-                 dtype: torch.dtype, device) -> StaticKVCache:
-        """`widths`: per layer the (heads, width) of its two cached tensors."""
-        def buffer(heads: int, width: int) -> torch.Tensor:
-            return torch.zeros(batch, heads, max_len, width, dtype=dtype, device=device)
+    def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], windows: list[int | None], batch: int,
+                 max_len: int, dtype: torch.dtype, device) -> StaticKVCache:
+        """`widths`: per layer the (heads, width) of its two cached tensors; `windows`: per layer
+        its sliding window or None."""
+        def buffer(heads: int, width: int, window: int | None) -> torch.Tensor:
+            return torch.zeros(batch, heads, rolling_size(window, max_len), width, dtype=dtype, device=device)
 
-        return cls([buffer(*k) for k, _ in widths], [buffer(*v) for _, v in widths],
-                   torch.zeros(batch, dtype=torch.long, device=device))
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].size(2)
+        return cls([buffer(*k, w) for (k, _), w in zip(widths, windows)],
+                   [buffer(*v, w) for (_, v), w in zip(widths, windows)],
+                   torch.zeros(batch, dtype=torch.long, device=device), max_len)
 
     @property
     def nbytes(self) -> int:
@@ -300,14 +304,28 @@ class StaticKVCache:
         """Absolute positions [B, 1, T] of each row's next `n_new` tokens (1: broadcast over heads)."""
         return (self.lengths[:, None] + torch.arange(n_new, device=device))[:, None]
 
-    def mask(self, n_new: int) -> torch.Tensor:
-        """Bool [B, 1, T, max_len]: each new token sees its row's cached tokens and itself."""
-        k_pos = torch.arange(self.max_len, device=self.lengths.device)
-        return k_pos <= self.query_positions(n_new, k_pos.device)[..., None]
+    def key_positions(self, size: int, n_new: int) -> torch.Tensor:
+        """[B, 1, 1, size]: the position each slot of a `size`-slot buffer holds once the next
+        `n_new` tokens are written (negative: not written yet)."""
+        last = (self.lengths + n_new - 1)[:, None]
+        slots = torch.arange(size, device=last.device)
+        return (last - (last - slots) % size)[:, None, None]
+
+    def mask(self, n_new: int, window: int | None) -> torch.Tensor:
+        """Bool [B, 1, T, size]: each new token sees its row's written slots at or before it,
+        within `window` positions when the layers have one."""
+        q_pos = self.query_positions(n_new, self.lengths.device)[..., None]
+        k_pos = self.key_positions(rolling_size(window, self.max_len), n_new)
+        allowed = (k_pos >= 0) & (k_pos <= q_pos)
+        return allowed if window is None else allowed & (q_pos - k_pos < window)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens at each row's length; the whole buffers come back."""
-        slots = self.query_positions(k.size(2), k.device)[..., None]  # [B, 1, T, 1]
+        """Write the new tokens at their rows' positions (modulo a rolling buffer's size); the
+        whole buffers come back."""
+        size = self.keys[layer].size(2)
+        if size < self.max_len and k.size(2) > 1:  # a later token of the call would overwrite a key an earlier one sees
+            raise ValueError("a rolling (sliding-window) cache takes one token per row per step")
+        slots = self.query_positions(k.size(2), k.device)[..., None] % size  # [B, 1, T, 1]
         self.keys[layer].scatter_(2, slots.expand_as(k), k)
         self.values[layer].scatter_(2, slots.expand_as(v), v)
         return self.keys[layer], self.values[layer]
@@ -316,15 +334,26 @@ class StaticKVCache:
         self.lengths += n_new
 
     def fill(self, rows: torch.Tensor, prefix: KVCache) -> None:
-        """Copy a prefilled cache of equal-length rows into these `rows`."""
-        for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
-            self.keys[layer][rows, :, : k.size(2)] = k
-            self.values[layer][rows, :, : v.size(2)] = v
-        self.lengths[rows] = prefix.length
+        """Copy a prefilled cache of equal-length rows into these `rows` (of a rolling buffer,
+        the last positions that fit, each at its slot)."""
+        n = prefix.length
+        for buffers, cached in ((self.keys, prefix.keys), (self.values, prefix.values)):
+            for layer, t in enumerate(cached):
+                size = buffers[layer].size(2)
+                if n <= size:
+                    buffers[layer][rows, :, :n] = t
+                else:  # position n - size + i goes to slot (n - size + i) % size
+                    buffers[layer][rows] = torch.roll(t[:, :, n - size :], shifts=(n - size) % size, dims=2)
+        self.lengths[rows] = n
 
     def select(self, rows: torch.Tensor) -> StaticKVCache:
         """A cache of only these rows (generation drops finished rows this way)."""
-        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows])
+        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows], self.max_len)
+
+
+def rolling_size(window: int | None, max_len: int) -> int:
+    """Slots a layer's static cache needs: its window when shorter than the generation."""
+    return max_len if window is None else min(window, max_len)
 
 
 def attention_mask(past: int, n_new: int, key_padding: torch.Tensor | None, device) -> torch.Tensor:
@@ -364,6 +393,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.alibi = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None  # not a buffer, like inv_freq
+        self.scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None  # None: head_dim^-0.5
+        self.softcap = cfg.attn_logit_softcap
 
     def forward(self, x, rope, mask: torch.Tensor | None, kv_cache: KVCache | None,
                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,18 +417,20 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
         if self.alibi is not None:
-            mask = self._alibi_bias(mask, q_pos, q.dtype)
-        out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            k_pos = (kv_cache.key_positions(k.size(2), seq) if isinstance(kv_cache, StaticKVCache)
+                     else torch.arange(k.size(2), device=x.device))
+            mask = self._alibi_bias(mask, q_pos, k_pos, q.dtype)
+        out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale, softcap=self.softcap)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def cache_widths(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, width) of the keys and of the values it caches per token."""
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
 
-    def _alibi_bias(self, mask: torch.Tensor, q_pos: torch.Tensor, dtype) -> torch.Tensor:
+    def _alibi_bias(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> torch.Tensor:
         """ALiBi: slope_h * -(distance to the key), -inf where `mask` forbids attending.
-        `q_pos`: the queries' positions, [T] or per row [B, 1, T]."""
-        k_pos = torch.arange(mask.size(-1), device=mask.device)
+        `q_pos`: the queries' positions, [T] or per row [B, 1, T]; `k_pos`: the keys', [S] or
+        per row [B, 1, 1, S] (a rolling cache's slots)."""
         bias = (self.alibi.to(mask.device)[:, None, None] * (k_pos - q_pos[..., None])).to(dtype)  # [(B,) H, T, S]
         return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 
@@ -488,18 +521,38 @@ class LatentAttention(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              enable_gqa: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention, causal when `mask` is None. On CPU it runs in fp32 even
+              enable_gqa: bool = False, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, causal when `mask` is None (a Bool mask or an additive
+    float bias); `scale` defaults to head_dim^-0.5. On CPU it runs in fp32 even
     under bf16 autocast: PyTorch's CPU flash attention computes bf16 blocks in fp32 after
     converting them, so bf16 inputs only add conversions (forward + backward at head size 32:
-    41 ms bf16 vs 32 ms fp32 on an AVX512-BF16 EPYC). The output keeps q's dtype."""
+    41 ms bf16 vs 32 ms fp32 on an AVX512-BF16 EPYC). The output keeps q's dtype.
+    `softcap` (Gemma 2) caps the scores at softcap * tanh(score / softcap), which no fused
+    kernel does: the scores are then computed in full."""
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, mask, scale or q.size(-1) ** -0.5, softcap)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             mask = mask.float() if mask is not None and mask.is_floating_point() else mask
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=enable_gqa)
+                                                 is_causal=mask is None, enable_gqa=enable_gqa, scale=scale)
         return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa,
+                                          scale=scale)
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v, the softmax in fp32."""
+    groups = q.size(1) // k.size(1)  # GQA: each key/value head serves `groups` query heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = softcap * torch.tanh(q @ k.transpose(-2, -1) * (scale / softcap))
+    if mask is None:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -862,7 +915,7 @@ class Decoder(nn.Module):
         widths = [layer.attn.cache_widths() for layer in self.layers]
         if self.rope is not None:  # build the RoPE tables now, outside any compiled step
             self.rope(0, max_len, weight.device)
-        return StaticKVCache.allocate(widths, batch, max_len, weight.dtype, weight.device)
+        return StaticKVCache.allocate(widths, self.windows, batch, max_len, weight.dtype, weight.device)
 
     def forward(
         self,
@@ -917,13 +970,16 @@ class Decoder(nn.Module):
         aux_loss = self._router_loss(routers) if routers else torch.zeros((), device=input_ids.device)
         expert_load = torch.stack([r.counts for r in routers]) if routers else None
         # The fused loss needs the head as a plain weight and no other use of the logits.
-        if targets is not None and type(self.lm_head) is nn.Linear and not self.cfg.max_z_loss_coef:
+        if targets is not None and type(self.lm_head) is nn.Linear and self.cfg.fused_loss_applies:
             loss = linear_cross_entropy(h, self._head_weight(), self.lm_head.bias, targets)
             return DecoderOutput(logits=None, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
         if self.cfg.norm_head:
             logits = F.linear(h, self._head_weight(), self.lm_head.bias)
         else:
             logits = self.lm_head(h)
+        if self.cfg.final_logit_softcap:  # Gemma 2: logits capped at cap * tanh(logit / cap)
+            cap = self.cfg.final_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         if self.cfg.max_z_loss_coef:  # Baichuan2 max-z loss: penalise the largest logit, squared
             aux_loss = aux_loss + self.cfg.max_z_loss_coef * logits.float().amax(dim=-1).pow(2).mean()
         loss = None if targets is None else F.cross_entropy(
@@ -939,11 +995,11 @@ class Decoder(nn.Module):
         """The attention mask of each distinct layer window. None (the fused causal kernel)
         covers plain training/prefill; a cache with earlier tokens or left-padding, an
         explicit mask, a window or ALiBi's bias need a mask tensor."""
+        if isinstance(kv_cache, StaticKVCache) and attn_mask is None:  # each window over its own buffer
+            return {w: kv_cache.mask(seq, w) for w in set(self.windows)}
         q_pos = torch.arange(past, past + seq, device=device)
         if attn_mask is not None:
             base = attn_mask[:, None]
-        elif isinstance(kv_cache, StaticKVCache):
-            base, q_pos = kv_cache.mask(seq), kv_cache.query_positions(seq, device)
         elif kv_cache is not None and (past > 0 or kv_cache.key_padding is not None):
             base = attention_mask(past, seq, kv_cache.key_padding, device)
         elif self.cfg.position == "alibi" or any(self.windows):

@@ -137,6 +137,9 @@ class Family:
     # our rope_scaling types its config holds (_rope_to_hf); Phi-3 reads a yarn entry as LongRoPE
     rope_scalings: tuple[str, ...] = ("ntk", "linear", "dynamic", "yarn", "llama3")
     shared_width: str | None = None  # config key of the shared experts' total width, n_shared_experts x moe_ffn_dim
+    # per-layer windows as config.json's layer_types ("sliding_attention"/"full_attention") and
+    # one sliding_window size (Gemma 2's alternating local and global layers)
+    layer_types: bool = False
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
         """config.json key -> our field(s) (one key per field; a family's own key wins)."""
@@ -287,6 +290,32 @@ HF_FAMILIES: dict[str, Family] = {
         fused={"mlp.gate_up_proj.weight": ("ffn.w_gate.weight", "ffn.w_up.weight")},
         rope_interleaved=True,
     ),
+    # Gemma 2: Gemma's GeGLU, (1 + w) norms and scaled embeddings, plus a norm after each branch,
+    # local (sliding-window) and global layers alternating, its own query scale, and tanh soft
+    # caps on the attention scores and the output logits.
+    "gemma2": Family(
+        "Gemma2ForCausalLM",
+        config={
+            **_ATTENTION_BIAS, "query_pre_attn_scalar": "query_pre_attn_scalar",
+            "attn_logit_softcapping": "attn_logit_softcap", "final_logit_softcapping": "final_logit_softcap",
+        },
+        implied={"mlp": "geglu", "scale_embeddings": True, "post_norms": True},
+        constants={"hidden_activation": "gelu_pytorch_tanh"},
+        defaults={"tie_word_embeddings": True, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+                  "final_logit_softcapping": 30.0},
+        names={
+            "attn_post_norm.weight": "post_attention_layernorm.weight",
+            "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+            "ffn_post_norm.weight": "post_feedforward_layernorm.weight",
+        },
+        norm_offset=True, layer_types=True,
+    ),
+    # InternLM3: the Llama computation (transformers runs it as Llama), GQA 16:1, no biases
+    # (the published config.json spells them qkv_bias and bias; transformers attention_bias, mlp_bias).
+    "internlm3": Family(
+        "InternLM3ForCausalLM",
+        constants={**SILU, "qkv_bias": False, "bias": False, "attention_bias": False, "mlp_bias": False},
+    ),
     # Phi-3: the Llama computation with q/k/v and gate/up fused (GQA: unequal parts).
     "phi3": Family(
         "Phi3ForCausalLM",
@@ -353,12 +382,17 @@ def check_exportable(cfg: ModelConfig) -> Family:
     if family.moe != cfg.is_moe:
         need = "n_experts > 0" if family.moe else "n_experts = 0 (dense)"
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which needs {need}")
-    if isinstance(cfg.sliding_window, list):
+    if family.layer_types:
+        if len({w for w in cfg.layer_windows() if w is not None}) > 1:
+            raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, whose windowed layers share one size")
+    elif isinstance(cfg.sliding_window, list):
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which has one sliding_window for all layers")
     if cfg.rope_scaling and cfg.rope_scaling["type"] not in family.rope_scalings:
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which cannot hold "
                          f"rope_scaling type {cfg.rope_scaling['type']!r} (it holds: {', '.join(family.rope_scalings)})")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
+    if family.layer_types:
+        carried |= {"sliding_window", "window_layers"}
     skipped = _unused_fields(cfg) | set(TRAINING_ONLY) | set(FOLDED)
     defaults = ModelConfig()
     for f in dataclasses.fields(ModelConfig):
@@ -387,6 +421,12 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, A
     config.update(_rope_to_hf(cfg))
     if family.shared_width:
         config[family.shared_width] = cfg.n_shared_experts * cfg.moe_ffn_dim
+    if family.layer_types:
+        windows = cfg.layer_windows()
+        config["sliding_window"] = next((w for w in windows if w is not None), None)
+        config["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
+        if config["query_pre_attn_scalar"] is None:  # ours then scales by head_dim^-0.5
+            config["query_pre_attn_scalar"] = cfg.head_dim
     config.update({k: v[0] if isinstance(v, tuple) else v for k, v in family.constants.items()})
     config.update(
         attention_dropout=0.0,
@@ -453,10 +493,20 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if width % expert:
             raise ValueError(f"{family.shared_width} ({width}) is not a multiple of moe_intermediate_size ({expert})")
         fields["n_shared_experts"] = width // expert
+    if family.layer_types:
+        fields["sliding_window"] = _windows_from_layer_types(hf)
     fields.update(_rope_from_hf(hf))
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
+
+
+def _windows_from_layer_types(hf: dict[str, Any]) -> list[int | None] | None:
+    """Each layer's window from layer_types (absent: Gemma 2's default, local layers first)."""
+    window, n = hf.get("sliding_window", 4096), hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    windows = [window if t == "sliding_attention" else None for t in types]
+    return windows if any(w is not None for w in windows) else None
 
 
 def _hf_value(hf: dict[str, Any], key: str, family: Family) -> Any:

@@ -7,6 +7,7 @@ generated <think> block, then </think> is forced; 0: no limit)."""
 from __future__ import annotations
 
 import mlflow.pyfunc
+import pandas as pd
 
 PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "thinking_budget": 0}
 
@@ -21,14 +22,19 @@ def _prompts(model_input) -> list[str]:
 
 
 class TextGenerationModel(mlflow.pyfunc.PythonModel):
-    """Greedy (or sampled, via params) continuation of each prompt."""
+    """Greedy (or sampled, via params) continuation of each prompt.
+
+    `predict`'s input is typed as what MLflow hands it under the logged signature (strings in,
+    strings out, with PARAMS): a one-column DataFrame. MLflow checks the type hint when the
+    class is defined; without one it warns, and a `list[str]` hint would make MLflow build the
+    signature from the hint, dropping the declared params."""
 
     def load_context(self, context) -> None:
         from llm_lifecycle.models.load import load_model
 
         self.model, self.tokenizer = load_model(context.artifacts["model_dir"])
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         import torch
 
         from llm_lifecycle.models.generate import generate, thinking_budget

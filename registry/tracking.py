@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import warnings
@@ -42,8 +43,17 @@ def workspace() -> Path:
     return Path(os.environ.get("LLM_HOME", "llm-runs")).resolve()
 
 
+# The workspace store configure() last chose. mlflow.set_tracking_uri exports its URI as
+# MLFLOW_TRACKING_URI (for subprocesses), so that variable holding this value is our own echo,
+# not the user's choice: a later configure() for another workspace must not follow it.
+_workspace_uri: str | None = None
+
+
 def tracking_uri(ws: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(ws or workspace()) / 'mlflow.db'}"
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    if given and given != _workspace_uri:
+        return given
+    return f"sqlite:///{(ws or workspace()) / 'mlflow.db'}"
 
 
 def is_embedded_store(uri: str) -> bool:
@@ -64,6 +74,9 @@ def configure(ws: Path | None = None) -> str:
     uri = tracking_uri(ws)
     if uri.startswith(("http://", "https://")):
         _require_answering_server(uri)
+    global _workspace_uri
+    if uri != os.environ.get("MLFLOW_TRACKING_URI"):
+        _workspace_uri = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if is_embedded_store(uri):
@@ -130,9 +143,50 @@ def _create_store_once(ws: Path) -> None:
 
     with open(ws / ".mlflow.db.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        store = ws / "mlflow.db"
+        if not store.exists() and tracking_uri(ws) == f"sqlite:///{store}":
+            _copy_empty_store(store, ws)
         client = MlflowClient()
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
+
+
+def _copy_empty_store(store: Path, ws: Path) -> None:
+    """A new workspace's store is a copy of an empty, migrated store made once per MLflow
+    version: creating one runs MLflow's ~70 schema migrations, seconds on a quiet machine and
+    over a minute on a loaded one, which every new workspace (and every test) would pay."""
+    import sqlite3
+
+    template = _empty_store_template()
+    if template is None:  # no cache folder we can write: MLflow creates the store itself
+        return
+    partial = ws / f".mlflow.db.{os.getpid()}.partial"
+    shutil.copyfile(template, partial)
+    with sqlite3.connect(partial) as db:  # MLflow puts Default's artifacts under the cwd it was made in
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   ((ws / "mlartifacts" / "Default").as_uri(),))
+    os.replace(partial, store)
+
+
+def _empty_store_template() -> Path | None:
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-lifecycle"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.exists():
+        return template
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: never half-made
+            made = Path(tmp) / "empty.db"
+            MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments(max_results=1)
+            os.replace(made, template)
+    except OSError:
+        return None
+    return template
 
 
 def ensure_experiment(name: str, ws: Path | None = None) -> str:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder, RouterStats, alibi_slopes, apply_rope
+from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.upcycle import computes_the_dense_model, upcycle, upcycled_config
 from llm_lifecycle.workflows.engine.memory import training_memory
 from llm_lifecycle.workflows.engine.glm import GLMTokens, blank_infilling, glm_batches, packed_length
@@ -192,7 +193,8 @@ def test_alibi_attention_adds_a_distance_penalty_and_no_rotation():
 
 
 MLA = dict(n_kv_heads=4, head_dim=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
-CACHE_CASES = [dict(position="alibi"), dict(sliding_window=4), dict(logn_train_len=6), MLA]
+CACHE_CASES = [dict(position="alibi"), dict(sliding_window=4), dict(logn_train_len=6), MLA,
+               dict(sliding_window=[4, None]), dict(position="alibi", sliding_window=4), dict(MLA, sliding_window=4)]
 
 
 def position_sensitive(fields) -> Decoder:
@@ -226,6 +228,37 @@ def test_static_cache_rows_at_their_own_positions_match_full_forward(fields):
         expected = torch.stack([full[row, n + step] for row, n in enumerate(starts)])
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
     assert cache.lengths.tolist() == [10, 14]
+
+
+def test_rolling_buffer_cache_generates_the_full_caches_tokens_in_window_bounded_memory():
+    """Mistral's rolling buffer: a windowed layer's generation cache holds `window` positions,
+    position p at slot p % window, and greedy decoding matches a cache of every position."""
+    from llm_lifecycle.workflows.engine.memory import inference_memory
+    from llm_lifecycle.workflows.runner.planning import shape_of
+
+    window = 6
+    model = make(sliding_window=window)
+    with torch.no_grad():  # wide weights: varied tokens with clear argmax margins
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    prompts = [tokens(1, 11)[0].tolist(), tokens(1, 4, seed=2)[0].tolist()]  # longer and shorter than the window
+    full = []  # every position kept: the growing KVCache
+    with torch.no_grad():
+        for prompt in prompts:
+            cache, ids, out = model.new_kv_cache(), torch.tensor([prompt]), []
+            for _ in range(30):
+                ids = model(ids, kv_cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(ids))
+            assert cache.length == len(prompt) + 29
+            full.append(out)
+    assert generate(model, prompts, 30) == full
+    assert len(set(full[0])) > 10  # the tokens vary, so agreement is not trivial
+    per_layer = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * 4  # fp32 keys and values per token
+    for max_len in (5, 50, 5000):
+        cache = model.new_static_kv_cache(2, max_len)
+        assert cache.nbytes == 2 * model.cfg.n_layers * min(window, max_len) * per_layer
+        assert inference_memory(shape_of(model.cfg), 2, max_len, "fp32")["kv_cache"] == cache.nbytes
 
 
 def test_logn_scales_queries_only_past_the_training_length():

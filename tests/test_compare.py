@@ -1,5 +1,7 @@
 """Comparing runs: `llm sweep` at smoke size, `llm compare`, and the MLflow UI that `llm ui`
-serves, driven by a real headless Chromium."""
+serves, driven by a real headless Chromium: the sweep's runs, and two recipes' pipelines side by
+side (their `_headline/...` metrics in the runs table and the compare view, one child run per
+stage instance of a graph recipe). Screenshots go to test-artifacts/, also when a check fails."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,10 @@ from typer.testing import CliRunner
 from conftest import TINY_OVERRIDES, needs
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.registry.tracking import configure
+from llm_lifecycle.workflows.runner.pipeline import run_pipeline
+from llm_lifecycle.workflows.runner.recipe import load_recipe
 from llm_lifecycle.workflows.runner.stage import SilentProgress
+from llm_lifecycle.workflows.runner.summary import PREFIX
 from llm_lifecycle.workflows.runner.sweep import run_sweep
 
 RECIPE = "llama-small"
@@ -29,6 +35,18 @@ VARY = "model.n_kv_heads=1,4"
 VARIANTS = ["model.n_kv_heads=1", "model.n_kv_heads=4"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+# A second recipe for the UI to compare with the sweep's: a graph whose instances are named
+# apart from their kinds (two extend-context steps), at smoke size.
+GRAPH_RECIPE = "deepseek-v3-context"
+GRAPH_OVERRIDES = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+    "tokenizer-train.vocab_size=512",
+    "pretrain.steps=6", "pretrain.batch_size=2", "pretrain.warmup_steps=2",
+    *(f"{step}.{key}" for step in ("extend-32k", "extend-128k")
+      for key in ("steps=2", "batch_size=1", "warmup_steps=1", "eval_windows=2", "passkey_trials=1")),
+]
+# The headline metrics both recipes' pipeline runs carry (both have a stage named pretrain).
+SHARED_HEADLINE = f"{PREFIX}pretrain.heldout_ppl"
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +133,18 @@ def test_compare_and_sweep_refuse_bad_input_in_one_line(swept, args, says):
     assert len(out.stderr.strip().splitlines()) <= 3  # one line, soft-wrapped by rich at most
 
 
+@pytest.fixture(scope="module")
+def graph_pipeline(swept):
+    """GRAPH_RECIPE's pipeline in the sweep's workspace: (its run, its stage instances' names)."""
+    ws, _ = swept
+    recipe = load_recipe(GRAPH_RECIPE, GRAPH_OVERRIDES)
+    run_pipeline(recipe, ws, SilentProgress())
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(GRAPH_RECIPE).experiment_id
+    (pipeline,) = client.search_runs([exp], "tags.llm.stage = 'pipeline'")
+    return pipeline, sorted(recipe.instances)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,3 +220,100 @@ def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(chromium, swept, 
         page.screenshot(path=str(ARTIFACTS / "mlflow-compare.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "mlflow-compare.png").stat().st_size > 20_000
+
+
+@contextmanager
+def _screenshot_on_failure(page, name: str):
+    """Keep what the browser showed when a check fails: test-artifacts/NAME."""
+    try:
+        yield
+    except BaseException:
+        page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+        raise
+
+
+def _metric_cell(page, run_name_link, metric: str) -> str:
+    """The runs table's cell of `metric` in the row of `run_name_link`. AG Grid draws a row's
+    pinned columns (checkbox, run name) and its scrolling columns (metrics) as two row
+    elements that share a row-id."""
+    row_id = page.locator("[role=row]", has=run_name_link).first.get_attribute("row-id")
+    return page.locator(f"[role=row][row-id='{row_id}'] [role=gridcell][col-id='metrics.`{metric}`']").inner_text()
+
+
+def _compare_view_values(page, metric: str) -> list[str]:
+    """The values the compare-runs page shows for `metric`, one per run, left to right. Names
+    and values are two virtualised grids whose rows line up by their CSS `top`."""
+    name = page.get_by_role("link", name=metric, exact=True)
+    name.scroll_into_view_if_needed()
+    return name.evaluate("""a => {
+        const top = a.parentElement.style.top;
+        const cells = el => el.querySelectorAll(`div[style*="top: ${top};"] > span[tooltip-data-state]`);
+        let el = a.parentElement;
+        while (el && cells(el).length === 0) el = el.parentElement;
+        return [...cells(el)].sort((x, y) => x.parentElement.offsetLeft - y.parentElement.offsetLeft)
+                             .map(s => s.textContent.trim());
+    }""")
+
+
+def test_mlflow_ui_compares_two_recipes_pipelines_by_their_headline_metrics(chromium, swept, graph_pipeline,
+                                                                            ui_server):
+    from playwright.sync_api import sync_playwright
+
+    graph_run, instances = graph_pipeline
+    assert set(instances) > {"extend-32k", "extend-128k"}  # two instances of one kind, named apart
+    client = MlflowClient()
+    sweep_exp = client.get_experiment_by_name(RECIPE).experiment_id
+    sweep_pipelines = client.search_runs([sweep_exp], "tags.llm.stage = 'pipeline'")
+    want = {run.info.run_name: run.data.metrics[SHARED_HEADLINE] for run in [*sweep_pipelines, graph_run]}
+    assert len(want) == 3 and len({f"{v:.4g}" for v in want.values()}) == 3  # three pipelines, told apart
+    expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the +/- beside a parent run
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 2200, "height": 1100})
+        page.set_default_timeout(90_000)
+        with _screenshot_on_failure(page, "mlflow-two-recipes-failed.png"):
+            # The graph recipe's pipeline run: one child run per stage instance, named after it.
+            page.goto(f"{ui_server}/#/experiments/{graph_run.info.experiment_id}/runs?workflowType=machine_learning",
+                      wait_until="load")
+            page.get_by_role("link", name="pipeline", exact=True).wait_for()
+            page.locator(expand).first.click()
+            page.get_by_role("link", name="extend-128k", exact=True).wait_for()
+            names = page.locator("[role=gridcell][col-id='attributes.`Run Name`'] a").all_inner_texts()
+            assert sorted(names) == sorted(["pipeline", *instances])
+            page.screenshot(path=str(ARTIFACTS / "mlflow-graph-children.png"))
+
+            # Both recipes' experiments in one runs table, the headline metric as a column.
+            page.goto(f"{ui_server}/#/experiments?workflowType=machine_learning", wait_until="load")
+            for recipe in (RECIPE, GRAPH_RECIPE):
+                page.get_by_role("row", name=re.compile(re.escape(recipe))).get_by_role("checkbox").check()
+            page.get_by_role("button", name="Compare", exact=True).click()
+            page.wait_for_url(re.compile(r"compare-experiments"))
+            sweep = page.get_by_role("link", name=re.compile(r"^sweep \["))
+            page.locator("[role=row]", has=sweep).locator(expand).click()  # the sweep's two pipelines
+            page.get_by_role("link", name=re.compile(r"^pipeline \[")).first.wait_for()
+            assistant = page.get_by_role("button", name="Close", exact=True)  # MLflow 3's assistant panel
+            if assistant.count():
+                assistant.click()  # room for the metric columns
+            page.get_by_role("button", name="Columns", exact=True).click()
+            page.get_by_placeholder("Search columns").fill(PREFIX)
+            page.get_by_text(SHARED_HEADLINE, exact=True).click()
+            page.keyboard.press("Escape")
+            shown = {name: _metric_cell(page, page.get_by_role("link", name=name, exact=True), SHARED_HEADLINE)
+                     for name in want}
+            assert {name: float(text) for name, text in shown.items()} == pytest.approx(want, rel=1e-4), shown
+            page.screenshot(path=str(ARTIFACTS / "mlflow-two-recipes.png"))
+
+            # The compare view: a pipeline of each recipe, their headline metrics side by side.
+            pair = [sweep_pipelines[0].info.run_name, "pipeline"]
+            for name in pair:
+                row = page.locator("[role=row]", has=page.get_by_role("link", name=name, exact=True)).first
+                row.locator("input.ag-checkbox-input").check()
+            page.get_by_role("button", name="Compare", exact=True).click()
+            page.wait_for_url(re.compile(r"compare-runs"))
+            page.get_by_text("Comparing 2 Runs").wait_for()
+            values = _compare_view_values(page, SHARED_HEADLINE)
+            assert sorted(float(v) for v in values) == pytest.approx(sorted(want[n] for n in pair), rel=1e-3), values
+            page.screenshot(path=str(ARTIFACTS / "mlflow-compare-recipes.png"))
+        browser.close()
+    assert (ARTIFACTS / "mlflow-compare-recipes.png").stat().st_size > 20_000

@@ -39,12 +39,18 @@ RESULTS = {
 def test_headline_metrics_name_each_stage_s_own_held_out_metric_under_one_prefix():
     assert headline_metrics(RESULTS) == {
         "_headline/pretrain.heldout_ppl": 210.0,
+        "_headline/pretrain.heldout_ppl_before": 4100.0,
         "_headline/pretrain.tokens_per_s": 5300.0,
         "_headline/extend-context.long_ppl": 190.0,
+        "_headline/extend-context.long_ppl_before": 260.0,
         "_headline/sft.heldout_loss": 4.2,
+        "_headline/sft.heldout_loss_before": 6.1,
         "_headline/rl.pref_accuracy": 0.61,
+        "_headline/rl.pref_accuracy_before": 0.0,
         "_headline/rl.reward_margin": 0.08,
+        "_headline/rl.reward_margin_before": 0.0,
         "_headline/rl.dpo_loss": 0.70,
+        "_headline/rl.dpo_loss_before": 0.6931,
         "_headline/eval.mmlu.acc": 0.25,
         "_headline/eval.gsm8k.exact_match": 0.0,
         "_headline/quantize.ppl_change_pct": 0.26,
@@ -119,3 +125,30 @@ def test_a_quiet_stage_leaves_no_log_file(tmp_path):
     with library_output_to(tmp_path, PlainProgress(Console(file=io.StringIO()))):
         pass
     assert not (tmp_path / FILE_NAME).exists()
+
+
+def test_a_real_pipeline_log_holds_our_lines_only(tmp_path):
+    """`llm pipeline R > log.txt 2>&1` as a user runs it, at smoke size: no third-party warning,
+    no tqdm bar, no colour code; plain progress lines for pretrain; the summary at the end."""
+    import os
+    import re
+    import subprocess
+
+    from conftest import TINY_OVERRIDES
+
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "LLM_HOME": str(tmp_path / "llm-runs")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "llm_lifecycle.cli.app", "pipeline", "qwen3-moe-small",
+                               *(f"--set={o}" for o in TINY_OVERRIDES)],
+                              stdout=out, stderr=subprocess.STDOUT, env=env, timeout=1200)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\x1b" not in text
+    third_party = re.compile(r"Warning|warnings\.warn|it/s\]|\d+%\|| INFO | WARNING |Registered model|Created version")
+    assert not [line for line in text.splitlines() if third_party.search(line)], text
+    lines = text.splitlines()
+    assert any(re.match(r"  pretrain: \d+/6, loss \d", line) for line in lines), text
+    assert lines[-1].startswith("Tracking store:") and "qwen3-moe-small: summary" in text
+    assert any(line.split()[:3] == ["pretrain", "held-out", "ppl"] for line in lines), text

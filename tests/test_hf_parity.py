@@ -44,6 +44,11 @@ FAMILIES = {
                       tie_word_embeddings=False),  # shared expert 2 x moe width behind a sigmoid gate
     "glm4": dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True),  # plus post-branch norms
     "phi3": dict(tie_word_embeddings=False, pad_token_id=0),  # q/k/v fused with GQA: unequal parts
+    # local (window 16, shorter than the prompts) and global layers alternating; caps low enough
+    # that tanh bends the scores and logits these random weights make
+    "gemma2": dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=16, attn_logit_softcapping=3.0,
+                   final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh"),
+    "internlm3": dict(head_dim=24, num_key_value_heads=1, tie_word_embeddings=False),
     "deepseek_v2": dict(  # queries without a latent here (V3 below has one)
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
@@ -139,6 +144,24 @@ def test_greedy_generation_matches_transformers(family):
             )
             expected.append(out[0, len(prompt):].tolist())
     assert generate(ours, batch, max_new_tokens=8) == expected
+
+
+def test_internlm3_imports_from_its_published_config_spelling(tmp_path):
+    """internlm/internlm3-8b-instruct's config.json says qkv_bias and bias (transformers maps
+    them to attention_bias and mlp_bias) and names its remote-code class."""
+    theirs = random_hf_model("internlm3")
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(qkv_bias=config.pop("attention_bias"), bias=config.pop("mlp_bias"), architectures=["InternLM3ForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    ours, _ = load_hf(tmp_path)
+    with torch.no_grad():
+        assert max_diff(ours(prompts()).logits, theirs(prompts()).logits) < 1e-4
+    config["qkv_bias"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="qkv_bias=True are not supported"):
+        load_hf(tmp_path)
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ PRESET_OVERRIDES = {
     "chatglm-small": ["pretrain.objective=glm_blank_infilling"],
     "deepseek-v2-small": TINY_MLA,
     "deepseek-v3-small": [*TINY_MLA, "model.q_lora_rank=48"],
+    "gemma2-small": ["model.sliding_window=[32, null]", "model.query_pre_attn_scalar=16"],  # one window per tiny layer
 }
 # The one preset the default run takes through every stage; the slow test runs them all.
 FULL_IN_DEFAULT_RUN = "chatglm-small"
@@ -53,6 +54,8 @@ PUBLISHED = {
     "baichuan-7b": (7.0e9, None),
     "baichuan-13b": (13.26e9, None),
     "llama1-65b": (65.2e9, None),
+    "gemma2-9b": (9.24e9, None),
+    "internlm3-8b": (8.8e9, None),
 }
 
 
@@ -75,7 +78,7 @@ def test_the_zoo_has_every_family():
         "baichuan2-small", "baichuan2-alibi-small", "chatglm-small", "mistral-small", "mixtral-small",
         "gemma-small", "phi-small", "deepseek-v2-small", "deepseek-v3-small",
         "yi-small", "internlm2-small", "qwen2.5-small", "qwen2-moe-small", "glm4-small", "phi3-mini-small",
-        "baichuan-small", "baichuan-alibi-small", "llama1-small",
+        "baichuan-small", "baichuan-alibi-small", "llama1-small", "gemma2-small", "internlm3-small",
     }
     assert expected <= set(SMALL)
     assert set(PUBLISHED) <= set(list_presets())
@@ -121,6 +124,10 @@ def test_small_presets_are_small_and_use_their_knobs():
     assert phi3.norm == "rmsnorm" and phi3.mlp == "swiglu" and not phi3.parallel_block and phi3.n_kv_heads == phi3.n_heads
     for name, position in (("baichuan-small", "rope"), ("baichuan-alibi-small", "alibi")):  # Baichuan 1: no NormHead
         assert knobs[name].position == position and not knobs[name].norm_head and not knobs[name].max_z_loss_coef
+    gemma2 = knobs["gemma2-small"]  # local and global layers alternating, soft caps, pre + post norms
+    assert gemma2.layer_windows() == [64, None, 64, None] and gemma2.post_norms and gemma2.mlp == "geglu"
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (50.0, 30.0) and gemma2.query_pre_attn_scalar
+    assert knobs["internlm3-small"].n_kv_heads * 4 == knobs["internlm3-small"].n_heads
     llama1 = knobs["llama1-small"]
     assert llama1.n_kv_heads == llama1.n_heads and not llama1.tie_embeddings
 

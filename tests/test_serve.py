@@ -168,3 +168,20 @@ def test_a_version_is_logged_with_its_signature_and_without_running_the_model(re
     one_token = loaded.predict(PROMPTS, params={"max_new_tokens": 1})
     lengths = [(len(short), len(full)) for short, full in zip(one_token, loaded.predict(PROMPTS))]
     assert all(short <= full for short, full in lengths) and any(short < full for short, full in lengths)
+
+
+def test_the_pyfunc_model_class_passes_mlflow_s_type_hint_check():
+    """MLflow checks PythonModel.predict's type hints when the class is defined (the first
+    import, inside a stage): without them it warns "Add type hints to the `predict` method"."""
+    import importlib
+    import warnings
+
+    import pandas as pd
+
+    import llm_lifecycle.models.pyfunc as pyfunc
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importlib.reload(pyfunc)  # defines the class again
+    assert not [str(w.message) for w in caught if "mlflow" in w.filename]
+    assert mlflow.models.signature._extract_type_hints(pyfunc.TextGenerationModel.predict, 1).input is pd.DataFrame

@@ -55,6 +55,9 @@ class ModelShape:
     # Multi-head latent attention: the values a layer caches per token (latent + RoPE key),
     # in place of the keys and values of every kv head; 0 for other attention.
     latent_kv_dim: int = 0
+    # Each layer's sliding window (None: full attention); generation keeps a rolling buffer of
+    # that many tokens for a windowed layer. Empty: every layer attends to the whole sequence.
+    layer_windows: tuple[int | None, ...] = ()
 
 
 def activation_values_per_token(s: ModelShape, recompute: bool = False) -> float:
@@ -195,7 +198,8 @@ def inference_memory(s: ModelShape, batch_size: int, seq_len: int, precision: st
     kv_bytes = PRECISION_BYTES[kv_precision or ("fp16" if weight_bytes < 2 else precision)]
     weights = s.params * weight_bytes
     per_token = s.latent_kv_dim or 2 * s.n_kv_heads * s.head_dim
-    kv_cache = s.n_layers * per_token * batch_size * seq_len * kv_bytes
+    cached_tokens = sum(min(w or seq_len, seq_len) for w in s.layer_windows) if s.layer_windows else s.n_layers * seq_len
+    kv_cache = per_token * batch_size * cached_tokens * kv_bytes
     working = batch_size * (s.vocab_size * 4 + 8 * s.dim * kv_bytes)  # one step's logits and hidden states
     return {"weights": weights, "kv_cache": kv_cache, "working": working, "total": weights + kv_cache + working}
 

@@ -25,8 +25,9 @@ def shape_of(cfg) -> ModelShape:
         n_experts=cfg.n_experts, experts_per_token=cfg.n_experts_per_token if cfg.is_moe else 0,
         moe_ffn_dim=cfg.moe_ffn_dim if cfg.is_moe else 0, n_shared_experts=cfg.n_shared_experts if cfg.is_moe else 0,
         n_dense_layers=cfg.n_dense_layers if cfg.is_moe else 0, qk_norm=cfg.qk_norm, gated_mlp=cfg.mlp != "gelu",
-        parallel_block=cfg.parallel_block, fused_loss=not cfg.max_z_loss_coef, tie_embeddings=cfg.tie_embeddings,
+        parallel_block=cfg.parallel_block, fused_loss=cfg.fused_loss_applies, tie_embeddings=cfg.tie_embeddings,
         latent_kv_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 0,
+        layer_windows=tuple(cfg.layer_windows()),
     )
 
 

@@ -1,7 +1,8 @@
 """A pipeline's headline: each stage's own held-out metric before -> after, one score per eval
 suite, what quantization cost, how fast training ran.
 
-`headline_metrics` names them `_headline/<stage>.<metric>`: MLflow's chart view groups charts
+`headline_metrics` names them `_headline/<stage>.<metric>` (and `..._before` for the value the
+stage started from): MLflow's chart view groups charts
 by the part before the `/`, and its runs table and compare view sort metrics by name, where
 the `_` puts these before every stage's own (`data-clean.*` ...), so two pipeline runs compare
 at a glance. `summary_lines` is what `llm pipeline` prints at the end.
@@ -89,6 +90,8 @@ def headline_metrics(results: dict[str, StageResult], kinds: dict[str, str] | No
         kind, m = (kinds or {}).get(name, name), result.metrics
         for moved in stage_moves(kind, m):
             headline[f"{PREFIX}{name}.{moved.metric}"] = moved.after
+            if moved.before is not None:  # sorts beside the after: the stage's move in two columns
+                headline[f"{PREFIX}{name}.{moved.metric}_before"] = moved.before
         if kind == "pretrain" and "tokens_per_s" in m:
             headline[f"{PREFIX}{name}.tokens_per_s"] = m["tokens_per_s"]
         if kind == "quantize" and "ppl_change_pct" in m:
