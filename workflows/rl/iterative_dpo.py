@@ -29,16 +29,14 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_train_loss, encode_preference, encode_prompt
+from llm_lifecycle.workflows.data.chat_data import PreferenceBatches, dpo_train_loss, encode_preference
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, latest_checkpoint, read_checkpoint, train
 from llm_lifecycle.workflows.rl.judge import win_rate
-from llm_lifecycle.workflows.rl.policy_opt import pad_id_of
-from llm_lifecycle.workflows.rl.rewards import Reward, messages_of
-from llm_lifecycle.workflows.rl.verifiable import stop_ids
+from llm_lifecycle.workflows.rl.policy_opt import RolloutSettings, Samples, pad_id_of, sample
+from llm_lifecycle.workflows.rl.rewards import messages_of
 from llm_lifecycle.workflows.runner.stage import StageContext, UserError, write_json_atomic
 
 
@@ -46,13 +44,9 @@ from llm_lifecycle.workflows.runner.stage import StageContext, UserError, write_
 class IterativeDPOSettings:
     rounds: int
     prompts_per_round: int
-    group_size: int  # replies sampled per prompt
-    max_new_tokens: int
-    temperature: float
-    top_p: float
+    rollout: RolloutSettings  # how replies are sampled (group_size per prompt) and rewarded
     beta: float
     sft_weight: float
-    system_prompt: str | None
 
 
 @dataclass
@@ -68,17 +62,10 @@ class Judging:
 # ---- sampling and ranking -----------------------------------------------------------------------
 
 
-def sample_replies(policy, tokenizer, prompts: list[dict], n: int, s: IterativeDPOSettings, temperature: float,
-                   seed: int) -> tuple[list[str], list[bool]]:
-    """`n` replies per prompt (n consecutive entries per prompt), decoded without the stop
-    token, and whether each finished (stopped before max_new_tokens)."""
-    from llm_lifecycle.models.generate import generate
-
-    ids = [encode_prompt(tokenizer, messages_of(p), default_system=s.system_prompt) for p in prompts]
-    rows = [p for p in ids for _ in range(n)]
-    outs = generate(policy, rows, max_new_tokens=s.max_new_tokens, temperature=temperature, top_p=s.top_p,
-                    stop_ids=stop_ids(tokenizer), seed=seed)
-    return [tokenizer.decode(o) for o in outs], [len(o) < s.max_new_tokens for o in outs]
+def greedy_replies(policy, tokenizer, prompts: list[dict], s: IterativeDPOSettings) -> Samples:
+    """One greedy reply per prompt, rewarded as the samples are."""
+    greedy = dataclasses.replace(s.rollout, group_size=1, temperature=0.0)
+    return sample(policy, tokenizer, prompts, greedy, seed=0, pad_id=pad_id_of(tokenizer))
 
 
 def best_worst_pairs(prompts: list[dict], replies: list[str], scores: torch.Tensor,
@@ -121,8 +108,8 @@ class _RoundTracker:
 
 def _train_round(ctx: StageContext, policy, reference, tokenizer, pairs, settings: TrainSettings,
                  s: IterativeDPOSettings, round_index: int) -> dict[str, float]:
-    encoded = [encode_preference(tokenizer, messages_of(p), c, r, settings.seq_len, default_system=s.system_prompt)
-               for p, c, r in pairs]
+    encoded = [encode_preference(tokenizer, messages_of(p), c, r, settings.seq_len,
+                                 default_system=s.rollout.system_prompt) for p, c, r in pairs]
     try:
         data = PreferenceBatches(encoded, settings.batch_size, seed=ctx.seed + round_index,
                                  pad_id=pad_id_of(tokenizer))
@@ -137,16 +124,16 @@ def _train_round(ctx: StageContext, policy, reference, tokenizer, pairs, setting
     )
 
 
-def run_round(ctx: StageContext, policy, reference, reward: Reward, tokenizer, prompts: list[dict],
-              train_settings: TrainSettings, s: IterativeDPOSettings, round_index: int) -> dict[str, float]:
+def run_round(ctx: StageContext, policy, reference, tokenizer, prompts: list[dict], train_settings: TrainSettings,
+              s: IterativeDPOSettings, round_index: int) -> dict[str, float]:
     """Sample, rank, train: one round. The figures of the replies sampled this round (by the
     policy as the round found it) and of its DPO training."""
     seed = ctx.seed * 1_000_003 + round_index
-    replies, finished = sample_replies(policy, tokenizer, prompts, s.group_size, s, s.temperature, seed)
-    scores, _ = reward([p for p in prompts for _ in range(s.group_size)], replies, finished)
-    pairs, gaps = best_worst_pairs(prompts, replies, scores, s.group_size)
+    out = sample(policy, tokenizer, prompts, s.rollout, seed, pad_id_of(tokenizer))
+    scores, n = out.rewards, s.rollout.group_size
+    pairs, gaps = best_worst_pairs(prompts, out.texts, scores, n)
     if not pairs:
-        raise UserError(f"stages.{ctx.stage}: round {round_index + 1}: every prompt's {s.group_size} replies got "
+        raise UserError(f"stages.{ctx.stage}: round {round_index + 1}: every prompt's {n} replies got "
                         "the same reward; raise temperature or group_size")
     summary = _train_round(ctx, policy, reference, tokenizer, pairs, train_settings, s, round_index)
     return {"sample_reward": float(scores.mean()), "reward_gap": float(gaps.mean()), "pairs": float(len(pairs)),
@@ -156,18 +143,17 @@ def run_round(ctx: StageContext, policy, reference, reward: Reward, tokenizer, p
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-def measure(policy, reward: Reward, tokenizer, judging: Judging, s: IterativeDPOSettings,
-            seed: int) -> dict[str, float]:
+def measure(policy, tokenizer, judging: Judging, s: IterativeDPOSettings) -> dict[str, float]:
     """The policy's greedy replies to the held-out prompts: their reward (the one that ranks
     the samples) and, given a judge, how often the judge prefers them to the SFT model's."""
     if not judging.prompts:
         return {}
-    replies, finished = sample_replies(policy, tokenizer, judging.prompts, 1, s, 0.0, seed)
-    figures = {"heldout_reward": float(reward(judging.prompts, replies, finished)[0].mean())}
+    out = greedy_replies(policy, tokenizer, judging.prompts, s)
+    figures = {"heldout_reward": float(out.rewards.mean())}
     if judging.judge is not None:
         judge, judge_tokenizer = judging.judge
-        judged = win_rate(judge, judge_tokenizer, [messages_of(p) for p in judging.prompts], replies,
-                          judging.sft_replies, s.system_prompt)
+        judged = win_rate(judge, judge_tokenizer, [messages_of(p) for p in judging.prompts], out.texts,
+                          judging.sft_replies, s.rollout.system_prompt)
         figures.update({"judge_win_rate": judged["win_rate"], "judge_score": judged["judge_score_a"]})
     return figures
 
@@ -186,24 +172,23 @@ def _restore_round(ctx: StageContext, policy, round_index: int) -> None:
     policy.load_state_dict(state["model"])
 
 
-def iterative_dpo(ctx: StageContext, policy, tokenizer, reward: Reward, judge: tuple | None,
+def iterative_dpo(ctx: StageContext, policy, tokenizer, judge: tuple | None,
                   train_prompts: list[dict], heldout_prompts: list[dict], train_settings: TrainSettings,
                   s: IterativeDPOSettings) -> dict[str, float]:
     """Run the rounds on `policy` in place; the summary (each round's figures suffixed by its
     number). `judge`: (reward model, its tokenizer) or None."""
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    seed = ctx.seed * 1_000_003 + 999_983  # the held-out replies' seed (greedy: used only on ties)
-    sft_replies, _ = sample_replies(reference, tokenizer, heldout_prompts, 1, s, 0.0, seed)
+    sft_replies = greedy_replies(reference, tokenizer, heldout_prompts, s).texts if heldout_prompts else []
     judging = Judging(heldout_prompts, sft_replies, judge)
-    figures = measure(policy, reward, tokenizer, judging, s, seed)
+    figures = measure(policy, tokenizer, judging, s)
     ctx.tracker.log_metrics({f"round.{k}": v for k, v in figures.items()}, step=0)
     summary = {f"{k}.round0": v for k, v in figures.items()}
     for r in range(s.rounds):
         done = _finished_round(ctx, r)
         if done is None:
             prompts = round_prompts(train_prompts, r, s.prompts_per_round)
-            done = run_round(ctx, policy, reference, reward, tokenizer, prompts, train_settings, s, r)
-            done.update(measure(policy.cpu(), reward, tokenizer, judging, s, seed))
+            done = run_round(ctx, policy, reference, tokenizer, prompts, train_settings, s, r)
+            done.update(measure(policy.cpu(), tokenizer, judging, s))
             write_json_atomic(ctx.stage_dir / f"round-{r + 1}" / "round.json", done)
         else:
             _restore_round(ctx, policy, r)
