@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llm_lifecycle.registry import tracking
 from llm_lifecycle.workflows.data.chat_data import load_preference_pairs
-from llm_lifecycle.workflows.refs import data_path, resolve_model_dir
+from llm_lifecycle.workflows.refs import data_path
 from llm_lifecycle.workflows.rl.reward_model import load_reward_model, pair_accuracy
 from llm_lifecycle.workflows.rl.rewards import RewardModels
 from llm_lifecycle.workflows.runner.recipe import load_recipe
@@ -38,9 +38,17 @@ def heldout_pairs(instances) -> dict[str, tuple[list, list, list]]:
     return by_kind
 
 
+def latest_reward_model(recipe_name: str, instance: str) -> str:
+    """The reward model of the instance's latest finished run in the workspace."""
+    results = sorted((tracking.workspace() / recipe_name / instance).glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+    if not results:
+        raise SystemExit(f"{instance}: no finished run in {tracking.workspace()}; run `llm pipeline {recipe_name}` first")
+    return json.loads(results[-1].read_text())["result"]["outputs"]["reward_model"]
+
+
 def scorers(recipe_name: str, instances) -> dict[str, RewardModels]:
     """Row label -> the reward models that score it, as the rl stage would combine them."""
-    loaded = {inst.name: load_reward_model(resolve_model_dir(f"models:/{recipe_name}@{inst.name}")) for inst in instances}
+    loaded = {inst.name: load_reward_model(latest_reward_model(recipe_name, inst.name)) for inst in instances}
     rows = {}
     for inst in instances:
         model, tokenizer = loaded[inst.name]
@@ -59,7 +67,6 @@ def main() -> None:
     parser.add_argument("recipe", help="a recipe whose rl instances of method rm have run (llama2-rlhf)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    tracking.configure()
     recipe = load_recipe(args.recipe)
     instances = [i for i in recipe.instances.values() if i.kind == "rl" and i.settings.method == "rm" and i.settings.kinds]
     pairs = heldout_pairs(instances)

@@ -139,7 +139,7 @@ def sft_dir(tmp_path_factory):
 
 
 TINY = ["rl.steps=2", "rl.batch_size=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.warmup_steps=1",
-        "rl.max_pairs=6", "rl.heldout_pairs=4", "rl.seq_len=256", "rl.ppo_epochs=1"]
+        "rl.max_pairs=6", "rl.heldout_pairs=4", "rl.seq_len=200", "rl.ppo_epochs=1"]
 DATA = '[builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz, builtin:arith/pairs.jsonl.gz]'
 
 
@@ -172,6 +172,14 @@ def test_a_reward_model_reports_heldout_accuracy_per_kind(conditional_rm):
     for kind in ("safety", "reasoning"):
         assert 0.0 <= conditional_rm.metrics[f"heldout_after.{kind}.rm_accuracy"] <= 1.0
     assert "heldout_after.rm_accuracy" in conditional_rm.metrics
+    assert conditional_rm.model_alias == "rm"  # the stage named after its kind; a named instance keeps its name
+
+
+def test_a_saved_reward_model_scores_chats_cut_where_its_training_cut_them(conditional_rm):
+    from llm_lifecycle.workflows.rl.reward_model import load_reward_model
+
+    model, _ = load_reward_model(conditional_rm.outputs["reward_model"])
+    assert model.max_len == 200 and model.backbone.cfg.max_seq_len == 256  # rl.seq_len of TINY, not the model's
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
@@ -188,3 +196,12 @@ def test_ppo_and_grpo_on_chat_prompts_take_their_reward_from_a_reward_model(work
     assert {"heldout_reward_before", "heldout_reward", "heldout_kl", "heldout_win_rate"} <= m.keys()
     assert m["heldout_prompts"] == 3 and 0.0 <= m["heldout_win_rate"] <= 1.0
     assert m["heldout_kl"] != 0.0  # the policy moved from the reference
+    assert 1 <= m["heldout_reply_tokens"] <= 9  # max_new_tokens 8, plus the stop token
+
+
+def test_a_judge_wired_to_a_stage_that_made_no_reward_model_is_one_clear_error(workspace, sft_dir):
+    from llm_lifecycle.workflows.runner.stage import StageResult, UserError
+
+    with pytest.raises(UserError, match=r"stages.rl.from.judge: 'rm' made no reward model; name an rl instance with "
+                                        r"method rm"):
+        _run(workspace, sft_dir, "bad-judge", ["rl.method=grpo"], inputs={"judge": StageResult(outputs={"model": "x"})})

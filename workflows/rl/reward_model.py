@@ -17,10 +17,12 @@ HEAD_FILE = "value_head.safetensors"
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone):
+    def __init__(self, backbone, max_len: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = ValueHead(backbone.cfg.dim)
+        # Scoring cuts chats where training cut its pairs (rl's seq_len), so it reads the same token.
+        self.max_len = max_len or backbone.cfg.max_seq_len
 
     def begin_global_batch(self) -> None:  # the trainer's per-step hook, for MoE balance counts
         if hasattr(self.backbone, "begin_global_batch"):
@@ -103,7 +105,7 @@ def score_replies(rm: RewardModel, tokenizer, prompts: list[list[dict]], replies
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
     rm.eval()
     device = next(rm.parameters()).device
-    max_len, pad = rm.backbone.cfg.max_seq_len, pad_id_of(tokenizer)
+    max_len, pad = rm.max_len, pad_id_of(tokenizer)
     rows = [encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": reply}], max_len,
                         default_system=system_prompt)[0] for prompt, reply in zip(prompts, replies)]
     scores = []
@@ -124,7 +126,7 @@ def save_reward_model(path: Path, model: RewardModel, tokenizer, extra: dict) ->
     from llm_lifecycle.models.checkpoint import save_model_dir
 
     model = model.cpu()
-    save_model_dir(path, model.backbone, tokenizer, extra={**extra, "reward_head": HEAD_FILE})
+    save_model_dir(path, model.backbone, tokenizer, extra={**extra, "reward_head": HEAD_FILE, "max_len": model.max_len})
     save_model(model.head, str(Path(path) / HEAD_FILE))
     return Path(path)
 
@@ -134,10 +136,11 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, object]:
 
     from llm_lifecycle.models.checkpoint import load_model_dir, read_config
 
-    head_file = read_config(path).get("reward_head")
+    config = read_config(path)
+    head_file = config.get("reward_head")
     if head_file is None:
         raise ValueError(f"{path}: not a reward model (no reward_head in config.json)")
     backbone, tokenizer = load_model_dir(path)
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, config.get("max_len"))
     load_model(model.head, str(Path(path) / head_file))
     return model.eval(), tokenizer

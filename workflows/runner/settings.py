@@ -30,7 +30,8 @@ class Limit:
     says_for_int: str = ""  # the same for an int field, where "finite number" would mislead
 
     def words(self, tp: Any) -> str:
-        return self.says_for_int if tp is int and self.says_for_int else self.says
+        ints = tp is int or set(typing.get_args(tp)) == {int, type(None)}  # int or int | None
+        return self.says_for_int if ints and self.says_for_int else self.says
 
 
 AT_LEAST_1 = Limit(lambda v: v >= 1, "an integer >= 1")

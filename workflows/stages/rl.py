@@ -191,7 +191,7 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     from llm_lifecycle.workflows.rl.reward_model import PairBatches, RewardModel, heldout_accuracy, rm_loss
 
     settings = _train_settings(cfg)
-    model = RewardModel(policy)
+    model = RewardModel(policy, max_len=settings.seq_len)
     by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = {kind: PairBatches(pairs, settings.batch_size, seed=ctx.seed, pad_id=pad) for kind, pairs in by_kind.items()}
@@ -238,9 +238,12 @@ def _model_ref(ctx: StageContext, port: str, given: str | None) -> str | None:
     """The reward model folder a setting names or the instance wired to input `port` made, or None."""
     if given:
         return str(resolve_model_dir(given))
-    if port in ctx.inputs:
-        return str(ctx.input_path(port, "reward_model"))
-    return None
+    if port not in ctx.inputs:
+        return None
+    if "reward_model" not in ctx.inputs[port].outputs:
+        raise UserError(f"stages.{ctx.stage}.from.{port}: '{ctx.sources.get(port, port)}' made no reward model; "
+                        "name an rl instance with method rm")
+    return str(ctx.input_path(port, "reward_model"))
 
 
 def _load_rm(ctx: StageContext, port: str, given: str | None, key: str):
@@ -305,7 +308,8 @@ def _heldout_replies(policy, reference, tokenizer, prompts: list[dict], rollout,
     out = sample(policy, tokenizer, prompts, dc.replace(rollout, group_size=1), seed, pad_id_of(tokenizer))
     logps = token_logprobs(policy(out.inputs).logits, out.targets).sum(-1)
     ref_logps = token_logprobs(reference(out.inputs).logits, out.targets).sum(-1)
-    return {"texts": out.texts, "reward": float(out.rewards.mean()), "kl": float((logps - ref_logps).mean())}
+    return {"texts": out.texts, "reward": float(out.rewards.mean()), "kl": float((logps - ref_logps).mean()),
+            "tokens": float(out.lengths.mean())}
 
 
 def _measured(run_method):
@@ -315,6 +319,7 @@ def _measured(run_method):
 
     def runner(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
         reward = _reward(ctx, cfg)
+        judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")  # a wrong judge fails before training
         heldout, prompts = _prompts(ctx, cfg, tokenizer, reward)
         rollout = _rollout_settings(ctx, cfg, reward)
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -325,8 +330,9 @@ def _measured(run_method):
             return trained, summary
         after = _heldout_replies(trained.cpu(), reference.cpu(), tokenizer, heldout, rollout, seed)
         summary.update({"heldout_reward_before": before["reward"], "heldout_reward": after["reward"],
-                        "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout))})
-        judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")
+                        "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout)),
+                        # a reward model that pays for length is hacked by growing replies: show it
+                        "heldout_reply_tokens_before": before["tokens"], "heldout_reply_tokens": after["tokens"]})
         if judge is not None:
             from llm_lifecycle.workflows.rl.judge import win_rate
             from llm_lifecycle.workflows.rl.rewards import messages_of
@@ -422,9 +428,11 @@ def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
 
         rm_dir = save_reward_model(ctx.stage_dir / "reward_model", trained, tokenizer,
                                    extra={"stage": ctx.stage, "recipe": ctx.recipe.name, "method": method})
-        # The policy is unchanged: later stages keep evaluating and exporting the SFT model.
+        # The policy is unchanged: later stages keep evaluating and exporting the SFT model. The
+        # stage named after its kind registers its reward model as @rm (not @rl, the policies'
+        # alias); a named instance (a graph's several reward models) under its own name.
         return StageResult(outputs={"model": str(sft_dir), "reward_model": str(rm_dir)}, metrics=summary,
-                           model_dir=str(rm_dir), model_alias="rm")
+                           model_dir=str(rm_dir), model_alias="rm" if ctx.stage == ctx.kind else None)
     if before:
         after = heldout_answer_accuracy(ctx, cfg, trained.cpu(), tokenizer, _system_prompt(ctx))
         summary.update({"heldout_accuracy_before": before["accuracy"], "heldout_accuracy": after["accuracy"],

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_lifecycle.workflows.engine.model_stage import heldout_perplexity, load_input_model, save_stage_model
-from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_NEGATIVE, ConfigError, Limit, Settings, setting
+from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_NEGATIVE, ConfigError, Settings, setting
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult
 
 EVAL_WINDOWS = 16
-AT_LEAST_0 = Limit(lambda v: v >= 0, "an integer >= 0")
 
 
 @dataclass
@@ -31,7 +30,7 @@ class UpcycleSettings(Settings):
     moe_ffn_dim: int | None = setting(None, "each expert's width (default: the preset's, else the dense ffn_dim: "
                                             "every expert a whole copy of the dense MLP)", limit=AT_LEAST_1)
     n_shared_experts: int | None = setting(None, "experts every token uses besides its top-k, cut from the dense MLP "
-                                                 "(default: the preset's, else 0)", limit=AT_LEAST_0)
+                                                 "(default: the preset's, else 0)", limit=NON_NEGATIVE)
     noise: float = setting(0.0, "Gaussian noise on each routed expert, times its weights' std (0: exact copies)",
                            limit=NON_NEGATIVE)
     seed: int | None = setting(None, "seed of the neuron shuffles, the router init and the noise (default: the "
