@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -156,8 +157,11 @@ def ui_server(swept):
     ws, _ = swept
     port = _free_port()
     env = {**os.environ, "LLM_HOME": str(ws)}
+    # Its own process group: `llm ui` runs MLflow's server as child processes, which a signal to
+    # `llm ui` alone would leave serving after the test.
     proc = subprocess.Popen([sys.executable, "-m", "llm_lifecycle.cli.app", "ui", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -169,14 +173,14 @@ def ui_server(swept):
                 pytest.fail(f"llm ui exited: {proc.stdout.read()}")
             time.sleep(1)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("llm ui did not answer /health within 180 s")
     yield url
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture()
