@@ -147,6 +147,8 @@ def test_each_instance_is_its_own_run_and_registry_alias(tiny):
     ({"student": {"kind": "distill", "from": {"teacher": "sft"}}}, "distill needs `from: {student: STAGE}`"),
     ({"odd": {"kind": "pretrian"}}, "unknown stage kind 'pretrian'"),
     ({"odd": {"steps": 3}}, "a stage named after no kind needs `kind:`"),
+    ({"ppo": {**RL, "method": "ppo", "from": {"model": "rl-2", "reward_model": "rl-1"}}},
+     "stages.ppo.from: reward_model <- rl-1, which makes no reward_model"),
 ])
 def test_graph_mistakes_are_one_line_and_open_no_run(tmp_path, mistake, expected):
     doc = {**TINY_GRAPH, "stages": {**TINY_GRAPH["stages"], **mistake}}

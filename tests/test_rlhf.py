@@ -199,9 +199,11 @@ def test_ppo_and_grpo_on_chat_prompts_take_their_reward_from_a_reward_model(work
     assert 1 <= m["heldout_reply_tokens"] <= 9  # max_new_tokens 8, plus the stop token
 
 
-def test_a_judge_wired_to_a_stage_that_made_no_reward_model_is_one_clear_error(workspace, sft_dir):
-    from llm_lifecycle.workflows.runner.stage import StageResult, UserError
+def test_a_judge_wired_to_a_stage_that_made_no_reward_model_is_refused_with_the_graph():
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.settings import ConfigError
 
-    with pytest.raises(UserError, match=r"stages.rl.from.judge: 'rm' made no reward model; name an rl instance with "
-                                        r"method rm"):
-        _run(workspace, sft_dir, "bad-judge", ["rl.method=grpo"], inputs={"judge": StageResult(outputs={"model": "x"})})
+    with pytest.raises(ConfigError, match=r"stages.rl.from: judge <- sft, which makes no reward_model"):
+        load_recipe("arith-grpo", ["rl.method=grpo", "rl.from={model: sft, judge: sft}"])
+
+

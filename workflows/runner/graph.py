@@ -162,6 +162,7 @@ def build_graph(path, stages: dict[str, Any], base_values: dict[str, Any]) -> di
     instances: dict[str, Instance] = {}
     for s in _topological(path, sections):
         spec = kinds.kind(s.kind)
+        _require_needed_outputs(path, s, spec, instances)
         upstream = dict(base_values)
         for port in reversed(spec.inputs):  # the first port's values win (a model's over the shards')
             if port.name in s.sources and port.passes:
@@ -171,6 +172,14 @@ def build_graph(path, stages: dict[str, Any], base_values: dict[str, Any]) -> di
         instances[s.name] = Instance(s.name, s.kind, settings, dict(s.sources), upstream, values, s.written_from,
                                      s.position)
     return instances
+
+
+def _require_needed_outputs(path, section: Section, spec, instances: dict[str, Instance]) -> None:
+    for port in spec.inputs:
+        source = instances.get(section.sources.get(port.name, ""))
+        if port.needs and source is not None and port.needs not in source.settings.makes():
+            raise ConfigError(f"{path}: stages.{section.name}.from: {port.name} <- {source.name}, which makes no "
+                              f"{port.needs}; name a stage that makes one")
 
 
 def dependents(instances: dict[str, Instance], names: set[str]) -> set[str]:

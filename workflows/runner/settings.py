@@ -75,6 +75,10 @@ class Settings:
         model config, ...), given what its own inputs passed to it."""
         return {}
 
+    def makes(self) -> set[str]:
+        """Outputs these settings make besides their kind's (rl with method rm: reward_model)."""
+        return set()
+
 
 def field_help(cls: type) -> list[dict[str, Any]]:
     """Each field's name, type, default, choices/limit and help: for `llm recipes show` and docs."""

@@ -38,7 +38,9 @@ class Port:
     `default` False is filled only when `from:` names an instance for it; `unless` names a
     setting that, when set, stands in for the port (sft.init: a model reference); a port
     with `passes` False takes outputs but not the values its source passes on (distill's
-    teacher: the student's model config and sequence length are what flow on)."""
+    teacher: the student's model config and sequence length are what flow on); `needs` names
+    an output its source must make besides its kind's (rl's reward_model: an rl stage whose
+    method is rm, see Settings.makes)."""
 
     name: str
     accepts: str
@@ -46,6 +48,7 @@ class Port:
     default: bool = True
     unless: str | None = None
     passes: bool = True
+    needs: str | None = None
 
 
 @dataclass(frozen=True)

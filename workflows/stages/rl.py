@@ -92,6 +92,9 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     prompts_per_round: int = setting(64, "iterative-dpo: prompts per round, group_size replies each", limit=AT_LEAST_1)
     init: str | None = setting(None, "align this model (models:/..., a folder, a hub id) instead of the input's")
 
+    def makes(self) -> set[str]:
+        return {"reward_model"} if self.method == "rm" else set()
+
     def check(self, where: str, upstream: dict) -> None:
         super().check(where, upstream)
         check_kinds(self, self.data if self.method in ("rm", "dpo") else self.problems, where)
@@ -240,10 +243,7 @@ def _model_ref(ctx: StageContext, port: str, given: str | None) -> str | None:
         return str(resolve_model_dir(given))
     if port not in ctx.inputs:
         return None
-    if "reward_model" not in ctx.inputs[port].outputs:
-        raise UserError(f"stages.{ctx.stage}.from.{port}: '{ctx.sources.get(port, port)}' made no reward model; "
-                        "name an rl instance with method rm")
-    return str(ctx.input_path(port, "reward_model"))
+    return str(ctx.input_path(port, "reward_model"))  # the graph checked that the source makes one
 
 
 def _load_rm(ctx: StageContext, port: str, given: str | None, key: str):
@@ -446,7 +446,7 @@ def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
 # nothing on: the policy's sequence length and system prompt are what flow.
 KIND = StageKind("rl", RLSettings, run, inputs=(
     Port("model", "model", unless="init"),
-    Port("reward_model", "model", required=False, default=False, passes=False),
-    Port("safety_model", "model", required=False, default=False, passes=False),
-    Port("judge", "model", required=False, default=False, passes=False),
+    Port("reward_model", "model", required=False, default=False, passes=False, needs="reward_model"),
+    Port("safety_model", "model", required=False, default=False, passes=False, needs="reward_model"),
+    Port("judge", "model", required=False, default=False, passes=False, needs="reward_model"),
 ), output="model", trains=True)
