@@ -158,3 +158,25 @@ class Exploit:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def tiny_model_folder(folder: Path, texts: list[str], max_seq_len: int) -> Path:
+    """A random one-layer model in our checkpoint layout with a byte-level BPE (vocab 300,
+    ChatML specials) trained on `texts`: the model the CLI-input tests load."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llm_lifecycle.models.checkpoint import save_model_dir
+    from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.models.decoder import Decoder
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                      max_seq_len=max_seq_len)
+    return save_model_dir(folder, Decoder(cfg), tok)

@@ -19,13 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
+from conftest import tiny_model_folder
 from llm_lifecycle.cli.app import app
-from llm_lifecycle.models.checkpoint import save_model_dir
-from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.decoder import Decoder
 
 RECIPE = "name: bad\nmodel: {preset: llama-small, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, head_dim: 16}\n"
 
@@ -146,16 +143,7 @@ def test_a_csv_field_over_128_kib_is_a_document(workspace, tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny model with a byte-level BPE tokenizer."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What is 1+1? The answer is 2."] * 20, trainer)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                      max_seq_len=256)
-    return save_model_dir(tmp_path_factory.mktemp("model") / "tiny", Decoder(cfg), tok)
+    return tiny_model_folder(tmp_path_factory.mktemp("model") / "tiny", ["What is 1+1? The answer is 2."] * 20, 256)
 
 
 def test_eval_of_a_model_without_its_tokenizer(workspace, model_dir, tmp_path):

@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from conftest import chinese_questions, official_layout, shakespeare
-from llm_lifecycle.models.checkpoint import save_model_dir
-from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.decoder import Decoder
+from conftest import chinese_questions, official_layout, shakespeare, tiny_model_folder
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
 
@@ -38,16 +34,7 @@ def _one_line_error(out: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny model in our checkpoint layout, with a byte-level BPE trained on real text (shipped)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([shakespeare(20_000)], trainer)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                      max_seq_len=128)
-    return save_model_dir(tmp_path_factory.mktemp("model") / "tiny", Decoder(cfg), tok)
+    return tiny_model_folder(tmp_path_factory.mktemp("model") / "tiny", [shakespeare(20_000)], 128)
 
 
 @pytest.fixture(scope="module")
