@@ -1077,7 +1077,7 @@ class Decoder(nn.Module):
             return self.rope(0, seq, device, ids, table_len=largest + 1)
 
         if isinstance(kv_cache, StaticKVCache):
-            k_pos = kv_cache.key_positions(kv_cache.max_len, seq)
+            k_pos = kv_cache.key_positions(kv_cache.visible(kv_cache.max_len, seq), seq)  # what attention reads
         elif kv_cache is not None:
             k_pos = torch.arange(past + seq, device=device)
         else:  # the call's own tokens
