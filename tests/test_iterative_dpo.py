@@ -59,9 +59,9 @@ TINY = ["rl.method=iterative-dpo", "rl.rounds=2", "rl.steps=2", "rl.batch_size=2
 
 
 def _run(workspace, models, stage_dir):
-    inputs = {"model": {"model": str(models["sft"])}, "reward_model": {"reward_model": str(models["rm"])},
-              "judge": {"reward_model": str(models["judge"])}}
-    return run_rl_stage(workspace, [*TINY, f"rl.problems=[{models['prompts']}]"], inputs, stage_dir)
+    inputs = {"model": {"model": str(models["sft"])}, "judge": {"reward_model": str(models["judge"])}}
+    return run_rl_stage(workspace, [*TINY, f"rl.problems=[{models['prompts']}]", f"rl.reward_model={models['rm']}"],
+                        inputs, stage_dir)
 
 
 @pytest.mark.slow  # ~50 s on the shared 2-core machine
