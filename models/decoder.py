@@ -396,8 +396,8 @@ class DualChunkRope:
     """Dual Chunk Attention's rotations (ModelConfig.dca_chunk): the new keys at their
     position inside their chunk; the queries three ways, for the keys of their own chunk
     (`keys` too), of the previous chunk (`successive`) and of earlier ones (`inter`).
-    `q_pos`: the queries' absolute positions, [T] or per row [B, 1, T]; `k_pos`: the
-    attended keys', [S] or [B, 1, 1, S] (negative: a slot not written yet)."""
+    `q_pos`: the queries' absolute positions, [B or 1, 1, T]; `k_pos`: the attended keys',
+    [S] or [B or 1, 1, 1, S] (negative: a static cache's slot not written yet)."""
 
     keys: list[tuple[torch.Tensor, torch.Tensor]]
     successive: list[tuple[torch.Tensor, torch.Tensor]]
