@@ -108,10 +108,13 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
         super().check(where, upstream)
         check_kinds(self, self.data if self.method in ("rm", "dpo") else self.problems, where)
         if self.method in SAMPLED and self.heldout_prompts:
-            counts = read_data_files(self.problems, f"{where}.problems", lambda path: [len(load_prompts(path))])
+            from llm_lifecycle.workflows.data.chat_data import read_records
+
+            # Records, not prompts (the run drops repeated conversations): cheap, and never refuses a usable value.
+            counts = read_data_files(self.problems, f"{where}.problems", lambda path: [len(read_records(path))])
             if max(counts) <= self.heldout_prompts:
                 raise ConfigError(f"{where}.heldout_prompts: {self.heldout_prompts} holds out every prompt of the "
-                                  f"`problems` files ({', '.join(map(str, counts))} prompts), leaving none to train "
+                                  f"`problems` files ({', '.join(map(str, counts))} records), leaving none to train "
                                   "on; lower heldout_prompts or add prompts")
 
     def check_wiring(self, where: str, ports: set[str]) -> None:
