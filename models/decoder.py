@@ -281,9 +281,12 @@ class StaticKVCache:
     """A cache allocated once for a whole generation (as gpt-fast and vLLM do): per layer one
     [B, heads, size, width] buffer per cached tensor, and each row's own length.
 
-    Rows keep their own positions, so prompts of different lengths need no padding, and a
-    decode step has the same shapes every time, which lets torch.compile run it as one graph.
-    Attention reads the whole buffer; slots holding no key a query may see are masked out.
+    Rows keep their own positions, so prompts of different lengths need no padding. Attention
+    reads only the buffers' written prefix: `bound`, a host-side int, is the longest row's
+    length, so the step needs no device sync to know it (under torch.compile it becomes one
+    symbolic size after the first recompile); slots in it that a query may not see (a shorter
+    row's unwritten tail) are masked out. Reading the whole preallocated buffer instead costs
+    up to 1.5x the attention time of a 64 + 128-token generation, all of it memory traffic.
 
     A layer with a sliding window W shorter than `max_len` keeps a rolling buffer of W slots
     (Mistral): position p goes to slot p % W, over the key W positions back that no later
@@ -291,9 +294,11 @@ class StaticKVCache:
     have `max_len` slots, and p % max_len = p.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, max_len: int):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, max_len: int,
+                 bound: int = 0):
         self.keys, self.values, self.lengths = keys, values, lengths  # lengths: Long[B] cached tokens per row
         self.max_len = max_len
+        self.bound = bound  # >= every row's length; == the longest row's while rows only advance together
 
     @classmethod
     def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], windows: list[int | None], batch: int,
@@ -316,33 +321,45 @@ class StaticKVCache:
         return (self.lengths[:, None] + torch.arange(n_new, device=device))[:, None]
 
     def key_positions(self, size: int, n_new: int) -> torch.Tensor:
-        """[B, 1, 1, size]: the position each slot of a `size`-slot buffer holds once the next
-        `n_new` tokens are written (negative: not written yet)."""
+        """[B, 1, 1, size]: the position each slot of a `size`-slot buffer (or of the visible
+        prefix of a buffer that has not wrapped) holds once the next `n_new` tokens are
+        written (negative: not written yet)."""
         last = (self.lengths + n_new - 1)[:, None]
         slots = torch.arange(size, device=last.device)
         return (last - (last - slots) % size)[:, None, None]
 
+    def visible(self, size: int, n_new: int) -> int:
+        """How many leading slots of a `size`-slot buffer hold keys once the next `n_new`
+        tokens are written: all of them once a rolling buffer has wrapped."""
+        return min(size, self.bound + n_new)
+
     def mask(self, n_new: int, window: int | None) -> torch.Tensor:
-        """Bool [B, 1, T, size]: each new token sees its row's written slots at or before it,
+        """Bool [B, 1, T, visible]: each new token sees its row's written slots at or before it,
         within `window` positions when the layers have one."""
+        size = rolling_size(window, self.max_len)
         q_pos = self.query_positions(n_new, self.lengths.device)[..., None]
-        k_pos = self.key_positions(rolling_size(window, self.max_len), n_new)
+        k_pos = self.key_positions(self.visible(size, n_new), n_new)
         allowed = (k_pos >= 0) & (k_pos <= q_pos)
         return allowed if window is None else allowed & (q_pos - k_pos < window)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens at their rows' positions (modulo a rolling buffer's size); the
-        whole buffers come back."""
+        """Write the new tokens [B, heads, T, width] at their rows' positions (modulo a rolling
+        buffer's size); the buffers' written prefix comes back."""
         size = self.keys[layer].size(2)
         if size < self.max_len and k.size(2) > 1:  # a later token of the call would overwrite a key an earlier one sees
             raise ValueError("a rolling (sliding-window) cache takes one token per row per step")
-        slots = self.query_positions(k.size(2), k.device)[..., None] % size  # [B, 1, T, 1]
-        self.keys[layer].scatter_(2, slots.expand_as(k), k)
-        self.values[layer].scatter_(2, slots.expand_as(v), v)
-        return self.keys[layer], self.values[layer]
+        slots = self.query_positions(k.size(2), k.device)[:, 0] % size  # [B, T]
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        # An index_put_ (not scatter_): torch.compile writes it in place, where a scatter into
+        # a graph input became a copy of the whole buffer per layer and step.
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+        n = self.visible(size, k.size(2))
+        return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
     def advance(self, n_new: int) -> None:
         self.lengths += n_new
+        self.bound += n_new
 
     def fill(self, rows: torch.Tensor, prefix: KVCache) -> None:
         """Copy a prefilled cache of equal-length rows into these `rows` (of a rolling buffer,
@@ -356,10 +373,12 @@ class StaticKVCache:
                 else:  # position n - size + i goes to slot (n - size + i) % size
                     buffers[layer][rows] = torch.roll(t[:, :, n - size :], shifts=(n - size) % size, dims=2)
         self.lengths[rows] = n
+        self.bound = max(self.bound, n)
 
     def select(self, rows: torch.Tensor) -> StaticKVCache:
         """A cache of only these rows (generation drops finished rows this way)."""
-        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows], self.max_len)
+        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows],
+                             self.max_len, self.bound)
 
 
 def rolling_size(window: int | None, max_len: int) -> int:
@@ -1058,7 +1077,7 @@ class Decoder(nn.Module):
             return self.rope(0, seq, device, ids, table_len=largest + 1)
 
         if isinstance(kv_cache, StaticKVCache):
-            k_pos = kv_cache.key_positions(kv_cache.max_len, seq)
+            k_pos = kv_cache.key_positions(kv_cache.visible(kv_cache.max_len, seq), seq)  # what attention reads
         elif kv_cache is not None:
             k_pos = torch.arange(past + seq, device=device)
         else:  # the call's own tokens

@@ -590,7 +590,7 @@ def test_the_thinking_budget_needs_think_tokens_and_a_sane_value():
     from llm_lifecycle.models.generate import ThinkingBudget, thinking_budget
 
     plain = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="<|endoftext|>"))
-    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think>"):
+    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think> tokens, and this one has none"):
         thinking_budget(plain, 4)
     assert thinking_budget(plain, 0) is None  # no limit needs no markup
     with pytest.raises(ValueError, match=">= 0"):
@@ -605,6 +605,22 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     model = make_model(**MOE)
     prompts = [tokens(1, n, seed=40 + n)[0].tolist() for n in (3, 9, 5)]
     assert generate(model, prompts, 12, compile=True) == generate(model, prompts, 12)
+
+
+def test_sampling_draws_each_token_at_its_probability_and_never_a_dropped_one():
+    from llm_lifecycle.models.generate import _pick
+
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.5]).log_softmax(-1)
+    want = logits.softmax(-1)
+    picks = _pick(logits.repeat(40_000, 1), 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=5).float() / picks.numel()
+    assert (freq - want).abs().max() < 0.01  # 4 standard errors at 40,000 draws
+    # top_p 0.8: tokens 0 and 2 hold 0.77 < 0.8, so token 4 joins them; 1 and 3 are never drawn
+    kept = _pick(logits.repeat(40_000, 1), 1.0, 0.8, torch.Generator().manual_seed(1))
+    assert set(kept.tolist()) == {0, 2, 4}
+    nucleus = want[[0, 2, 4]] / want[[0, 2, 4]].sum()
+    freq = torch.bincount(kept, minlength=5).float()[[0, 2, 4]] / kept.numel()
+    assert (freq - nucleus).abs().max() < 0.01
 
 
 def test_sampling_is_seeded_and_top_p_narrows_to_the_argmax():
