@@ -135,9 +135,16 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
                           "rl stage with method rm), set reward_model, or set think_reward/language_reward")
 
     def check_inputs(self, where: str, inputs: dict) -> None:
+        from llm_lifecycle.models.checkpoint import read_config
+
         if self.method in SAMPLED and self.thinking_budget:
             model_dir = resolve_model_dir(self.init) if self.init else inputs["model"].outputs["model"]
             check_thinking_budget(model_dir, self.thinking_budget, f"{where}.thinking_budget")
+        for key in ("reward_model", "safety_model", "judge") if self.method in REWARDED else ():
+            ref = getattr(self, key)  # an instance wired to the port is an rm stage: the graph checked it
+            if ref and "reward_head" not in read_config(resolve_model_dir(ref)):
+                raise UserError(f"{where}.{key}: {ref} is a model but not a reward model (no reward_head in its "
+                                "config.json); name the folder or models:/NAME@ALIAS of an rl stage with method rm")
 
 
 def _system_prompt(ctx: StageContext) -> str:
