@@ -579,11 +579,37 @@ def runs_list(recipe: Optional[str] = typer.Option(None, "--recipe", "-r"), limi
     console.print(table)
 
 
+def _serve_until_stopped(argv: list[str], env: dict | None = None) -> int:
+    """Run MLflow's server (a process tree: the CLI, its server, the server's workers) until it
+    exits or we are told to stop. The tree gets its own process group so that SIGTERM to us (a
+    service manager, `kill`) or Ctrl-C stops all of it rather than orphaning workers that keep
+    the port."""
+    import subprocess
+
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def stop(*_):
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        stop()
+        return 0
+
+
 @app.command()
 def ui(port: int = typer.Option(5000, min=1, max=65535, help="Port to serve on."), host: str = typer.Option("127.0.0.1", help="Address to bind.")) -> None:
     """Open the MLflow UI on the workspace's tracking store."""
     import socket
-    import subprocess
 
     from llm_lifecycle.registry.tracking import configure, tracking_uri, workspace
 
@@ -595,7 +621,7 @@ def ui(port: int = typer.Option(5000, min=1, max=65535, help="Port to serve on."
     console.print(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--artifacts-destination", str(workspace() / "mlartifacts")]
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(_serve_until_stopped(cmd))
 
 
 @app.command()
@@ -647,14 +673,12 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
 ) -> None:
     """Serve a registered model with `mlflow models serve` (POST /invocations {"inputs": ["prompt"]})."""
-    import subprocess
-
     from llm_lifecycle.workflows.serving.serve import check_registered, serve_command
 
     check_registered(model)
     argv, env = serve_command(model, host, port)
     console.print(f"serving {model} on http://{host}:{port}/invocations")
-    raise typer.Exit(subprocess.call(argv, env=env))
+    raise typer.Exit(_serve_until_stopped(argv, env))
 
 
 @app.command()

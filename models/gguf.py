@@ -9,7 +9,7 @@ Layout facts that carry over from llama.cpp's own converter (convert_hf_to_gguf.
 - Some llama.cpp architectures (llama, baichuan, internlm2, chatglm, glm4, deepseek2) rotate interleaved pairs
   (x0, x1), (x2, x3), ... with RoPE while we rotate the two halves of the rotated dims;
   permuting the rows of the q and k projections head by head makes the two the same. The
-  others (qwen*, gemma, phi2, phi3) use the half-rotation (NeoX) form and need no permutation.
+  others (qwen*, gemma, gemma2, phi2, phi3) use the half-rotation (NeoX) form and need no permutation.
 - Quantized GGUF types work on blocks of 32 along a row: a tensor whose rows are not a whole
   number of blocks is written as F16; norms, biases and the MoE router stay F32.
 - llama.cpp picks Baichuan's RoPE or ALiBi variant by the depth (32 layers: 7B, RoPE; 40:
@@ -18,7 +18,9 @@ Layout facts that carry over from llama.cpp's own converter (convert_hf_to_gguf.
 
 Sliding windows (Mistral, Qwen 1) and Qwen 1's LogN scaling only change the computation past
 a length; no llama.cpp builder of these families has them, so the file's context length is
-that length: up to it, llama.cpp computes what our model does.
+that length: up to it, llama.cpp computes what our model does. llama.cpp's gemma2 does run
+windows, in its own fixed alternation (even layers windowed, odd ones global, as Gemma 2
+ships), and its own query scale and soft caps: a Gemma 2 model must match them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Arch:
     fused_qkv: bool = False  # one attn_qkv tensor: [q; k; v] rows (Qwen 1)
     fused_gate_up: bool = False  # ffn_up holds [gate; up] rows and there is no ffn_gate (ChatGLM, GLM-4, Phi-3)
     ffn_factor: int = 1  # Qwen 1: llama.cpp reads feed_forward_length as twice the gated width
+    swa_pattern: int = 0  # llama.cpp windows every layer but each Nth one (Gemma 2: 2) and writes the window
 
 
 _PAST_CONTEXT = ("sliding_window", "window_layers", "logn_train_len")
@@ -62,6 +65,7 @@ ARCHS = {
     "qwen3moe": Arch("qwen3moe", requires={"norm_topk_prob": True}),
     "qwen2moe": Arch("qwen2moe", requires={"norm_topk_prob": False}),
     "gemma": Arch("gemma", requires={"tie_embeddings": True, "qkv_bias": False, "o_bias": False}),
+    "gemma2": Arch("gemma2", requires={"tie_embeddings": True, "qkv_bias": False, "o_bias": False}, swa_pattern=2),
     "phi2": Arch("phi2"),
     "phi3": Arch("phi3", fused_gate_up=True),
     "qwen": Arch("qwen", holds=_PAST_CONTEXT, requires={"qkv_bias": True, "o_bias": False},
@@ -76,8 +80,8 @@ ARCHS = {
 }
 FAMILY_ARCHS = {
     "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-    "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "gemma": "gemma", "phi": "phi2", "phi3": "phi3", "qwen": "qwen", "chatglm": "chatglm",
-    "internlm2": "internlm2", "glm": "chatglm", "glm4": "glm4", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
+    "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "gemma": "gemma", "gemma2": "gemma2", "phi": "phi2", "phi3": "phi3", "qwen": "qwen", "chatglm": "chatglm",
+    "internlm2": "internlm2", "internlm3": "llama", "glm": "chatglm", "glm4": "glm4", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2",
 }
 BAICHUAN_DEPTH = {"rope": (32, "llama"), "alibi": (40, "refact")}  # llama.cpp's depth, else the stand-in
 
@@ -156,12 +160,40 @@ def gguf_arch(cfg: ModelConfig) -> Arch:
         raise ValueError(f"llama.cpp's {arch.name} architecture needs multi-head attention (n_kv_heads = n_heads)")
     if arch.name == "deepseek2" and not cfg.n_shared_experts:
         raise ValueError("llama.cpp's deepseek2 architecture needs shared experts (n_shared_experts > 0)")
+    if arch.name == "gemma2":
+        _check_gemma2(cfg, arch)
     return arch
 
 
-def exact_context(cfg: ModelConfig) -> int:
+def _check_gemma2(cfg: ModelConfig, arch: Arch) -> None:
+    """llama.cpp's gemma2 always soft-caps, windows the layers in its own alternation and fixes
+    the query scale by depth (46 layers, Gemma 2 27B: dim / n_heads; else head_dim)."""
+    if not (cfg.attn_logit_softcap and cfg.final_logit_softcap):
+        raise ValueError("llama.cpp's gemma2 architecture always soft-caps: it needs attn_logit_softcap and "
+                         "final_logit_softcap")
+    scalar = cfg.dim // cfg.n_heads if cfg.n_layers == 46 else cfg.head_dim
+    if (cfg.query_pre_attn_scalar or cfg.head_dim) != scalar:
+        raise ValueError(f"llama.cpp's gemma2 architecture scales queries by {scalar}^-0.5 at {cfg.n_layers} layers: "
+                         f"it needs query_pre_attn_scalar={scalar}")
+    window = swa_window(cfg, arch)
+    if cfg.layer_windows() != [window if i % arch.swa_pattern < arch.swa_pattern - 1 else None
+                               for i in range(cfg.n_layers)]:
+        raise ValueError("llama.cpp's gemma2 architecture windows the even layers (all with one size) and "
+                         f"not the odd ones; sliding_window is {cfg.layer_windows()}")
+
+
+def swa_window(cfg: ModelConfig, arch: Arch) -> int | None:
+    """The window llama.cpp applies to its windowed layers (a model without windows: the whole
+    context, which windows nothing)."""
+    if not arch.swa_pattern:
+        return None
+    return next((w for w in cfg.layer_windows() if w is not None), cfg.max_seq_len)
+
+
+def exact_context(cfg: ModelConfig, arch: Arch) -> int:
     """The longest context on which llama.cpp computes what we do (see the module docstring)."""
-    limits = [w for w in cfg.layer_windows() if w is not None] + [cfg.logn_train_len or cfg.max_seq_len]
+    windows = [] if arch.swa_pattern else [w for w in cfg.layer_windows() if w is not None]
+    limits = windows + [cfg.logn_train_len or cfg.max_seq_len]
     return min([cfg.max_seq_len, *limits])
 
 
@@ -276,7 +308,7 @@ def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None
     writer.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                           "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[ggml_type])
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_context_length(exact_context(cfg))
+    writer.add_context_length(exact_context(cfg, arch))
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
     # MoE layers only (no dense ones): llama.cpp's llama sizes its experts by this length
@@ -297,6 +329,11 @@ def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None
         writer.add_expert_shared_feed_forward_length(cfg.n_shared_experts * cfg.moe_ffn_dim)
     if arch.name == "deepseek2":
         _write_deepseek_hparams(writer, cfg)
+    if arch.swa_pattern:
+        writer.add_sliding_window(swa_window(cfg, arch))
+    if arch.name == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcap)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcap)
     if cfg.position != "rope":
         return  # ALiBi: no rotation (llama.cpp's refact and 40-layer baichuan builders add the bias)
     writer.add_rope_dimension_count(rope_rows(cfg))

@@ -135,6 +135,7 @@ class Family:
     norm_offset: bool = False  # RMSNorm scales stored as w - 1 (Gemma computes x * (1 + w))
     rope_interleaved: bool = False  # rotary dims paired (0, 1), (2, 3), ... (GLM, DeepSeek) instead of halves
     # our rope_scaling types its config holds (_rope_to_hf); Phi-3 reads a yarn entry as LongRoPE
+    # and is the one layout with LongRoPE's factor lists
     rope_scalings: tuple[str, ...] = ("ntk", "linear", "dynamic", "yarn", "llama3")
     shared_width: str | None = None  # config key of the shared experts' total width, n_shared_experts x moe_ffn_dim
     # per-layer windows as config.json's layer_types ("sliding_attention"/"full_attention") and
@@ -321,7 +322,7 @@ HF_FAMILIES: dict[str, Family] = {
         "Phi3ForCausalLM",
         config={"sliding_window": "sliding_window", "partial_rotary_factor": "rotary_pct"},
         constants=SILU,
-        rope_scalings=("ntk",),
+        rope_scalings=("ntk", "longrope"),
         defaults={"partial_rotary_factor": 1.0},
         fused={
             "self_attn.qkv_proj.weight": ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight"),
@@ -466,6 +467,17 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
             "original_max_position_embeddings": scaling["original_max_seq_len"],
         }
+    elif scaling and scaling["type"] == "longrope":
+        # Phi-3 keeps the original length beside rope_scaling (it wins over one inside) and,
+        # without a factor, takes max_position_embeddings / original: written, so ours holds.
+        rope_scaling = {
+            "rope_type": "longrope",
+            "factor": float(scaling["factor"]),
+            "short_factor": [float(f) for f in scaling["short_factor"]],
+            "long_factor": [float(f) for f in scaling["long_factor"]],
+        }
+        return {"rope_theta": rope_theta, "rope_scaling": rope_scaling,
+                "original_max_position_embeddings": scaling["original_max_seq_len"]}
     return {"rope_theta": rope_theta, "rope_scaling": rope_scaling}
 
 
@@ -530,6 +542,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         return {"rope_theta": theta, "rope_scaling": None}
     if kind == "linear":
         return {"rope_theta": theta, "rope_scaling": {"type": "linear", "factor": float(params["factor"])}}
+    if kind in ("longrope", "su") or (kind == "yarn" and hf.get("model_type") == "phi3"):
+        return {"rope_theta": theta, "rope_scaling": _longrope_from_hf(hf, params)}
     if kind == "yarn":
         tuned = {k: params[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if params.get(k) is not None}
         if tuned or params.get("beta_fast", 32) != 32 or params.get("beta_slow", 1) != 1 or params.get("truncate") is False:
@@ -544,7 +558,25 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             "high_freq_factor": float(params["high_freq_factor"]),
             "original_max_seq_len": int(params["original_max_position_embeddings"]),
         }}
-    raise ValueError(f"RoPE type {kind!r} is not supported for import; supported: default, linear, yarn, llama3")
+    raise ValueError(f"RoPE type {kind!r} is not supported for import; supported: default, linear, yarn, llama3, longrope")
+
+
+def _longrope_from_hf(hf: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's LongRoPE ("su" in the first Phi-3 configs; Phi-3 reads "yarn" as it too), read as
+    transformers does: the original length beside rope_scaling first, the factor when absent
+    max_position_embeddings / original, and the cos/sin scale the paper's (none given)."""
+    if params.get("attention_factor") is not None:
+        raise ValueError(f"LongRoPE with a given attention_factor is not supported: {params}")
+    original = int(hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = float(params.get("factor") or hf["max_position_embeddings"] / original)
+    return {
+        "type": "longrope",
+        "factor": max(factor, 1.0),  # at or below 1 both sides leave cos/sin unscaled
+        "original_max_seq_len": original,
+        "short_factor": [float(f) for f in params["short_factor"]],
+        "long_factor": [float(f) for f in params["long_factor"]],
+    }
 
 
 # ---- weights ---------------------------------------------------------------------------------

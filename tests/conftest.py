@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,6 +27,23 @@ BUILTIN_EVAL = PACKAGE / "evals" / "builtin"
 # CI (.ci/run exports CI=1, as CI services do) installs every optional part, so there a test
 # whose install is missing fails instead of skipping.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_frees(port: int, timeout: float) -> bool:
+    """Whether nothing answers on 127.0.0.1:port within timeout seconds (a server stopped)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return True
+        time.sleep(0.5)
+    return False
 
 
 def needs(present: bool, what: str, install: str) -> None:

@@ -70,6 +70,12 @@ def test_a_key_given_twice_in_a_recipe(workspace, tmp_path, text, key, first):
     ("model.rope_theta=fast", "rope_theta must be a number"),
     ("extend-context.eval_lengths=abc", "stages.extend-context.eval_lengths: expected"),
     ("extend-context.eval_lengths=[1024, 1]", "stages.extend-context.eval_lengths: expected"),
+    ("extend-context.dca_chunk=0", "stages.extend-context.dca_chunk: expected an integer >= 1, got 0"),
+    ("extend-context.dca_chunk=4096", "stages.extend-context.dca_chunk + dca_local_window (4096) must not exceed the "
+                                      "length its model was trained at"),
+    ("extend-context.dca_local_window=16", "dca_local_window needs dca_chunk"),
+    ("extend-context.rope_scaling={type: longrope, factor: 2, short_factor: [1.0]}",
+     "stages.extend-context.rope_scaling: give both short_factor and long_factor, or neither"),
 ])
 def test_settings_of_the_wrong_kind(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])

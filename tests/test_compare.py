@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TINY_OVERRIDES, needs
+from conftest import TINY_OVERRIDES, free_port, needs, port_frees
 from llm_lifecycle.cli.app import app
 from llm_lifecycle.registry.tracking import configure
 from llm_lifecycle.workflows.runner.pipeline import run_pipeline
@@ -146,19 +145,12 @@ def graph_pipeline(swept):
     return pipeline, sorted(recipe.instances)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ui_server(swept):
     ws, _ = swept
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LLM_HOME": str(ws)}
-    # Its own process group: `llm ui` runs MLflow's server as child processes, which a signal to
-    # `llm ui` alone would leave serving after the test.
+    # Its own process group, so that whatever the test leaves behind can be killed at the end.
     proc = subprocess.Popen([sys.executable, "-m", "llm_lifecycle.cli.app", "ui", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -176,11 +168,19 @@ def ui_server(swept):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("llm ui did not answer /health within 180 s")
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
+    # SIGTERM to `llm ui` alone, as a service manager or `kill` sends it: the server and its
+    # workers must stop with it and free the port.
+    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        freed = port_frees(port, timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert freed, f"port {port} still served after SIGTERM to llm ui"
+
 
 
 @pytest.fixture()

@@ -41,6 +41,10 @@ CASES = {
     "qwen2moe": dict(family="qwen2_moe", qkv_bias=True, n_experts=4, n_experts_per_token=2, moe_ffn_dim=32,
                      n_shared_experts=2, shared_expert_gate=True, norm_topk_prob=False, tie_embeddings=False),
     "gemma": dict(family="gemma", mlp="geglu", scale_embeddings=True, head_dim=24, n_kv_heads=1),
+    # Gemma 2: post-norms, a window in the even layers shorter than the prompts, soft caps small
+    # enough to bend the attention scores and logits of these tiny models
+    "gemma2": dict(family="gemma2", mlp="geglu", scale_embeddings=True, post_norms=True, head_dim=24, n_kv_heads=1,
+                   sliding_window=[8, None], attn_logit_softcap=5.0, final_logit_softcap=10.0),
     "phi3": dict(family="phi3", tie_embeddings=False),
     "phi2": dict(family="phi", norm="layernorm", mlp="gelu", parallel_block=True, rotary_pct=0.5, qkv_bias=True,
                  o_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False),
@@ -51,6 +55,7 @@ CASES = {
     "chatglm (glm)": dict(family="glm", rotary_pct=0.5, qkv_bias=True, tie_embeddings=False),
     "glm4": dict(family="glm4", post_norms=True, rotary_pct=0.5, qkv_bias=True, tie_embeddings=False),
     "internlm2": dict(family="internlm2", tie_embeddings=False),
+    "llama (internlm3)": dict(family="internlm3", tie_embeddings=False),
     # Baichuan 2 13B: llama.cpp's baichuan runs ALiBi at 40 layers; other depths go through refact
     "baichuan": dict(family="baichuan", position="alibi", norm_head=True, n_kv_heads=2, n_layers=40, dim=32,
                      n_heads=2, ffn_dim=64, tie_embeddings=False),
@@ -115,7 +120,7 @@ def test_llama_cpp_computes_our_logits_from_an_f32_file(tmp_path, tokenizer, cas
     needs_llama_cpp()
     torch.manual_seed(0)
     model = Decoder(ModelConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), **CASES[case]})).eval()
-    ids = tokenizer.encode(TEXT).ids[:30]  # inside the smallest window of the cases
+    ids = tokenizer.encode(TEXT).ids[:30]  # inside the windows llama.cpp does not run, past Gemma 2's
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))  # norms and biases away from 1 and 0
@@ -218,3 +223,16 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer):
     with pytest.raises(UserError, match="q2_k"):
         export_model(str(model_dir), tmp_path / "out", "gguf", "q2_k")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sliding_window=[None, 8]), "windows the even layers"),
+    (dict(sliding_window=[8, 8]), "windows the even layers"),
+    (dict(query_pre_attn_scalar=16), "query_pre_attn_scalar=24"),
+    (dict(attn_logit_softcap=None), "always soft-caps"),
+])
+def test_gemma2_export_refuses_what_llama_cpp_computes_otherwise(change, message):
+    """llama.cpp's gemma2 fixes the window alternation, the query scale and the soft caps."""
+    assert gguf_arch(ModelConfig(**{**TINY, **CASES["gemma2"]})).name == "gemma2"
+    with pytest.raises(ValueError, match=message):
+        gguf_arch(ModelConfig(**{**TINY, **CASES["gemma2"], **change}))

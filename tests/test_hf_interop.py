@@ -235,7 +235,7 @@ def test_every_small_preset_exports_to_transformers_or_says_why(name, tmp_path):
 
 def test_a_rope_scaling_the_family_cannot_hold_is_refused_not_dropped():
     """Phi-3's config reads a yarn entry as LongRoPE (and then wants its factor lists); no
-    config but ours holds LongRoPE's lists: both are refused, so export falls back to ours."""
+    config but Phi-3's holds LongRoPE's lists: both are refused, so export falls back to ours."""
     from llm_lifecycle.models.hf import check_exportable
 
     yarn = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 64}
@@ -249,3 +249,21 @@ def test_a_rope_scaling_the_family_cannot_hold_is_refused_not_dropped():
     with pytest.raises(ValueError, match="cannot hold rope_scaling type 'longrope'"):
         check_exportable(llama)
     assert check_exportable(ModelConfig.from_dict({**load_preset("llama1-small"), "rope_scaling": yarn}))
+
+
+@pytest.mark.parametrize("kind", ["su", "longrope", "yarn"])
+def test_phi3_longrope_configs_of_each_spelling_import_as_longrope(kind):
+    """Phi-3-mini-128k's first config says "su", Phi-3.5's "longrope", and Phi-3 reads "yarn"
+    as LongRoPE too; none gives a factor: it is max_position_embeddings / original."""
+    from llm_lifecycle.models.hf import config_from_hf
+
+    short, long = [1.0, 1.1, 1.2, 1.3], [1.0, 2.0, 4.0, 8.0]
+    hf = {"model_type": "phi3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 4096,
+          "original_max_position_embeddings": 512, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+          "rope_scaling": {"type": kind, "short_factor": short, "long_factor": long}}
+    scaling = config_from_hf(hf).rope_scaling
+    assert scaling == {"type": "longrope", "factor": 8.0, "original_max_seq_len": 512, "short_factor": short,
+                       "long_factor": long}
+    with pytest.raises(ValueError, match="given attention_factor"):
+        config_from_hf({**hf, "rope_scaling": {**hf["rope_scaling"], "attention_factor": 1.5}})

@@ -174,3 +174,43 @@ def test_generate_bench_gives_transformers_greedy_tokens(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["greedy", "sampled"]
     assert all(r["ours compiled"] > 0 and r["HF default"] > 0 for r in rows)
+
+
+# Phi-3's LongRoPE with an original context of 16: the 40-token prompts run past it (long
+# factors), 12-token ones within it (short factors); both lists uneven so a swap would show.
+LONGROPE = dict(
+    original_max_position_embeddings=16,
+    rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
+                  "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0]},
+)
+
+
+def test_phi3_longrope_imports_and_exports_with_transformers_logits_past_the_original_length(tmp_path):
+    theirs = random_hf_model("phi3", **LONGROPE)
+    theirs.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+    ours, tokenizer = load_hf(tmp_path / "hf")
+    scaling = ours.cfg.rope_scaling
+    assert scaling["type"] == "longrope" and scaling["original_max_seq_len"] == 16
+    assert scaling["factor"] == 8.0  # max_position_embeddings / original, as transformers reads it
+    assert scaling["long_factor"] == LONGROPE["rope_scaling"]["long_factor"]
+    save_model_dir(tmp_path / "ours", ours, tokenizer)
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["original_max_position_embeddings"] == 16
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), dtype=torch.float32).eval()
+    unscaled, _ = load_hf(tmp_path / "hf")
+    unscaled.cfg.rope_scaling = None
+    plain = type(ours)(unscaled.cfg).eval()
+    plain.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        for x in (prompts(), prompts()[:, :12]):  # past the original length, and within it
+            expected = theirs(x).logits
+            assert max_diff(ours(x).logits, expected) < 1e-4
+            assert max_diff(reloaded(x).logits, expected) < 1e-4
+        assert max_diff(plain(prompts()).logits, theirs(prompts()).logits) > 1e-2  # the scaling matters here
+    prompt = prompts()[0, :20].tolist()  # past the original length from the first step
+    with torch.no_grad():
+        out = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 20, dtype=torch.long),
+                              max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generate(ours, [prompt], max_new_tokens=8) == [out[0, 20:].tolist()]

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import Exploit
+from conftest import Exploit, free_port, port_frees
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.quantize import QuantConfig, quantize_model, save_quantized
@@ -29,12 +28,6 @@ from llm_lifecycle.registry import tracking
 from llm_lifecycle.workflows.data.bpe import train_bpe
 
 PROMPTS = ["The quick brown fox", "A stitch in time"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def llm(*args: str, **kwargs) -> subprocess.Popen:
@@ -133,8 +126,9 @@ def test_llm_serve_answers_with_the_registered_models_text(registered_int4, tmp_
         wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": PROMPTS})
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the wrapper, mlflow and its uvicorn workers
+        server.send_signal(signal.SIGTERM)  # to `llm serve` alone: it stops mlflow and its workers
         server.wait(timeout=60)
+    assert port_frees(port, timeout=30), f"port {port} still served after SIGTERM to llm serve"
     assert answer == {"predictions": want}
     assert not marker.exists(), "a planted pickle was opened"
 
