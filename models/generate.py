@@ -139,8 +139,8 @@ def thinking_budget(tokenizer, budget: int) -> ThinkingBudget | None:
         return None
     open_id, close_id = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
     if open_id is None or close_id is None:
-        raise ValueError(f"a thinking budget needs a tokenizer with {THINK_START} and {THINK_END} tokens "
-                         "(one trained by tokenizer-train, or Qwen3's)")
+        raise ValueError(f"a thinking budget needs a tokenizer with {THINK_START} and {THINK_END} tokens, "
+                         "and this one has none")
     return ThinkingBudget(budget, open_id, close_id)
 
 

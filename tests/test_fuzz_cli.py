@@ -207,8 +207,15 @@ def bad_recipe(draw):
     elif kind == "name":  # it names folders and MLflow objects: no paths, no empty names
         doc["name"] = draw(st.sampled_from(["../escape", "a/b", "", ".hidden", "x" * 101]) | st.integers() | wrong_container)
     elif kind == "cross":
-        mistake = draw(st.sampled_from(["seq_len", "clean", "dca"]))
-        if mistake == "seq_len":
+        mistake = draw(st.sampled_from(["seq_len", "clean", "dca", "heldout", "unpaid"]))
+        sampling = st.sampled_from(["ppo", "grpo", "iterative-dpo"])
+        if mistake == "heldout":  # holds out every prompt of the builtin problems (a few thousand)
+            doc["stages"]["rl"] = {"method": draw(st.sampled_from(["rs-sft"]) | sampling),
+                                   "heldout_prompts": draw(st.integers(10**5, 10**9))}
+        elif mistake == "unpaid":  # open-ended chat prompts, no reward model, no rule that pays for them
+            doc["stages"]["rl"] = {"method": draw(sampling), "problems": ["builtin:chat/zh_oasst1_rm_zh.json"],
+                                   "reward_model_weight": draw(st.floats(0.1, 2.0))}
+        elif mistake == "seq_len":
             doc["stages"]["extend-context"]["seq_len"] = draw(st.integers(min_value=2, max_value=64))  # <= pretrain's 64
         elif mistake == "clean":
             doc["stages"]["data-clean"] = {"min_chars": 100, "max_chars": draw(st.integers(min_value=0, max_value=99))}

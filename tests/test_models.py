@@ -590,7 +590,7 @@ def test_the_thinking_budget_needs_think_tokens_and_a_sane_value():
     from llm_lifecycle.models.generate import ThinkingBudget, thinking_budget
 
     plain = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="<|endoftext|>"))
-    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think>"):
+    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think> tokens, and this one has none"):
         thinking_budget(plain, 4)
     assert thinking_budget(plain, 0) is None  # no limit needs no markup
     with pytest.raises(ValueError, match=">= 0"):
