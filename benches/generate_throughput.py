@@ -2,7 +2,7 @@
 against transformers' `generate` on the same exported model, in one run, and llama.cpp on
 its GGUF export when llama-cpp-python is installed.
 
-    python benches/generate_throughput.py [--quick] [--batches 1,64] [--prompts 64,512]
+    python benches/generate_throughput.py [--quick] [--batches 1,64] [--prompts 64,512] [--clock cpu]
 
 The model is the qwen3-small preset (tied embeddings, q/k-norm, GQA) with seeded random
 weights drawn wide enough that its greedy choices are clear, saved as our model folder and
@@ -19,9 +19,11 @@ Peers:
   one sequence, so it appears in the batch-1 rows only. Its greedy tokens are compared
   with transformers' and the result reported (its kernels round differently).
 
-Tokens/s = batch x new tokens / wall time of the whole call (prefill included), the best
-of --rounds after a warm-up call that also pays each side's compile. Greedy tokens must
-equal transformers' default generate's (asserted). fp32 throughout.
+Tokens/s = batch x new tokens / time of the whole call (prefill included), the best of
+--rounds, the sides alternating within a round, after a warm-up call each that also pays
+its compiles; wall time, or with --clock cpu process CPU time on one thread (for a loaded
+machine: what each side computed, not what the others' jobs took from it). Greedy tokens
+must equal transformers' default generate's (asserted). fp32 throughout.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import platform
 import random
 import string
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,14 +123,39 @@ def run_llama_cpp(llm, prompts, new, sampled):
     return outs
 
 
-def best_time(fn, rounds: int) -> tuple[float, list[list[int]]]:
-    out = fn()  # warm-up: compiles, caches
-    times = []
+def best_times(runs: dict, rounds: int, clock) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
+    """Each side's best time over `rounds`, the sides alternating within each round (so a
+    change in the machine's load falls on all of them), after a warm-up call each that also
+    pays its compiles; and each side's last outputs."""
+    outs = {name: fn() for name, fn in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for name, fn in runs.items():
+            t0 = clock()
+            outs[name] = fn()
+            times[name].append(clock() - t0)
+    return {name: min(t) for name, t in times.items()}, outs
+
+
+def profile_sides(ours, theirs, batch: int, length: int, new: int) -> None:
+    """torch.profiler's top 12 operators by self time of one greedy call of each side,
+    after a warm-up call: where each spends its time besides the shared kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = torch.randint(len(SPECIAL_TOKENS), ours.cfg.vocab_size, (batch, length)).tolist()
+    sides = {"ours eager": lambda: run_ours(ours, prompts, new, False, False),
+             "ours compiled": lambda: run_ours(ours, prompts, new, False, True),
+             "HF default": lambda: run_hf(theirs, prompts, new, False, False)}
+    for name, fn in sides.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        print(f"## {name}: batch {batch}, prompt {length}, {new} new tokens, greedy: {total / 1e6:.2f} s self CPU")
+        for e in ops[:12]:
+            print(f"{e.self_cpu_time_total / total:6.1%} {e.self_cpu_time_total / 1e6:7.3f} s {e.count:6d} x {e.key}")
+        sys.stdout.flush()
 
 
 def cpu_description() -> str:
@@ -152,8 +180,16 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch (and llama.cpp) threads; default torch's")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: one thread, calls timed in process CPU seconds (for a machine others are loading)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler tables of ours (eager, compiled) and HF default at the first "
+                             "--batches and --prompts value")
     args = parser.parse_args()
+    clock = time.perf_counter
+    if args.clock == "cpu":
+        args.threads, clock = 1, time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     batches, lengths = [int(b) for b in args.batches.split(",")], [int(n) for n in args.prompts.split(",")]
@@ -162,12 +198,17 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs, gguf = build_models(Path(tmp), max(lengths) + args.new)
+        # llama.cpp rounds its context up to a multiple of 256 and warns when that passes the model's
+        max_len = -(-(max(lengths) + args.new) // 256) * 256
+        ours, theirs, gguf = build_models(Path(tmp), max_len)
+        if args.profile:
+            profile_sides(ours, theirs, batches[0], lengths[0], args.new)
+            return
         llm = None
         if gguf is not None:
             from llama_cpp import Llama
 
-            llm = Llama(str(gguf), n_ctx=max(lengths) + args.new, n_threads=torch.get_num_threads(),
+            llm = Llama(str(gguf), n_ctx=max_len, n_threads=torch.get_num_threads(),
                         logits_all=False, verbose=False)
         print(f"# {cpu_description()}; torch {torch.__version__}; qwen3-small "
               f"({ours.cfg.num_params() / 1e6:.1f}M params), {args.new} new tokens, fp32")
@@ -187,10 +228,8 @@ def main() -> None:
                     if llm is not None and batch == 1:
                         runs["llama.cpp"] = lambda: run_llama_cpp(llm, prompts, args.new, sampled)
                     row = {"batch": batch, "prompt": length, "mode": "sampled" if sampled else "greedy"}
-                    outs = {}
-                    for name, fn in runs.items():
-                        seconds, outs[name] = best_time(fn, args.rounds)
-                        row[name] = batch * args.new / seconds
+                    seconds, outs = best_times(runs, args.rounds, clock)
+                    row.update({name: batch * args.new / s for name, s in seconds.items()})
                     if not sampled:
                         for name in ("ours eager", "ours compiled", "HF static+compile"):
                             assert outs[name] == outs["HF default"], f"{name}: greedy tokens differ from transformers'"

@@ -61,9 +61,11 @@ def main() -> None:
               f"{m['heldout_before.rm_accuracy']:.3f} -> {m['heldout_after.rm_accuracy']:.3f} |")
     results = {}
     for inst in (i for i in rl if i.settings.method == "iterative-dpo"):
-        rows = round_rows(client, newest_run(client, recipe.name, inst.name))
+        run = newest_run(client, recipe.name, inst.name)
+        rows = round_rows(client, run)
         results[inst.name] = rows
-        print(f"\n`{inst.name}` ({inst.settings.heldout_prompts} held-out prompts; round 0 = the SFT model)\n")
+        measured = int(run.data.metrics.get("heldout_prompts", 0))  # those of the held-out ones that fit seq_len
+        print(f"\n`{inst.name}` ({measured} held-out prompts; round 0 = the SFT model)\n")
         print("| round | " + " | ".join(ROUND_COLUMNS) + " |\n|---|" + "---|" * len(ROUND_COLUMNS))
         for row in rows:
             print(f"| {row['round']} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in ROUND_COLUMNS) + " |")

@@ -59,6 +59,15 @@ class ModelConfig:
     window_layers: int | None = None
     # Qwen1 LogN scaling: at positions past this training length, q is scaled by log_len(pos).
     logn_train_len: int | None = None
+    # Dual Chunk Attention (An et al. 2024; Qwen2.5-1M), training-free context extension: the
+    # sequence in chunks of dca_chunk tokens; keys at their position inside their chunk, and each
+    # query at its own (keys of its chunk), at dca_chunk + its own when it is within the first
+    # dca_local_window of its chunk (keys of the previous chunk: their true distance), else at
+    # the largest position dca_chunk + dca_local_window - 1 (every earlier key). No distance
+    # passes dca_chunk + dca_local_window - 1, so that sum at most the trained length keeps every
+    # distance trained; up to that length it equals plain attention. None: off.
+    dca_chunk: int | None = None
+    dca_local_window: int = 0
     # Gemma 2: attention scores scaled by query_pre_attn_scalar^-0.5 instead of head_dim^-0.5
     # (27B: dim / n_heads); soft caps cap * tanh(x / cap) on the attention scores (50) and on
     # the output logits (30), so neither grows without bound. None: off.
@@ -214,6 +223,7 @@ class ModelConfig:
         self._validate_mla()
         if self.logn_train_len is not None:
             _require_positive_int("logn_train_len", self.logn_train_len)
+        self._validate_dual_chunk()
         for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
@@ -338,6 +348,23 @@ class ModelConfig:
                         isinstance(f, (int, float)) and f > 0 for f in factors):
                     raise ValueError(f"rope_scaling.{key} must list {pairs} positive numbers, one per rotated "
                                      f"frequency (rotary dims / 2), got {factors!r}")
+
+    def _validate_dual_chunk(self) -> None:
+        if self.dca_chunk is None:
+            if self.dca_local_window:
+                raise ValueError("dca_local_window needs dca_chunk (Dual Chunk Attention's chunk length)")
+            return
+        _require_positive_int("dca_chunk", self.dca_chunk)
+        window = self.dca_local_window
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= self.dca_chunk:
+            raise ValueError(f"dca_local_window must be an integer between 0 and dca_chunk ({self.dca_chunk}), got {window!r}")
+        others = {"position: alibi": self.position != "rope", "latent attention": self.is_mla,
+                  "sliding_window": self.sliding_window is not None, "logn_train_len": self.logn_train_len is not None,
+                  "rope_2d": self.rope_2d, "attn_logit_softcap": self.attn_logit_softcap is not None}
+        clash = [name for name, on in others.items() if on]
+        if clash:
+            raise ValueError(f"dca_chunk (Dual Chunk Attention) re-positions RoPE queries and keys; it cannot be combined "
+                             f"with {', '.join(clash)}")
 
     # ---- counting -------------------------------------------------------------------------
 

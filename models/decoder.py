@@ -71,6 +71,17 @@ def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: boo
     return 1.0 / (factors * wavelength_base), scale
 
 
+def yarn_as_longrope(cfg: ModelConfig, factor: float, original_len: int) -> dict[str, list[float]]:
+    """LongRoPE factor lists without LongRoPE's search: short factors 1 (the model as trained
+    while a sequence fits the original length), long factors the per-frequency stretch that
+    YaRN's ramp gives (high frequencies kept, low ones interpolated by `factor`, a ramp between)."""
+    dim = cfg.rotary_dim // (2 if cfg.rope_2d else 1)
+    wavelength_base = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    yarn, _ = _yarn_frequencies(wavelength_base, dim, cfg.rope_theta, factor, original_len)
+    long = (1.0 / (wavelength_base * yarn)).tolist()
+    return {"short_factor": [1.0] * len(long), "long_factor": long}
+
+
 def _yarn_frequencies(wavelength_base: torch.Tensor, dim: int, base: float, factor: float, original_len: int):
     """YaRN: interpolate the low frequencies, keep the high ones, ramp in between, and
     sharpen attention by the temperature 0.1 ln(factor) + 1 (applied to cos and sin)."""
@@ -270,9 +281,12 @@ class StaticKVCache:
     """A cache allocated once for a whole generation (as gpt-fast and vLLM do): per layer one
     [B, heads, size, width] buffer per cached tensor, and each row's own length.
 
-    Rows keep their own positions, so prompts of different lengths need no padding, and a
-    decode step has the same shapes every time, which lets torch.compile run it as one graph.
-    Attention reads the whole buffer; slots holding no key a query may see are masked out.
+    Rows keep their own positions, so prompts of different lengths need no padding. Attention
+    reads only the buffers' written prefix: `bound`, a host-side int, is the longest row's
+    length, so the step needs no device sync to know it (under torch.compile it becomes one
+    symbolic size after the first recompile); slots in it that a query may not see (a shorter
+    row's unwritten tail) are masked out. Reading the whole preallocated buffer instead costs
+    up to 1.5x the attention time of a 64 + 128-token generation, all of it memory traffic.
 
     A layer with a sliding window W shorter than `max_len` keeps a rolling buffer of W slots
     (Mistral): position p goes to slot p % W, over the key W positions back that no later
@@ -280,9 +294,11 @@ class StaticKVCache:
     have `max_len` slots, and p % max_len = p.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, max_len: int):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, max_len: int,
+                 bound: int = 0):
         self.keys, self.values, self.lengths = keys, values, lengths  # lengths: Long[B] cached tokens per row
         self.max_len = max_len
+        self.bound = bound  # >= every row's length; == the longest row's while rows only advance together
 
     @classmethod
     def allocate(cls, widths: list[tuple[tuple[int, int], tuple[int, int]]], windows: list[int | None], batch: int,
@@ -305,33 +321,45 @@ class StaticKVCache:
         return (self.lengths[:, None] + torch.arange(n_new, device=device))[:, None]
 
     def key_positions(self, size: int, n_new: int) -> torch.Tensor:
-        """[B, 1, 1, size]: the position each slot of a `size`-slot buffer holds once the next
-        `n_new` tokens are written (negative: not written yet)."""
+        """[B, 1, 1, size]: the position each slot of a `size`-slot buffer (or of the visible
+        prefix of a buffer that has not wrapped) holds once the next `n_new` tokens are
+        written (negative: not written yet)."""
         last = (self.lengths + n_new - 1)[:, None]
         slots = torch.arange(size, device=last.device)
         return (last - (last - slots) % size)[:, None, None]
 
+    def visible(self, size: int, n_new: int) -> int:
+        """How many leading slots of a `size`-slot buffer hold keys once the next `n_new`
+        tokens are written: all of them once a rolling buffer has wrapped."""
+        return min(size, self.bound + n_new)
+
     def mask(self, n_new: int, window: int | None) -> torch.Tensor:
-        """Bool [B, 1, T, size]: each new token sees its row's written slots at or before it,
+        """Bool [B, 1, T, visible]: each new token sees its row's written slots at or before it,
         within `window` positions when the layers have one."""
+        size = rolling_size(window, self.max_len)
         q_pos = self.query_positions(n_new, self.lengths.device)[..., None]
-        k_pos = self.key_positions(rolling_size(window, self.max_len), n_new)
+        k_pos = self.key_positions(self.visible(size, n_new), n_new)
         allowed = (k_pos >= 0) & (k_pos <= q_pos)
         return allowed if window is None else allowed & (q_pos - k_pos < window)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens at their rows' positions (modulo a rolling buffer's size); the
-        whole buffers come back."""
+        """Write the new tokens [B, heads, T, width] at their rows' positions (modulo a rolling
+        buffer's size); the buffers' written prefix comes back."""
         size = self.keys[layer].size(2)
         if size < self.max_len and k.size(2) > 1:  # a later token of the call would overwrite a key an earlier one sees
             raise ValueError("a rolling (sliding-window) cache takes one token per row per step")
-        slots = self.query_positions(k.size(2), k.device)[..., None] % size  # [B, 1, T, 1]
-        self.keys[layer].scatter_(2, slots.expand_as(k), k)
-        self.values[layer].scatter_(2, slots.expand_as(v), v)
-        return self.keys[layer], self.values[layer]
+        slots = self.query_positions(k.size(2), k.device)[:, 0] % size  # [B, T]
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        # An index_put_ (not scatter_): torch.compile writes it in place, where a scatter into
+        # a graph input became a copy of the whole buffer per layer and step.
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+        n = self.visible(size, k.size(2))
+        return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
     def advance(self, n_new: int) -> None:
         self.lengths += n_new
+        self.bound += n_new
 
     def fill(self, rows: torch.Tensor, prefix: KVCache) -> None:
         """Copy a prefilled cache of equal-length rows into these `rows` (of a rolling buffer,
@@ -345,10 +373,12 @@ class StaticKVCache:
                 else:  # position n - size + i goes to slot (n - size + i) % size
                     buffers[layer][rows] = torch.roll(t[:, :, n - size :], shifts=(n - size) % size, dims=2)
         self.lengths[rows] = n
+        self.bound = max(self.bound, n)
 
     def select(self, rows: torch.Tensor) -> StaticKVCache:
         """A cache of only these rows (generation drops finished rows this way)."""
-        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows], self.max_len)
+        return StaticKVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows],
+                             self.max_len, self.bound)
 
 
 def rolling_size(window: int | None, max_len: int) -> int:
@@ -380,6 +410,45 @@ def sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, window: int) ->
     return mask & (q_pos[..., None] - k_pos < window)
 
 
+@dataclass
+class DualChunkRope:
+    """Dual Chunk Attention's rotations (ModelConfig.dca_chunk): the new keys at their
+    position inside their chunk; the queries three ways, for the keys of their own chunk
+    (`keys` too), of the previous chunk (`successive`) and of earlier ones (`inter`).
+    `q_pos`: the queries' absolute positions, [B or 1, 1, T]; `k_pos`: the attended keys',
+    [S] or [B or 1, 1, 1, S] (negative: a static cache's slot not written yet)."""
+
+    keys: list[tuple[torch.Tensor, torch.Tensor]]
+    successive: list[tuple[torch.Tensor, torch.Tensor]]
+    inter: list[tuple[torch.Tensor, torch.Tensor]]
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    chunk: int
+
+
+def dual_chunk_attention(queries: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, rope: DualChunkRope,
+                         mask: torch.Tensor | None, scale: float, block: int = 1024) -> torch.Tensor:
+    """softmax(scores + mask) v where each score takes the query rotation its key's chunk
+    calls for: (intra, successive, inter) `queries` [B, H, T, D] against keys [B, kv heads, S, D].
+    The scores are materialised, `block` query rows at a time (memory block x S per head)."""
+    groups = queries[0].size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if mask is None:  # plain causal over the call's own tokens
+        mask = attention_mask(0, k.size(2), None, k.device)
+    q_chunk = torch.div(rope.q_pos, rope.chunk, rounding_mode="floor")[..., None]
+    gap = q_chunk - torch.div(rope.k_pos, rope.chunk, rounding_mode="floor")  # [(B, 1,) T, S] chunks back
+    keys_t = k.transpose(-2, -1)
+    out = []
+    for start in range(0, queries[0].size(2), block):
+        rows = slice(start, start + block)
+        intra, successive, inter = (q[:, :, rows] @ keys_t for q in queries)
+        near = gap[..., rows, :]
+        scores = torch.where(near == 0, intra, torch.where(near == 1, successive, inter)) * scale
+        scores = scores.float().masked_fill(~mask[..., rows, :], float("-inf"))
+        out.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v)
+    return torch.cat(out, dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -407,7 +476,10 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope:
+        if isinstance(rope, DualChunkRope):
+            queries = [apply_rope(q, r).transpose(1, 2) for r in (rope.keys, rope.successive, rope.inter)]
+            k = apply_rope(k, rope.keys)
+        elif rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if q_scale is not None:
             q = q * q_scale[..., None, None].to(q.dtype)
@@ -420,6 +492,9 @@ class Attention(nn.Module):
             k_pos = (kv_cache.key_positions(k.size(2), seq) if isinstance(kv_cache, StaticKVCache)
                      else torch.arange(k.size(2), device=x.device))
             mask = self._alibi_bias(mask, q_pos, k_pos, q.dtype)
+        if isinstance(rope, DualChunkRope):
+            out = dual_chunk_attention(queries, k, v, rope, mask, self.scale or self.head_dim**-0.5)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         out = attention(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale, softcap=self.softcap)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -942,7 +1017,12 @@ class Decoder(nn.Module):
             # a fixed table size keeps the step free of data-dependent shapes (dynamic NTK's
             # tables depend on the length itself)
             table_len = None if (self.cfg.rope_scaling or {}).get("type") == "dynamic" else kv_cache.max_len
-        rope = self.rope(past, seq, input_ids.device, position_ids, table_len) if self.rope is not None else []
+        if self.cfg.dca_chunk is not None:
+            rope = self._dual_chunk_rope(past, seq, kv_cache, position_ids, input_ids.device)
+        elif self.rope is not None:
+            rope = self.rope(past, seq, input_ids.device, position_ids, table_len)
+        else:
+            rope = []
         q_scale = None
         if self.cfg.logn_train_len is not None:
             if position_ids is None:
@@ -985,6 +1065,29 @@ class Decoder(nn.Module):
         loss = None if targets is None else F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
+
+    def _dual_chunk_rope(self, past, seq, kv_cache, position_ids, device) -> DualChunkRope:
+        """The rotations and positions Dual Chunk Attention needs for this call's tokens."""
+        chunk, window = self.cfg.dca_chunk, self.cfg.dca_local_window
+        positions = torch.arange(past, past + seq, device=device)[None] if position_ids is None else position_ids
+        inner = positions % chunk  # [B or 1, T]
+        largest = chunk + window - 1
+
+        def rotations(ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return self.rope(0, seq, device, ids, table_len=largest + 1)
+
+        if isinstance(kv_cache, StaticKVCache):
+            k_pos = kv_cache.key_positions(kv_cache.visible(kv_cache.max_len, seq), seq)  # what attention reads
+        elif kv_cache is not None:
+            k_pos = torch.arange(past + seq, device=device)
+        else:  # the call's own tokens
+            k_pos = positions[:, None, None, :]
+        return DualChunkRope(
+            keys=rotations(inner),
+            successive=rotations(torch.where(inner < window, inner + chunk, largest)),
+            inter=rotations(torch.full_like(inner, largest)),
+            q_pos=positions[:, None], k_pos=k_pos, chunk=chunk,
+        )
 
     def _head_weight(self) -> torch.Tensor:
         if self.cfg.norm_head:  # Baichuan2: unit-norm rows keep the logits' scale in check

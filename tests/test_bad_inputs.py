@@ -70,6 +70,12 @@ def test_a_key_given_twice_in_a_recipe(workspace, tmp_path, text, key, first):
     ("model.rope_theta=fast", "rope_theta must be a number"),
     ("extend-context.eval_lengths=abc", "stages.extend-context.eval_lengths: expected"),
     ("extend-context.eval_lengths=[1024, 1]", "stages.extend-context.eval_lengths: expected"),
+    ("extend-context.dca_chunk=0", "stages.extend-context.dca_chunk: expected an integer >= 1, got 0"),
+    ("extend-context.dca_chunk=4096", "stages.extend-context.dca_chunk + dca_local_window (4096) must not exceed the "
+                                      "length its model was trained at"),
+    ("extend-context.dca_local_window=16", "dca_local_window needs dca_chunk"),
+    ("extend-context.rope_scaling={type: longrope, factor: 2, short_factor: [1.0]}",
+     "stages.extend-context.rope_scaling: give both short_factor and long_factor, or neither"),
 ])
 def test_settings_of_the_wrong_kind(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])
@@ -78,6 +84,7 @@ def test_settings_of_the_wrong_kind(workspace, setting, says):
 @pytest.mark.parametrize("setting, says", [
     ("rl.rounds=0", "stages.rl.rounds: expected an integer >= 1, got 0"),
     ("rl.prompts_per_round=-3", "stages.rl.prompts_per_round: expected an integer >= 1, got -3"),
+    ("rl.heldout_prompts=100000", "stages.rl.heldout_prompts: 100000 holds out every prompt of the `problems` files"),
 ])
 def test_bad_iterative_dpo_settings_are_refused_before_any_run(workspace, setting, says):
     line = one_line_error(["pipeline", "llama-small", "--set", "rl.method=iterative-dpo", "--set", setting])
@@ -94,6 +101,8 @@ def test_bad_iterative_dpo_settings_are_refused_before_any_run(workspace, settin
     ("rl.safety_threshold=2", "stages.rl.safety_threshold: expected a number from 0 to 1"),
     ("rl.think_reward=-1", "stages.rl.think_reward: expected a finite number >= 0"),
     ("rl.pair_half=c", "stages.rl.pair_half: 'c' is not available; choose one of all, a, b"),
+    ("rl.heldout_prompts=-1", "stages.rl.heldout_prompts: expected an integer >= 0, got -1"),
+    ("rl.reward_model_weight=-0.5", "stages.rl.reward_model_weight: expected a finite number >= 0, got -0.5"),
 ])
 def test_reward_settings_out_of_range_before_any_run(workspace, setting, says):
     assert says in one_line_error(["pipeline", "llama-small", "--set", setting])
@@ -212,11 +221,89 @@ def test_bad_thinking_settings(workspace, args, says):
     assert runs_in(workspace) == 0
 
 
-def test_a_thinking_budget_for_a_model_without_think_tokens(workspace, model_dir):
-    for command in (["chat", "--model", str(model_dir), "--thinking-budget", "8", "--prompt", "hi"],
-                    ["eval", "--model", str(model_dir), "--suite", "gsm8k", "--limit", "1", "--thinking-budget", "8"]):
-        assert "needs a tokenizer with <think> and </think>" in one_line_error(command)
+NO_THINK_TOKENS = "needs a tokenizer with <think> and </think> tokens, and this one has none; use a model whose"
+
+
+@pytest.mark.parametrize("command, where", [
+    (["chat", "--prompt", "hi", "--thinking-budget", "8", "--model"], "llm chat --thinking-budget"),
+    (["eval", "--suite", "gsm8k", "--limit", "1", "--thinking-budget", "8", "--model"], "llm eval --thinking-budget"),
+    (["rl", "--recipe", "arith-grpo", "--set", "rl.thinking_budget=8", "--from"], "stages.rl.thinking_budget"),
+    (["rl", "--recipe", "arith-grpo", "--set", "rl.method=iterative-dpo", "--set", "rl.thinking_budget=8", "--from"],
+     "stages.rl.thinking_budget"),
+])
+def test_a_thinking_budget_for_a_model_without_think_tokens(workspace, model_dir, command, where):
+    line = one_line_error([*command, str(model_dir)])
+    assert f"{where}: {model_dir}: a thinking budget {NO_THINK_TOKENS}" in line, line
     assert runs_in(workspace) == 0
+
+
+@pytest.mark.parametrize("key", ["reward_model", "judge"])
+def test_a_policy_given_as_a_reward_model_is_refused_before_any_run(workspace, model_dir, key):
+    line = one_line_error(["rl", "--recipe", "arith-grpo", "--from", str(model_dir), "--set", f"rl.{key}={model_dir}"])
+    assert f"stages.rl.{key}: {model_dir} is a model but not a reward model (no reward_head" in line, line
+    assert runs_in(workspace) == 0
+
+
+def run_names(workspace: Path) -> list[str]:
+    with sqlite3.connect(workspace / "mlflow.db") as db:
+        return [name for (name,) in db.execute("SELECT name FROM runs ORDER BY start_time")]
+
+
+@pytest.mark.slow  # five small stages, then three refusals (~25 s of CPU)
+def test_a_thinking_budget_is_refused_before_the_stage_run_when_the_model_comes_from_the_graph(workspace, model_dir,
+                                                                                              tmp_path):
+    """The model an rl or eval stage takes is made in the same graph: refused once it exists, before the
+    stage's run opens (in the pipeline that made it) or before any run (when it was made earlier)."""
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Note {i}: {i} plus one is {i + 1}. " * 4}) + "\n" for i in range(64)))
+    recipe = tmp_path / "budget.yaml"
+    recipe.write_text(f"""name: budget
+model: {{preset: llama-small, dim: 32, n_layers: 1, n_heads: 4, n_kv_heads: 2, ffn_dim: 64, max_seq_len: 256}}
+stages:
+  data-fetch: {{sources: [{{uri: {text}}}]}}
+  data-clean: {{rules: false, minhash_dedup: false}}
+  tokenizer-train: {{vocab_size: 300}}
+  tokenize: {{}}
+  sft: {{init: {model_dir}, data: [builtin:arith/train.jsonl.gz], steps: 1, batch_size: 2, seq_len: 160,
+        heldout_chats: 4, warmup_steps: 0}}
+  rl: {{method: grpo, thinking_budget: 4, seq_len: 160, max_new_tokens: 8}}
+  eval: {{from: [sft, tokenize], thinking_budget: 4}}
+""")
+    line = one_line_error(["pipeline", str(recipe)])
+    assert f"stages.rl.thinking_budget: {workspace / 'budget' / 'sft'}" in line and NO_THINK_TOKENS in line, line
+    made = run_names(workspace)
+    assert "sft" in made and "rl" not in made  # sft ran; rl was refused before its run opened
+    for command in (["pipeline", str(recipe), "--stages", "eval"], ["rl", "--recipe", str(recipe)]):
+        assert NO_THINK_TOKENS in one_line_error(command)
+    assert run_names(workspace) == made  # sft's model existed: refused before the pipeline's run
+
+
+# ---- rewards that would pay nothing (issue 19) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["--set", "iterative-dpo.from={model: sft, judge: judge-model}"],
+     "stages.iterative-dpo.problems: no reward model and no answers to check (open-ended prompts), so every "
+     "iterative-dpo reward would be 0; wire a reward model"),
+    (["--set", "iterative-dpo.from={model: sft}", "--set", "iterative-dpo.method=grpo"],
+     "so every grpo reward would be 0"),
+    (["--set", "iterative-dpo.reward_model_weight=0"], "so every iterative-dpo reward would be 0"),
+    (["--set", "iterative-dpo.from={model: sft, safety_model: reward-model}"],
+     "stages.iterative-dpo.safety_model: Llama 2's rule needs a helpfulness reward model too"),
+])
+def test_open_ended_prompts_without_a_reward_model_are_refused_with_the_graph(workspace, sets, says):
+    line = one_line_error(["pipeline", "qwen2-iterative-dpo", *sets])
+    assert says in line, line
+    assert runs_in(workspace) == 0
+
+
+def test_open_ended_prompts_are_rewarded_by_rules_or_a_reward_model_setting(workspace, tmp_path):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    for sets in (["--set", "iterative-dpo.from={model: sft}", "--set", "iterative-dpo.think_reward=0.5"],
+                 ["--set", "iterative-dpo.from={model: sft}", "--set", f"iterative-dpo.reward_model={rm}"]):
+        result = CliRunner().invoke(app, ["pipeline", "qwen2-iterative-dpo", "--dry-run", *sets])
+        assert result.exit_code == 0, (sets, result.output)
 
 
 def test_a_gsm8k_file_with_a_broken_line(workspace, model_dir, tmp_path):

@@ -207,10 +207,24 @@ def bad_recipe(draw):
     elif kind == "name":  # it names folders and MLflow objects: no paths, no empty names
         doc["name"] = draw(st.sampled_from(["../escape", "a/b", "", ".hidden", "x" * 101]) | st.integers() | wrong_container)
     elif kind == "cross":
-        if draw(st.booleans()):
+        mistake = draw(st.sampled_from(["seq_len", "clean", "dca", "heldout", "unpaid"]))
+        sampling = st.sampled_from(["ppo", "grpo", "iterative-dpo"])
+        if mistake == "heldout":  # holds out every prompt of the builtin problems (a few thousand)
+            doc["stages"]["rl"] = {"method": draw(st.sampled_from(["rs-sft"]) | sampling),
+                                   "heldout_prompts": draw(st.integers(10**5, 10**9))}
+        elif mistake == "unpaid":  # open-ended chat prompts, no reward model, no rule that pays for them
+            doc["stages"]["rl"] = {"method": draw(sampling), "problems": ["builtin:chat/zh_oasst1_rm_zh.json"],
+                                   "reward_model_weight": draw(st.floats(0.1, 2.0))}
+        elif mistake == "seq_len":
             doc["stages"]["extend-context"]["seq_len"] = draw(st.integers(min_value=2, max_value=64))  # <= pretrain's 64
-        else:
+        elif mistake == "clean":
             doc["stages"]["data-clean"] = {"min_chars": 100, "max_chars": draw(st.integers(min_value=0, max_value=99))}
+        else:  # DCA's chunk + window past pretrain's 64, a window wider than the chunk, or one without a chunk
+            doc["stages"]["extend-context"].update(draw(
+                st.builds(lambda c: {"dca_chunk": c}, st.integers(65, 10**6))
+                | st.builds(lambda c, w: {"dca_chunk": c, "dca_local_window": w}, st.integers(1, 64), st.integers(65, 10**6))
+                | st.builds(lambda c: {"dca_chunk": c, "dca_local_window": c + 1}, st.integers(1, 31))
+                | st.builds(lambda w: {"dca_local_window": w}, st.integers(1, 64))))
     else:
         doc = draw(st.lists(st.integers(), max_size=3) | st.integers() | st.text(max_size=20))
     return doc
@@ -271,6 +285,11 @@ def good_recipe(draw):
         "keep_checkpoints": st.integers(1, 10), "precision": st.sampled_from(["auto", "fp32", "bf16"]),
         "compile": st.booleans(),
     }))
+    if stage == "extend-context":  # DCA within pretrain's 64; LongRoPE with its factors derived
+        changes.update(draw(st.fixed_dictionaries({}, optional={
+            "dca_chunk": st.integers(1, 64),
+            "rope_scaling": st.builds(lambda f: {"type": "longrope", "factor": f}, st.floats(1, 64)),
+        })))
     doc["stages"].setdefault(stage, {}).update(changes)
     doc["seed"] = draw(st.integers(0, 2**32 - 1))
     doc["stages"]["tokenizer-train"]["vocab_size"] = draw(st.integers(265, 70000))

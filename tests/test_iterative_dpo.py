@@ -59,9 +59,9 @@ TINY = ["rl.method=iterative-dpo", "rl.rounds=2", "rl.steps=2", "rl.batch_size=2
 
 
 def _run(workspace, models, stage_dir):
-    inputs = {"model": {"model": str(models["sft"])}, "reward_model": {"reward_model": str(models["rm"])},
-              "judge": {"reward_model": str(models["judge"])}}
-    return run_rl_stage(workspace, [*TINY, f"rl.problems=[{models['prompts']}]"], inputs, stage_dir)
+    inputs = {"model": {"model": str(models["sft"])}, "judge": {"reward_model": str(models["judge"])}}
+    return run_rl_stage(workspace, [*TINY, f"rl.problems=[{models['prompts']}]", f"rl.reward_model={models['rm']}"],
+                        inputs, stage_dir)
 
 
 @pytest.mark.slow  # ~50 s on the shared 2-core machine
@@ -75,6 +75,7 @@ def test_iterative_dpo_logs_each_round_and_resumes_after_the_last_finished_one(w
     for r in (1, 2):
         assert 0.0 <= m[f"judge_win_rate.round{r}"] <= 1.0 and m[f"pairs.round{r}"] >= 1
         assert m[f"reward_gap.round{r}"] > 0  # best minus worst of each kept group
+    assert m["heldout_prompts"] == 3  # the first 3 of the file, all short enough to measure
     client = mlflow.tracking.MlflowClient()
     steps = [h.step for h in client.get_metric_history(run_id, "round.judge_win_rate")]
     assert steps == [0, 1, 2]

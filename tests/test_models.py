@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -58,6 +59,11 @@ def tiny_tokenizer():
         (dict(head_dim=15, dim=60), "head_dim \\(15\\) must be even"),
         (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta": 1}), "unknown key\\(s\\) beta"),
         (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "required for llama3"),
+        (dict(dca_chunk=0), "dca_chunk must be a positive integer"),
+        (dict(dca_chunk=8, dca_local_window=9), "dca_local_window must be an integer between 0 and dca_chunk \\(8\\)"),
+        (dict(dca_local_window=4), "dca_local_window needs dca_chunk"),
+        (dict(dca_chunk=8, sliding_window=4), "cannot be combined with sliding_window"),
+        (dict(dca_chunk=8, position="alibi"), "cannot be combined with position: alibi"),
     ],
 )
 def test_validate_rejects_impossible_shapes(change, message):
@@ -315,6 +321,97 @@ def test_longrope_matches_transformers_within_and_past_the_original_length():
         torch.testing.assert_close(cos[:, 0], expected.cos() * hf_scale)
 
 
+def test_derived_longrope_factors_give_yarns_frequencies():
+    """extend-context's LongRoPE without given factors: YaRN's frequencies past the original
+    length, the unscaled ones within it, and LongRoPE's own cos/sin scale."""
+    from llm_lifecycle.models.decoder import RotaryEmbedding, yarn_as_longrope
+
+    cfg = ModelConfig(**{**DENSE, "head_dim": 16, "max_seq_len": 256})
+    lists = yarn_as_longrope(cfg, 8.0, 32)
+    longrope = RotaryEmbedding(dataclasses.replace(cfg, rope_scaling={
+        "type": "longrope", "factor": 8.0, "original_max_seq_len": 32, **lists}))
+    yarn = RotaryEmbedding(dataclasses.replace(cfg, rope_scaling={"type": "yarn", "factor": 8.0, "original_max_seq_len": 32}))
+    longrope(0, 33, torch.device("cpu"))
+    torch.testing.assert_close(longrope.inv_freq, yarn.inv_freq)
+    assert lists["long_factor"][0] == pytest.approx(1.0) and lists["long_factor"][-1] == pytest.approx(8.0)
+    assert longrope.scale == pytest.approx((1 + math.log(8) / math.log(32)) ** 0.5)
+    longrope(0, 32, torch.device("cpu"))
+    torch.testing.assert_close(longrope.inv_freq, RotaryEmbedding(cfg).inv_freq)
+
+
+# Dual Chunk Attention: chunks of 6, a local window of 2 (a model "trained" to 8 positions)
+DCA = dict(DENSE, dca_chunk=6, dca_local_window=2)
+
+
+def sharp_model(**fields) -> Decoder:
+    """Random weights with q and k scaled up, so attention depends on positions at init."""
+    model = make_model(**fields)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.wq.weight.mul_(20)
+            layer.attn.wk.weight.mul_(20)
+    return model
+
+
+def with_config(model: Decoder, **change) -> Decoder:
+    other = Decoder(dataclasses.replace(model.cfg, **change)).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def test_dual_chunk_attention_is_plain_attention_up_to_chunk_plus_window():
+    dca = sharp_model(**DCA)
+    plain = with_config(dca, dca_chunk=None, dca_local_window=0)
+    x = tokens(2, 20)
+    with torch.no_grad():
+        for length in (5, 8):  # within one chunk; chunk + window: every distance still the true one
+            torch.testing.assert_close(dca(x[:, :length]).logits, plain(x[:, :length]).logits, rtol=0, atol=1e-5)
+        assert (dca(x).logits[:, 9:] - plain(x).logits[:, 9:]).abs().amax(dim=-1).min() > 1e-4  # past it: re-positioned
+
+
+def test_dual_chunk_attention_scores_follow_the_papers_position_matrix():
+    """One layer's attention against the DCA paper's relative-position matrix M computed
+    pair by pair: same chunk (i mod s) - (j mod s); previous chunk (s + i mod s, or c - 1
+    once i is past the local window) - (j mod s); earlier chunks c - 1 - (j mod s)."""
+    s, w, c, seq = 6, 2, 8, 20
+    model = sharp_model(**DCA)
+    attn, cfg = model.layers[0].attn, model.cfg
+    x = torch.randn(1, seq, cfg.dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = attn(x, model._dual_chunk_rope(0, seq, None, None, x.device), None, None)
+        q = attn.wq(x).view(seq, cfg.n_heads, cfg.head_dim)
+        k = attn.wk(x).view(seq, cfg.n_kv_heads, cfg.head_dim).repeat_interleave(2, dim=1)
+        v = attn.wv(x).view(seq, cfg.n_kv_heads, cfg.head_dim).repeat_interleave(2, dim=1)
+        cos, sin = model.rope(0, c, x.device)[0]
+        expected = torch.zeros(seq, cfg.n_heads, cfg.head_dim)
+        for i in range(seq):
+            scores = torch.full((cfg.n_heads, seq), float("-inf"))
+            for j in range(i + 1):
+                gap = i // s - j // s
+                query_pos = i % s if gap == 0 else (s + i % s if gap == 1 and i % s < w else c - 1)
+                distance = query_pos - j % s
+                assert 0 <= distance < c
+                rotated = decoder.apply_rope(q[i][None, None], [(cos[distance : distance + 1], sin[distance : distance + 1])])
+                scores[:, j] = (rotated[0, 0] * k[j]).sum(-1) * cfg.head_dim**-0.5
+            expected[i] = torch.einsum("hs,shd->hd", torch.softmax(scores, dim=-1), v)
+        torch.testing.assert_close(out, attn.wo(expected.reshape(1, seq, -1)), rtol=1e-4, atol=1e-5)
+
+
+def test_dual_chunk_attention_decodes_with_a_cache_as_it_scores_in_one_pass():
+    model = sharp_model(**DCA)
+    x = tokens(2, 20)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_kv_cache()
+        steps = [model(x[:, :7], kv_cache=cache).logits] + [model(x[:, t : t + 1], kv_cache=cache).logits for t in range(7, 20)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+        prompt = x[0, :10].tolist()
+        expected = list(prompt)
+        for _ in range(8):  # greedy by full forwards, no cache
+            expected.append(int(model(torch.tensor([expected])).logits[0, -1].argmax()))
+    assert generate(model, [prompt], max_new_tokens=8) == [expected[10:]]
+
+
 @pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])
 def test_rope_scaling_keeps_weights_and_changes_only_later_positions(kind):
     model = make_model(**DENSE)
@@ -493,7 +590,7 @@ def test_the_thinking_budget_needs_think_tokens_and_a_sane_value():
     from llm_lifecycle.models.generate import ThinkingBudget, thinking_budget
 
     plain = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="<|endoftext|>"))
-    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think>"):
+    with pytest.raises(ValueError, match="needs a tokenizer with <think> and </think> tokens, and this one has none"):
         thinking_budget(plain, 4)
     assert thinking_budget(plain, 0) is None  # no limit needs no markup
     with pytest.raises(ValueError, match=">= 0"):
@@ -508,6 +605,22 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     model = make_model(**MOE)
     prompts = [tokens(1, n, seed=40 + n)[0].tolist() for n in (3, 9, 5)]
     assert generate(model, prompts, 12, compile=True) == generate(model, prompts, 12)
+
+
+def test_sampling_draws_each_token_at_its_probability_and_never_a_dropped_one():
+    from llm_lifecycle.models.generate import _pick
+
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.5]).log_softmax(-1)
+    want = logits.softmax(-1)
+    picks = _pick(logits.repeat(40_000, 1), 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=5).float() / picks.numel()
+    assert (freq - want).abs().max() < 0.01  # 4 standard errors at 40,000 draws
+    # top_p 0.8: tokens 0 and 2 hold 0.77 < 0.8, so token 4 joins them; 1 and 3 are never drawn
+    kept = _pick(logits.repeat(40_000, 1), 1.0, 0.8, torch.Generator().manual_seed(1))
+    assert set(kept.tolist()) == {0, 2, 4}
+    nucleus = want[[0, 2, 4]] / want[[0, 2, 4]].sum()
+    freq = torch.bincount(kept, minlength=5).float()[[0, 2, 4]] / kept.numel()
+    assert (freq - nucleus).abs().max() < 0.01
 
 
 def test_sampling_is_seeded_and_top_p_narrows_to_the_argmax():

@@ -207,3 +207,39 @@ def test_a_judge_wired_to_a_stage_that_made_no_reward_model_is_refused_with_the_
         load_recipe("arith-grpo", ["rl.method=grpo", "rl.from={model: sft, judge: sft}"])
 
 
+
+
+def test_every_method_holds_out_the_same_first_prompts_of_each_file(tmp_path, tiny_rm):
+    """heldout_prompts means one thing for ppo, grpo, iterative-dpo and rs-sft: the first N
+    prompts of each problems file, whatever seq_len and max_new_tokens are, never trained on."""
+    import json
+
+    from llm_lifecycle.workflows.rl.rewards import messages_of
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext
+    from llm_lifecycle.workflows.stages import rl
+
+    files = []
+    for seed in (1, 2):
+        path = tmp_path / f"problems-{seed}.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in arith.problems(12, seed=seed)))
+        files.append(path)
+    first = [p["question"] for path in files for p in arith.problems(12, seed=int(path.stem[-1]))[:4]]
+    _, tokenizer = tiny_rm
+    seen = {}
+    for method in ("ppo", "grpo", "iterative-dpo", "rs-sft"):
+        for max_new_tokens in (8, 48):  # the longest of these prompts leaves room for 48 within seq_len
+            recipe = load_recipe("arith-grpo", [f"rl.method={method}", "rl.heldout_prompts=4", "rl.seq_len=192",
+                                                f"rl.max_new_tokens={max_new_tokens}",
+                                                f"rl.problems=[{files[0]}, {files[1]}]"])
+            ctx = StageContext(stage="rl", kind="rl", recipe=recipe, workspace=tmp_path, stage_dir=tmp_path, inputs={},
+                               sources={}, values={}, tracker=None, progress=SilentProgress())
+            cfg = recipe.settings("rl")
+            if method == "rs-sft":  # it measures nothing on them, and never samples them
+                trained = [p["question"] for p in rl._rs_problems(ctx, cfg)]
+            else:
+                heldout, train = rl._prompts(ctx, cfg, tokenizer)
+                seen[method, max_new_tokens] = [messages_of(p)[-1]["content"] for p in heldout]
+                trained = [messages_of(p)[-1]["content"] for p in train]
+            assert trained and not set(trained) & set(first), (method, max_new_tokens)
+    assert all(held == first for held in seen.values()), seen

@@ -29,6 +29,25 @@ def load_init_model(ref: str, where: str):
     return model, tokenizer
 
 
+def check_thinking_budget(model_dir: str | Path, budget: int, where: str) -> None:
+    """A thinking budget (Qwen3) closes the think block with </think>: refuse one for a model
+    whose tokenizer has no <think> tokens before anything runs (a model without a tokenizer
+    is refused where it is loaded)."""
+    from tokenizers import Tokenizer
+
+    from llm_lifecycle.models.checkpoint import TOKENIZER_FILE
+    from llm_lifecycle.models.generate import thinking_budget
+
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not budget or not path.is_file():
+        return
+    try:
+        thinking_budget(Tokenizer.from_file(str(path)), budget)
+    except ValueError as err:
+        raise UserError(f"{where}: {model_dir}: {err}; use a model whose tokenizer has them (ours from "
+                        "tokenizer-train, Qwen3's) or no budget (0)") from None
+
+
 def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = None) -> Path:
     from llm_lifecycle.models.checkpoint import save_model_dir
 

@@ -182,7 +182,7 @@ def iterative_dpo(ctx: StageContext, policy, tokenizer, judge: tuple | None,
     judging = Judging(heldout_prompts, sft_replies, judge)
     figures = measure(policy, tokenizer, judging, s)
     ctx.tracker.log_metrics({f"round.{k}": v for k, v in figures.items()}, step=0)
-    summary = {f"{k}.round0": v for k, v in figures.items()}
+    summary = {"heldout_prompts": float(len(heldout_prompts)), **{f"{k}.round0": v for k, v in figures.items()}}
     for r in range(s.rounds):
         done = _finished_round(ctx, r)
         if done is None:

@@ -45,14 +45,21 @@ def messages_of(prompt: dict) -> list[dict]:
     return prompt["messages"] if "messages" in prompt else [{"role": "user", "content": prompt["question"]}]
 
 
+def has_answers(path: str | Path) -> bool:
+    """Whether a prompt file holds problems with answers to check (GSM8K's question/answer
+    records) rather than open-ended conversations."""
+    from llm_lifecycle.workflows.data.chat_data import read_records
+
+    return {"question", "answer"} <= read_records(path)[0].keys()
+
+
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Prompts from a file of GSM8K problems (with answers), of preference pairs (their shared
     conversation) or of conversations (up to the last user turn): open-ended chat prompts
     carry no answer. Repeated conversations are kept once."""
-    from llm_lifecycle.workflows.data.chat_data import load_conversations, load_preference_pairs, read_records
+    from llm_lifecycle.workflows.data.chat_data import load_conversations, load_preference_pairs
 
-    first = read_records(path)[0]
-    if {"question", "answer"} <= first.keys():
+    if has_answers(path):
         from llm_lifecycle.workflows.rl.verifiable import load_problems
 
         return [{"messages": messages_of(p), "answer": p["answer"]} for p in load_problems(path)]
@@ -126,6 +133,11 @@ class RewardSettings(Settings):
                                    "e.g. [safety, helpful]: held-out accuracy per kind, Llama 2's safety rule")
     kind_prompts: dict[str, str] = setting({}, "COOL RLHF conditional reward model: the system prompt of each kind, "
                                                "used to train it (rm) and to score that kind's prompts (ppo, grpo)")
+
+    def rules_pay(self, answers: bool) -> bool:
+        """Whether the rule rewards can tell replies apart, to prompts with `answers` or without."""
+        return bool((answers and (self.correct_reward or self.format_reward)) or self.think_reward
+                    or self.language_reward)
 
     def check(self, where: str, upstream: dict[str, Any]) -> None:
         super().check(where, upstream)
@@ -218,10 +230,3 @@ class Reward:
         if self.models is not None and c.reward_model_weight:
             rewards += c.reward_model_weight * self.models.score(prompts, replies)
         return rewards, correct
-
-    def pays_for(self, prompts: list[dict]) -> bool:
-        """Whether any part of the reward can tell these prompts' replies apart."""
-        answers = any(p.get("answer") for p in prompts)
-        return bool((self.models is not None and self.cfg.reward_model_weight)
-                    or (answers and (self.cfg.correct_reward or self.cfg.format_reward))
-                    or self.cfg.think_reward or self.cfg.language_reward)

@@ -168,6 +168,7 @@ def build_graph(path, stages: dict[str, Any], base_values: dict[str, Any]) -> di
             if port.name in s.sources and port.passes:
                 upstream.update(instances[s.sources[port.name]].values)
         settings = build(spec.settings, s.given, f"{path}: stages.{s.name}", upstream)
+        settings.check_wiring(f"{path}: stages.{s.name}", set(s.sources))
         values = {**upstream, **settings.passes_on(upstream)}
         instances[s.name] = Instance(s.name, s.kind, settings, dict(s.sources), upstream, values, s.written_from,
                                      s.position)

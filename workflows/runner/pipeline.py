@@ -162,7 +162,31 @@ def run_pipeline(
     refuse_what_cannot_fit(recipe, [p.name for p in planned if p.will_run])
     tracking.configure(workspace)  # a workspace we cannot write, a server that does not answer: one line
     with hold_recipe(workspace, recipe.name, wait, progress):
+        _check_ready_inputs(recipe, planned)
         return _run_planned(recipe, workspace, progress, planned, sweep)
+
+
+def _inputs_ready(p: PlannedStage, by_name: dict[str, PlannedStage]) -> bool:
+    """Whether every instance `p` takes inputs from has completed before this invocation."""
+    return all(by_name[source].cached for source in p.sources.values())
+
+
+def _check_inputs(recipe: Recipe, name: str, inputs: dict[str, StageResult]) -> None:
+    recipe.instances[name].settings.check_inputs(f"stages.{name}", inputs)
+
+
+def _check_ready_inputs(recipe: Recipe, planned: list[PlannedStage]) -> None:
+    """Each stage to run whose inputs exist already checks them now, before the pipeline's
+    MLflow run opens (the others check theirs just before their own run)."""
+    by_name = {p.name: p for p in planned}
+    for p in planned:
+        if p.will_run and _inputs_ready(p, by_name):
+            _check_inputs(recipe, p.name, {port: _cached_result(by_name[source])
+                                           for port, source in p.sources.items()})
+
+
+def _cached_result(p: PlannedStage) -> StageResult:
+    return StageResult.from_json(json.loads(p.result_file.read_text())["result"])
 
 
 def _run_planned(recipe: Recipe, workspace: Path, progress: Progress, planned: list[PlannedStage],
@@ -170,6 +194,7 @@ def _run_planned(recipe: Recipe, workspace: Path, progress: Progress, planned: l
     from llm_lifecycle.registry import tracking
 
     results: dict[str, StageResult] = {}
+    by_name = {p.name: p for p in planned}
     ran = [p.name for p in planned if p.will_run]
     base_tags = {"llm.recipe": recipe.name, "llm.version": __version__}
     if sweep is not None:
@@ -189,15 +214,17 @@ def _run_planned(recipe: Recipe, workspace: Path, progress: Progress, planned: l
         for p in planned:
             if not p.cached and p.selected and not is_main_process() and not recipe.instances[p.name].spec.trains:
                 barrier()  # under torchrun rank 0 alone runs the data and evaluation stages
-                results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
+                results[p.name] = _cached_result(p)
                 continue
             if p.cached:
-                results[p.name] = StageResult.from_json(json.loads(p.result_file.read_text())["result"])
+                results[p.name] = _cached_result(p)
                 if p.selected:
                     progress.log(f"[dim]{p.name}: reused ({p.fingerprint})[/dim]")
                 continue
             if not p.selected:
                 continue
+            if not _inputs_ready(p, by_name):  # made in this invocation: checked now, before its run opens
+                _check_inputs(recipe, p.name, {port: results[source] for port, source in p.sources.items()})
             with _stage_lock(recipe, p), library_output_to(p.directory, progress):
                 results[p.name] = _run_stage(recipe, workspace, p, results, progress, parent, base_tags,
                                              registered_name)

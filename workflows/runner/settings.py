@@ -79,6 +79,16 @@ class Settings:
         """Outputs these settings make besides their kind's (rl with method rm: reward_model)."""
         return set()
 
+    def check_wiring(self, where: str, ports: set[str]) -> None:
+        """Raise ConfigError for settings that cannot work with the input ports the graph
+        fills (`ports`; rl's open-ended prompts with no reward model): at graph time."""
+
+    def check_inputs(self, where: str, inputs: dict[str, Any]) -> None:
+        """Raise UserError for settings that cannot work with the files of the inputs
+        (port -> StageResult; a thinking budget and a tokenizer without <think>): the runner
+        calls it once those exist, before the stage's MLflow run opens, and before the
+        pipeline's run when they exist already."""
+
 
 def field_help(cls: type) -> list[dict[str, Any]]:
     """Each field's name, type, default, choices/limit and help: for `llm recipes show` and docs."""

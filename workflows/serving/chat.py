@@ -13,28 +13,21 @@ class ChatSession:
                  seed: int | None = None, thinking: str = "", thinking_budget: int = 0):
         from llm_lifecycle.models.load import load_model
         from llm_lifecycle.workflows.data.chat_data import IM_END, IM_START
+        from llm_lifecycle.workflows.engine.model_stage import check_thinking_budget
         from llm_lifecycle.workflows.refs import resolve_model_dir
 
-        self.model, self.tokenizer = load_model(resolve_model_dir(ref))
+        model_dir = resolve_model_dir(ref)
+        check_thinking_budget(model_dir, thinking_budget, "llm chat --thinking-budget")
+        self.model, self.tokenizer = load_model(model_dir)
         if self.tokenizer is None or None in (self.tokenizer.token_to_id(IM_START), self.tokenizer.token_to_id(IM_END)):
             raise UserError(f"{ref}: its tokenizer has no ChatML tokens ({IM_START}, {IM_END}); chat needs a model "
                             "from our sft or rl stages")
         self.messages = [{"role": "system", "content": system}] if system else []
         self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
         self.thinking, self.thinking_budget = thinking, thinking_budget
-        if thinking_budget:
-            self._budget()  # a tokenizer without <think> is refused now, not at the first reply
-
-    def _budget(self):
-        from llm_lifecycle.models.generate import thinking_budget
-
-        try:
-            return thinking_budget(self.tokenizer, self.thinking_budget)
-        except ValueError as err:
-            raise UserError(f"llm chat --thinking-budget: {err}") from None
 
     def reply(self, text: str) -> str:
-        from llm_lifecycle.models.generate import generate
+        from llm_lifecycle.models.generate import generate, thinking_budget
         from llm_lifecycle.models.chat_markup import with_thinking_flag, without_thinking
         from llm_lifecycle.workflows.data.chat_data import encode_prompt
         from llm_lifecycle.workflows.rl.verifiable import stop_ids
@@ -46,7 +39,7 @@ class ChatSession:
                             f"{self.model.cfg.max_seq_len}-token context; start a new chat")
         room = min(self.max_new_tokens, self.model.cfg.max_seq_len - len(prompt))
         out = generate(self.model, [prompt], room, self.temperature, self.top_p, stop_ids=stop_ids(self.tokenizer),
-                       seed=self.seed, steer=self._budget())[0]
+                       seed=self.seed, steer=thinking_budget(self.tokenizer, self.thinking_budget))[0]
         answer = self.tokenizer.decode(out)
         self.messages.append({"role": "assistant", "content": without_thinking(answer)})
         return answer

@@ -170,6 +170,11 @@ class EvalSettings(Settings):
             raise ConfigError(f"{where}.num_fewshot: expected empty (the suite's default) or an integer >= 0, "
                               f"got {self.num_fewshot}")
 
+    def check_inputs(self, where: str, inputs: dict) -> None:
+        from llm_lifecycle.workflows.engine.model_stage import check_thinking_budget
+
+        check_thinking_budget(inputs["model"].outputs["model"], self.thinking_budget, f"{where}.thinking_budget")
+
 
 def suite_data_dir(suite: str, data_dir: str) -> str | None:
     """Where the pipeline's eval reads `suite`: `data_dir` when it holds the suite, else the
@@ -252,10 +257,12 @@ def evaluate_model(ref: str, suites: list[str], *, data_dir, limit, num_fewshot,
 
     from llm_lifecycle.models.load import load_model
     from llm_lifecycle.registry import tracking
+    from llm_lifecycle.workflows.engine.model_stage import check_thinking_budget
     from llm_lifecycle.workflows.refs import resolve_model_dir
 
     check_suites(suites, backend)
     model_dir = resolve_model_dir(ref)
+    check_thinking_budget(model_dir, thinking_budget, "llm eval --thinking-budget")
     model, tokenizer = load_model(model_dir)
     if tokenizer is None:
         raise UserError(f"{ref}: no tokenizer.json beside the weights; evaluation needs the model's tokenizer")

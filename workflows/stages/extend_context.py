@@ -21,10 +21,19 @@ from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, 
 
 
 @dataclass
-class ExtendContextSettings(with_defaults(TrainSettings, steps=40, seq_len=512, lr=3e-4, warmup_steps=5)):
+class ExtendContextSettings(with_defaults(TrainSettings, seq_len=512, lr=3e-4, warmup_steps=5)):
+    steps: int = setting(40, "optimizer steps; 0: the method training-free (Dual Chunk Attention's design, or "
+                             "any scaling untrained), measured and registered as is", limit=NON_NEGATIVE)
     rope_theta: float = setting(100_000.0, "the new RoPE base", limit=POSITIVE)
-    rope_scaling: dict | None = setting(None, "e.g. {type: yarn, factor: 2.0}; types: linear, ntk, dynamic, yarn, llama3")
+    rope_scaling: dict | None = setting(None, "e.g. {type: yarn, factor: 2.0}; types: linear, ntk, dynamic, yarn, llama3, "
+                                              "longrope (its short_factor/long_factor lists given, or derived from "
+                                              "YaRN's ramp when left out)")
     logn: bool = setting(False, "LogN attention scaling past the trained length (Qwen)")
+    dca_chunk: int | None = setting(None, "Dual Chunk Attention (Qwen2.5-1M): chunks of this many tokens (e.g. 3/4 "
+                                          "of the trained length); null: off", limit=AT_LEAST_1)
+    dca_local_window: int | None = setting(None, "DCA's local window (keys of the previous chunk at their true "
+                                                 "distance); null: the trained length - dca_chunk, at most dca_chunk",
+                                           limit=NON_NEGATIVE)
     eval_windows: int = setting(16, "held-out windows per perplexity length", limit=AT_LEAST_1)
     eval_lengths: list[int] | None = setting(None, "perplexity at these lengths too (default: twice seq_len)")
     passkey_trials: int = setting(8, "passkey-retrieval probe at seq_len (0: off)", limit=NON_NEGATIVE)
@@ -33,11 +42,25 @@ class ExtendContextSettings(with_defaults(TrainSettings, steps=40, seq_len=512, 
 
     def long_model(self, upstream: dict[str, Any]) -> dict[str, Any]:
         """The model's config fields after the extension (the input's length is the original)."""
+        from llm_lifecycle.models.config import ModelConfig
+        from llm_lifecycle.models.decoder import yarn_as_longrope
+
+        trained = upstream["seq_len"]
+        fields = {**upstream["model"], "rope_theta": float(self.rope_theta), "max_seq_len": self.seq_len}
         scaling = self.rope_scaling
         if scaling is not None:
-            scaling = {"original_max_seq_len": upstream["seq_len"], **scaling}
-        return {**upstream["model"], "rope_theta": float(self.rope_theta), "rope_scaling": scaling,
-                "max_seq_len": self.seq_len}
+            scaling = {"original_max_seq_len": trained, **scaling}
+            if scaling.get("type") == "longrope" and "short_factor" not in scaling and "long_factor" not in scaling:
+                scaling.update(yarn_as_longrope(ModelConfig.from_dict(fields), float(scaling.get("factor", 1.0)),
+                                                scaling["original_max_seq_len"]))
+        fields["rope_scaling"] = scaling
+        if self.dca_chunk is not None:
+            window = self.dca_local_window
+            fields.update(dca_chunk=self.dca_chunk,
+                          dca_local_window=max(0, min(trained - self.dca_chunk, self.dca_chunk)) if window is None else window)
+        elif self.dca_local_window is not None:
+            fields["dca_local_window"] = self.dca_local_window  # validate() says it needs dca_chunk
+        return fields
 
     def check(self, where: str, upstream: dict[str, Any]) -> None:
         from llm_lifecycle.models.config import ModelConfig
@@ -45,6 +68,14 @@ class ExtendContextSettings(with_defaults(TrainSettings, steps=40, seq_len=512, 
         if self.seq_len <= upstream["seq_len"]:
             raise ConfigError(f"{where}.seq_len ({self.seq_len}) must exceed the length its model was trained at "
                               f"({upstream['seq_len']})")
+        given = [k for k in ("short_factor", "long_factor") if isinstance(self.rope_scaling, dict) and k in self.rope_scaling]
+        if len(given) == 1:
+            raise ConfigError(f"{where}.rope_scaling: give both short_factor and long_factor, or neither (then they "
+                              "are derived from YaRN's ramp)")
+        if self.dca_chunk is not None and self.dca_chunk + (self.dca_local_window or 0) > upstream["seq_len"]:
+            raise ConfigError(f"{where}.dca_chunk + dca_local_window ({self.dca_chunk + (self.dca_local_window or 0)}) must "
+                              f"not exceed the length its model was trained at ({upstream['seq_len']}): DCA keeps every "
+                              "distance within it")
         if self.eval_lengths is not None and not all(v >= 2 for v in self.eval_lengths):
             raise ConfigError(f"{where}.eval_lengths: expected a list of integers >= 2, got {self.eval_lengths!r}")
         try:
@@ -66,11 +97,9 @@ def run(ctx: StageContext, cfg: ExtendContextSettings) -> StageResult:
     windows = cfg.eval_windows
     lengths = sorted({short_len, long_len, *(cfg.eval_lengths or [2 * long_len])})
     metrics = _long_context_metrics(ctx, base, tokenizer, lengths, long_len, windows, cfg.passkey_trials, "before")
-    scaling = cfg.rope_scaling
-    if scaling is not None:
-        scaling = {"original_max_seq_len": short_len, **scaling}
+    extended = cfg.long_model({"seq_len": short_len, "model": base.cfg.to_dict()})
     long_cfg = dataclasses.replace(
-        base.cfg, rope_theta=float(cfg.rope_theta), rope_scaling=scaling, max_seq_len=long_len,
+        base.cfg, **{k: extended[k] for k in ("rope_theta", "rope_scaling", "max_seq_len", "dca_chunk", "dca_local_window")},
         logn_train_len=short_len if cfg.logn else base.cfg.logn_train_len,
     )
     model = Decoder(long_cfg)
@@ -86,7 +115,7 @@ def run(ctx: StageContext, cfg: ExtendContextSettings) -> StageResult:
         ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=long_cfg.flops_per_token(long_len),
         description=ctx.stage,
-    )
+    ) if cfg.steps else {}
     metrics.update(summary, seq_len=long_len)  # the length whose perplexity the stage is meant to lower
     metrics.update(_long_context_metrics(ctx, model, tokenizer, lengths, long_len, windows, cfg.passkey_trials, "after"))
     model_dir = save_stage_model(ctx, model, tokenizer)

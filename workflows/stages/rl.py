@@ -28,15 +28,20 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_lifecycle.workflows.engine.model_stage import load_init_model, load_input_model, save_stage_model
+from llm_lifecycle.workflows.engine.model_stage import (
+    check_thinking_budget,
+    load_init_model,
+    load_input_model,
+    save_stage_model,
+)
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, train
 from llm_lifecycle.workflows.refs import read_data_files, resolve_model_dir
-from llm_lifecycle.workflows.rl.rewards import RewardSettings, check_kinds
+from llm_lifecycle.workflows.rl.rewards import RewardSettings, check_kinds, has_answers, load_prompts
 from llm_lifecycle.workflows.rl.verifiable import (
     DEFAULT_SYSTEM_PROMPT,
     AnswerEvalSettings,
     heldout_answer_accuracy,
-    load_problem_files,
+    load_problems,
 )
 from llm_lifecycle.workflows.runner.settings import (
     AT_LEAST_1,
@@ -44,12 +49,15 @@ from llm_lifecycle.workflows.runner.settings import (
     NON_EMPTY_STRINGS,
     NON_NEGATIVE,
     POSITIVE,
+    ConfigError,
     setting,
     with_defaults,
 )
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
 METHODS = ("dpo", "rm", "ppo", "grpo", "rs-sft", "iterative-dpo")
+REWARDED = ("ppo", "grpo", "iterative-dpo")  # sample replies and reward them (workflows/rl/rewards.py)
+SAMPLED = (*REWARDED, "rs-sft")  # sample from the policy (the thinking budget applies)
 
 
 @dataclass
@@ -72,14 +80,15 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
                                limit=NON_NEGATIVE)
     problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, iterative-dpo: prompts (GSM8K "
                                   "problems, chat or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS)
-    heldout_prompts: int = setting(0, "ppo, grpo, iterative-dpo: prompts of each `problems` file held out to measure "
-                                      "the reward, KL and judge win rate of sampled replies (0: none)",
-                                   limit=NON_NEGATIVE)
+    heldout_prompts: int = setting(0, "the first N prompts of each `problems` file, in file order, never trained on "
+                                      "by any method; ppo, grpo, iterative-dpo measure the reward, KL and judge win "
+                                      "rate of sampled replies on them (0: none)", limit=NON_NEGATIVE)
     group_size: int = setting(8, "samples per prompt (ppo, grpo: batch_size prompts per step)", limit=AT_LEAST_1)
     temperature: float = setting(1.0, "sampling temperature", limit=POSITIVE)
     top_p: float = setting(1.0, "nucleus sampling mass", limit=FRACTION)
-    thinking_budget: int = setting(0, "ppo, grpo: at most this many thinking tokens per sample, then </think> is "
-                                      "forced (Qwen3); 0: no limit", limit=NON_NEGATIVE)
+    thinking_budget: int = setting(0, "ppo, grpo, iterative-dpo, rs-sft: at most this many thinking tokens per "
+                                      "sample, then </think> is forced (Qwen3; the model's tokenizer needs <think>); "
+                                      "0: no limit", limit=NON_NEGATIVE)
     kl_coef: float = setting(0.04, "KL to the frozen reference (Qwen's PPO; DeepSeekMath's GRPO)", limit=NON_NEGATIVE)
     clip: float = setting(0.2, "PPO/GRPO ratio clip", limit=POSITIVE)
     ppo_epochs: int = setting(2, "PPO passes over each rollout", limit=AT_LEAST_1)
@@ -98,6 +107,44 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     def check(self, where: str, upstream: dict) -> None:
         super().check(where, upstream)
         check_kinds(self, self.data if self.method in ("rm", "dpo") else self.problems, where)
+        if self.method in SAMPLED and self.heldout_prompts:
+            from llm_lifecycle.workflows.data.chat_data import read_records
+
+            # Records, not prompts (the run drops repeated conversations): cheap, and never refuses a usable value.
+            counts = read_data_files(self.problems, f"{where}.problems", lambda path: [len(read_records(path))])
+            if max(counts) <= self.heldout_prompts:
+                raise ConfigError(f"{where}.heldout_prompts: {self.heldout_prompts} holds out every prompt of the "
+                                  f"`problems` files ({', '.join(map(str, counts))} records), leaving none to train "
+                                  "on; lower heldout_prompts or add prompts")
+
+    def check_wiring(self, where: str, ports: set[str]) -> None:
+        """A reward that would pay nothing, found when the graph is built, not in the stage's run."""
+        if self.method not in REWARDED:
+            return
+        helpful = bool(self.reward_model) or "reward_model" in ports
+        if (self.safety_model or "safety_model" in ports) and not helpful:
+            raise ConfigError(f"{where}.safety_model: Llama 2's rule needs a helpfulness reward model too; set "
+                              "reward_model or wire one with `from: {reward_model: NAME}`")
+        if (helpful and self.reward_model_weight) or self.rules_pay(answers=False):
+            return
+        if self.rules_pay(answers=True) and any(read_data_files(self.problems, f"{where}.problems",
+                                                                lambda path: [has_answers(path)])):
+            return
+        raise ConfigError(f"{where}.problems: no reward model and no answers to check (open-ended prompts), so every "
+                          f"{self.method} reward would be 0; wire a reward model (`from: {{reward_model: NAME}}`, an "
+                          "rl stage with method rm), set reward_model, or set think_reward/language_reward")
+
+    def check_inputs(self, where: str, inputs: dict) -> None:
+        from llm_lifecycle.models.checkpoint import read_config
+
+        if self.method in SAMPLED and self.thinking_budget:
+            model_dir = resolve_model_dir(self.init) if self.init else inputs["model"].outputs["model"]
+            check_thinking_budget(model_dir, self.thinking_budget, f"{where}.thinking_budget")
+        for key in ("reward_model", "safety_model", "judge") if self.method in REWARDED else ():
+            ref = getattr(self, key)  # an instance wired to the port is an rm stage: the graph checked it
+            if ref and "reward_head" not in read_config(resolve_model_dir(ref)):
+                raise UserError(f"{where}.{key}: {ref} is a model but not a reward model (no reward_head in its "
+                                "config.json); name the folder or models:/NAME@ALIAS of an rl stage with method rm")
 
 
 def _system_prompt(ctx: StageContext) -> str:
@@ -264,35 +311,42 @@ def _reward(ctx: StageContext, cfg: RLSettings):
 
     helpful, helpful_tok = _load_rm(ctx, "reward_model", cfg.reward_model, "reward_model")
     safety, safety_tok = _load_rm(ctx, "safety_model", cfg.safety_model, "safety_model")
-    if safety is not None and helpful is None:
-        raise UserError(f"stages.{ctx.stage}.safety_model: Llama 2's rule needs a helpfulness reward model too; "
-                        "set reward_model or wire one with `from: {reward_model: NAME}`")
-    if helpful is None:
+    if helpful is None:  # the graph checked that a safety model comes with one
         return Reward(cfg)
     return Reward(cfg, RewardModels(helpful, helpful_tok, safety, safety_tok, _system_prompt(ctx),
                                     dict(cfg.kind_prompts), cfg.safety_threshold))
 
 
-def _prompts(ctx: StageContext, cfg: RLSettings, tokenizer, reward) -> tuple[list[dict], list[dict]]:
-    """(held-out prompts, training prompts): of each file's prompts that leave max_new_tokens
-    of room within seq_len, the first `heldout_prompts` are held out."""
+def heldout_split(prompts: list, n: int) -> tuple[list, list]:
+    """(held out, trained on) of one `problems` file's prompts: its first `n`, in file order,
+    and the rest. Every method splits this way (ppo, grpo and iterative-dpo measure on the
+    held-out ones; rs-sft never samples them), before anything is dropped for length, so the
+    held-out prompts depend on the file and `n` alone."""
+    return prompts[:n], prompts[n:]
+
+
+def _prompts(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(held-out prompts, training prompts) of the `problems` files (`heldout_split`), each
+    leaving max_new_tokens of room within seq_len."""
     from llm_lifecycle.workflows.data.chat_data import encode_prompt
-    from llm_lifecycle.workflows.rl.rewards import load_prompts, messages_of
+    from llm_lifecycle.workflows.rl.rewards import messages_of
 
     where = f"stages.{ctx.stage}.problems"
     room = cfg.seq_len - cfg.max_new_tokens
+
+    def fitting(prompts: list[dict]) -> list[dict]:
+        return [p for p in prompts if len(encode_prompt(tokenizer, messages_of(p), _system_prompt(ctx))) <= room]
+
     heldout, train_prompts = [], []
     for uri, kind in zip(cfg.problems, check_kinds(cfg, cfg.problems, f"stages.{ctx.stage}")):
-        prompts = [{**p, "kind": kind} for p in read_data_files([uri], where, load_prompts)
-                   if len(encode_prompt(tokenizer, messages_of(p), _system_prompt(ctx))) <= room]
-        heldout += prompts[: cfg.heldout_prompts]
-        train_prompts += prompts[cfg.heldout_prompts:]
+        held, rest = heldout_split([{**p, "kind": kind} for p in read_data_files([uri], where, load_prompts)],
+                                   cfg.heldout_prompts)
+        heldout += fitting(held)
+        train_prompts += fitting(rest)
     if not train_prompts:
-        raise UserError(f"{where}: no prompt left to train on: none fits seq_len - max_new_tokens = {room} tokens "
-                        f"beyond the heldout_prompts={cfg.heldout_prompts} held out; raise seq_len or add prompts")
-    if not reward.pays_for(train_prompts):
-        raise UserError(f"{where}: these prompts have no answers to check, so every reward would be 0; wire a "
-                        "reward model (`from: {reward_model: NAME}`) or set think_reward/language_reward")
+        raise UserError(f"{where}: no prompt left to train on: none after the first heldout_prompts="
+                        f"{cfg.heldout_prompts} fits seq_len - max_new_tokens = {room} tokens; raise seq_len or "
+                        "add prompts")
     return heldout, train_prompts
 
 
@@ -320,7 +374,7 @@ def _measured(run_method):
     def runner(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
         reward = _reward(ctx, cfg)
         judge, judge_tok = _load_rm(ctx, "judge", cfg.judge, "judge")  # a wrong judge fails before training
-        heldout, prompts = _prompts(ctx, cfg, tokenizer, reward)
+        heldout, prompts = _prompts(ctx, cfg, tokenizer)
         rollout = _rollout_settings(ctx, cfg, reward)
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
         seed = ctx.seed + 999_983  # not a training step's seed
@@ -382,13 +436,24 @@ def run_ppo(ctx: StageContext, cfg: RLSettings, policy, tokenizer, prompts, roll
     return model.policy, summary
 
 
+def _rs_problems(ctx: StageContext, cfg: RLSettings) -> list[dict]:
+    """The first `rs_prompts` problems past each file's held-out ones (`heldout_split`)."""
+    where = f"stages.{ctx.stage}.problems"
+    problems = [p for uri in cfg.problems
+                for p in heldout_split(read_data_files([uri], where, load_problems), cfg.heldout_prompts)[1]]
+    if not problems:
+        raise UserError(f"{where}: no problem left after the first heldout_prompts={cfg.heldout_prompts} of each "
+                        "file; add problems or lower heldout_prompts")
+    return problems[: cfg.rs_prompts]
+
+
 def run_rs_sft(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     """Sample `group_size` answers for each of `rs_prompts` problems, keep one correct,
     well-formed answer per problem, and fine-tune on those (assistant-only loss)."""
     from llm_lifecycle.workflows.rl.rejection import correct_answers, fine_tune_on
 
     rollout = _rollout_settings(ctx, cfg)
-    problems = load_problem_files(cfg.problems, f"stages.{ctx.stage}.problems")[: cfg.rs_prompts]
+    problems = _rs_problems(ctx, cfg)
     kept = correct_answers(ctx, policy, tokenizer, problems, rollout)
     summary = fine_tune_on(ctx, policy, tokenizer, _train_settings(cfg), kept, rollout.system_prompt)
     summary.update({"rs_kept": float(len(kept)), "rs_acceptance": len(kept) / len(problems)})
@@ -399,7 +464,7 @@ def run_iterative_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     from llm_lifecycle.workflows.rl.iterative_dpo import IterativeDPOSettings, iterative_dpo
 
     reward = _reward(ctx, cfg)
-    heldout, train_prompts = _prompts(ctx, cfg, tokenizer, reward)
+    heldout, train_prompts = _prompts(ctx, cfg, tokenizer)
     rounds = IterativeDPOSettings(rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round,
                                   rollout=_rollout_settings(ctx, cfg, reward), beta=cfg.beta, sft_weight=cfg.sft_weight)
     judge = _load_rm(ctx, "judge", cfg.judge, "judge")
