@@ -72,9 +72,10 @@ def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: boo
 
 
 def yarn_as_longrope(cfg: ModelConfig, factor: float, original_len: int) -> dict[str, list[float]]:
-    """LongRoPE factor lists without LongRoPE's search: short factors 1 (the model as trained
-    while a sequence fits the original length), long factors the per-frequency stretch that
-    YaRN's ramp gives (high frequencies kept, low ones interpolated by `factor`, a ramp between)."""
+    """LongRoPE factor lists without LongRoPE's search: short factors 1 (the trained frequencies
+    while a sequence fits the original length; the cos/sin scale still applies), long factors
+    the per-frequency stretch that YaRN's ramp gives (high frequencies kept, low ones
+    interpolated by `factor`, a ramp between)."""
     dim = cfg.rotary_dim // (2 if cfg.rope_2d else 1)
     wavelength_base = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     yarn, _ = _yarn_frequencies(wavelength_base, dim, cfg.rope_theta, factor, original_len)
@@ -415,8 +416,8 @@ class DualChunkRope:
     """Dual Chunk Attention's rotations (ModelConfig.dca_chunk): the new keys at their
     position inside their chunk; the queries three ways, for the keys of their own chunk
     (`keys` too), of the previous chunk (`successive`) and of earlier ones (`inter`).
-    `q_pos`: the queries' absolute positions, [T] or per row [B, 1, T]; `k_pos`: the
-    attended keys', [S] or [B, 1, 1, S] (negative: a slot not written yet)."""
+    `q_pos`: the queries' absolute positions, [B or 1, 1, T]; `k_pos`: the attended keys',
+    [S] or [B or 1, 1, 1, S] (negative: a static cache's slot not written yet)."""
 
     keys: list[tuple[torch.Tensor, torch.Tensor]]
     successive: list[tuple[torch.Tensor, torch.Tensor]]

@@ -237,6 +237,13 @@ def test_a_thinking_budget_for_a_model_without_think_tokens(workspace, model_dir
     assert runs_in(workspace) == 0
 
 
+@pytest.mark.parametrize("key", ["reward_model", "judge"])
+def test_a_policy_given_as_a_reward_model_is_refused_before_any_run(workspace, model_dir, key):
+    line = one_line_error(["rl", "--recipe", "arith-grpo", "--from", str(model_dir), "--set", f"rl.{key}={model_dir}"])
+    assert f"stages.rl.{key}: {model_dir} is a model but not a reward model (no reward_head" in line, line
+    assert runs_in(workspace) == 0
+
+
 def run_names(workspace: Path) -> list[str]:
     with sqlite3.connect(workspace / "mlflow.db") as db:
         return [name for (name,) in db.execute("SELECT name FROM runs ORDER BY start_time")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -416,15 +417,20 @@ def test_thinking_flags_and_blocks():
 
 
 def test_fusion_chats_put_worked_steps_in_think_and_direct_answers_after_an_empty_block(markup_tokenizer):
+    from llm_lifecycle.models.chat_markup import think_block, without_thinking
     from llm_lifecycle.workflows.data import arith
 
     chats = load_conversations(PACKAGE / "workflows" / "data" / "builtin" / "arith" / "fusion.jsonl.gz")
     assert len(chats) == 2000
     think, no_think = chats[0], chats[1]
     assert think[0]["content"].endswith(" /think") and no_think[0]["content"].endswith(" /no_think")
-    assert think[1]["content"].startswith("<think>\n") and "<<" in think[1]["content"].split("</think>")[0]
-    assert no_think[1]["content"].startswith("<think>\n\n</think>\n\n#### ")
-    assert all(c[1]["content"].split("</think>\n\n")[1].startswith("#### ") for c in chats)
+    assert think[1]["content"].startswith("<think>\n") and no_think[1]["content"].startswith("<think>\n\n</think>\n\n#### ")
+    # Every reply closes its block before the answer, and the answer is the `#### N` line alone.
+    assert all(think_block(c[1]["content"]) is not None for c in chats)
+    assert all(re.fullmatch(r"#### \d+", without_thinking(c[1]["content"])) for c in chats)
+    # /think blocks hold the steps in plain words: no calculator note, no answer line, one or two lines.
+    blocks = [think_block(c[1]["content"]) for c in chats if c[0]["content"].endswith(" /think")]
+    assert all(b and "<<" not in b and "####" not in b and b.count("\n") <= 1 for b in blocks)
     assert sum(c[0]["content"].endswith(" /think") for c in chats[:100]) == 50  # any prefix is half of each
     held = {p["question"] for p in arith.problems(*arith.SPLITS["test"])}
     assert not held & {c[0]["content"].rsplit(" /", 1)[0] for c in chats}

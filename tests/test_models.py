@@ -410,6 +410,9 @@ def test_dual_chunk_attention_decodes_with_a_cache_as_it_scores_in_one_pass():
         for _ in range(8):  # greedy by full forwards, no cache
             expected.append(int(model(torch.tensor([expected])).logits[0, -1].argmax()))
     assert generate(model, [prompt], max_new_tokens=8) == [expected[10:]]
+    short = x[1, :3].tolist()  # rows at their own positions in one static cache, across chunk borders
+    alone = generate(model, [short], max_new_tokens=8)[0]
+    assert generate(model, [prompt, short], max_new_tokens=8) == [expected[10:], alone]
 
 
 @pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])

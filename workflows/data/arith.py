@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from pathlib import Path
 
 from llm_lifecycle.models.chat_markup import EMPTY_THINK, THINK_END, THINK_START, THINKING_FLAGS
@@ -104,12 +105,19 @@ def direct_answer(p: dict[str, str]) -> dict[str, str]:
     return {"question": p["question"], "answer": "#### " + p["answer"].rsplit("#### ", 1)[1]}
 
 
+CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")  # GSM8K's `<<12+7=19>>`, written before the result it computes
+
+
 def thinking_chat(p: dict[str, str], thinking: bool) -> dict[str, list[dict[str, str]]]:
     """The problem as a chat in Qwen3's thinking template: asked with ` /think`, the worked
     steps inside <think> and the `#### N` line after it; asked with ` /no_think`, an empty think
-    block and the `#### N` line alone (chat_data's module docstring has the template)."""
+    block and the `#### N` line alone (chat_data's module docstring has the template).
+    The steps drop GSM8K's calculator notes: a small model that garbles one
+    (`<<1+8=11>>111>>1`) was seen to end its turn inside the block, and plain words keep the
+    block short and every number in it followed by text, never by the end of the reply."""
     steps, final = p["answer"].rsplit("\n", 1)
-    reply = f"{THINK_START}\n{steps}\n{THINK_END}\n\n{final}" if thinking else EMPTY_THINK + final
+    reasoning = CALCULATOR_NOTE.sub("", steps)
+    reply = f"{THINK_START}\n{reasoning}\n{THINK_END}\n\n{final}" if thinking else EMPTY_THINK + final
     flag = THINKING_FLAGS["think" if thinking else "no_think"]
     return {"messages": [{"role": "user", "content": p["question"] + flag}, {"role": "assistant", "content": reply}]}
 

@@ -103,8 +103,8 @@ def accuracy(model, tokenizer, problems: list[dict[str, str]], system_prompt: st
 def thinking_mode_rates(model, tokenizer, problems: list[dict[str, str]], system_prompt: str | None,
                         max_new_tokens: int = 96, batch_size: int = 64) -> dict[str, float]:
     """How well greedy replies follow Qwen3's soft switch on `problems`: the share of replies
-    asked with ` /think` that open a non-empty think block, the share asked with ` /no_think`
-    that open the empty one, and the exact-match accuracy in each mode."""
+    asked with ` /think` that open with a complete (closed) non-empty think block, the share
+    asked with ` /no_think` that open with the empty one, and the exact-match accuracy in each mode."""
     from llm_lifecycle.models.generate import generate
     from llm_lifecycle.models.chat_markup import think_block
 

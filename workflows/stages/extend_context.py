@@ -21,7 +21,9 @@ from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, 
 
 
 @dataclass
-class ExtendContextSettings(with_defaults(TrainSettings, steps=40, seq_len=512, lr=3e-4, warmup_steps=5)):
+class ExtendContextSettings(with_defaults(TrainSettings, seq_len=512, lr=3e-4, warmup_steps=5)):
+    steps: int = setting(40, "optimizer steps; 0: the method training-free (Dual Chunk Attention's design, or "
+                             "any scaling untrained), measured and registered as is", limit=NON_NEGATIVE)
     rope_theta: float = setting(100_000.0, "the new RoPE base", limit=POSITIVE)
     rope_scaling: dict | None = setting(None, "e.g. {type: yarn, factor: 2.0}; types: linear, ntk, dynamic, yarn, llama3, "
                                               "longrope (its short_factor/long_factor lists given, or derived from "
@@ -113,7 +115,7 @@ def run(ctx: StageContext, cfg: ExtendContextSettings) -> StageResult:
         ckpt_dir=ctx.stage_dir / "checkpoints",
         flops_per_token=long_cfg.flops_per_token(long_len),
         description=ctx.stage,
-    )
+    ) if cfg.steps else {}
     metrics.update(summary, seq_len=long_len)  # the length whose perplexity the stage is meant to lower
     metrics.update(_long_context_metrics(ctx, model, tokenizer, lengths, long_len, windows, cfg.passkey_trials, "after"))
     model_dir = save_stage_model(ctx, model, tokenizer)

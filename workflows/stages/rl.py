@@ -108,10 +108,13 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
         super().check(where, upstream)
         check_kinds(self, self.data if self.method in ("rm", "dpo") else self.problems, where)
         if self.method in SAMPLED and self.heldout_prompts:
-            counts = read_data_files(self.problems, f"{where}.problems", lambda path: [len(load_prompts(path))])
+            from llm_lifecycle.workflows.data.chat_data import read_records
+
+            # Records, not prompts (the run drops repeated conversations): cheap, and never refuses a usable value.
+            counts = read_data_files(self.problems, f"{where}.problems", lambda path: [len(read_records(path))])
             if max(counts) <= self.heldout_prompts:
                 raise ConfigError(f"{where}.heldout_prompts: {self.heldout_prompts} holds out every prompt of the "
-                                  f"`problems` files ({', '.join(map(str, counts))} prompts), leaving none to train "
+                                  f"`problems` files ({', '.join(map(str, counts))} records), leaving none to train "
                                   "on; lower heldout_prompts or add prompts")
 
     def check_wiring(self, where: str, ports: set[str]) -> None:
@@ -132,9 +135,16 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
                           "rl stage with method rm), set reward_model, or set think_reward/language_reward")
 
     def check_inputs(self, where: str, inputs: dict) -> None:
+        from llm_lifecycle.models.checkpoint import read_config
+
         if self.method in SAMPLED and self.thinking_budget:
             model_dir = resolve_model_dir(self.init) if self.init else inputs["model"].outputs["model"]
             check_thinking_budget(model_dir, self.thinking_budget, f"{where}.thinking_budget")
+        for key in ("reward_model", "safety_model", "judge") if self.method in REWARDED else ():
+            ref = getattr(self, key)  # an instance wired to the port is an rm stage: the graph checked it
+            if ref and "reward_head" not in read_config(resolve_model_dir(ref)):
+                raise UserError(f"{where}.{key}: {ref} is a model but not a reward model (no reward_head in its "
+                                "config.json); name the folder or models:/NAME@ALIAS of an rl stage with method rm")
 
 
 def _system_prompt(ctx: StageContext) -> str:
