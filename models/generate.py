@@ -189,9 +189,11 @@ def _decode_step(model: Decoder, ids: torch.Tensor, cache: StaticKVCache) -> tor
     return model(ids[:, None], kv_cache=cache).logits[:, -1]
 
 
-# Shapes are marked dynamic on the first recompile (batch shrinks, another max length), so a
-# few compiles serve every later generation.
-_compiled_decode_step = torch.compile(_decode_step)
+# Dynamic from the first compile: the batch (rows leave as they finish), the cache length and
+# its visible prefix (StaticKVCache.bound, one more each step) all change. Two compiles serve a
+# generation (the second when the prefix reaches the buffer's end and becomes contiguous);
+# left to mark shapes dynamic on recompiles, torch.compile took three.
+_compiled_decode_step = torch.compile(_decode_step, dynamic=True)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
