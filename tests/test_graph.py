@@ -103,6 +103,22 @@ def test_changing_a_stage_changes_exactly_its_fingerprint_and_those_downstream(t
     assert changed == {"reasoning-rl", "rejection-sft", "all-scenarios-rl", "student-distill", "eval", "export"}
 
 
+def test_editing_a_data_file_changes_the_fingerprints_of_the_stages_that_read_it(tmp_path, monkeypatch):
+    """Settings name data by path; a result made from a file's old contents must not be reused."""
+    from llm_lifecycle.workflows.runner.pipeline import fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    Path("chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    recipe = load_recipe("qwen3-moe-small", ["sft.data=[chats.jsonl]"])
+    before = fingerprints(recipe)
+    assert fingerprints(load_recipe("qwen3-moe-small", ["sft.data=[chats.jsonl]"])) == before  # stable
+    with open("chats.jsonl", "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "hello"}]}\n')
+    after = fingerprints(recipe)
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == dependents(recipe.instances, {"sft"})
+
+
 def test_editing_the_third_model_stage_reruns_it_and_what_depends_on_it_only(tiny, tmp_path):
     recipe_file, workspace, _ = tiny
     again = load_recipe(recipe_file)

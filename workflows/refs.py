@@ -47,6 +47,20 @@ def data_path(uri: str, key: str) -> Path:
     return path
 
 
+def data_state(text: str) -> list[tuple[str, int, int]] | None:
+    """What a data reference (`builtin:NAME` or a local file or folder) holds now, as make sees
+    it: (file, size, modification time) per file; None for anything else. Stage fingerprints
+    include it, so editing a data file (yours, or one shipped data set regenerated between
+    releases of the same version) reruns the stages that read it instead of reusing results
+    made from the old contents. Sizes and times, not content hashes: a pretraining corpus can be
+    many gigabytes, and every `llm pipeline` computes every fingerprint."""
+    path = BUILTIN_DIR / text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).expanduser()
+    if not text or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(f.relative_to(path)), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
+
+
 def read_data_files(uris: list[str], key: str, read) -> list:
     """Every record `read(path)` gives for each data reference, in order; a file `read`
     rejects (ValueError) is one line naming `key`."""

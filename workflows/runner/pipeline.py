@@ -24,6 +24,7 @@ from typing import Iterator
 from llm_lifecycle import __version__
 from llm_lifecycle.workflows.engine.ranks import is_main_process
 from llm_lifecycle.workflows.engine.distributed import barrier
+from llm_lifecycle.workflows.refs import data_state
 from llm_lifecycle.workflows.runner.library_output import library_output_to
 from llm_lifecycle.workflows.runner.graph import Instance, dependents
 from llm_lifecycle.workflows.runner.planning import refuse_what_cannot_fit
@@ -64,6 +65,17 @@ def _uses_model(inst: Instance) -> bool:
     return spec.output == "model" or any(p.accepts == "model" for p in spec.inputs)
 
 
+def _strings(value) -> list[str]:
+    """Every string inside a settings value (lists and mappings walked)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def fingerprints(recipe: Recipe) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, inst in recipe.instances.items():
@@ -75,6 +87,7 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
             "seed": recipe.seed,
             "upstream": {port: out[source] for port, source in sorted(inst.sources.items())},
             "version": __version__,
+            "data": {text: state for text in _strings(settings) if (state := data_state(text))},
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         out[name] = hashlib.sha256(blob).hexdigest()[:16]
