@@ -626,6 +626,23 @@ def test_sampling_draws_each_token_at_its_probability_and_never_a_dropped_one():
     assert (freq - nucleus).abs().max() < 0.01
 
 
+@pytest.mark.parametrize("spread", [6.0, 0.1])  # a nucleus among the leading tokens; one past them
+def test_top_p_draws_only_from_the_nucleus_of_a_large_vocabulary(spread):
+    from llm_lifecycle.models.generate import _pick
+
+    logits = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * spread
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    size = ((sorted_probs.cumsum(-1) - sorted_probs) < 0.9).sum(-1)  # tokens in each row's nucleus
+    assert (size < 256).all() if spread > 1 else (size > 256).all()
+    picks = _pick(logits.repeat(500, 1), 1.0, 0.9, torch.Generator().manual_seed(2)).view(500, 8)
+    for row in range(8):
+        drawn = set(picks[:, row].tolist())
+        assert drawn <= set(order[row, : size[row]].tolist())
+        if spread < 1:  # the draws reach past the 256 leading tokens the nucleus outgrows
+            assert drawn - set(order[row, :256].tolist())
+
+
 def test_sampling_is_seeded_and_top_p_narrows_to_the_argmax():
     model = make_model(**DENSE)
     prompts = [[5, 6, 7], [8]]
