@@ -62,7 +62,8 @@ def summarize(speedscope: dict) -> tuple[dict[str, dict[str, float]], float]:
         elif runner is not None and runner + 1 < len(stack):  # inside a stage: in a kind's run()?
             entry = stack[runner + 1]
             kind = kinds.get(os.path.splitext(os.path.basename(entry["file"] or ""))[0])
-            if kind and entry["name"] == "run" and (left or not (current or "").startswith(kind)):
+            same_kind = current == kind or (current or "").startswith(f"{kind} #")  # tokenize is not tokenizer-train
+            if kind and entry["name"] == "run" and (left or not same_kind):
                 seen = sum(1 for s in stages if s == kind or s.startswith(f"{kind} #"))
                 current, left = kind if not seen else f"{kind} #{seen + 1}", False
         stage = START if current is None else BETWEEN if between else current
