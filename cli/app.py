@@ -384,7 +384,8 @@ def rl(
 @app.command()
 def chat(
     model: str = typer.Option(..., help="models:/NAME@ALIAS, a local checkpoint folder, or a HF repo id."),
-    system: Optional[str] = typer.Option(None, help="System prompt."),
+    system: Optional[str] = typer.Option(None, help="System prompt (default: the one the model was fine-tuned with, "
+                                         "as its folder records; \"\" for none)."),
     temperature: float = typer.Option(0.7, min=0.0),
     top_p: float = typer.Option(0.9, min=0.0, max=1.0),
     max_new_tokens: int = typer.Option(128, min=1),

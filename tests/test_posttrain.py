@@ -124,7 +124,18 @@ def test_online_methods_train_two_steps_and_report_rewards(workspace, sft_model_
     state = torch.load(workspace / method / "checkpoints" / "step-00000002.pt", weights_only=True)
     assert state["step"] == 2
     before = json.loads((Path(sft_model_dir) / "config.json").read_text())["model"]
-    assert json.loads((Path(result.model_dir) / "config.json").read_text())["model"] == before
+    saved = json.loads((Path(result.model_dir) / "config.json").read_text())
+    assert saved["model"] == before
+    # The system prompt the chats were trained under travels with the model, and `llm chat`
+    # uses it unless told otherwise ("" for none).
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.serving.chat import ChatSession
+
+    trained_with = load_recipe("arith-grpo").instances["rl"].upstream["system_prompt"]
+    assert saved["system_prompt"] == trained_with
+    assert ChatSession(result.model_dir, None, 0.0, 1.0, 4).messages == [{"role": "system", "content": trained_with}]
+    assert ChatSession(result.model_dir, "Be brief.", 0.0, 1.0, 4).messages[0]["content"] == "Be brief."
+    assert ChatSession(result.model_dir, "", 0.0, 1.0, 4).messages == []
 
 
 def test_reward_model_saves_its_head_and_keeps_the_policy(workspace, sft_model_dir):

@@ -56,8 +56,16 @@ def save_stage_model(ctx: StageContext, model, tokenizer, extra: dict | None = N
     out = ctx.stage_dir / "model"
     if not is_main_process():  # under torchrun every rank holds the same weights; rank 0 writes them
         return out
-    save_model_dir(out, model.cpu(), tokenizer, extra={"stage": ctx.stage, "recipe": ctx.recipe.name, **(extra or {})})
+    save_model_dir(out, model.cpu(), tokenizer, extra={**model_provenance(ctx), **(extra or {})})
     return out
+
+
+def model_provenance(ctx: StageContext) -> dict:
+    """What a saved model's config.json records of the stage that made it: the stage, the recipe,
+    and the system prompt it was fine-tuned with (from sft on), which `llm chat` then uses when
+    given none, since a model trained with a system turn answers differently without one."""
+    system_prompt = ctx.values.get("system_prompt")
+    return {"stage": ctx.stage, "recipe": ctx.recipe.name, **({"system_prompt": system_prompt} if system_prompt else {})}
 
 
 def heldout_perplexity(ctx: StageContext, model, seq_len: int, max_windows: int) -> float:

@@ -11,6 +11,7 @@ from llm_lifecycle.workflows.runner.stage import UserError
 class ChatSession:
     def __init__(self, ref: str, system: str | None, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int | None = None, thinking: str = "", thinking_budget: int = 0):
+        from llm_lifecycle.models.checkpoint import read_config
         from llm_lifecycle.models.load import load_model
         from llm_lifecycle.workflows.data.chat_data import IM_END, IM_START
         from llm_lifecycle.workflows.engine.model_stage import check_thinking_budget
@@ -22,6 +23,8 @@ class ChatSession:
         if self.tokenizer is None or None in (self.tokenizer.token_to_id(IM_START), self.tokenizer.token_to_id(IM_END)):
             raise UserError(f"{ref}: its tokenizer has no ChatML tokens ({IM_START}, {IM_END}); chat needs a model "
                             "from our sft or rl stages")
+        if system is None:  # the prompt the model was fine-tuned with, where its folder records one
+            system = read_config(model_dir).get("system_prompt")
         self.messages = [{"role": "system", "content": system}] if system else []
         self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
         self.thinking, self.thinking_budget = thinking, thinking_budget

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from llm_lifecycle.models.quantize import BITS, METHODS, QuantConfig
-from llm_lifecycle.workflows.engine.model_stage import heldout_perplexity, load_input_model
+from llm_lifecycle.workflows.engine.model_stage import heldout_perplexity, load_input_model, model_provenance
 from llm_lifecycle.workflows.runner.settings import AT_LEAST_1, NON_NEGATIVE, ConfigError, Settings, setting
 from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, StageResult, UserError
 
@@ -61,7 +61,7 @@ def run(ctx: StageContext, cfg: QuantizeSettings) -> StageResult:
     size_after = state_dict_bytes(model)
     ppl_after = heldout_perplexity(ctx, model, seq_len, cfg.eval_windows)
     out = ctx.stage_dir / "model"
-    save_quantized(out, model, tokenizer, model.cfg.to_dict(), extra={"stage": ctx.stage, "recipe": ctx.recipe.name})
+    save_quantized(out, model, tokenizer, model.cfg.to_dict(), extra=model_provenance(ctx))
     metrics = {"size_mb_before": size_before / 2**20, "size_mb_after": size_after / 2**20,
                "compression": size_before / size_after, "ppl_before": ppl_before, "ppl_after": ppl_after,
                "ppl_change_pct": 100 * (ppl_after - ppl_before) / ppl_before}
