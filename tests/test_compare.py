@@ -190,24 +190,35 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(chromium, swept, ui_server):
+EXPAND = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the +/- beside a parent run
+
+
+@contextmanager
+def _browser_page(chromium: str, width: int, height: int):
+    """A Chromium page of the given size, patient with MLflow's UI (90 s per step); its
+    screenshots go to test-artifacts/."""
     from playwright.sync_api import sync_playwright
 
-    expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the +/- beside a parent run
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.set_default_timeout(90_000)
+        yield page
+        browser.close()
+
+
+def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(chromium, swept, ui_server):
+    with _browser_page(chromium, width=1600, height=1000) as page:
         page.goto(f"{ui_server}/#/experiments?workflowType=machine_learning", wait_until="load")
         href = page.get_by_role("link", name=RECIPE, exact=True).get_attribute("href")
         assert re.fullmatch(r"#/experiments/\d+", href)
         page.goto(f"{ui_server}/{href}/runs?workflowType=machine_learning", wait_until="load")
         page.get_by_role("link", name=re.compile(r"^sweep \[")).wait_for()
-        page.locator(expand).first.click()  # the sweep: its two pipelines appear
+        page.locator(EXPAND).first.click()  # the sweep: its two pipelines appear
         page.get_by_role("link", name=re.compile(r"^pipeline \[")).first.wait_for()
-        for i in range(1, page.locator(expand).count()):
-            page.locator(expand).nth(i).click()  # each pipeline: its stage runs appear
+        for i in range(1, page.locator(EXPAND).count()):
+            page.locator(EXPAND).nth(i).click()  # each pipeline: its stage runs appear
         page.get_by_role("link", name="pretrain", exact=True).first.wait_for()
         names = page.locator("[role=gridcell][col-id='attributes.`Run Name`'] a").all_inner_texts()
         assert sorted(n for n in names if n.startswith("pipeline [")) == [f"pipeline [{v}]" for v in VARIANTS]
@@ -222,7 +233,6 @@ def test_mlflow_ui_shows_the_sweep_and_compares_two_stage_runs(chromium, swept, 
         page.get_by_text("Comparing 2 Runs").wait_for()
         page.get_by_text("model.n_kv_heads").first.wait_for()
         page.screenshot(path=str(ARTIFACTS / "mlflow-compare.png"), full_page=True)
-        browser.close()
     assert (ARTIFACTS / "mlflow-compare.png").stat().st_size > 20_000
 
 
@@ -261,8 +271,6 @@ def _compare_view_values(page, metric: str) -> list[str]:
 
 def test_mlflow_ui_compares_two_recipes_pipelines_by_their_headline_metrics(chromium, swept, graph_pipeline,
                                                                             ui_server):
-    from playwright.sync_api import sync_playwright
-
     graph_run, instances = graph_pipeline
     assert set(instances) > {"extend-32k", "extend-128k"}  # two instances of one kind, named apart
     client = MlflowClient()
@@ -270,18 +278,13 @@ def test_mlflow_ui_compares_two_recipes_pipelines_by_their_headline_metrics(chro
     sweep_pipelines = client.search_runs([sweep_exp], "tags.llm.stage = 'pipeline'")
     want = {run.info.run_name: run.data.metrics[SHARED_HEADLINE] for run in [*sweep_pipelines, graph_run]}
     assert len(want) == 3 and len({f"{v:.4g}" for v in want.values()}) == 3  # three pipelines, told apart
-    expand = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # the +/- beside a parent run
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 2200, "height": 1100})
-        page.set_default_timeout(90_000)
+    with _browser_page(chromium, width=2200, height=1100) as page:
         with _screenshot_on_failure(page, "mlflow-two-recipes-failed.png"):
             # The graph recipe's pipeline run: one child run per stage instance, named after it.
             page.goto(f"{ui_server}/#/experiments/{graph_run.info.experiment_id}/runs?workflowType=machine_learning",
                       wait_until="load")
             page.get_by_role("link", name="pipeline", exact=True).wait_for()
-            page.locator(expand).first.click()
+            page.locator(EXPAND).first.click()
             page.get_by_role("link", name="extend-128k", exact=True).wait_for()
             names = page.locator("[role=gridcell][col-id='attributes.`Run Name`'] a").all_inner_texts()
             assert sorted(names) == sorted(["pipeline", *instances])
@@ -294,7 +297,7 @@ def test_mlflow_ui_compares_two_recipes_pipelines_by_their_headline_metrics(chro
             page.get_by_role("button", name="Compare", exact=True).click()
             page.wait_for_url(re.compile(r"compare-experiments"))
             sweep = page.get_by_role("link", name=re.compile(r"^sweep \["))
-            page.locator("[role=row]", has=sweep).locator(expand).click()  # the sweep's two pipelines
+            page.locator("[role=row]", has=sweep).locator(EXPAND).click()  # the sweep's two pipelines
             page.get_by_role("link", name=re.compile(r"^pipeline \[")).first.wait_for()
             assistant = page.get_by_role("button", name="Close", exact=True)  # MLflow 3's assistant panel
             if assistant.count():
@@ -319,5 +322,4 @@ def test_mlflow_ui_compares_two_recipes_pipelines_by_their_headline_metrics(chro
             values = _compare_view_values(page, SHARED_HEADLINE)
             assert sorted(float(v) for v in values) == pytest.approx(sorted(want[n] for n in pair), rel=1e-3), values
             page.screenshot(path=str(ARTIFACTS / "mlflow-compare-recipes.png"))
-        browser.close()
     assert (ARTIFACTS / "mlflow-compare-recipes.png").stat().st_size > 20_000
