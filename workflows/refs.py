@@ -54,8 +54,12 @@ def data_state(text: str) -> list[tuple[str, int, int]] | None:
     releases of the same version) reruns the stages that read it instead of reusing results
     made from the old contents. Sizes and times, not content hashes: a pretraining corpus can be
     many gigabytes, and every `llm pipeline` computes every fingerprint."""
-    path = BUILTIN_DIR / text.removeprefix("builtin:") if text.startswith("builtin:") else Path(text).expanduser()
-    if not text or not path.exists():
+    if text.startswith("builtin:"):
+        try:
+            path = builtin_path(text.removeprefix("builtin:"), "")
+        except UserError:  # not shipped (or outside the shipped folder): the stage that reads it says so
+            return None
+    elif not text or not (path := Path(text).expanduser()).exists():
         return None
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [(str(f.relative_to(path)), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]

@@ -32,6 +32,7 @@ from llm_lifecycle.workflows.engine.model_stage import (
     check_thinking_budget,
     load_init_model,
     load_input_model,
+    model_provenance,
     save_stage_model,
 )
 from llm_lifecycle.workflows.engine.trainer import TrainSettings, train
@@ -492,7 +493,7 @@ def run(ctx: StageContext, cfg: RLSettings) -> StageResult:
         from llm_lifecycle.workflows.rl.reward_model import save_reward_model
 
         rm_dir = save_reward_model(ctx.stage_dir / "reward_model", trained, tokenizer,
-                                   extra={"stage": ctx.stage, "recipe": ctx.recipe.name, "method": method})
+                                   extra={**model_provenance(ctx), "method": method})
         # The policy is unchanged: later stages keep evaluating and exporting the SFT model. The
         # stage named after its kind registers its reward model as @rm (not @rl, the policies'
         # alias); a named instance (a graph's several reward models) under its own name.
