@@ -46,10 +46,12 @@ def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int,
     lm-eval's hf/vllm backend on an exported folder."""
     if backend == "ours":
         from llm_lifecycle.evals.harness import LifecycleLM
+        from llm_lifecycle.models.checkpoint import read_config
 
         try:
             return LifecycleLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, progress=progress,
-                               thinking=thinking, thinking_budget=thinking_budget)
+                               thinking=thinking, thinking_budget=thinking_budget,
+                               system_prompt=read_config(model_dir).get("system_prompt"))
         except ValueError as err:
             raise UserError(f"eval: {err}") from None
     if thinking or thinking_budget:
