@@ -43,12 +43,14 @@ def verify_with_transformers(model_dir: Path, hf_dir: Path) -> tuple[str, float]
     return type(theirs).__name__, diff
 
 
-def llama_cpp_logits(gguf_file: Path, ids: list[int]):
-    """llama.cpp's logits [len(ids), vocab] for a prompt of token ids (llama-cpp-python)."""
+def llama_cpp_logits(gguf_file: Path, ids: list[int], n_ctx: int | None = None):
+    """llama.cpp's logits [len(ids), vocab] for a prompt of token ids (llama-cpp-python), in a
+    context of `n_ctx` tokens (default: the prompt's length; LongRoPE's factors depend on it)."""
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=max(64, len(ids)), logits_all=True, n_threads=1, verbose=False)
+    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx or max(64, len(ids)), logits_all=True, n_threads=1,
+                verbose=False)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)])
     llm.close()
