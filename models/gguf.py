@@ -47,7 +47,7 @@ import torch
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import longrope_scale
-from llm_lifecycle.models.hf import CHATML_TEMPLATE, check_exportable, fold_norm_head, permute_rotary, rotary_rows
+from llm_lifecycle.models.hf import chatml_template, check_exportable, fold_norm_head, permute_rotary, rotary_rows
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -303,7 +303,7 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
     raise ValueError(f"llama.cpp has no pre-tokenizer known to match {kinds}; GGUF export supports our byte-level BPE")
 
 
-def _write_tokenizer(writer, tokenizer) -> None:
+def _write_tokenizer(writer, tokenizer, system_prompt: str | None) -> None:
     from gguf import TokenType
 
     data = json.loads(tokenizer.to_str())
@@ -330,7 +330,7 @@ def _write_tokenizer(writer, tokenizer) -> None:
     writer.add_add_bos_token(False)  # our models are trained without a BOS token
     writer.add_eos_token_id(ids[IM_END])  # a chat turn ends here; llama.cpp also stops at <|endoftext|>
     writer.add_pad_token_id(ids[ENDOFTEXT])
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(chatml_template(system_prompt))
 
 
 # ---- the file --------------------------------------------------------------------------------
@@ -405,8 +405,9 @@ def _write_deepseek_hparams(writer, cfg: ModelConfig) -> None:
 
 
 def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
-               ggml_type: str = "f16", name: str = "model") -> Path:
-    """Write one GGUF file (atomically: beside `path`, then renamed)."""
+               ggml_type: str = "f16", name: str = "model", system_prompt: str | None = None) -> Path:
+    """Write one GGUF file (atomically: beside `path`, then renamed); its chat template opens
+    with `system_prompt` when a conversation brings no system turn."""
     import gguf
 
     if ggml_type not in GGUF_TYPES:
@@ -421,7 +422,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     try:
         writer.add_name(name)
         _write_hparams(writer, cfg, arch, ggml_type)
-        _write_tokenizer(writer, tokenizer)
+        _write_tokenizer(writer, tokenizer, system_prompt)
         for tensor_name, tensor in tensors.items():
             qtype, data = _tensor_type(tensor_name, tensor, ggml_type)
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
@@ -435,10 +436,13 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     return path
 
 
-def ollama_modelfile(gguf_name: str) -> str:
-    """An Ollama Modelfile for a GGUF file in the same folder: ChatML turns, stop at the turn's end."""
+def ollama_modelfile(gguf_name: str, system_prompt: str | None = None) -> str:
+    """An Ollama Modelfile for a GGUF file in the same folder: ChatML turns, stop at the turn's
+    end, and the model's fine-tuning system prompt as Ollama's default SYSTEM message."""
+    system = f'SYSTEM """{system_prompt}"""\n' if system_prompt else ""
     return (
         f"FROM ./{gguf_name}\n"
+        f"{system}"
         'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
         '<|im_start|>assistant\n"""\n'

@@ -20,7 +20,7 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
-from llm_lifecycle.models.hf import CHATML_TEMPLATE
+from llm_lifecycle.models.hf import chatml_template
 from llm_lifecycle.models.presets import load_preset
 from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
 from llm_lifecycle.workflows.runner.stage import UserError
@@ -274,7 +274,7 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
 
     model = Decoder(ModelConfig(vocab_size=tokenizer.get_vocab_size(), dim=64, n_layers=2, n_heads=4,
                                 n_kv_heads=2, ffn_dim=96, max_seq_len=64))
-    model_dir = save_model_dir(tmp_path / "model", model, tokenizer)
+    model_dir = save_model_dir(tmp_path / "model", model, tokenizer, extra={"system_prompt": "Be brief."})
     export_model(str(model_dir), tmp_path / "tiny", "gguf", "q4_0")
     reader = GGUFReader(tmp_path / "tiny" / "tiny-q4_0.gguf")
 
@@ -283,7 +283,7 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
         return f.contents()
 
     assert field("general.architecture") == "llama"
-    assert field("tokenizer.chat_template") == CHATML_TEMPLATE
+    assert field("tokenizer.chat_template") == chatml_template("Be brief.")  # the fine-tuning prompt by default
     assert field("tokenizer.ggml.pre") == "refact"
     assert field("tokenizer.ggml.tokens")[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     # ChatML's tokens are control tokens, the chat markup (<think>, <tool_call>, ...) user-defined
@@ -297,6 +297,7 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
     assert len(reader.tensors) == len(gguf_tensors(model.cfg, model.state_dict()))
     modelfile = (tmp_path / "tiny" / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny-q4_0.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """Be brief."""' in modelfile
 
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer):

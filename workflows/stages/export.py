@@ -81,10 +81,11 @@ def write_gguf_folder(model_dir: Path, out: Path, gguf_type: str, name: str) -> 
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer.json; a GGUF file embeds the tokenizer")
     filename = f"{name}-{gguf_type}.gguf"
+    system_prompt = read_config(model_dir).get("system_prompt")
     try:
         with atomic_dir(out) as tmp:
-            write_gguf(tmp / filename, model.cfg, model.state_dict(), tokenizer, gguf_type, name)
-            (tmp / "Modelfile").write_text(ollama_modelfile(filename), encoding="utf-8")
+            write_gguf(tmp / filename, model.cfg, model.state_dict(), tokenizer, gguf_type, name, system_prompt)
+            (tmp / "Modelfile").write_text(ollama_modelfile(filename, system_prompt), encoding="utf-8")
     except ValueError as err:
         raise UserError(f"cannot export {model_dir} to GGUF: {err}") from None
     return out / filename
