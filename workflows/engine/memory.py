@@ -58,6 +58,11 @@ class ModelShape:
     # Each layer's sliding window (None: full attention); generation keeps a rolling buffer of
     # that many tokens for a windowed layer. Empty: every layer attends to the whole sequence.
     layer_windows: tuple[int | None, ...] = ()
+    gegelu: bool = False  # Phi-3-small's clamped GeGeLU: more values kept per hidden unit than a plain gated MLP
+    # Phi-3-small's block-sparse layers run as attention with a per-head Bool mask (shared by
+    # them, `block_sparse_mask_heads` heads); a masked attention keeps its scores for backward.
+    block_sparse_layers: int = 0
+    block_sparse_mask_heads: int = 0
 
 
 def activation_values_per_token(s: ModelShape, recompute: bool = False) -> float:
@@ -73,7 +78,8 @@ def activation_values_per_token(s: ModelShape, recompute: bool = False) -> float
         attention += 2 * (q + kv)  # normalised q, k and the norms' outputs
 
     def mlp(hidden: int) -> int:  # gated: gate+up output, activation, product; plain: up, activation
-        return (4 if s.gated_mlp else 2) * hidden
+        # GeGeLU: gate+up output, the clamped gate, its sigmoid, their product, linear + 1, product
+        return (7 if s.gegelu else 4 if s.gated_mlp else 2) * hidden
 
     dense = mlp(s.ffn_dim)
     moe = 0.0
@@ -128,9 +134,22 @@ def training_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str
     grads = 4.0 * s.params
     copies = weight_copies(s) / (s.n_layers if recompute else 1)  # recompute: one layer's at a time
     activations = (tokens * activation_values_per_token(s, recompute) + copies) * act_bytes
+    activations += block_sparse_memory(s, batch_size, seq_len, act_bytes, recompute)
     loss = head_loss_memory(s, tokens, act_bytes)
     return {"weights": weights, "optimizer": optimizer, "grads": grads, "activations": activations,
             "loss": loss, "total": weights + optimizer + max(activations + loss, grads)}
+
+
+def block_sparse_memory(s: ModelShape, batch_size: int, seq_len: int, act_bytes: float, recompute: bool) -> float:
+    """What block sparsity as a mask adds: the Bool mask (heads x T x T, one for all those
+    layers) and each block-sparse layer's attention probabilities (batch x heads x T x T),
+    which masked attention keeps for backward where the fused causal kernel keeps none
+    (measured: tests/test_planning.py). A block-sparse kernel (Phi-3-small's Triton one)
+    would keep neither."""
+    if not s.block_sparse_layers:
+        return 0.0
+    layers = 1 if recompute else s.block_sparse_layers
+    return s.block_sparse_mask_heads * seq_len**2 + layers * batch_size * s.n_heads * seq_len**2 * act_bytes
 
 
 def lora_params(s: ModelShape, rank: int) -> int:
@@ -163,6 +182,7 @@ def lora_training_memory(s: ModelShape, batch_size: int, seq_len: int, rank: int
     grads = 4.0 * adapters
     adapter_values = (4 + (3 if s.gated_mlp else 2)) * rank * (1 if recompute else s.n_layers)
     activations = tokens * (activation_values_per_token(s, recompute) + adapter_values) * 2.0
+    activations += block_sparse_memory(s, batch_size, seq_len, 2.0, recompute)
     loss = head_loss_memory(s, tokens, 2.0) - 4.0 * s.vocab_size * s.dim
     return {"weights": weights, "optimizer": optimizer, "grads": grads, "activations": activations, "loss": loss,
             "total": weights + optimizer + grads + activations + loss, "adapter_params": float(adapters)}
