@@ -66,9 +66,13 @@ def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: boo
     while the sequence fits the original length, the long list past it), and cos/sin scaled
     by sqrt(1 + ln(factor) / ln(original length))."""
     factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+    return 1.0 / (factors * wavelength_base), longrope_scale(scaling)
+
+
+def longrope_scale(scaling: dict) -> float:
+    """LongRoPE's cos/sin scale, sqrt(1 + ln(factor) / ln(original length)), at every length."""
     factor, original = float(scaling["factor"]), scaling["original_max_seq_len"]
-    scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
-    return 1.0 / (factors * wavelength_base), scale
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
 
 
 def yarn_as_longrope(cfg: ModelConfig, factor: float, original_len: int) -> dict[str, list[float]]:

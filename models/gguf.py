@@ -16,6 +16,15 @@ Layout facts that carry over from llama.cpp's own converter (convert_hf_to_gguf.
   13B, ALiBi) and aborts on others; Baichuan models of other depths are written as llama
   (RoPE) or refact (llama.cpp's llama-with-ALiBi), which compute the same.
 
+Phi-3's LongRoPE goes in as llama.cpp's converter writes it: the short and long factor lists as
+the tensors rope_factors_short/rope_factors_long, the original length and LongRoPE's cos/sin scale
+sqrt(1 + ln s / ln L) as metadata. llama.cpp picks the list by the context it is given, not by the
+sequence: the long factors whenever the context (a multiple of 256 tokens) passes the original
+length, even for a short prompt, where we (and transformers) use the short ones. So our logits are
+llama.cpp's for a prompt within the original length in a context that fits it, and for any prompt
+in a longer context once the prompt passes it. With an original length below 256 llama.cpp never
+runs the short factors: that export is refused.
+
 Sliding windows (Mistral, Qwen 1) and Qwen 1's LogN scaling only change the computation past
 a length; no llama.cpp builder of these families has them, so the file's context length is
 that length: up to it, llama.cpp computes what our model does. llama.cpp's gemma2 does run
@@ -36,7 +45,8 @@ import torch
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
 from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.hf import CHATML_TEMPLATE, check_exportable, fold_norm_head, permute_rotary, rotary_rows
+from llm_lifecycle.models.decoder import longrope_scale
+from llm_lifecycle.models.hf import chatml_template, check_exportable, fold_norm_head, permute_rotary, rotary_rows
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -162,7 +172,27 @@ def gguf_arch(cfg: ModelConfig) -> Arch:
         raise ValueError("llama.cpp's deepseek2 architecture needs shared experts (n_shared_experts > 0)")
     if arch.name == "gemma2":
         _check_gemma2(cfg, arch)
+    if is_longrope(cfg):
+        _check_longrope(cfg)
     return arch
+
+
+def is_longrope(cfg: ModelConfig) -> bool:
+    return bool(cfg.rope_scaling) and cfg.rope_scaling["type"] == "longrope"
+
+
+LLAMA_CPP_CONTEXT_STEP = 256  # llama.cpp rounds every context up to a multiple of this
+
+
+def _check_longrope(cfg: ModelConfig) -> None:
+    """llama.cpp runs LongRoPE's short factors only in a context of at most the original length
+    (see the module docstring); below its smallest context they could never run."""
+    scaling = cfg.rope_scaling
+    if scaling["original_max_seq_len"] < LLAMA_CPP_CONTEXT_STEP and scaling["short_factor"] != scaling["long_factor"]:
+        raise ValueError(f"llama.cpp uses LongRoPE's short factors only in a context of at most original_max_seq_len "
+                         f"tokens and its contexts are multiples of {LLAMA_CPP_CONTEXT_STEP}: with "
+                         f"original_max_seq_len={scaling['original_max_seq_len']} it would never compute them "
+                         f"(extend from a model trained on {LLAMA_CPP_CONTEXT_STEP} tokens or more)")
 
 
 def _check_gemma2(cfg: ModelConfig, arch: Arch) -> None:
@@ -235,6 +265,9 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, 
         if not name.startswith("layers.") or rest not in _LAYER:
             raise ValueError(f"tensor {name!r} has no GGUF counterpart for architecture {arch.name}")
         out[f"blk.{layer}.{_LAYER[rest]}"] = tensor.flatten() if rest == "ffn.shared_gate.weight" else tensor
+    if is_longrope(cfg):  # one list per kind, shared by every layer
+        for kind in ("long", "short"):
+            out[f"rope_factors_{kind}.weight"] = torch.tensor(cfg.rope_scaling[f"{kind}_factor"], dtype=torch.float32)
     return out
 
 def _tensor_type(name: str, tensor: torch.Tensor, ggml_type: str):
@@ -269,7 +302,7 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
     raise ValueError(f"llama.cpp has no pre-tokenizer known to match {kinds}; GGUF export supports our byte-level BPE")
 
 
-def _write_tokenizer(writer, tokenizer) -> None:
+def _write_tokenizer(writer, tokenizer, system_prompt: str | None) -> None:
     from gguf import TokenType
 
     data = json.loads(tokenizer.to_str())
@@ -296,7 +329,7 @@ def _write_tokenizer(writer, tokenizer) -> None:
     writer.add_add_bos_token(False)  # our models are trained without a BOS token
     writer.add_eos_token_id(ids[IM_END])  # a chat turn ends here; llama.cpp also stops at <|endoftext|>
     writer.add_pad_token_id(ids[ENDOFTEXT])
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(chatml_template(system_prompt))
 
 
 # ---- the file --------------------------------------------------------------------------------
@@ -345,8 +378,12 @@ def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None
         writer.add_rope_scaling_factor(float(scaling["factor"]))
         if scaling["type"] == "yarn":
             writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+    elif is_longrope(cfg):  # the factor lists are tensors (gguf_tensors); the cos/sin scale as ours computes it
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+        writer.add_rope_scaling_attn_factors(longrope_scale(scaling))
     elif scaling:
-        raise ValueError(f"RoPE scaling {scaling['type']!r} is not exported to GGUF; supported: linear, ntk, yarn")
+        raise ValueError(f"RoPE scaling {scaling['type']!r} is not exported to GGUF; supported: linear, ntk, yarn, "
+                         "longrope (Phi-3)")
     writer.add_rope_freq_base(theta)
 
 
@@ -367,8 +404,9 @@ def _write_deepseek_hparams(writer, cfg: ModelConfig) -> None:
 
 
 def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
-               ggml_type: str = "f16", name: str = "model") -> Path:
-    """Write one GGUF file (atomically: beside `path`, then renamed)."""
+               ggml_type: str = "f16", name: str = "model", system_prompt: str | None = None) -> Path:
+    """Write one GGUF file (atomically: beside `path`, then renamed); its chat template opens
+    with `system_prompt` when a conversation brings no system turn."""
     import gguf
 
     if ggml_type not in GGUF_TYPES:
@@ -383,7 +421,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     try:
         writer.add_name(name)
         _write_hparams(writer, cfg, arch, ggml_type)
-        _write_tokenizer(writer, tokenizer)
+        _write_tokenizer(writer, tokenizer, system_prompt)
         for tensor_name, tensor in tensors.items():
             qtype, data = _tensor_type(tensor_name, tensor, ggml_type)
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
@@ -397,10 +435,13 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     return path
 
 
-def ollama_modelfile(gguf_name: str) -> str:
-    """An Ollama Modelfile for a GGUF file in the same folder: ChatML turns, stop at the turn's end."""
+def ollama_modelfile(gguf_name: str, system_prompt: str | None = None) -> str:
+    """An Ollama Modelfile for a GGUF file in the same folder: ChatML turns, stop at the turn's
+    end, and the model's fine-tuning system prompt as Ollama's default SYSTEM message."""
+    system = f'SYSTEM """{system_prompt}"""\n' if system_prompt else ""
     return (
         f"FROM ./{gguf_name}\n"
+        f"{system}"
         'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
         '<|im_start|>assistant\n"""\n'

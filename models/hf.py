@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_lifecycle.models.atomic import atomic_dir
-from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow_vocab, load_model_dir
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow_vocab, load_model_dir, read_config
 from llm_lifecycle.models.config import ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
@@ -53,6 +53,20 @@ CHATML_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
     "{% endif %}"
 )
+
+
+
+def chatml_template(default_system: str | None = None) -> str:
+    """CHATML_TEMPLATE, with `default_system` as the system turn of a conversation that brings
+    none: the prompt the model was fine-tuned with (config.json `system_prompt`), so a chat
+    through transformers, llama.cpp or lm-eval reads what training read (Qwen2's template does
+    the same with its own default)."""
+    if default_system is None:
+        return CHATML_TEMPLATE
+    # JSON string escapes are Jinja string-literal escapes: quotes and newlines in the prompt stay text.
+    return ("{% if not messages or messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + "
+            + json.dumps(default_system, ensure_ascii=False) + " + '<|im_end|>\\n' }}{% endif %}" + CHATML_TEMPLATE)
+
 
 # ---- the family table --------------------------------------------------------------------------
 
@@ -756,7 +770,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             "additional_special_tokens": [IM_START, IM_END],
             "model_max_length": cfg.max_seq_len,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHATML_TEMPLATE,
+            "chat_template": chatml_template(read_config(model_dir).get("system_prompt")),
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
         (tmp / "special_tokens_map.json").write_text(

@@ -20,6 +20,7 @@ from llm_lifecycle.workflows.data.chat_data import (
     dpo_loss,
     encode_chat,
     encode_preference,
+    encode_reply,
     encode_prompt,
     load_conversations,
     load_preference_pairs,
@@ -270,6 +271,30 @@ def test_preference_batches_hold_chosen_and_rejected_replies(tokenizer, hh_pairs
             trained = targets[targets != IGNORE_INDEX].tolist()
             # Only the final reply is trained, not the earlier assistant turns of the prompt.
             assert tokenizer.decode(trained, skip_special_tokens=False) == reply + "<|im_end|>"
+
+
+def test_long_pairs_lose_the_prompts_oldest_tokens_not_the_reply(tokenizer, hh_pairs):
+    """Keep-end truncation (TRL's): a multi-turn hh-rlhf pair too long for max_len keeps its
+    final replies whole and the end of the prompt, so chosen and rejected still differ."""
+    max_len = 96
+    long = [(p, c, r) for p, c, r in hh_pairs
+            if len(encode_reply(tokenizer, p, "", 100_000)[0]) > max_len and max(len(c), len(r)) < 60][:5]
+    assert len(long) == 5
+    for prompt, chosen, rejected in long:
+        for (ids, mask), reply in zip(encode_preference(tokenizer, prompt, chosen, rejected, max_len), (chosen, rejected)):
+            whole, whole_mask = encode_reply(tokenizer, prompt, reply, 100_000)
+            assert len(ids) == max_len and ids == whole[-max_len:] and mask == whole_mask[-max_len:]
+            trained = [t for t, m in zip(ids, mask) if m]
+            assert tokenizer.decode(trained, skip_special_tokens=False) == reply + "<|im_end|>"
+    # A reply longer than half of max_len keeps its start and at least half of max_len.
+    prompt, chosen, _ = long[0]
+    ids, mask = encode_reply(tokenizer, prompt, chosen + " more words" * 200, max_len)
+    reply_alone, reply_mask = encode_reply(tokenizer, [], chosen + " more words" * 200, 100_000)
+    assert len(ids) == max_len and ids[max_len // 2:] == reply_alone[: max_len // 2]
+    assert mask == [0] * (max_len // 2) + reply_mask[: max_len // 2]
+    # Short chats are not cut at all.
+    short_prompt = [{"role": "user", "content": "Hi"}]
+    assert encode_reply(tokenizer, short_prompt, "Hello!", max_len) == encode_reply(tokenizer, short_prompt, "Hello!", 100_000)
 
 
 # ---- losses ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ template; an Ollama Modelfile sits beside it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import itertools
 
@@ -19,7 +20,7 @@ from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
-from llm_lifecycle.models.hf import CHATML_TEMPLATE
+from llm_lifecycle.models.hf import chatml_template
 from llm_lifecycle.models.presets import load_preset
 from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
 from llm_lifecycle.workflows.runner.stage import UserError
@@ -47,6 +48,10 @@ CASES = {
     "gemma2": dict(family="gemma2", mlp="geglu", scale_embeddings=True, post_norms=True, head_dim=24, n_kv_heads=1,
                    sliding_window=[8, None], attn_logit_softcap=5.0, final_logit_softcap=10.0),
     "phi3": dict(family="phi3", tie_embeddings=False),
+    # Phi-3's LongRoPE: factors of each kind uneven, so a swap or a misplaced list shows
+    "phi3 (longrope)": dict(family="phi3", tie_embeddings=False, max_seq_len=512, rope_scaling=dict(
+        type="longrope", factor=2.0, original_max_seq_len=256, short_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
+        long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0])),
     "phi2": dict(family="phi", norm="layernorm", mlp="gelu", parallel_block=True, rotary_pct=0.5, qkv_bias=True,
                  o_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False),
     # Qwen 1: multi-head, windows in the lower layer and LogN past 48 tokens (the file's context)
@@ -83,21 +88,22 @@ def tokenizer():
     return train_bpe([TEXT] * 20, vocab_size=320)
 
 
-def trained_model(tokenizer, case: str) -> Decoder:
+def trained_model(tokenizer, case: str, lengths: tuple[int, ...] = (97,)) -> Decoder:
     """A tiny model trained until it continues TEXT confidently, so a greedy continuation is a
-    real check (an untrained model's near-tied logits would flip on rounding noise)."""
+    real check (an untrained model's near-tied logits would flip on rounding noise); each step
+    on one sequence of each of `lengths` tokens."""
     torch.manual_seed(0)
     cfg = ModelConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), **CASES[case]})
     model = Decoder(cfg)
-    ids = torch.tensor(tokenizer.encode(TEXT * 3).ids[:97])
+    text = tokenizer.encode(TEXT * 8).ids
+    sequences = [torch.tensor(text[:n]) for n in lengths]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(100):  # untied heads need more than 60 steps
-        logits = model(ids[None, :-1]).logits[0]
-        loss = F.cross_entropy(logits, ids[1:])
+        losses = [F.cross_entropy(model(ids[None, :-1]).logits[0], ids[1:]) for ids in sequences]
         optimizer.zero_grad()
-        loss.backward()
+        sum(losses).backward()
         optimizer.step()
-    assert loss.item() < 0.5, "the tiny model did not learn the text"
+    assert max(loss.item() for loss in losses) < 0.5, "the tiny model did not learn the text"
     return model.eval()
 
 
@@ -106,10 +112,10 @@ def needs_llama_cpp() -> None:
           """CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install -c c.txt -e '.[llamacpp]'""")
 
 
-def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int) -> list[int]:
+def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int, n_ctx: int = 128) -> list[int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=128, n_threads=1, verbose=False)
+    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=1, verbose=False)
     out = [int(t) for t in itertools.islice(llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0), n)]
     llm.close()
     return out
@@ -208,6 +214,38 @@ def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, toke
     llm.close()
 
 
+def test_llama_cpp_runs_longrope_within_and_past_the_original_length_by_its_context_size(tmp_path, tokenizer):
+    """Phi-3's LongRoPE (original length 256): we pick the factor list by the sequence's length,
+    llama.cpp by the context it is given (rounded up to 256 tokens): the long list once that
+    context passes the original length, whatever the prompt. Trained on 200 tokens (short
+    factors) and 330 (long ones), so both continuations are confident."""
+    needs_llama_cpp()
+    model = trained_model(tokenizer, "phi3 (longrope)", lengths=(200, 330))
+    export_model(str(save_model_dir(tmp_path / "model", model, tokenizer)), tmp_path / "f16", "gguf", "f16")
+    gguf_file = tmp_path / "f16" / "f16-f16.gguf"
+    text = tokenizer.encode(TEXT * 8).ids
+    within, past = text[:200], text[:300]
+    # ours with the long factors at every length: what llama.cpp computes in a context past 256
+    scaling = model.cfg.rope_scaling
+    long_only = Decoder(dataclasses.replace(model.cfg, rope_scaling={**scaling, "short_factor": scaling["long_factor"]}))
+    long_only.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ours_within, ours_past = (model(torch.tensor([ids])).logits[0].numpy() for ids in (within, past))
+        ours_within_long = long_only.eval()(torch.tensor([within])).logits[0].numpy()
+
+    def off(theirs, ours):  # as a fraction of our largest logit
+        return np.abs(theirs - ours).max() / np.abs(ours).max()
+
+    assert off(llama_cpp_logits(gguf_file, within, n_ctx=256), ours_within) < 0.002  # short factors both
+    assert off(llama_cpp_logits(gguf_file, past, n_ctx=512), ours_past) < 0.002  # long factors both
+    # a prompt within the original length in a 512-token context: llama.cpp's long factors, not our short ones
+    theirs = llama_cpp_logits(gguf_file, within, n_ctx=512)
+    assert off(theirs, ours_within_long) < 0.002 and off(theirs, ours_within) > 0.05
+    # greedy: 200 + 12 tokens stay within the original length, 300 + 12 past it
+    for prompt, n_ctx in ((within, 256), (past, 512)):
+        assert llama_cpp_greedy(gguf_file, prompt, 12, n_ctx=n_ctx) == generate(model, [prompt], max_new_tokens=12)[0]
+
+
 @pytest.mark.parametrize("preset", ["qwen-small", "chatglm-small", "baichuan2-alibi-small"])
 def test_presets_without_a_transformers_layout_export_to_gguf(tmp_path, tokenizer, preset):
     """Qwen 1 (LogN, windows), ChatGLM (2D positions) and Baichuan 2 13B (ALiBi) have no
@@ -230,7 +268,7 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
 
     model = Decoder(ModelConfig(vocab_size=tokenizer.get_vocab_size(), dim=64, n_layers=2, n_heads=4,
                                 n_kv_heads=2, ffn_dim=96, max_seq_len=64))
-    model_dir = save_model_dir(tmp_path / "model", model, tokenizer)
+    model_dir = save_model_dir(tmp_path / "model", model, tokenizer, extra={"system_prompt": "Be brief."})
     export_model(str(model_dir), tmp_path / "tiny", "gguf", "q4_0")
     reader = GGUFReader(tmp_path / "tiny" / "tiny-q4_0.gguf")
 
@@ -239,7 +277,7 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
         return f.contents()
 
     assert field("general.architecture") == "llama"
-    assert field("tokenizer.chat_template") == CHATML_TEMPLATE
+    assert field("tokenizer.chat_template") == chatml_template("Be brief.")  # the fine-tuning prompt by default
     assert field("tokenizer.ggml.pre") == "refact"
     assert field("tokenizer.ggml.tokens")[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     # ChatML's tokens are control tokens, the chat markup (<think>, <tool_call>, ...) user-defined
@@ -253,6 +291,7 @@ def test_gguf_carries_tokenizer_chat_template_and_a_modelfile(tmp_path, tokenize
     assert len(reader.tensors) == len(gguf_tensors(model.cfg, model.state_dict()))
     modelfile = (tmp_path / "tiny" / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny-q4_0.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """Be brief."""' in modelfile
 
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer):
@@ -265,6 +304,10 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer):
     with pytest.raises(UserError, match="q2_k"):
         export_model(str(model_dir), tmp_path / "out", "gguf", "q2_k")
     assert not (tmp_path / "out").exists()
+    # LongRoPE extended from 128 tokens: llama.cpp's smallest context (256) already takes the long factors
+    longrope = {**CASES["phi3 (longrope)"]["rope_scaling"], "original_max_seq_len": 128}
+    with pytest.raises(ValueError, match="original_max_seq_len=128 it would never compute them"):
+        gguf_arch(ModelConfig(**{**TINY, **CASES["phi3 (longrope)"], "rope_scaling": longrope}))
 
 
 @pytest.mark.parametrize("change, message", [

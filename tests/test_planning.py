@@ -62,6 +62,16 @@ def test_block_sparse_plan_counts_the_mask_and_the_masked_scores():
     assert abs(dense["total"] - measured) / measured > 0.3  # uncounted, the plan would miss them
 
 
+def test_dual_chunk_attentions_scores_are_planned():
+    """DCA computes T x T scores itself (no fused kernel): the plan counts them; without them
+    it was 250.6 MiB against a measured 480.4."""
+    cfg = ModelConfig.from_dict({**load_preset("llama-small"), "max_seq_len": 1024, "dca_chunk": 64,
+                                 "dca_local_window": 16})
+    measured = measured_training_peak(cfg, batch=4, seq=512)
+    estimate = training_memory(shape_of(cfg), 4, 512, "fp32")["total"]
+    assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
+
+
 @pytest.mark.parametrize("preset", ["qwen3-moe-small", "deepseek-v2-small"])
 def test_kv_cache_estimate_equals_the_real_cache(preset):
     cfg = ModelConfig.from_dict(load_preset(preset))

@@ -31,14 +31,13 @@ REPLIES_B = ["#### 6", "7 + 8 = 15\n#### 15", "none"]
 
 
 def test_score_replies_reads_the_last_token_of_each_chat_alone_or_batched(tiny_rm):
-    from llm_lifecycle.workflows.data.chat_data import encode_chat
+    from llm_lifecycle.workflows.data.chat_data import encode_reply
     from llm_lifecycle.workflows.rl.reward_model import score_replies
 
     rm, tokenizer = tiny_rm
     batched = score_replies(rm, tokenizer, PROMPTS, REPLIES_A, "You are a helpful assistant.", batch_size=2)
     for prompt, reply, score in zip(PROMPTS, REPLIES_A, batched):
-        ids, _ = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": reply}], 64,
-                             default_system="You are a helpful assistant.")
+        ids, _ = encode_reply(tokenizer, prompt, reply, 64, default_system="You are a helpful assistant.")
         alone = rm(torch.tensor([ids]), torch.tensor([len(ids) - 1]))
         assert torch.allclose(alone, score, atol=1e-5)
     other_system = score_replies(rm, tokenizer, PROMPTS, REPLIES_A, "Judge safety.")

@@ -357,21 +357,33 @@ def encode_prompt(tokenizer, messages: Conversation, default_system: str | None 
     return ids + [special_token_id(tokenizer, IM_START), *header]
 
 
+def encode_reply(
+    tokenizer, prompt_messages: Conversation, reply: str, max_len: int, default_system: str | None = None,
+) -> Encoded:
+    """The chat `prompt_messages` + one assistant `reply`, masked on the reply only, cut to
+    `max_len` the way TRL's keep-end truncation cuts: the prompt loses its oldest tokens
+    first, so the reply — the only part preference pairs differ in, and what a reward model
+    reads at its last token — stays whole when it fits in half of `max_len`, or keeps its
+    start when longer. Reward-model training (encode_preference) and scoring (score_replies)
+    both cut this way, so they read the same tokens."""
+    prompt_ids, _ = _render(tokenizer, prompt_messages, default_system)
+    reply_ids, reply_mask = _render(tokenizer, [{"role": "assistant", "content": reply}], None)
+    prompt_room = min(len(prompt_ids), max(max_len // 2, max_len - len(reply_ids)))
+    prompt_ids = prompt_ids[len(prompt_ids) - prompt_room:]
+    reply_room = max_len - prompt_room
+    return prompt_ids + reply_ids[:reply_room], [0] * prompt_room + reply_mask[:reply_room]
+
+
 def encode_preference(
     tokenizer, prompt_messages: Conversation, chosen: str, rejected: str, max_len: int,
     default_system: str | None = None,
 ) -> tuple[Encoded, Encoded]:
-    """(encoded chosen chat, encoded rejected chat), each cut to `max_len`. Only the final
-    reply is masked in: earlier assistant turns belong to the prompt, which both sides share,
-    so they would cancel in the DPO margin and only add noise to an SFT term."""
-    prompt_ids, _ = _render(tokenizer, prompt_messages, default_system)
-
-    def encode(reply: str) -> Encoded:
-        reply_ids, reply_mask = _render(tokenizer, [{"role": "assistant", "content": reply}], None)
-        ids, mask = prompt_ids + reply_ids, [0] * len(prompt_ids) + reply_mask
-        return ids[:max_len], mask[:max_len]
-
-    return encode(chosen), encode(rejected)
+    """(encoded chosen chat, encoded rejected chat), each cut to `max_len` by encode_reply
+    (the prompt's oldest tokens go first). Only the final reply is masked in: earlier
+    assistant turns belong to the prompt, which both sides share, so they would cancel in
+    the DPO margin and only add noise to an SFT term."""
+    return (encode_reply(tokenizer, prompt_messages, chosen, max_len, default_system),
+            encode_reply(tokenizer, prompt_messages, rejected, max_len, default_system))
 
 
 # ---- deterministic batches ----------------------------------------------------------------------

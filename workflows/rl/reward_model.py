@@ -96,18 +96,19 @@ def heldout_accuracy(model: RewardModel, data: PairBatches) -> dict[str, float]:
 def score_replies(rm: RewardModel, tokenizer, prompts: list[list[dict]], replies: list[str],
                   system_prompt: str | None, batch_size: int = 16) -> torch.Tensor:
     """One score per (prompt conversation, assistant reply), read where training read it: the
-    last token of the ChatML chat, cut to the model's length as training cut its pairs.
+    last token of the ChatML chat, cut to the model's length as training cut its pairs (the
+    prompt's oldest tokens first: chat_data.encode_reply).
     `system_prompt` goes first when a conversation brings no system turn (the SFT model's
     prompt, or a conditional reward model's domain prompt)."""
-    from llm_lifecycle.workflows.data.chat_data import encode_chat
+    from llm_lifecycle.workflows.data.chat_data import encode_reply
 
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
     rm.eval()
     device = next(rm.parameters()).device
     max_len, pad = rm.max_len, pad_id_of(tokenizer)
-    rows = [encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": reply}], max_len,
-                        default_system=system_prompt)[0] for prompt, reply in zip(prompts, replies)]
+    rows = [encode_reply(tokenizer, prompt, reply, max_len, default_system=system_prompt)[0]
+            for prompt, reply in zip(prompts, replies)]
     scores = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

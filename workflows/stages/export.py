@@ -43,12 +43,14 @@ def verify_with_transformers(model_dir: Path, hf_dir: Path) -> tuple[str, float]
     return type(theirs).__name__, diff
 
 
-def llama_cpp_logits(gguf_file: Path, ids: list[int]):
-    """llama.cpp's logits [len(ids), vocab] for a prompt of token ids (llama-cpp-python)."""
+def llama_cpp_logits(gguf_file: Path, ids: list[int], n_ctx: int | None = None):
+    """llama.cpp's logits [len(ids), vocab] for a prompt of token ids (llama-cpp-python), in a
+    context of `n_ctx` tokens (default: the prompt's length; LongRoPE's factors depend on it)."""
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=max(64, len(ids)), logits_all=True, n_threads=1, verbose=False)
+    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx or max(64, len(ids)), logits_all=True, n_threads=1,
+                verbose=False)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)])
     llm.close()
@@ -79,10 +81,11 @@ def write_gguf_folder(model_dir: Path, out: Path, gguf_type: str, name: str) -> 
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer.json; a GGUF file embeds the tokenizer")
     filename = f"{name}-{gguf_type}.gguf"
+    system_prompt = read_config(model_dir).get("system_prompt")
     try:
         with atomic_dir(out) as tmp:
-            write_gguf(tmp / filename, model.cfg, model.state_dict(), tokenizer, gguf_type, name)
-            (tmp / "Modelfile").write_text(ollama_modelfile(filename), encoding="utf-8")
+            write_gguf(tmp / filename, model.cfg, model.state_dict(), tokenizer, gguf_type, name, system_prompt)
+            (tmp / "Modelfile").write_text(ollama_modelfile(filename, system_prompt), encoding="utf-8")
     except ValueError as err:
         raise UserError(f"cannot export {model_dir} to GGUF: {err}") from None
     return out / filename
