@@ -13,8 +13,9 @@ Layout facts that carry over from llama.cpp's own converter (convert_hf_to_gguf.
 - Quantized GGUF types work on blocks of 32 along a row: a tensor whose rows are not a whole
   number of blocks is written as F16; norms, biases and the MoE router stay F32.
 - llama.cpp picks Baichuan's RoPE or ALiBi variant by the depth (32 layers: 7B, RoPE; 40:
-  13B, ALiBi) and aborts on others; Baichuan models of other depths are written as llama
-  (RoPE) or refact (llama.cpp's llama-with-ALiBi), which compute the same.
+  13B, ALiBi; its baichuan reads no key for it) and at other depths runs neither; Baichuan
+  models of other depths are written as llama (RoPE) or refact (llama.cpp's llama-with-ALiBi),
+  which compute the same.
 
 Phi-3's LongRoPE goes in as llama.cpp's converter writes it: the short and long factor lists as
 the tensors rope_factors_short/rope_factors_long, the original length and LongRoPE's cos/sin scale
