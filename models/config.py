@@ -19,10 +19,10 @@ FAMILIES = (
 # imported by our own mapping (models/hf_remote.py); exported through the transformers
 # layout that computes the same where the model uses nothing else (models/hf.py: EXPORTS_AS),
 # to GGUF (models/gguf.py), or in our own format.
-FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
+FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3", "phi3small")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "geglu", "gelu")
+MLPS = ("swiglu", "geglu", "gelu", "gegelu")
 POSITIONS = ("rope", "alibi")
 MOE_BALANCE = ("micro_batch", "global_batch")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -38,7 +38,9 @@ class ModelConfig:
     n_kv_heads: int = 4  # == n_heads: MHA; 1: MQA; in between: GQA
     head_dim: int | None = None  # None: dim // n_heads
     norm: str = "rmsnorm"  # rmsnorm (LLaMA, Qwen) | layernorm (GPT-J, Phi, with bias)
-    mlp: str = "swiglu"  # swiglu | geglu (gated, GELU-tanh) | gelu (plain two-layer MLP)
+    # swiglu | geglu (gated, GELU-tanh) | gelu (plain two-layer MLP) | gegelu (Phi-3-small: quick
+    # GELU of the gate times (up + 1), both clamped at gegelu_limit)
+    mlp: str = "swiglu"
     ffn_dim: int | None = 688  # hidden size of the dense MLP; None: sized from dim (see _default_ffn_dim)
     ffn_multiple_of: int = 256  # the None sizing rounds up to a multiple of this (LLaMA's multiple_of)
     norm_eps: float = 1e-5
@@ -74,6 +76,24 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Phi-3-small block-sparse attention, on when blocksparse_block_size is set: positions in
+    # blocks of that many tokens; a query's block sees its blocksparse_local_blocks most recent
+    # blocks (its own included) and, before them, the vertical stripes: block b where
+    # (b + 1 + h * step) % blocksparse_vert_stride == 0 for head h, step = max(1, stride //
+    # n_heads), so the heads together cover every block (blocksparse_homo_heads: h = 0 for all).
+    # Layers i with (i + 1) % dense_attention_every_n_layers == 0 stay dense (0: none do).
+    blocksparse_block_size: int | None = None
+    blocksparse_local_blocks: int = 1
+    blocksparse_vert_stride: int = 1
+    blocksparse_homo_heads: bool = False
+    dense_attention_every_n_layers: int = 0
+    # mlp gegelu's clamp: the gate at most this, the linear half within +-this (null: no clamp)
+    gegelu_limit: float | None = None
+    # muP (Phi-3-small): token embeddings times embedding_multiplier (10) and logits divided by
+    # logit_divisor (its mup_width_multiplier, 8). Its attention scale mup_attn_multiplier /
+    # head_dim is query_pre_attn_scalar = (head_dim / mup_attn_multiplier)^2.
+    embedding_multiplier: float = 1.0
+    logit_divisor: float = 1.0
     qkv_bias: bool = False
     o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
@@ -177,6 +197,10 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and layer >= self.n_dense_layers
 
+    def is_block_sparse_layer(self, layer: int) -> bool:
+        every = self.dense_attention_every_n_layers
+        return self.blocksparse_block_size is not None and not (every and (layer + 1) % every == 0)
+
     def layer_windows(self) -> list[int | None]:
         """Each layer's attention window (None: full causal attention)."""
         if isinstance(self.sliding_window, list):
@@ -224,6 +248,8 @@ class ModelConfig:
         if self.logn_train_len is not None:
             _require_positive_int("logn_train_len", self.logn_train_len)
         self._validate_dual_chunk()
+        self._validate_block_sparse()
+        self._validate_mup()
         for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
@@ -245,7 +271,7 @@ class ModelConfig:
         if self.is_moe:
             if self.mlp_bias:
                 raise ValueError("mlp_bias applies to dense MLPs; MoE experts have no biases")
-            if self.mlp == "gelu":
+            if self.mlp in ("gelu", "gegelu"):
                 raise ValueError("MoE experts are gated MLPs; use mlp: swiglu or geglu with n_experts > 0")
             if not 1 <= self.n_experts_per_token <= self.n_experts:
                 raise ValueError(
@@ -258,6 +284,31 @@ class ModelConfig:
             self._validate_routing()
             if self.router_z_loss_coef < 0:
                 raise ValueError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
+
+    def _validate_block_sparse(self) -> None:
+        if self.blocksparse_block_size is None:
+            return
+        for name in ("blocksparse_block_size", "blocksparse_local_blocks", "blocksparse_vert_stride"):
+            _require_positive_int(name, getattr(self, name))
+        every = self.dense_attention_every_n_layers
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"dense_attention_every_n_layers must be an integer >= 0 (0: no dense layers), got {every!r}")
+        others = {"sliding_window": self.sliding_window is not None, "latent attention": self.is_mla,
+                  "dca_chunk": self.dca_chunk is not None}
+        clash = [name for name, on in others.items() if on]
+        if clash:
+            raise ValueError(f"blocksparse_block_size (block-sparse attention) cannot be combined with {', '.join(clash)}")
+
+    def _validate_mup(self) -> None:
+        for name in ("embedding_multiplier", "logit_divisor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        limit = self.gegelu_limit
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise ValueError(f"gegelu_limit must be a positive number or null, got {limit!r}")
+            if self.mlp != "gegelu":
+                raise ValueError(f"gegelu_limit clamps the gegelu MLP; it needs mlp: gegelu (got {self.mlp})")
 
     def _validate_mla(self) -> None:
         if not self.is_mla:
@@ -433,9 +484,27 @@ class ModelConfig:
         matmul_params = self.active_params() - self.vocab_size * self.dim
         if self.tie_embeddings:
             matmul_params += self.vocab_size * self.dim
-        context = sum(min(seq_len, w or seq_len) for w in self.layer_windows())
+        windows = self.layer_windows()
+        context = sum(self._block_sparse_keys(seq_len) if self.is_block_sparse_layer(i) else min(seq_len, w or seq_len)
+                      for i, w in enumerate(windows))
         attention = 12 * self.n_heads * self.head_dim * context
         return float(6 * matmul_params + attention)
+
+    def _block_sparse_keys(self, seq_len: int) -> float:
+        """Keys a query of a block-sparse layer attends to, averaged over the sequence's queries
+        and the heads: causal keys of its local blocks plus the whole stripe blocks before them."""
+        size, local, stride = self.blocksparse_block_size, self.blocksparse_local_blocks, self.blocksparse_vert_stride
+        step = max(1, stride // self.n_heads)
+        offsets = [0] if self.blocksparse_homo_heads else [h * step for h in range(self.n_heads)]
+        total = 0
+        for block in range(-(-seq_len // size)):
+            first = max(0, block - local + 1) * size  # where the local blocks start
+            positions = range(block * size, min(seq_len, (block + 1) * size))
+            local_keys = sum(p - first + 1 for p in positions)
+            # blocks b < first // size with (b + 1 + offset) % stride == 0, per head
+            stripes = sum((first // size + o) // stride - o // stride for o in offsets)
+            total += local_keys * len(offsets) + stripes * size * len(positions)
+        return total / (seq_len * len(offsets))
 
 
 def _require_type(name: str, value: Any, default: Any) -> None:

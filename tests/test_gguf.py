@@ -108,11 +108,19 @@ PRESET_ARCHS = {
     "baichuan": ["baichuan-7b", "baichuan-13b"],  # 32 layers: RoPE, 40: ALiBi
     "refact": ["baichuan-alibi-small", "baichuan2-alibi-small"],
     "deepseek2": ["deepseek-v2-small", "deepseek-v2", "deepseek-v3-small", "deepseek-v3"],
+    None: ["phi3-small-small", "phi3-small-7b"],  # llama.cpp has no Phi-3-small (block-sparse attention, muP)
 }
 
 
 def test_every_preset_exports_to_the_llama_cpp_architecture_the_docs_name():
-    archs = {preset: gguf_arch(ModelConfig(**load_preset(preset))).name for preset in list_presets()}
+    def arch(preset: str) -> str | None:
+        try:
+            return gguf_arch(ModelConfig(**load_preset(preset))).name
+        except ValueError as err:
+            assert "has no llama.cpp architecture" in str(err)
+            return None
+
+    archs = {preset: arch(preset) for preset in list_presets()}
     assert archs == {preset: arch for arch, presets in PRESET_ARCHS.items() for preset in presets}
 
 

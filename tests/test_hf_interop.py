@@ -230,6 +230,7 @@ NO_HF_LAYOUT = {
     "chatglm-small": "cannot hold rope_2d=True",  # ChatGLM2/3 (no 2D positions) is transformers' Glm
     "baichuan2-alibi-small": "cannot hold position='alibi'",
     "baichuan-alibi-small": "cannot hold position='alibi'",
+    "phi3-small-small": "family 'phi3small' has no transformers layout",  # Phi3SmallForCausalLM is remote code only
 }
 
 
