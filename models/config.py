@@ -287,6 +287,11 @@ class ModelConfig:
 
     def _validate_block_sparse(self) -> None:
         if self.blocksparse_block_size is None:
+            knobs = {"blocksparse_local_blocks": 1, "blocksparse_vert_stride": 1, "blocksparse_homo_heads": False,
+                     "dense_attention_every_n_layers": 0}
+            changed = [name for name, default in knobs.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} shape block-sparse attention; set blocksparse_block_size too")
             return
         for name in ("blocksparse_block_size", "blocksparse_local_blocks", "blocksparse_vert_stride"):
             _require_positive_int(name, getattr(self, name))

@@ -649,6 +649,7 @@ def test_invalid_knob_values_say_what_to_do():
         (dict(MOE, router_bias_update=0.001), "needs router_bias: true"),
         (dict(BLOCK_SPARSE, sliding_window=4), "block-sparse attention\\) cannot be combined with sliding_window"),
         (dict(blocksparse_block_size=0), "blocksparse_block_size must be a positive integer"),
+        (dict(blocksparse_vert_stride=4), "blocksparse_vert_stride shape block-sparse attention; set blocksparse_block_size"),
         (dict(BLOCK_SPARSE, dense_attention_every_n_layers=-1), "dense_attention_every_n_layers must be an integer >= 0"),
         (dict(MOE, mlp="gegelu"), "gated"),
         (dict(logit_divisor=0.0), "logit_divisor must be positive"),
