@@ -86,8 +86,9 @@ ARCHS = {
     "internlm2": Arch("internlm2", interleaved=True, requires={"qkv_bias": False, "o_bias": False}),
     "baichuan": Arch("baichuan", interleaved=True, holds=("position",)),
     "refact": Arch("refact", holds=("position",)),
-    # DeepSeek-V2 and V3: MLA written unabsorbed (attn_kv_b whole), which llama.cpp runs as plain attention
-    "deepseek2": Arch("deepseek2", interleaved=True),
+    # DeepSeek-V2 and V3: MLA written unabsorbed (attn_kv_b whole), which llama.cpp runs as plain attention;
+    # expert groups ranked by their two best scores (V3's rule, ours) with either router, V2's softmax too
+    "deepseek2": Arch("deepseek2", interleaved=True, holds=("n_expert_groups", "topk_groups")),
 }
 FAMILY_ARCHS = {
     "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",

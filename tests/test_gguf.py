@@ -21,7 +21,7 @@ from llm_lifecycle.models.decoder import Decoder
 from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
 from llm_lifecycle.models.hf import chatml_template
-from llm_lifecycle.models.presets import load_preset
+from llm_lifecycle.models.presets import list_presets, load_preset
 from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
 from llm_lifecycle.workflows.runner.stage import UserError
 from llm_lifecycle.workflows.data.bpe import train_bpe
@@ -66,12 +66,17 @@ CASES = {
     # key for it); other depths go through refact. Narrow, so 40 layers train in about 10 s.
     "baichuan": dict(family="baichuan", position="alibi", norm_head=True, n_kv_heads=2, n_layers=40, dim=32,
                      n_heads=2, ffn_dim=64, tie_embeddings=False),
+    # Baichuan 2 7B: llama.cpp's baichuan runs RoPE at 32 layers (interleaved pairs, NormHead folded)
+    "baichuan (7b)": dict(family="baichuan", norm_head=True, n_layers=32, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64,
+                          tie_embeddings=False),
     "refact": dict(family="baichuan", position="alibi", norm_head=True, n_kv_heads=4, tie_embeddings=False),
     "llama (mistral)": dict(family="mistral", sliding_window=32, tie_embeddings=False),
     "llama (mixtral)": dict(family="mixtral", n_experts=4, n_experts_per_token=2, moe_ffn_dim=64, tie_embeddings=False),
+    # DeepSeek-V2 with expert groups, as the full-size preset (softmax router; groups ranked by their best two)
     "deepseek2": dict(family="deepseek_v2", n_kv_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                       v_head_dim=8, n_experts=8, n_experts_per_token=2, moe_ffn_dim=16, n_shared_experts=2,
-                      n_dense_layers=1, routed_scale=1.5, norm_topk_prob=False, tie_embeddings=False),
+                      n_dense_layers=1, n_expert_groups=4, topk_groups=2, routed_scale=1.5, norm_topk_prob=False,
+                      tie_embeddings=False),
     "deepseek2 (v3)": dict(family="deepseek_v3", n_kv_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
                            qk_rope_head_dim=4, v_head_dim=8, n_experts=8, n_experts_per_token=3, moe_ffn_dim=16,
                            n_shared_experts=1, n_dense_layers=1, router_score="sigmoid", router_bias=True,
@@ -82,6 +87,41 @@ CASES = {
 def test_every_llama_cpp_architecture_we_write_has_a_case():
     assert {name.split()[0] for name in CASES} == set(ARCHS)
     assert {gguf_arch(ModelConfig(**{**TINY, **knobs})).name for knobs in CASES.values()} == set(ARCHS)
+
+
+# Every preset's llama.cpp architecture, as docs/models.md's GGUF column names it (each has a case above).
+PRESET_ARCHS = {
+    "llama": ["llama-small", "llama1-small", "llama1-65b", "llama2-small", "llama2-7b", "llama3-small", "llama3-8b",
+              "yi-small", "yi-6b", "yi-34b", "mistral-small", "mistral-7b", "mixtral-small", "mixtral-8x7b",
+              "internlm3-small", "internlm3-8b", "baichuan-small", "baichuan2-small"],
+    "qwen": ["qwen-small"],
+    "qwen2": ["qwen2-small", "qwen2-7b", "qwen2.5-small", "qwen2.5-72b"],
+    "qwen2moe": ["qwen2-moe-small", "qwen2-57b-a14b"],
+    "qwen3": ["qwen3-small"],
+    "qwen3moe": ["qwen3-moe-small", "qwen3-30b-a3b"],
+    "gemma": ["gemma-small", "gemma-7b"],
+    "gemma2": ["gemma2-small", "gemma2-9b"],
+    "phi2": ["phi-small", "phi-2"],
+    "phi3": ["phi3-mini-small", "phi3-mini"],
+    "chatglm": ["chatglm-small", "glm4-small", "glm4-9b"],
+    "internlm2": ["internlm2-small", "internlm2-7b"],
+    "baichuan": ["baichuan-7b", "baichuan-13b"],  # 32 layers: RoPE, 40: ALiBi
+    "refact": ["baichuan-alibi-small", "baichuan2-alibi-small"],
+    "deepseek2": ["deepseek-v2-small", "deepseek-v2", "deepseek-v3-small", "deepseek-v3"],
+    None: ["phi3-small-small", "phi3-small-7b"],  # llama.cpp has no Phi-3-small (block-sparse attention, muP)
+}
+
+
+def test_every_preset_exports_to_the_llama_cpp_architecture_the_docs_name():
+    def arch(preset: str) -> str | None:
+        try:
+            return gguf_arch(ModelConfig(**load_preset(preset))).name
+        except ValueError as err:
+            assert "has no llama.cpp architecture" in str(err)
+            return None
+
+    archs = {preset: arch(preset) for preset in list_presets()}
+    assert archs == {preset: arch for arch, presets in PRESET_ARCHS.items() for preset in presets}
 
 
 @pytest.fixture(autouse=True)
