@@ -1181,9 +1181,9 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _token_positions(past, seq, padding, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries' positions [T, 1] or [B, 1, T, 1], keys' [S] or [B, 1, 1, S]) as the model counts them: a
-        left-padded row's (`padding`: Bool[B, <= S], True for real tokens) from its first
-        real token, so padding does not move a token's block."""
+        """(queries' positions [T, 1] or [B, 1, T, 1], keys' [S] or [B, 1, 1, S]) as the model
+        counts them: a left-padded row's (`padding`: Bool[B, <= S], True for real tokens) from
+        its first real token, so padding does not move a token's block."""
         if padding is None:
             return torch.arange(past, past + seq, device=device)[:, None], torch.arange(past + seq, device=device)
         extra = past + seq - padding.size(1)
