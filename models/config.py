@@ -51,7 +51,9 @@ class ModelConfig:
     # None or {"type": "linear" | "ntk" | "yarn" | "llama3", "factor": float, "original_max_seq_len": int}
     # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4;
     # longrope, Phi-3's LongRoPE, takes per-frequency "short_factor" and "long_factor" lists, used
-    # while the sequence is within / past original_max_seq_len)
+    # while the sequence is within / past original_max_seq_len, and optionally the cos/sin scale of
+    # each, "short_mscale" and "long_mscale" (Phi-3-small-128k); without them both are
+    # sqrt(1 + ln(factor) / ln(original_max_seq_len)))
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     # Sliding-window attention: each query sees its last `sliding_window` keys (itself included).
@@ -376,7 +378,7 @@ class ModelConfig:
         if scaling.get("type") == "llama3":
             valid |= {"low_freq_factor", "high_freq_factor"}
         if scaling.get("type") == "longrope":
-            valid |= {"short_factor", "long_factor"}
+            valid |= {"short_factor", "long_factor", "short_mscale", "long_mscale"}
         unknown = set(scaling) - valid
         if unknown:
             raise ValueError(
@@ -404,6 +406,10 @@ class ModelConfig:
                         isinstance(f, (int, float)) and f > 0 for f in factors):
                     raise ValueError(f"rope_scaling.{key} must list {pairs} positive numbers, one per rotated "
                                      f"frequency (rotary dims / 2), got {factors!r}")
+            for key in ("short_mscale", "long_mscale"):
+                value = scaling.get(key, 1.0)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ValueError(f"rope_scaling.{key} must be a positive number, got {value!r}")
 
     def _validate_dual_chunk(self) -> None:
         if self.dca_chunk is None:

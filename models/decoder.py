@@ -64,9 +64,11 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: bool) -> tuple[torch.Tensor, float]:
     """Phi-3's LongRoPE: each frequency divided by its own searched factor (the short list
     while the sequence fits the original length, the long list past it), and cos/sin scaled
-    by sqrt(1 + ln(factor) / ln(original length))."""
-    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
-    return 1.0 / (factors * wavelength_base), longrope_scale(scaling)
+    by sqrt(1 + ln(factor) / ln(original length)), or by the given short_mscale / long_mscale
+    (Phi-3-small-128k)."""
+    kind = "long" if long else "short"
+    factors = torch.tensor(scaling[f"{kind}_factor"], dtype=torch.float32)
+    return 1.0 / (factors * wavelength_base), float(scaling.get(f"{kind}_mscale", longrope_scale(scaling)))
 
 
 def longrope_scale(scaling: dict) -> float:
@@ -135,13 +137,14 @@ class RotaryEmbedding(nn.Module):
         self._dynamic = (float(scaling["factor"]), scaling["original_max_seq_len"], cfg.rope_theta,
                          self.inv_freq.numel() * 2) if scaling.get("type") == "dynamic" else None
         self._dynamic_len = 0
-        # LongRoPE: the long factors' frequencies, used once a sequence passes the original length
+        # LongRoPE: the long factors' frequencies (and cos/sin scale), used once a sequence passes
+        # the original length
         self._longrope = None
         if scaling.get("type") == "longrope":
             dim = self.inv_freq.numel() * 2
             wavelength_base = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-            self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True)[0],
-                              self.inv_freq)
+            self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True),
+                              (self.inv_freq, self.scale))
 
     def forward(self, start: int, length: int, device: torch.device, position_ids: torch.Tensor | None = None,
                 table_len: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,10 +166,10 @@ class RotaryEmbedding(nn.Module):
 
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._longrope is not None:
-            original, long_freq, short_freq = self._longrope
-            wanted = long_freq if length > original else short_freq
+            original, long, short = self._longrope
+            wanted, scale = long if length > original else short
             if wanted is not self.inv_freq:  # crossed the original length (either way): new tables
-                self.inv_freq, self._tables = wanted, {}
+                self.inv_freq, self.scale, self._tables = wanted, scale, {}
         if self._dynamic is not None:
             factor, original, base, dim = self._dynamic
             seen = max(length, original)
@@ -1178,9 +1181,9 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _token_positions(past, seq, padding, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries' positions [T, 1] or [B, 1, T, 1], keys' [S] or [B, 1, 1, S]) as the model counts them: a
-        left-padded row's (`padding`: Bool[B, <= S], True for real tokens) from its first
-        real token, so padding does not move a token's block."""
+        """(queries' positions [T, 1] or [B, 1, T, 1], keys' [S] or [B, 1, 1, S]) as the model
+        counts them: a left-padded row's (`padding`: Bool[B, <= S], True for real tokens) from
+        its first real token, so padding does not move a token's block."""
         if padding is None:
             return torch.arange(past, past + seq, device=device)[:, None], torch.arange(past + seq, device=device)
         extra = past + seq - padding.size(1)

@@ -405,6 +405,10 @@ def check_exportable(cfg: ModelConfig) -> Family:
     if cfg.rope_scaling and cfg.rope_scaling["type"] not in family.rope_scalings:
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which cannot hold "
                          f"rope_scaling type {cfg.rope_scaling['type']!r} (it holds: {', '.join(family.rope_scalings)})")
+    mscales = sorted({"short_mscale", "long_mscale"} & set(cfg.rope_scaling or {}))
+    if mscales:  # transformers' and llama.cpp's LongRoPE derive one cos/sin scale from the factor
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, whose LongRoPE cannot hold "
+                         f"rope_scaling {' and '.join(mscales)}")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
     if family.layer_types:
         carried |= {"sliding_window", "window_layers"}

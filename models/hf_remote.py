@@ -250,11 +250,23 @@ def _phi3small_ffn(hf: dict[str, Any]) -> int:
     return -(-size // 256) * 256 if hf.get("gegelu_pad_to_256", True) else size
 
 
+def _phi3small_rope(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """Phi-3-small-128k's LongRoPE ({type: su or longrope, short/long factors, short/long
+    mscale, the original length inside or beside it}) as ours; the 8k model has none."""
+    scaling = hf.get("rope_scaling")
+    if not scaling:
+        return None
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind not in ("su", "longrope"):
+        raise ValueError(f"Phi-3-small RoPE scaling {kind!r} is not supported; supported: su / longrope (LongRoPE)")
+    original = scaling.get("original_max_position_embeddings") or hf["original_max_position_embeddings"]
+    ours = {"type": "longrope", "factor": max(1.0, hf["max_position_embeddings"] / original),
+            "original_max_seq_len": original, "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
+    return ours | {k: float(scaling[k]) for k in ("short_mscale", "long_mscale") if scaling.get(k) is not None}
+
+
 def _phi3small_config(hf: dict[str, Any]) -> ModelConfig:
     _require(hf, "Phi-3-small", hidden_act="gegelu", rope_position_scale=1.0)
-    if hf.get("rope_scaling"):
-        raise ValueError("Phi-3-small checkpoints with rope_scaling (the 128k LongRoPE variant) are not supported; "
-                         "the 8k ones are")
     heads, dim = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = dim // heads
     # muP: scores times mup_attn_multiplier / head_dim, i.e. query_pre_attn_scalar^-0.5 with this scalar
@@ -263,7 +275,7 @@ def _phi3small_config(hf: dict[str, Any]) -> ModelConfig:
         family="phi3small", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gegelu", gegelu_limit=hf.get("gegelu_limit"),
-        ffn_dim=_phi3small_ffn(hf), rope_theta=float(hf.get("rope_embedding_base", 1e6)),
+        ffn_dim=_phi3small_ffn(hf), rope_theta=float(hf.get("rope_embedding_base", 1e6)), rope_scaling=_phi3small_rope(hf),
         max_seq_len=hf.get("max_position_embeddings", 8192), qkv_bias=True, o_bias=True, mlp_bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         blocksparse_block_size=hf.get("blocksparse_block_size", 64),

@@ -215,8 +215,12 @@ def phi3small_logits(config: dict, t: dict[str, torch.Tensor], ids: torch.Tensor
     group, limit, eps = heads // kv_heads, config["gegelu_limit"], config["layer_norm_epsilon"]
     batch, seq = ids.shape
     inv_freq = 1.0 / config["rope_embedding_base"] ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+    mscale, scaling = 1.0, config.get("rope_scaling")
+    if scaling:  # 128k LongRoPE: per-frequency factors and a cos/sin scale, the long ones past the original length
+        kind = "long" if seq > scaling["original_max_position_embeddings"] else "short"
+        inv_freq, mscale = inv_freq / torch.tensor(scaling[f"{kind}_factor"]), scaling[f"{kind}_mscale"]
     angles = torch.arange(seq).float()[:, None] * inv_freq
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cos, sin = torch.cat((angles, angles), -1).cos() * mscale, torch.cat((angles, angles), -1).sin() * mscale
 
     def rope(x):  # rotate-half over the whole head
         return x * cos + torch.cat((-x[..., HEAD_DIM // 2 :], x[..., : HEAD_DIM // 2]), -1) * sin
@@ -270,6 +274,24 @@ def test_phi3_small_checkpoint_imports_with_its_published_forward(tmp_path):
         assert generate(ours, [prompt], 8) == [ids[30:]]
 
 
+def test_phi3_small_128k_longrope_imports_with_its_short_and_long_scales(tmp_path):
+    """Phi-3-small-128k: LongRoPE ({type: su}) with its own cos/sin scale for the short and the
+    long factors; within the original length (16 here) the short ones, past it the long ones."""
+    config = {**PHI3SMALL_CONFIG, "max_position_embeddings": 128, "rope_embedding_base": 10000, "rope_scaling": {
+        "type": "su", "original_max_position_embeddings": 16, "short_mscale": 1.1, "long_mscale": 1.3,
+        "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0], "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 8.0]}}
+    tensors = phi3small_tensors(config)
+    ours, _ = load_hf(write_checkpoint(tmp_path / "phi3small128k", config, tensors))
+    assert ours.cfg.rope_scaling == {"type": "longrope", "factor": 8.0, "original_max_seq_len": 16, "short_mscale": 1.1,
+                                     "long_mscale": 1.3, "short_factor": config["rope_scaling"]["short_factor"],
+                                     "long_factor": config["rope_scaling"]["long_factor"]}
+    with torch.no_grad():
+        for x in (prompts()[:, :12], prompts()):  # 12 tokens: short factors; 40: long
+            expected = phi3small_logits(config, tensors, x)
+            assert max_diff(ours(x).logits, expected) < 1e-4
+            assert max_diff(expected, phi3small_logits(PHI3SMALL_CONFIG | {"rope_embedding_base": 10000}, tensors, x)) > 0.1
+
+
 def test_phi3_small_has_no_transformers_or_llama_cpp_layout(tmp_path):
     """Phi3SmallForCausalLM exists only as remote code and llama.cpp has no phi3small
     architecture: export refuses in one line each; the auto export keeps our format."""
@@ -284,9 +306,19 @@ def test_phi3_small_has_no_transformers_or_llama_cpp_layout(tmp_path):
         export_hf(tmp_path / "ours", tmp_path / "exported")
     with pytest.raises(ValueError, match="family 'phi3small' has no llama.cpp architecture"):
         gguf_arch(ours.cfg)
-    folder = write_checkpoint(tmp_path / "long", {**PHI3SMALL_CONFIG, "rope_scaling": {"type": "su"}}, tensors)
-    with pytest.raises(ValueError, match="128k LongRoPE variant"):
+    folder = write_checkpoint(tmp_path / "yarn", {**PHI3SMALL_CONFIG, "rope_scaling": {"type": "yarn"}}, tensors)
+    with pytest.raises(ValueError, match="Phi-3-small RoPE scaling 'yarn' is not supported"):
         load_hf(folder)
+    # LongRoPE with its own short/long cos/sin scales has no layout in transformers' Phi3 either
+    from llm_lifecycle.models.config import ModelConfig
+    from llm_lifecycle.models.hf import check_exportable
+    from llm_lifecycle.models.presets import load_preset
+
+    longrope = {"type": "longrope", "factor": 2.0, "original_max_seq_len": 64, "short_factor": [1.0] * 16,
+                "long_factor": [2.0] * 16, "short_mscale": 1.0, "long_mscale": 1.2}
+    phi3 = ModelConfig.from_dict({**load_preset("phi3-mini-small"), "rope_scaling": longrope})
+    with pytest.raises(ValueError, match="whose LongRoPE cannot hold rope_scaling long_mscale and short_mscale"):
+        check_exportable(phi3)
 
 
 @pytest.mark.parametrize("family", list(CHECKPOINTS))
