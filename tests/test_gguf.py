@@ -22,7 +22,7 @@ from llm_lifecycle.models.generate import generate
 from llm_lifecycle.models.gguf import ARCHS, gguf_arch, gguf_tensors, write_gguf
 from llm_lifecycle.models.hf import chatml_template
 from llm_lifecycle.models.presets import list_presets, load_preset
-from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits
+from llm_lifecycle.workflows.stages.export import export_model, llama_cpp_logits, llama_cpp_quiet
 from llm_lifecycle.workflows.runner.stage import UserError
 from llm_lifecycle.workflows.data.bpe import train_bpe
 
@@ -167,15 +167,17 @@ def needs_llama_cpp() -> None:
 def llama_cpp_greedy(gguf_file, prompt_ids: list[int], n: int, n_ctx: int = 128) -> list[int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=1, verbose=False)
-    out = [int(t) for t in itertools.islice(llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0), n)]
-    llm.close()
+    with llama_cpp_quiet():
+        llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=1, verbose=False)
+        out = [int(t) for t in itertools.islice(llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0), n)]
+        llm.close()
     return out
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_llama_cpp_computes_our_logits_from_an_f32_file(tmp_path, tokenizer, case):
-    """The mapping alone, fast: random weights, no rounding but llama.cpp's F16 key/value cache."""
+def test_llama_cpp_computes_our_logits_from_an_f32_file(tmp_path, tokenizer, case, capfd):
+    """The mapping alone, fast: random weights, no rounding but llama.cpp's F16 key/value cache;
+    and llama.cpp prints nothing (its 256-token context passes most of these files' length)."""
     needs_llama_cpp()
     torch.manual_seed(0)
     model = Decoder(ModelConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), **CASES[case]})).eval()
@@ -185,7 +187,9 @@ def test_llama_cpp_computes_our_logits_from_an_f32_file(tmp_path, tokenizer, cas
             param.add_(0.05 * torch.randn_like(param))  # norms and biases away from 1 and 0
         ours = model(torch.tensor([ids])).logits[0].numpy()
     gguf_file = write_gguf(tmp_path / "model.gguf", model.cfg, model.state_dict(), tokenizer, "f32")
+    capfd.readouterr()
     assert np.abs(llama_cpp_logits(gguf_file, ids) - ours).max() < 0.002 * np.abs(ours).max()
+    assert capfd.readouterr() == ("", "")
 
 
 def q8_0_round(x: torch.Tensor) -> torch.Tensor:
