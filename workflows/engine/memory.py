@@ -144,19 +144,20 @@ def training_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str
     activations += block_sparse_memory(s, batch_size, seq_len, recompute)
     loss = head_loss_memory(s, tokens, act_bytes)
     if s.materialised_scores:
-        activations += score_memory(s, batch_size, seq_len, act_bytes)
+        activations += score_memory(s, batch_size, seq_len, act_bytes, recompute)
     return {"weights": weights, "optimizer": optimizer, "grads": grads, "activations": activations,
             "loss": loss, "total": weights + optimizer + max(activations + loss, grads)}
 
 
-def score_memory(s: ModelShape, batch_size: int, seq_len: int, act_bytes: float) -> float:
-    """Training bytes of materialised attention scores: each layer keeps its fp32 softmax
-    probabilities for backward (and their 16-bit copy in mixed precision), and one layer's
+def score_memory(s: ModelShape, batch_size: int, seq_len: int, act_bytes: float, recompute: bool) -> float:
+    """Training bytes of materialised attention scores: each layer (one at a time under
+    `recompute`) keeps its fp32 softmax probabilities for backward (and their 16-bit copy in
+    mixed precision), and one layer's
     backward holds about three more score matrices of a query block at a time (measured on
     llama-small with dca_chunk 64: 200.5 / 480.4 MiB peaks at 256 / 512 tokens, planned 213.6 /
     474.6)."""
     keys = batch_size * s.n_heads * seq_len * seq_len
-    kept = s.n_layers * keys * (4 + (act_bytes if act_bytes < 4 else 0))
+    kept = (1 if recompute else s.n_layers) * keys * (4 + (act_bytes if act_bytes < 4 else 0))
     return kept + 3 * 4.0 * batch_size * s.n_heads * min(seq_len, DCA_QUERY_BLOCK) * seq_len
 
 
