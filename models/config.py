@@ -26,6 +26,9 @@ MLPS = ("swiglu", "geglu", "gelu", "gegelu")
 POSITIONS = ("rope", "alibi")
 MOE_BALANCE = ("micro_batch", "global_batch")
 ROUTER_SCORES = ("softmax", "sigmoid")
+# How a group of experts is ranked for group-limited routing: by the sum of its two best
+# scores (DeepSeek-V3, noaux_tc) or by its best one (DeepSeek-V2, group_limited_greedy).
+EXPERT_GROUP_SCORES = ("top2_sum", "max")
 
 
 @dataclass
@@ -122,8 +125,8 @@ class ModelConfig:
     moe_balance: str = "micro_batch"
     # DeepSeek-V3 routing: sigmoid affinities; a per-expert bias (router_bias, adjusted for
     # balance instead of an aux loss) that only steers the top-k choice; experts in
-    # n_expert_groups groups of which each token may use topk_groups (ranked by the sum of a
-    # group's two best scores); the chosen weights times routed_scale.
+    # n_expert_groups groups of which each token may use topk_groups (ranked by
+    # expert_group_score); the chosen weights times routed_scale.
     router_score: str = "softmax"  # softmax | sigmoid
     router_bias: bool = False
     # DeepSeek-V3's auxiliary-loss-free balancing speed (gamma, 0.001 in the report): after
@@ -132,6 +135,8 @@ class ModelConfig:
     router_bias_update: float = 0.0
     n_expert_groups: int = 1
     topk_groups: int = 1
+    # a group's rank: "top2_sum", its two best scores summed (V3); "max", its best score (V2)
+    expert_group_score: str = "top2_sum"
     routed_scale: float = 1.0
     # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0: keys and values
     # are expanded from one kv_lora_rank latent per token (what the KV cache keeps, with the
@@ -337,6 +342,8 @@ class ModelConfig:
         if self.router_score not in ROUTER_SCORES:
             raise ValueError(f"router_score '{self.router_score}' is not one of {', '.join(ROUTER_SCORES)}")
         _require_positive_int("n_expert_groups", self.n_expert_groups)
+        if self.expert_group_score not in EXPERT_GROUP_SCORES:
+            raise ValueError(f"expert_group_score '{self.expert_group_score}' is not one of {', '.join(EXPERT_GROUP_SCORES)}")
         per_group = self.n_experts // self.n_expert_groups
         if self.n_experts % self.n_expert_groups or (self.n_expert_groups > 1 and per_group < 2):
             raise ValueError(

@@ -725,7 +725,7 @@ class MoE(nn.Module):
         self.act = mlp_activation(cfg.mlp)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.sigmoid, self.routed_scale = cfg.router_score == "sigmoid", cfg.routed_scale
-        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.topk_groups
+        self.n_groups, self.topk_groups, self.group_score = cfg.n_expert_groups, cfg.topk_groups, cfg.expert_group_score
         # DeepSeek-V3's balancing bias: steers which experts are chosen, never their weights.
         self.register_buffer("score_bias", torch.zeros(cfg.n_experts) if cfg.router_bias else None)
         self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
@@ -760,9 +760,13 @@ class MoE(nn.Module):
         """(router probabilities [N, E], top-k weights [N, k], top-k experts [N, k]), in fp32."""
         scores = logits.sigmoid() if self.sigmoid else F.softmax(logits, dim=-1)
         choice = scores if self.score_bias is None else scores + self.score_bias
-        if self.n_groups > 1:  # keep the topk_groups groups whose two best experts score highest
+        if self.n_groups > 1:  # keep the topk_groups best groups: by their best expert (V2) or best two (V3)
             grouped = choice.view(len(choice), self.n_groups, -1)
-            best_groups = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_groups, dim=-1).indices
+            if self.group_score == "max":
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            best_groups = group_scores.topk(self.topk_groups, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
         top_experts = choice.topk(self.top_k, dim=-1).indices

@@ -87,7 +87,8 @@ ARCHS = {
     "baichuan": Arch("baichuan", interleaved=True, holds=("position",)),
     "refact": Arch("refact", holds=("position",)),
     # DeepSeek-V2 and V3: MLA written unabsorbed (attn_kv_b whole), which llama.cpp runs as plain attention;
-    # expert groups ranked by their two best scores (V3's rule, ours) with either router, V2's softmax too
+    # expert groups ranked by their two best scores (V3's rule) with either router, V2's softmax too; V2's
+    # own rule (a group's best expert) it cannot run, so gguf_arch refuses it
     "deepseek2": Arch("deepseek2", interleaved=True, holds=("n_expert_groups", "topk_groups")),
 }
 FAMILY_ARCHS = {
@@ -172,6 +173,11 @@ def gguf_arch(cfg: ModelConfig) -> Arch:
         raise ValueError(f"llama.cpp's {arch.name} architecture needs multi-head attention (n_kv_heads = n_heads)")
     if arch.name == "deepseek2" and not cfg.n_shared_experts:
         raise ValueError("llama.cpp's deepseek2 architecture needs shared experts (n_shared_experts > 0)")
+    if cfg.n_expert_groups > 1 and cfg.expert_group_score != "top2_sum":
+        # llama.cpp's build_moe_ffn always sums each group's two best scores; no GGUF key says otherwise
+        raise ValueError(f"llama.cpp ranks expert groups by their two best experts (expert_group_score top2_sum); this "
+                         f"model's {cfg.expert_group_score!r} (DeepSeek-V2's group_limited_greedy) has no GGUF form: "
+                         "export it to transformers (format hf) or ours")
     if arch.name == "gemma2":
         _check_gemma2(cfg, arch)
     if is_longrope(cfg):

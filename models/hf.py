@@ -116,7 +116,7 @@ EXPERT_PROJS = {"ffn.w_gate": "gate_proj", "ffn.w_up": "up_proj", "ffn.w_down": 
 # Fields that only matter for MoE layers, and training settings no config.json needs to carry.
 MOE_FIELDS = (
     "n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "n_dense_layers",
-    "router_score", "router_bias", "n_expert_groups", "topk_groups", "routed_scale",
+    "router_score", "router_bias", "n_expert_groups", "topk_groups", "expert_group_score", "routed_scale",
 )
 TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "router_bias_update",
                  "ffn_multiple_of")
@@ -126,6 +126,30 @@ KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_loca
 # What transformers assumes when a config.json leaves a key out (where that differs from our default).
 HF_DEFAULTS = {"tie_word_embeddings": False}
 ZERO_IS_NONE = ("q_lora_rank",)  # config.json says "none" with null where we say 0
+
+
+@dataclass(frozen=True)
+class TopkMethod:
+    """What a DeepSeek layout's config.json `topk_method` says: `grouped`, the method that keeps
+    each token to its topk_group best of n_group expert groups, ranked by our expert_group_score
+    `group_score`; `plain`, the method that ignores groups (None: `grouped` with n_group 1)."""
+
+    grouped: str
+    group_score: str
+    plain: str | None = None
+
+    def for_config(self, cfg: ModelConfig) -> str:
+        return self.plain if self.plain and cfg.n_expert_groups == 1 else self.grouped
+
+    def fields(self, hf: dict[str, Any], architecture: str) -> dict[str, Any]:
+        """Our routing fields for the checkpoint's topk_method (absent: the class default, `plain` first)."""
+        method = hf.get("topk_method") or self.plain or self.grouped
+        if method == self.grouped:
+            return {"expert_group_score": self.group_score}
+        if method == self.plain:  # the file's n_group/topk_group, if any, are unused
+            return {"n_expert_groups": 1, "topk_groups": 1}
+        accepted = " or ".join(repr(m) for m in (self.grouped, self.plain) if m)
+        raise ValueError(f"{architecture} checkpoints with topk_method={method!r} are not supported (only {accepted})")
 
 
 @dataclass(frozen=True)
@@ -155,6 +179,7 @@ class Family:
     # per-layer windows as config.json's layer_types ("sliding_attention"/"full_attention") and
     # one sliding_window size (Gemma 2's alternating local and global layers)
     layer_types: bool = False
+    topk_method: TopkMethod | None = None  # DeepSeek's group-limited routing, as config.json names it
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
         """config.json key -> our field(s) (one key per field; a family's own key wins)."""
@@ -181,7 +206,7 @@ _DEEPSEEK_CONFIG = {
     "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
     "n_routed_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim", "n_shared_experts": "n_shared_experts",
     "first_k_dense_replace": "n_dense_layers", "routed_scaling_factor": "routed_scale",
-    "num_experts_per_tok": "n_experts_per_token",
+    "num_experts_per_tok": "n_experts_per_token", "n_group": "n_expert_groups", "topk_group": "topk_groups",
 }
 _MLA_NAMES = {
     "attn.wq_a.weight": "self_attn.q_a_proj.weight",
@@ -253,28 +278,31 @@ HF_FAMILIES: dict[str, Family] = {
         top={"norm.weight": "model.final_layernorm.weight", "norm.bias": "model.final_layernorm.bias"},
     ),
     # DeepSeek-V2: MLA, softmax routing without renormalisation, shared experts, dense first
-    # layers (transformers' group-limited variant is not supported: topk_method greedy only).
+    # layers; top-k over all experts (greedy) or within the best groups, each ranked by its best
+    # expert (group_limited_greedy, the released 236B's).
     "deepseek_v2": Family(
         "DeepseekV2ForCausalLM",
         config=_DEEPSEEK_CONFIG,
         implied={"norm_topk_prob": False},  # transformers' V2 router never renormalises
-        constants={**SILU, "attention_bias": False, "mlp_bias": False, "topk_method": "greedy"},
+        constants={**SILU, "attention_bias": False, "mlp_bias": False},
         names=_MLA_NAMES, moe=True, rope_interleaved=True,
+        topk_method=TopkMethod("group_limited_greedy", "max", plain="greedy"),
     ),
     # DeepSeek-V3: adds sigmoid routing with a balancing bias and group-limited top-k. Its
     # multi-token-prediction layers are not imported.
     "deepseek_v3": Family(
         "DeepseekV3ForCausalLM",
         config={
-            **_DEEPSEEK_CONFIG, "norm_topk_prob": "norm_topk_prob", "n_group": "n_expert_groups", "topk_group": "topk_groups",
+            **_DEEPSEEK_CONFIG, "norm_topk_prob": "norm_topk_prob",
         },
         implied={"router_score": "sigmoid", "router_bias": True},
         constants={
             **SILU, "attention_bias": False, "rope_interleave": True,
-            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
+            "scoring_func": "sigmoid", "moe_layer_freq": 1,
         },
         names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
         moe=True, rope_interleaved=True,
+        topk_method=TopkMethod("noaux_tc", "top2_sum"),  # groups ranked by their two best experts
     ),
     # Qwen2-MoE: Qwen3-MoE's routing without q/k-norm, plus a shared expert behind a per-token sigmoid gate
     "qwen2_moe": Family(
@@ -388,7 +416,8 @@ def _unused_fields(cfg: ModelConfig) -> set[str]:
     """Fields whose value does not change this model's computation."""
     if not cfg.is_moe:
         return set(MOE_FIELDS)
-    return set() if cfg.n_dense_layers else {"ffn_dim"}  # dense layers use ffn_dim
+    unused = set() if cfg.n_dense_layers else {"ffn_dim"}  # dense layers use ffn_dim
+    return unused | ({"expert_group_score"} if cfg.n_expert_groups == 1 else set())
 
 
 def check_exportable(cfg: ModelConfig) -> Family:
@@ -409,7 +438,13 @@ def check_exportable(cfg: ModelConfig) -> Family:
     if mscales:  # transformers' and llama.cpp's LongRoPE derive one cos/sin scale from the factor
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, whose LongRoPE cannot hold "
                          f"rope_scaling {' and '.join(mscales)}")
+    topk = family.topk_method
+    if topk and cfg.n_expert_groups > 1 and cfg.expert_group_score != topk.group_score:
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, whose topk_method {topk.grouped} "
+                         f"ranks expert groups by expert_group_score={topk.group_score!r}, not {cfg.expert_group_score!r}")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
+    if topk:
+        carried.add("expert_group_score")
     if family.layer_types:
         carried |= {"sliding_window", "window_layers"}
     skipped = _unused_fields(cfg) | set(TRAINING_ONLY) | set(FOLDED)
@@ -447,6 +482,8 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, A
         if config["query_pre_attn_scalar"] is None:  # ours then scales by head_dim^-0.5
             config["query_pre_attn_scalar"] = cfg.head_dim
     config.update({k: v[0] if isinstance(v, tuple) else v for k, v in family.constants.items()})
+    if family.topk_method:
+        config["topk_method"] = family.topk_method.for_config(cfg)
     config.update(
         attention_dropout=0.0,
         initializer_range=0.02,
@@ -518,6 +555,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if value is not None:
             fields.update(dict.fromkeys(ours, value) if isinstance(ours, tuple) else {ours: value})
     fields.setdefault("n_kv_heads", hf["num_attention_heads"])  # absent: multi-head attention
+    if family.topk_method:
+        fields.update(family.topk_method.fields(hf, family.architecture))
     if family.shared_width:  # one shared expert of that width = that many experts' worth of width
         width, expert = hf[family.shared_width], fields["moe_ffn_dim"]
         if width % expert:

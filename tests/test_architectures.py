@@ -510,6 +510,20 @@ def test_qwen2_moe_gates_the_shared_experts_per_token():
     assert gate.weight.shape == (1, 32)
 
 
+@pytest.mark.parametrize("rule, expert", [("max", 0), ("top2_sum", 2)])
+def test_expert_groups_ranked_by_their_best_expert_or_their_best_two(rule, expert):
+    """Group 0 holds the best expert alone, group 1 two good ones: DeepSeek-V2's rule keeps
+    group 0 (its best expert), V3's keeps group 1 (the larger sum of its best two)."""
+    moe = make(**{**MOE, "n_experts": 8, "n_experts_per_token": 1, "n_expert_groups": 4, "topk_groups": 1,
+                  "norm_topk_prob": False, "expert_group_score": rule}).layers[0].ffn
+    logits = torch.tensor([[3.0, -5.0, 2.5, 2.4, -5.0, -5.0, -5.0, -5.0]])
+    probs, weights, experts = moe._route(logits)
+    assert experts.tolist() == [[expert]]
+    assert weights.item() == pytest.approx(probs[0, expert].item())  # the softmax probability, as chosen
+    with pytest.raises(ValueError, match="expert_group_score 'min' is not one of top2_sum, max"):
+        ModelConfig(**{**MOE, "expert_group_score": "min"}).validate()
+
+
 def test_dense_first_layers():
     model = make(**{**MOE, "n_layers": 3, "n_dense_layers": 1})
     from llm_lifecycle.models.decoder import MLP, MoE

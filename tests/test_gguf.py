@@ -107,8 +107,10 @@ PRESET_ARCHS = {
     "internlm2": ["internlm2-small", "internlm2-7b"],
     "baichuan": ["baichuan-7b", "baichuan-13b"],  # 32 layers: RoPE, 40: ALiBi
     "refact": ["baichuan-alibi-small", "baichuan2-alibi-small"],
-    "deepseek2": ["deepseek-v2-small", "deepseek-v2", "deepseek-v3-small", "deepseek-v3"],
+    "deepseek2": ["deepseek-v2-small", "deepseek-v3-small", "deepseek-v3"],
     None: ["phi3-small-small", "phi3-small-7b"],  # llama.cpp has no Phi-3-small (block-sparse attention, muP)
+    # DeepSeek-V2's groups ranked by their best expert: llama.cpp's deepseek2 ranks them by the best two
+    "refused": ["deepseek-v2"],
 }
 
 
@@ -117,6 +119,8 @@ def test_every_preset_exports_to_the_llama_cpp_architecture_the_docs_name():
         try:
             return gguf_arch(ModelConfig(**load_preset(preset))).name
         except ValueError as err:
+            if "has no GGUF form" in str(err):
+                return "refused"
             assert "has no llama.cpp architecture" in str(err)
             return None
 
@@ -358,6 +362,24 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer):
     longrope = {**CASES["phi3 (longrope)"]["rope_scaling"], "original_max_seq_len": 128}
     with pytest.raises(ValueError, match="original_max_seq_len=128 it would never compute them"):
         gguf_arch(ModelConfig(**{**TINY, **CASES["phi3 (longrope)"], "rope_scaling": longrope}))
+
+
+def test_gguf_export_refuses_deepseek_v2_groups_ranked_by_their_best_expert(tmp_path, tokenizer):
+    """llama.cpp's deepseek2 ranks expert groups by their two best experts and reads no key for
+    V2's rule (its best expert): `llm export --format gguf` refuses in one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from llm_lifecycle.cli.app import app
+
+    case = {**TINY, **CASES["deepseek2"], "vocab_size": tokenizer.get_vocab_size()}
+    assert gguf_arch(ModelConfig(**case)).name == "deepseek2"  # the same groups ranked by their best two export
+    model_dir = save_model_dir(tmp_path / "model", Decoder(ModelConfig(**case, expert_group_score="max")), tokenizer)
+    result = CliRunner().invoke(app, ["export", "--model", str(model_dir), "--out", str(tmp_path / "out"),
+                                      "--format", "gguf"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert "expert_group_score top2_sum" in result.output and "'max'" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -7,6 +7,7 @@ logits; and greedy decoding gives the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,8 +21,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # noqa: E402
+from llm_lifecycle.models.decoder import Decoder, MoE  # noqa: E402
 from llm_lifecycle.models.generate import generate  # noqa: E402
-from llm_lifecycle.models.hf import export_hf, load_hf  # noqa: E402
+from llm_lifecycle.models.hf import check_exportable, config_from_hf, export_hf, load_hf  # noqa: E402
 
 VOCAB = 128
 TINY = dict(
@@ -132,18 +134,84 @@ def test_export_loads_in_transformers_with_our_logits(family):
         assert max_diff(reloaded(x).logits, ours(x).logits) < 1e-4
 
 
+def transformers_greedy(model, batch: list[list[int]], new_tokens: int = 8) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt."""
+    continuations = []
+    with torch.no_grad():
+        for prompt in batch:
+            out = model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )
+            continuations.append(out[0, len(prompt):].tolist())
+    return continuations
+
+
 def test_greedy_generation_matches_transformers(family):
     theirs, ours, _, _ = family
     batch = [prompts()[0, :12].tolist(), prompts()[1, :5].tolist()]
-    expected = []
+    assert generate(ours, batch, max_new_tokens=8) == transformers_greedy(theirs, batch)
+
+
+# DeepSeek-V2 as released (topk_method group_limited_greedy): here 8 experts in 4 groups of 2,
+# each token keeping 2 groups, each group ranked by its best expert.
+V2_GROUPS = dict(n_group=4, topk_group=2, topk_method="group_limited_greedy")
+
+
+def chosen_experts(model: Decoder, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each MoE layer's chosen experts per token [N, k] (sorted) for the prompts `x`."""
+    inputs = []
+    moes = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    hooks = [moe.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for moe in moes]
     with torch.no_grad():
-        for prompt in batch:
-            out = theirs.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
-            )
-            expected.append(out[0, len(prompt):].tolist())
-    assert generate(ours, batch, max_new_tokens=8) == expected
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        return [moe._route(moe.router(h.reshape(-1, h.size(-1))).float())[2].sort(dim=-1).values
+                for moe, h in zip(moes, inputs)]
+
+
+def test_deepseek_v2_group_limited_greedy_imports_and_exports_with_transformers_logits(tmp_path):
+    theirs = random_hf_model("deepseek_v2", **V2_GROUPS)
+    theirs.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+    ours, tokenizer = load_hf(tmp_path / "hf")
+    assert (ours.cfg.n_expert_groups, ours.cfg.topk_groups, ours.cfg.expert_group_score) == (4, 2, "max")
+    # the same weights ranking groups by their best two experts (V3's rule) choose other experts
+    v3_rule = Decoder(dataclasses.replace(ours.cfg, expert_group_score="top2_sum")).eval()
+    v3_rule.load_state_dict(ours.state_dict())
+    x = prompts()
+    differ = [(a != b).any(dim=-1).float().mean().item() for a, b in zip(chosen_experts(ours, x), chosen_experts(v3_rule, x))]
+    assert min(differ) > 0.05, differ
+    save_model_dir(tmp_path / "ours", ours, tokenizer)
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert {k: config[k] for k in V2_GROUPS} == V2_GROUPS
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert max_diff(ours(x).logits, expected) < 1e-4
+        assert max_diff(reloaded(x).logits, expected) < 1e-4
+        assert max_diff(v3_rule(x).logits, expected) > 1e-2
+    batch = [prompts()[0, :12].tolist(), prompts()[1, :5].tolist()]
+    assert generate(ours, batch, max_new_tokens=8) == transformers_greedy(theirs, batch)
+
+
+def test_deepseek_layouts_hold_only_their_own_group_rule():
+    """V2's config.json holds groups ranked by their best expert, V3's by their best two: export
+    refuses the other rule in one line; V2's plain greedy reads no groups."""
+    v2 = config_from_hf({**TINY, **FAMILIES["deepseek_v2"], "model_type": "deepseek_v2", "n_group": 4, "topk_group": 2})
+    assert (v2.n_expert_groups, v2.topk_groups) == (1, 1)  # topk_method greedy: transformers ignores the groups
+    grouped = config_from_hf({**TINY, **FAMILIES["deepseek_v2"], **V2_GROUPS, "model_type": "deepseek_v2"})
+    with pytest.raises(ValueError, match="topk_method group_limited_greedy ranks expert groups by "
+                                         "expert_group_score='max', not 'top2_sum'"):
+        check_exportable(dataclasses.replace(grouped, expert_group_score="top2_sum"))
+    v3 = config_from_hf({**TINY, **FAMILIES["deepseek_v3"], "model_type": "deepseek_v3"})
+    assert v3.expert_group_score == "top2_sum" and v3.n_expert_groups == 4
+    with pytest.raises(ValueError, match="topk_method noaux_tc ranks expert groups by expert_group_score='top2_sum'"):
+        check_exportable(dataclasses.replace(v3, expert_group_score="max"))
+    with pytest.raises(ValueError, match="topk_method='noaux_tc' are not supported \\(only 'group_limited_greedy' or 'greedy'\\)"):
+        config_from_hf({**TINY, **FAMILIES["deepseek_v2"], "model_type": "deepseek_v2", "topk_method": "noaux_tc"})
 
 
 def test_internlm3_imports_from_its_published_config_spelling(tmp_path):
