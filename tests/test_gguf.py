@@ -236,7 +236,9 @@ def logits_as_llama_cpp_runs_q8_0(model: Decoder, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, tokenizer, case):
+def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, tokenizer, case, record_property):
+    """Each case's figures (share of the largest logit) are test properties, which
+    `-o junit_family=xunit1 --junitxml=FILE` keeps."""
     needs_llama_cpp()
     import llama_cpp
 
@@ -258,6 +260,8 @@ def test_llama_cpp_runs_our_gguf_with_our_logits_and_continuation(tmp_path, toke
         gguf_file = tmp_path / gguf_type / f"{gguf_type}-{gguf_type}.gguf"
         theirs = llama_cpp_logits(gguf_file, prompt)
         difference = np.abs(theirs - references[gguf_type]).max()
+        record_property(f"{gguf_type}_vs_reference", round(float(difference / np.abs(ours).max()), 5))
+        record_property(f"{gguf_type}_vs_exact", round(float(np.abs(theirs - ours).max() / np.abs(ours).max()), 5))
         assert difference < tolerance, (gguf_type, difference / np.abs(ours).max())
         assert llama_cpp_greedy(gguf_file, prompt, 12) == ours_greedy, gguf_type
 
