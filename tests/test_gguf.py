@@ -386,6 +386,25 @@ def test_gguf_export_refuses_deepseek_v2_groups_ranked_by_their_best_expert(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_llama_cpp_ranks_deepseek2_expert_groups_by_their_best_two(tmp_path, tokenizer):
+    """Why V2's rule is refused: on the same weights, llama.cpp's logits are those of groups ranked
+    by their best two experts, far from those of groups ranked by their best one."""
+    needs_llama_cpp()
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(), **CASES["deepseek2"]})).eval()
+    v2_rule = Decoder(dataclasses.replace(model.cfg, expert_group_score="max")).eval()
+    ids = tokenizer.encode(TEXT).ids[:30]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        v2_rule.load_state_dict(model.state_dict())
+        ours, best_one = (m(torch.tensor([ids])).logits[0].numpy() for m in (model, v2_rule))
+    theirs = llama_cpp_logits(write_gguf(tmp_path / "model.gguf", model.cfg, model.state_dict(), tokenizer, "f32"), ids)
+    scale = np.abs(ours).max()
+    assert np.abs(theirs - ours).max() < 0.002 * scale
+    assert np.abs(theirs - best_one).max() > 0.02 * scale, np.abs(theirs - best_one).max() / scale
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(sliding_window=[None, 8]), "windows the even layers"),
     (dict(sliding_window=[8, 8]), "windows the even layers"),
