@@ -23,7 +23,11 @@ import transformers  # noqa: E402
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # noqa: E402
 from llm_lifecycle.models.decoder import Decoder, MoE  # noqa: E402
 from llm_lifecycle.models.generate import generate  # noqa: E402
-from llm_lifecycle.models.hf import check_exportable, config_from_hf, export_hf, load_hf  # noqa: E402
+from llm_lifecycle.models.config import ModelConfig  # noqa: E402
+from llm_lifecycle.models.hf import (  # noqa: E402
+    ENDOFTEXT, check_exportable, config_from_hf, export_hf, hf_config, load_hf,
+)
+from llm_lifecycle.models.presets import load_preset  # noqa: E402
 
 VOCAB = 128
 TINY = dict(
@@ -210,6 +214,10 @@ def test_deepseek_layouts_hold_only_their_own_group_rule():
     assert v3.expert_group_score == "top2_sum" and v3.n_expert_groups == 4
     with pytest.raises(ValueError, match="topk_method noaux_tc ranks expert groups by expert_group_score='top2_sum'"):
         check_exportable(dataclasses.replace(v3, expert_group_score="max"))
+    # the full-size preset is the released 236B's routing, and exports as it
+    preset = ModelConfig.from_dict(load_preset("deepseek-v2"))
+    written = hf_config(preset, {ENDOFTEXT: 0})
+    assert {k: written[k] for k in V2_GROUPS} == dict(n_group=8, topk_group=3, topk_method="group_limited_greedy")
     with pytest.raises(ValueError, match="topk_method='noaux_tc' are not supported \\(only 'group_limited_greedy' or 'greedy'\\)"):
         config_from_hf({**TINY, **FAMILIES["deepseek_v2"], "model_type": "deepseek_v2", "topk_method": "noaux_tc"})
 
