@@ -26,6 +26,7 @@ MLPS = ("swiglu", "geglu", "gelu", "gegelu")
 POSITIONS = ("rope", "alibi")
 MOE_BALANCE = ("micro_batch", "global_batch")
 ROUTER_SCORES = ("softmax", "sigmoid")
+YARN_MSCALES = ("mscale", "mscale_all_dim")  # DeepSeek's YaRN temperatures (rope_scaling keys)
 # How a group of experts is ranked for group-limited routing: by the sum of its two best
 # scores (DeepSeek-V3, noaux_tc) or by its best one (DeepSeek-V2, group_limited_greedy).
 EXPERT_GROUP_SCORES = ("top2_sum", "max")
@@ -56,7 +57,9 @@ class ModelConfig:
     # longrope, Phi-3's LongRoPE, takes per-frequency "short_factor" and "long_factor" lists, used
     # while the sequence is within / past original_max_seq_len, and optionally the cos/sin scale of
     # each, "short_mscale" and "long_mscale" (Phi-3-small-128k); without them both are
-    # sqrt(1 + ln(factor) / ln(original_max_seq_len)))
+    # sqrt(1 + ln(factor) / ln(original_max_seq_len)); yarn with MLA may take DeepSeek's "mscale" and
+    # "mscale_all_dim", together: cos/sin scaled by m(mscale) / m(mscale_all_dim) and every query-key
+    # score by m(mscale_all_dim)^2, m(x) = 0.1 x ln(factor) + 1, instead of cos/sin by m(1))
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     # Sliding-window attention: each query sees its last `sliding_window` keys (itself included).
@@ -386,6 +389,8 @@ class ModelConfig:
             valid |= {"low_freq_factor", "high_freq_factor"}
         if scaling.get("type") == "longrope":
             valid |= {"short_factor", "long_factor", "short_mscale", "long_mscale"}
+        if scaling.get("type") == "yarn":
+            valid |= set(YARN_MSCALES)
         unknown = set(scaling) - valid
         if unknown:
             raise ValueError(
@@ -403,6 +408,13 @@ class ModelConfig:
                     "rope_scaling.original_max_seq_len (the pretraining context length) is required for "
                     f"{scaling['type']}, got {original!r}"
                 )
+        mscales = [key for key in YARN_MSCALES if key in scaling]
+        if mscales and (len(mscales) < 2 or not self.is_mla):
+            raise ValueError("rope_scaling mscale and mscale_all_dim (DeepSeek's YaRN) go together and need MLA "
+                             "(kv_lora_rank > 0)")
+        for key in mscales:
+            if isinstance(scaling[key], bool) or not isinstance(scaling[key], (int, float)) or not scaling[key] > 0:
+                raise ValueError(f"rope_scaling.{key} must be a positive number, got {scaling[key]!r}")
         if scaling["type"] == "llama3" and not scaling.get("low_freq_factor", 1.0) < scaling.get("high_freq_factor", 4.0):
             raise ValueError("rope_scaling.low_freq_factor must be below high_freq_factor")
         if scaling["type"] == "longrope":

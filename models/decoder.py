@@ -53,7 +53,10 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         # Position interpolation: positions / factor, i.e. every frequency / factor.
         return 1.0 / (base**exponents) / factor, 1.0
     if kind == "yarn":
-        return _yarn_frequencies(base**exponents, dim, base, factor, scaling["original_max_seq_len"])
+        inv_freq, temperature = _yarn_frequencies(base**exponents, dim, base, factor, scaling["original_max_seq_len"])
+        if "mscale_all_dim" in scaling:  # DeepSeek: the rest of the temperature scales every dim (mla_score_scale)
+            temperature = yarn_mscale(factor, scaling["mscale"]) / yarn_mscale(factor, scaling["mscale_all_dim"])
+        return inv_freq, temperature
     if kind == "llama3":
         return _llama3_frequencies(1.0 / (base**exponents), factor, scaling), 1.0
     if kind == "longrope":  # the short factors; RotaryEmbedding swaps in the long ones past the original length
@@ -104,8 +107,21 @@ def _yarn_frequencies(wavelength_base: torch.Tensor, dim: int, base: float, fact
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (unchanged frequency), 0: interpolate (frequency / factor)
     inv_freq = (1.0 / (factor * wavelength_base)) * (1 - keep) + (1.0 / wavelength_base) * keep
-    temperature = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return inv_freq, temperature
+    return inv_freq, yarn_mscale(factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's temperature 0.1 mscale ln(factor) + 1 (1 when nothing is stretched)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def mla_score_scale(cfg: ModelConfig) -> float:
+    """The query-key score scale of MLA: head_dim^-0.5, times yarn_mscale(factor, mscale_all_dim)^2
+    under DeepSeek's YaRN (the non-rotated dims sharpened too, as DeepSeek's code does)."""
+    scaling = cfg.rope_scaling or {}
+    if "mscale_all_dim" not in scaling:
+        return cfg.head_dim**-0.5
+    return cfg.head_dim**-0.5 * yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
 
 
 def _llama3_frequencies(inv_freq: torch.Tensor, factor: float, scaling: dict) -> torch.Tensor:
@@ -549,7 +565,7 @@ class LatentAttention(nn.Module):
         super().__init__()
         self.layer_idx, self.n_heads = layer_idx, cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.kv_rank = cfg.kv_lora_rank
+        self.kv_rank, self.score_scale = cfg.kv_lora_rank, mla_score_scale(cfg)
         q_out = cfg.n_heads * cfg.head_dim
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -594,7 +610,7 @@ class LatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, -1, self.n_heads, -1)), dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, dims]
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask, scale=self.score_scale)
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_rot, cached, mask) -> torch.Tensor:
@@ -612,7 +628,7 @@ class LatentAttention(nn.Module):
             mask = mask.view(-1, 1, *mask.shape[-2:])[:, :, None].expand(-1, -1, heads, -1, -1).flatten(2, 3)
         out = F.scaled_dot_product_attention(
             query.reshape(batch, 1, heads * seq, width), cached, cached[..., : self.kv_rank], attn_mask=mask,
-            scale=(self.nope_dim + self.rope_dim) ** -0.5,
+            scale=self.score_scale,
         )
         return torch.einsum("bhtr,hvr->bthv", out.view(batch, heads, seq, -1), w_uv)
 

@@ -173,6 +173,12 @@ def gguf_arch(cfg: ModelConfig) -> Arch:
         raise ValueError(f"llama.cpp's {arch.name} architecture needs multi-head attention (n_kv_heads = n_heads)")
     if arch.name == "deepseek2" and not cfg.n_shared_experts:
         raise ValueError("llama.cpp's deepseek2 architecture needs shared experts (n_shared_experts > 0)")
+    yarn = cfg.rope_scaling if cfg.rope_scaling and cfg.rope_scaling["type"] == "yarn" else {}
+    if arch.name == "deepseek2" and yarn and yarn.get("mscale", 0) != yarn.get("mscale_all_dim"):
+        # measured with llama.cpp 0.3.36: plain YaRN 13-16% of the largest logit off, unequal mscales 1-16%
+        raise ValueError("llama.cpp's deepseek2 runs YaRN as DeepSeek's with mscale = mscale_all_dim (cos/sin "
+                         "unscaled, every score sharpened); this model's rope_scaling has no GGUF form: export it to "
+                         "transformers (format hf) or ours")
     if cfg.n_expert_groups > 1 and cfg.expert_group_score != "top2_sum":
         # llama.cpp's build_moe_ffn always sums each group's two best scores; no GGUF key says otherwise
         raise ValueError(f"llama.cpp ranks expert groups by their two best experts (expert_group_score top2_sum); this "
@@ -386,6 +392,8 @@ def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None
         writer.add_rope_scaling_factor(float(scaling["factor"]))
         if scaling["type"] == "yarn":
             writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+        if "mscale_all_dim" in scaling:  # DeepSeek's: every score times (1 + log_mul ln(factor))^2
+            writer.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
     elif is_longrope(cfg):  # the factor lists are tensors (gguf_tensors); the cos/sin scale as ours computes it
         writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
         writer.add_rope_scaling_attn_factors(longrope_scale(scaling))

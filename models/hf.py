@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_lifecycle.models.atomic import atomic_dir
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow_vocab, load_model_dir, read_config
-from llm_lifecycle.models.config import ModelConfig
+from llm_lifecycle.models.config import YARN_MSCALES, ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 # ChatML with Qwen's tool turns (workflows/data/chat_data.py renders the same text for training):
@@ -180,6 +180,7 @@ class Family:
     # one sliding_window size (Gemma 2's alternating local and global layers)
     layer_types: bool = False
     topk_method: TopkMethod | None = None  # DeepSeek's group-limited routing, as config.json names it
+    yarn_mscales: bool = False  # YaRN with DeepSeek's mscale/mscale_all_dim (its attention sharpens every dim)
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
         """config.json key -> our field(s) (one key per field; a family's own key wins)."""
@@ -285,7 +286,7 @@ HF_FAMILIES: dict[str, Family] = {
         config=_DEEPSEEK_CONFIG,
         implied={"norm_topk_prob": False},  # transformers' V2 router never renormalises
         constants={**SILU, "attention_bias": False, "mlp_bias": False},
-        names=_MLA_NAMES, moe=True, rope_interleaved=True,
+        names=_MLA_NAMES, moe=True, rope_interleaved=True, yarn_mscales=True,
         topk_method=TopkMethod("group_limited_greedy", "max", plain="greedy"),
     ),
     # DeepSeek-V3: adds sigmoid routing with a balancing bias and group-limited top-k. Its
@@ -301,7 +302,7 @@ HF_FAMILIES: dict[str, Family] = {
             "scoring_func": "sigmoid", "moe_layer_freq": 1,
         },
         names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
-        moe=True, rope_interleaved=True,
+        moe=True, rope_interleaved=True, yarn_mscales=True,
         topk_method=TopkMethod("noaux_tc", "top2_sum"),  # groups ranked by their two best experts
     ),
     # Qwen2-MoE: Qwen3-MoE's routing without q/k-norm, plus a shared expert behind a per-token sigmoid gate
@@ -513,6 +514,7 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "rope_type": "yarn",
             "factor": float(scaling["factor"]),
             "original_max_position_embeddings": scaling["original_max_seq_len"],
+            **{k: float(scaling[k]) for k in YARN_MSCALES if k in scaling},
         }
     elif scaling and scaling["type"] == "llama3":
         rope_scaling = {
@@ -564,7 +566,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         fields["n_shared_experts"] = width // expert
     if family.layer_types:
         fields["sliding_window"] = _windows_from_layer_types(hf)
-    fields.update(_rope_from_hf(hf))
+    fields.update(_rope_from_hf(hf, family.yarn_mscales))
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
@@ -590,8 +592,9 @@ def _hf_value(hf: dict[str, Any], key: str, family: Family) -> Any:
     return {**HF_DEFAULTS, **family.defaults}.get(key)
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """rope_theta and rope_scaling from either the classic keys or transformers 5's rope_parameters."""
+def _rope_from_hf(hf: dict[str, Any], yarn_mscales: bool = False) -> dict[str, Any]:
+    """rope_theta and rope_scaling from either the classic keys or transformers 5's rope_parameters;
+    `yarn_mscales`: the family's YaRN may carry DeepSeek's mscale and mscale_all_dim."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
     kind = params.get("rope_type") or params.get("type") or "default"
@@ -602,11 +605,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if kind in ("longrope", "su") or (kind == "yarn" and hf.get("model_type") == "phi3"):
         return {"rope_theta": theta, "rope_scaling": _longrope_from_hf(hf, params)}
     if kind == "yarn":
-        tuned = {k: params[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if params.get(k) is not None}
+        mscales = {k: float(params[k]) for k in YARN_MSCALES if params.get(k)} if yarn_mscales else {}
+        tuned = {k for k in ("attention_factor", *YARN_MSCALES) if params.get(k) is not None} - set(mscales)
         if tuned or params.get("beta_fast", 32) != 32 or params.get("beta_slow", 1) != 1 or params.get("truncate") is False:
             raise ValueError(f"YaRN with non-default parameters is not supported: {params}")
         original = params.get("original_max_position_embeddings") or hf["max_position_embeddings"]
-        return {"rope_theta": theta, "rope_scaling": {"type": "yarn", "factor": float(params["factor"]), "original_max_seq_len": int(original)}}
+        return {"rope_theta": theta, "rope_scaling": {"type": "yarn", "factor": float(params["factor"]),
+                                                      "original_max_seq_len": int(original), **mscales}}
     if kind == "llama3":
         return {"rope_theta": theta, "rope_scaling": {
             "type": "llama3",

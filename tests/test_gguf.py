@@ -82,6 +82,9 @@ CASES = {
                            n_shared_experts=1, n_dense_layers=1, router_score="sigmoid", router_bias=True,
                            n_expert_groups=4, topk_groups=2, routed_scale=2.5, tie_embeddings=False),
 }
+# DeepSeek's YaRN as the released V2 writes it (mscale = mscale_all_dim), past its original 16 tokens
+CASES["deepseek2 (yarn)"] = {**CASES["deepseek2"], "rope_scaling": dict(
+    type="yarn", factor=4.0, original_max_seq_len=16, mscale=0.707, mscale_all_dim=0.707)}
 
 
 def test_every_llama_cpp_architecture_we_write_has_a_case():
@@ -403,6 +406,15 @@ def test_llama_cpp_ranks_deepseek2_expert_groups_by_their_best_two(tmp_path, tok
     scale = np.abs(ours).max()
     assert np.abs(theirs - ours).max() < 0.002 * scale
     assert np.abs(theirs - best_one).max() > 0.02 * scale, np.abs(theirs - best_one).max() / scale
+
+
+@pytest.mark.parametrize("scaling", [dict(), dict(mscale=1.0, mscale_all_dim=0.707)])
+def test_deepseek2_gguf_holds_yarn_only_as_deepseek_writes_it(scaling):
+    """llama.cpp's deepseek2 leaves cos/sin unscaled and sharpens every score: plain YaRN (ours
+    scales cos/sin) and unequal mscales compute otherwise there, so export refuses them."""
+    yarn = dict(type="yarn", factor=4.0, original_max_seq_len=16, **scaling)
+    with pytest.raises(ValueError, match="runs YaRN as DeepSeek's with mscale = mscale_all_dim"):
+        gguf_arch(ModelConfig(**{**TINY, **CASES["deepseek2"], "rope_scaling": yarn}))
 
 
 @pytest.mark.parametrize("change, message", [
