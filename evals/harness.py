@@ -100,6 +100,7 @@ class LifecycleLM(LM):
         progress=None,
         thinking: str = "",
         thinking_budget: int = 0,
+        system_prompt: str | None = None,
     ):
         super().__init__()
         from llm_lifecycle.models.generate import thinking_budget as budget_steer
@@ -107,6 +108,7 @@ class LifecycleLM(LM):
         budget_steer(tokenizer, thinking_budget)  # a bad budget or a tokenizer without <think> fails here
         self.progress = progress
         self.thinking, self.thinking_budget = thinking, thinking_budget
+        self.system_prompt = system_prompt  # chat prompts without a system turn get the fine-tuning one
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self._device = torch.device(device)
@@ -148,9 +150,9 @@ class LifecycleLM(LM):
         return "llm-lifecycle-chatml"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        from llm_lifecycle.models.hf import CHATML_TEMPLATE
+        from llm_lifecycle.models.hf import chatml_template
 
-        return CHATML_TEMPLATE
+        return chatml_template(self.system_prompt)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """ChatML, the template our SFT stage trains with and our Hugging Face export ships."""

@@ -1,5 +1,5 @@
 """The markup of Qwen's chat extensions to ChatML, shared by training (workflows/data/chat_data.py),
-generation and the exported template (models/hf.py CHATML_TEMPLATE).
+generation and the exported template (models/hf.py chatml_template).
 
 - Thinking (Qwen3): a reply opens with `<think>\\n...\\n</think>\\n\\n`, its reasoning; a
   non-thinking reply with the empty block. A user turn ending in ` /think` or ` /no_think`

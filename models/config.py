@@ -19,13 +19,17 @@ FAMILIES = (
 # imported by our own mapping (models/hf_remote.py); exported through the transformers
 # layout that computes the same where the model uses nothing else (models/hf.py: EXPORTS_AS),
 # to GGUF (models/gguf.py), or in our own format.
-FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3")
+FAMILIES += ("qwen", "baichuan", "chatglm", "internlm2", "qwen2_moe", "phi3", "phi3small")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "geglu", "gelu")
+MLPS = ("swiglu", "geglu", "gelu", "gegelu")
 POSITIONS = ("rope", "alibi")
 MOE_BALANCE = ("micro_batch", "global_batch")
 ROUTER_SCORES = ("softmax", "sigmoid")
+YARN_MSCALES = ("mscale", "mscale_all_dim")  # DeepSeek's YaRN temperatures (rope_scaling keys)
+# How a group of experts is ranked for group-limited routing: by the sum of its two best
+# scores (DeepSeek-V3, noaux_tc) or by its best one (DeepSeek-V2, group_limited_greedy).
+EXPERT_GROUP_SCORES = ("top2_sum", "max")
 
 
 @dataclass
@@ -38,7 +42,9 @@ class ModelConfig:
     n_kv_heads: int = 4  # == n_heads: MHA; 1: MQA; in between: GQA
     head_dim: int | None = None  # None: dim // n_heads
     norm: str = "rmsnorm"  # rmsnorm (LLaMA, Qwen) | layernorm (GPT-J, Phi, with bias)
-    mlp: str = "swiglu"  # swiglu | geglu (gated, GELU-tanh) | gelu (plain two-layer MLP)
+    # swiglu | geglu (gated, GELU-tanh) | gelu (plain two-layer MLP) | gegelu (Phi-3-small: quick
+    # GELU of the gate times (up + 1), both clamped at gegelu_limit)
+    mlp: str = "swiglu"
     ffn_dim: int | None = 688  # hidden size of the dense MLP; None: sized from dim (see _default_ffn_dim)
     ffn_multiple_of: int = 256  # the None sizing rounds up to a multiple of this (LLaMA's multiple_of)
     norm_eps: float = 1e-5
@@ -49,7 +55,11 @@ class ModelConfig:
     # None or {"type": "linear" | "ntk" | "yarn" | "llama3", "factor": float, "original_max_seq_len": int}
     # (llama3, the Llama 3.1 rule, also takes "low_freq_factor" and "high_freq_factor", default 1 and 4;
     # longrope, Phi-3's LongRoPE, takes per-frequency "short_factor" and "long_factor" lists, used
-    # while the sequence is within / past original_max_seq_len)
+    # while the sequence is within / past original_max_seq_len, and optionally the cos/sin scale of
+    # each, "short_mscale" and "long_mscale" (Phi-3-small-128k); without them both are
+    # sqrt(1 + ln(factor) / ln(original_max_seq_len)); yarn with MLA may take DeepSeek's "mscale" and
+    # "mscale_all_dim", together: cos/sin scaled by m(mscale) / m(mscale_all_dim) and every query-key
+    # score by m(mscale_all_dim)^2, m(x) = 0.1 x ln(factor) + 1, instead of cos/sin by m(1))
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 256
     # Sliding-window attention: each query sees its last `sliding_window` keys (itself included).
@@ -74,6 +84,24 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Phi-3-small block-sparse attention, on when blocksparse_block_size is set: positions in
+    # blocks of that many tokens; a query's block sees its blocksparse_local_blocks most recent
+    # blocks (its own included) and, before them, the vertical stripes: block b where
+    # (b + 1 + h * step) % blocksparse_vert_stride == 0 for head h, step = max(1, stride //
+    # n_heads), so the heads together cover every block (blocksparse_homo_heads: h = 0 for all).
+    # Layers i with (i + 1) % dense_attention_every_n_layers == 0 stay dense (0: none do).
+    blocksparse_block_size: int | None = None
+    blocksparse_local_blocks: int = 1
+    blocksparse_vert_stride: int = 1
+    blocksparse_homo_heads: bool = False
+    dense_attention_every_n_layers: int = 0
+    # mlp gegelu's clamp: the gate at most this, the linear half within +-this (null: no clamp)
+    gegelu_limit: float | None = None
+    # muP (Phi-3-small): token embeddings times embedding_multiplier (10) and logits divided by
+    # logit_divisor (its mup_width_multiplier, 8). Its attention scale mup_attn_multiplier /
+    # head_dim is query_pre_attn_scalar = (head_dim / mup_attn_multiplier)^2.
+    embedding_multiplier: float = 1.0
+    logit_divisor: float = 1.0
     qkv_bias: bool = False
     o_bias: bool = False  # bias on the attention output projection (Phi; Llama/Qwen3 `attention_bias`)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
@@ -100,8 +128,8 @@ class ModelConfig:
     moe_balance: str = "micro_batch"
     # DeepSeek-V3 routing: sigmoid affinities; a per-expert bias (router_bias, adjusted for
     # balance instead of an aux loss) that only steers the top-k choice; experts in
-    # n_expert_groups groups of which each token may use topk_groups (ranked by the sum of a
-    # group's two best scores); the chosen weights times routed_scale.
+    # n_expert_groups groups of which each token may use topk_groups (ranked by
+    # expert_group_score); the chosen weights times routed_scale.
     router_score: str = "softmax"  # softmax | sigmoid
     router_bias: bool = False
     # DeepSeek-V3's auxiliary-loss-free balancing speed (gamma, 0.001 in the report): after
@@ -110,6 +138,8 @@ class ModelConfig:
     router_bias_update: float = 0.0
     n_expert_groups: int = 1
     topk_groups: int = 1
+    # a group's rank: "top2_sum", its two best scores summed (V3); "max", its best score (V2)
+    expert_group_score: str = "top2_sum"
     routed_scale: float = 1.0
     # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0: keys and values
     # are expanded from one kv_lora_rank latent per token (what the KV cache keeps, with the
@@ -177,6 +207,10 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and layer >= self.n_dense_layers
 
+    def is_block_sparse_layer(self, layer: int) -> bool:
+        every = self.dense_attention_every_n_layers
+        return self.blocksparse_block_size is not None and not (every and (layer + 1) % every == 0)
+
     def layer_windows(self) -> list[int | None]:
         """Each layer's attention window (None: full causal attention)."""
         if isinstance(self.sliding_window, list):
@@ -224,6 +258,8 @@ class ModelConfig:
         if self.logn_train_len is not None:
             _require_positive_int("logn_train_len", self.logn_train_len)
         self._validate_dual_chunk()
+        self._validate_block_sparse()
+        self._validate_mup()
         for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
@@ -245,7 +281,7 @@ class ModelConfig:
         if self.is_moe:
             if self.mlp_bias:
                 raise ValueError("mlp_bias applies to dense MLPs; MoE experts have no biases")
-            if self.mlp == "gelu":
+            if self.mlp in ("gelu", "gegelu"):
                 raise ValueError("MoE experts are gated MLPs; use mlp: swiglu or geglu with n_experts > 0")
             if not 1 <= self.n_experts_per_token <= self.n_experts:
                 raise ValueError(
@@ -258,6 +294,36 @@ class ModelConfig:
             self._validate_routing()
             if self.router_z_loss_coef < 0:
                 raise ValueError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
+
+    def _validate_block_sparse(self) -> None:
+        if self.blocksparse_block_size is None:
+            knobs = {"blocksparse_local_blocks": 1, "blocksparse_vert_stride": 1, "blocksparse_homo_heads": False,
+                     "dense_attention_every_n_layers": 0}
+            changed = [name for name, default in knobs.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} shape block-sparse attention; set blocksparse_block_size too")
+            return
+        for name in ("blocksparse_block_size", "blocksparse_local_blocks", "blocksparse_vert_stride"):
+            _require_positive_int(name, getattr(self, name))
+        every = self.dense_attention_every_n_layers
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"dense_attention_every_n_layers must be an integer >= 0 (0: no dense layers), got {every!r}")
+        others = {"sliding_window": self.sliding_window is not None, "latent attention": self.is_mla,
+                  "dca_chunk": self.dca_chunk is not None}
+        clash = [name for name, on in others.items() if on]
+        if clash:
+            raise ValueError(f"blocksparse_block_size (block-sparse attention) cannot be combined with {', '.join(clash)}")
+
+    def _validate_mup(self) -> None:
+        for name in ("embedding_multiplier", "logit_divisor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        limit = self.gegelu_limit
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise ValueError(f"gegelu_limit must be a positive number or null, got {limit!r}")
+            if self.mlp != "gegelu":
+                raise ValueError(f"gegelu_limit clamps the gegelu MLP; it needs mlp: gegelu (got {self.mlp})")
 
     def _validate_mla(self) -> None:
         if not self.is_mla:
@@ -279,6 +345,8 @@ class ModelConfig:
         if self.router_score not in ROUTER_SCORES:
             raise ValueError(f"router_score '{self.router_score}' is not one of {', '.join(ROUTER_SCORES)}")
         _require_positive_int("n_expert_groups", self.n_expert_groups)
+        if self.expert_group_score not in EXPERT_GROUP_SCORES:
+            raise ValueError(f"expert_group_score '{self.expert_group_score}' is not one of {', '.join(EXPERT_GROUP_SCORES)}")
         per_group = self.n_experts // self.n_expert_groups
         if self.n_experts % self.n_expert_groups or (self.n_expert_groups > 1 and per_group < 2):
             raise ValueError(
@@ -320,7 +388,9 @@ class ModelConfig:
         if scaling.get("type") == "llama3":
             valid |= {"low_freq_factor", "high_freq_factor"}
         if scaling.get("type") == "longrope":
-            valid |= {"short_factor", "long_factor"}
+            valid |= {"short_factor", "long_factor", "short_mscale", "long_mscale"}
+        if scaling.get("type") == "yarn":
+            valid |= set(YARN_MSCALES)
         unknown = set(scaling) - valid
         if unknown:
             raise ValueError(
@@ -338,6 +408,13 @@ class ModelConfig:
                     "rope_scaling.original_max_seq_len (the pretraining context length) is required for "
                     f"{scaling['type']}, got {original!r}"
                 )
+        mscales = [key for key in YARN_MSCALES if key in scaling]
+        if mscales and (len(mscales) < 2 or not self.is_mla):
+            raise ValueError("rope_scaling mscale and mscale_all_dim (DeepSeek's YaRN) go together and need MLA "
+                             "(kv_lora_rank > 0)")
+        for key in mscales:
+            if isinstance(scaling[key], bool) or not isinstance(scaling[key], (int, float)) or not scaling[key] > 0:
+                raise ValueError(f"rope_scaling.{key} must be a positive number, got {scaling[key]!r}")
         if scaling["type"] == "llama3" and not scaling.get("low_freq_factor", 1.0) < scaling.get("high_freq_factor", 4.0):
             raise ValueError("rope_scaling.low_freq_factor must be below high_freq_factor")
         if scaling["type"] == "longrope":
@@ -348,6 +425,10 @@ class ModelConfig:
                         isinstance(f, (int, float)) and f > 0 for f in factors):
                     raise ValueError(f"rope_scaling.{key} must list {pairs} positive numbers, one per rotated "
                                      f"frequency (rotary dims / 2), got {factors!r}")
+            for key in ("short_mscale", "long_mscale"):
+                value = scaling.get(key, 1.0)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ValueError(f"rope_scaling.{key} must be a positive number, got {value!r}")
 
     def _validate_dual_chunk(self) -> None:
         if self.dca_chunk is None:
@@ -433,9 +514,27 @@ class ModelConfig:
         matmul_params = self.active_params() - self.vocab_size * self.dim
         if self.tie_embeddings:
             matmul_params += self.vocab_size * self.dim
-        context = sum(min(seq_len, w or seq_len) for w in self.layer_windows())
+        windows = self.layer_windows()
+        context = sum(self._block_sparse_keys(seq_len) if self.is_block_sparse_layer(i) else min(seq_len, w or seq_len)
+                      for i, w in enumerate(windows))
         attention = 12 * self.n_heads * self.head_dim * context
         return float(6 * matmul_params + attention)
+
+    def _block_sparse_keys(self, seq_len: int) -> float:
+        """Keys a query of a block-sparse layer attends to, averaged over the sequence's queries
+        and the heads: causal keys of its local blocks plus the whole stripe blocks before them."""
+        size, local, stride = self.blocksparse_block_size, self.blocksparse_local_blocks, self.blocksparse_vert_stride
+        step = max(1, stride // self.n_heads)
+        offsets = [0] if self.blocksparse_homo_heads else [h * step for h in range(self.n_heads)]
+        total = 0
+        for block in range(-(-seq_len // size)):
+            first = max(0, block - local + 1) * size  # where the local blocks start
+            positions = range(block * size, min(seq_len, (block + 1) * size))
+            local_keys = sum(p - first + 1 for p in positions)
+            # blocks b < first // size with (b + 1 + offset) % stride == 0, per head
+            stripes = sum((first // size + o) // stride - o // stride for o in offsets)
+            total += local_keys * len(offsets) + stripes * size * len(positions)
+        return total / (seq_len * len(offsets))
 
 
 def _require_type(name: str, value: Any, default: Any) -> None:

@@ -53,7 +53,10 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         # Position interpolation: positions / factor, i.e. every frequency / factor.
         return 1.0 / (base**exponents) / factor, 1.0
     if kind == "yarn":
-        return _yarn_frequencies(base**exponents, dim, base, factor, scaling["original_max_seq_len"])
+        inv_freq, temperature = _yarn_frequencies(base**exponents, dim, base, factor, scaling["original_max_seq_len"])
+        if "mscale_all_dim" in scaling:  # DeepSeek: the rest of the temperature scales every dim (mla_score_scale)
+            temperature = yarn_mscale(factor, scaling["mscale"]) / yarn_mscale(factor, scaling["mscale_all_dim"])
+        return inv_freq, temperature
     if kind == "llama3":
         return _llama3_frequencies(1.0 / (base**exponents), factor, scaling), 1.0
     if kind == "longrope":  # the short factors; RotaryEmbedding swaps in the long ones past the original length
@@ -64,9 +67,11 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 def longrope_frequencies(wavelength_base: torch.Tensor, scaling: dict, long: bool) -> tuple[torch.Tensor, float]:
     """Phi-3's LongRoPE: each frequency divided by its own searched factor (the short list
     while the sequence fits the original length, the long list past it), and cos/sin scaled
-    by sqrt(1 + ln(factor) / ln(original length))."""
-    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
-    return 1.0 / (factors * wavelength_base), longrope_scale(scaling)
+    by sqrt(1 + ln(factor) / ln(original length)), or by the given short_mscale / long_mscale
+    (Phi-3-small-128k)."""
+    kind = "long" if long else "short"
+    factors = torch.tensor(scaling[f"{kind}_factor"], dtype=torch.float32)
+    return 1.0 / (factors * wavelength_base), float(scaling.get(f"{kind}_mscale", longrope_scale(scaling)))
 
 
 def longrope_scale(scaling: dict) -> float:
@@ -102,8 +107,21 @@ def _yarn_frequencies(wavelength_base: torch.Tensor, dim: int, base: float, fact
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (unchanged frequency), 0: interpolate (frequency / factor)
     inv_freq = (1.0 / (factor * wavelength_base)) * (1 - keep) + (1.0 / wavelength_base) * keep
-    temperature = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return inv_freq, temperature
+    return inv_freq, yarn_mscale(factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's temperature 0.1 mscale ln(factor) + 1 (1 when nothing is stretched)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def mla_score_scale(cfg: ModelConfig) -> float:
+    """The query-key score scale of MLA: head_dim^-0.5, times yarn_mscale(factor, mscale_all_dim)^2
+    under DeepSeek's YaRN (the non-rotated dims sharpened too, as DeepSeek's code does)."""
+    scaling = cfg.rope_scaling or {}
+    if "mscale_all_dim" not in scaling:
+        return cfg.head_dim**-0.5
+    return cfg.head_dim**-0.5 * yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2
 
 
 def _llama3_frequencies(inv_freq: torch.Tensor, factor: float, scaling: dict) -> torch.Tensor:
@@ -135,13 +153,14 @@ class RotaryEmbedding(nn.Module):
         self._dynamic = (float(scaling["factor"]), scaling["original_max_seq_len"], cfg.rope_theta,
                          self.inv_freq.numel() * 2) if scaling.get("type") == "dynamic" else None
         self._dynamic_len = 0
-        # LongRoPE: the long factors' frequencies, used once a sequence passes the original length
+        # LongRoPE: the long factors' frequencies (and cos/sin scale), used once a sequence passes
+        # the original length
         self._longrope = None
         if scaling.get("type") == "longrope":
             dim = self.inv_freq.numel() * 2
             wavelength_base = cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-            self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True)[0],
-                              self.inv_freq)
+            self._longrope = (scaling["original_max_seq_len"], longrope_frequencies(wavelength_base, scaling, long=True),
+                              (self.inv_freq, self.scale))
 
     def forward(self, start: int, length: int, device: torch.device, position_ids: torch.Tensor | None = None,
                 table_len: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,10 +182,10 @@ class RotaryEmbedding(nn.Module):
 
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._longrope is not None:
-            original, long_freq, short_freq = self._longrope
-            wanted = long_freq if length > original else short_freq
+            original, long, short = self._longrope
+            wanted, scale = long if length > original else short
             if wanted is not self.inv_freq:  # crossed the original length (either way): new tables
-                self.inv_freq, self._tables = wanted, {}
+                self.inv_freq, self.scale, self._tables = wanted, scale, {}
         if self._dynamic is not None:
             factor, original, base, dim = self._dynamic
             seen = max(length, original)
@@ -415,6 +434,20 @@ def sliding_window_mask(mask: torch.Tensor, q_pos: torch.Tensor, window: int) ->
     return mask & (q_pos[..., None] - k_pos < window)
 
 
+def block_sparse_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """`mask` ([T, S] or [B, 1, T, S]) further limited to Phi-3-small's block-sparse pattern
+    (ModelConfig.blocksparse_block_size), one per head: [(B,) heads, T, S] (homogeneous heads:
+    one for all). `q_pos` ([T, 1] or [B, 1, T, 1]) and `k_pos` ([S] or [B, 1, 1, S]): the
+    tokens' positions, whose blocks are position // block size."""
+    size, stride = cfg.blocksparse_block_size, cfg.blocksparse_vert_stride
+    q_block, k_block = q_pos // size, k_pos // size
+    local = q_block - k_block < cfg.blocksparse_local_blocks
+    heads = 1 if cfg.blocksparse_homo_heads else cfg.n_heads
+    shift = torch.arange(heads, device=k_pos.device)[:, None, None] * max(1, stride // cfg.n_heads)  # [heads, 1, 1]
+    stripe = (k_block + shift + 1) % stride == 0  # [(B,) heads, 1, S]
+    return mask & (local | stripe)
+
+
 @dataclass
 class DualChunkRope:
     """Dual Chunk Attention's rotations (ModelConfig.dca_chunk): the new keys at their
@@ -532,7 +565,7 @@ class LatentAttention(nn.Module):
         super().__init__()
         self.layer_idx, self.n_heads = layer_idx, cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.kv_rank = cfg.kv_lora_rank
+        self.kv_rank, self.score_scale = cfg.kv_lora_rank, mla_score_scale(cfg)
         q_out = cfg.n_heads * cfg.head_dim
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -577,7 +610,7 @@ class LatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, -1, self.n_heads, -1)), dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, dims]
-        out = attention(q, k, v, mask)
+        out = attention(q, k, v, mask, scale=self.score_scale)
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_rot, cached, mask) -> torch.Tensor:
@@ -595,7 +628,7 @@ class LatentAttention(nn.Module):
             mask = mask.view(-1, 1, *mask.shape[-2:])[:, :, None].expand(-1, -1, heads, -1, -1).flatten(2, 3)
         out = F.scaled_dot_product_attention(
             query.reshape(batch, 1, heads * seq, width), cached, cached[..., : self.kv_rank], attn_mask=mask,
-            scale=(self.nope_dim + self.rope_dim) ** -0.5,
+            scale=self.score_scale,
         )
         return torch.einsum("bhtr,hvr->bthv", out.view(batch, heads, seq, -1), w_uv)
 
@@ -654,12 +687,24 @@ def mlp_activation(kind: str):
     return F.silu if kind == "swiglu" else partial(F.gelu, approximate="tanh")
 
 
+def gegelu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Phi-3-small's GeGeLU: quick GELU, x sigmoid(1.702 x), of the gate clamped above at
+    `limit`, times the linear half clamped to [-limit, limit] plus one. Infinities pass
+    unclamped, as in the original."""
+    if limit is not None:
+        gate = torch.where(gate.isinf(), gate, gate.clamp(max=limit))
+        up = torch.where(up.isinf(), up, up.clamp(-limit, limit))
+    return gate * torch.sigmoid(1.702 * gate) * (up + 1)
+
+
 class MLP(nn.Module):
-    """Gated: w_down(act(w_gate x) * w_up x) (SwiGLU, GeGLU); plain: w_down(act(w_up x))."""
+    """Gated: w_down(act(w_gate x) * w_up x) (SwiGLU, GeGLU), w_down(gegelu(w_gate x, w_up x))
+    (Phi-3-small); plain: w_down(act(w_up x))."""
 
     def __init__(self, cfg: ModelConfig, hidden: int):
         super().__init__()
-        self.act = mlp_activation(cfg.mlp)
+        self.act = partial(gegelu, limit=cfg.gegelu_limit) if cfg.mlp == "gegelu" else mlp_activation(cfg.mlp)
+        self.two_inputs = cfg.mlp == "gegelu"  # the activation takes gate and up itself
         self.w_gate = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias) if cfg.mlp != "gelu" else None
         self.w_up = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
@@ -668,7 +713,7 @@ class MLP(nn.Module):
         if self.w_gate is None:
             return self.w_down(self.act(self.w_up(x)))
         gate, up = project(x, self.w_gate, self.w_up)
-        return self.w_down(self.act(gate) * up)
+        return self.w_down(self.act(gate, up) if self.two_inputs else self.act(gate) * up)
 
 
 @dataclass
@@ -696,7 +741,7 @@ class MoE(nn.Module):
         self.act = mlp_activation(cfg.mlp)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.sigmoid, self.routed_scale = cfg.router_score == "sigmoid", cfg.routed_scale
-        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.topk_groups
+        self.n_groups, self.topk_groups, self.group_score = cfg.n_expert_groups, cfg.topk_groups, cfg.expert_group_score
         # DeepSeek-V3's balancing bias: steers which experts are chosen, never their weights.
         self.register_buffer("score_bias", torch.zeros(cfg.n_experts) if cfg.router_bias else None)
         self.w_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.moe_ffn_dim, cfg.dim))
@@ -731,9 +776,13 @@ class MoE(nn.Module):
         """(router probabilities [N, E], top-k weights [N, k], top-k experts [N, k]), in fp32."""
         scores = logits.sigmoid() if self.sigmoid else F.softmax(logits, dim=-1)
         choice = scores if self.score_bias is None else scores + self.score_bias
-        if self.n_groups > 1:  # keep the topk_groups groups whose two best experts score highest
+        if self.n_groups > 1:  # keep the topk_groups best groups: by their best expert (V2) or best two (V3)
             grouped = choice.view(len(choice), self.n_groups, -1)
-            best_groups = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_groups, dim=-1).indices
+            if self.group_score == "max":
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            best_groups = group_scores.topk(self.topk_groups, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
         top_experts = choice.topk(self.top_k, dim=-1).indices
@@ -960,6 +1009,8 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         self.windows = cfg.layer_windows()
+        # which attention mask each layer takes: its window, or "block_sparse" (no window then)
+        self.mask_keys = ["block_sparse" if cfg.is_block_sparse_layer(i) else w for i, w in enumerate(self.windows)]
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.head_bias)
@@ -1038,15 +1089,14 @@ class Decoder(nn.Module):
         masks = self._masks(past, seq, kv_cache, attn_mask, input_ids.device)
 
         x = self.tok_embeddings(input_ids)
-        if self.cfg.scale_embeddings:  # Gemma: the factor rounded to the embedding dtype, as HF does
-            x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
+        x = self.scale_embeddings(x)
         routers: list[RouterStats] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer, window in zip(self.layers, self.windows):
+        for layer, key in zip(self.layers, self.mask_keys):
             if recompute:
-                x, stats = checkpoint(layer, x, rope, masks[window], kv_cache, q_scale, use_reentrant=False)
+                x, stats = checkpoint(layer, x, rope, masks[key], kv_cache, q_scale, use_reentrant=False)
             else:
-                x, stats = layer(x, rope, masks[window], kv_cache, q_scale)
+                x, stats = layer(x, rope, masks[key], kv_cache, q_scale)
             if stats is not None:
                 routers.append(stats)
         if static:
@@ -1056,12 +1106,14 @@ class Decoder(nn.Module):
         expert_load = torch.stack([r.counts for r in routers]) if routers else None
         # The fused loss needs the head as a plain weight and no other use of the logits.
         if targets is not None and type(self.lm_head) is nn.Linear and self.cfg.fused_loss_applies:
-            loss = linear_cross_entropy(h, self._head_weight(), self.lm_head.bias, targets)
+            loss = linear_cross_entropy(self.head_input(h), self._head_weight(), self._head_bias(), targets)
             return DecoderOutput(logits=None, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
         if self.cfg.norm_head:
             logits = F.linear(h, self._head_weight(), self.lm_head.bias)
         else:
             logits = self.lm_head(h)
+        if self.cfg.logit_divisor != 1:  # muP (Phi-3-small): logits / mup_width_multiplier
+            logits = logits / self.cfg.logit_divisor
         if self.cfg.final_logit_softcap:  # Gemma 2: logits capped at cap * tanh(logit / cap)
             cap = self.cfg.final_logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -1070,6 +1122,15 @@ class Decoder(nn.Module):
         loss = None if targets is None else F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return DecoderOutput(logits=logits, aux_loss=aux_loss, expert_load=expert_load, hidden=h, loss=loss)
+
+    def scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the stream takes them: times sqrt(dim) (Gemma: the factor rounded
+        to the embedding dtype, as HF does) or muP's embedding_multiplier (Phi-3-small)."""
+        if self.cfg.scale_embeddings:
+            x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
+        if self.cfg.embedding_multiplier != 1:
+            x = x * self.cfg.embedding_multiplier
+        return x
 
     def _dual_chunk_rope(self, past, seq, kv_cache, position_ids, device) -> DualChunkRope:
         """The rotations and positions Dual Chunk Attention needs for this call's tokens."""
@@ -1099,22 +1160,56 @@ class Decoder(nn.Module):
             return F.normalize(self.lm_head.weight, dim=-1)
         return self.lm_head.weight
 
-    def _masks(self, past, seq, kv_cache, attn_mask, device) -> dict[int | None, torch.Tensor | None]:
-        """The attention mask of each distinct layer window. None (the fused causal kernel)
-        covers plain training/prefill; a cache with earlier tokens or left-padding, an
-        explicit mask, a window or ALiBi's bias need a mask tensor."""
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The final states as the fused loss's head takes them: muP's logit divisor applied to
+        the head's input (and bias, _head_bias) gives the logits divided by it."""
+        return h if self.cfg.logit_divisor == 1 else h / self.cfg.logit_divisor
+
+    def _head_bias(self) -> torch.Tensor | None:
+        bias = self.lm_head.bias
+        return bias if bias is None or self.cfg.logit_divisor == 1 else bias / self.cfg.logit_divisor
+
+    def _masks(self, past, seq, kv_cache, attn_mask, device, keys=None) -> dict[int | str | None, torch.Tensor | None]:
+        """The attention mask of each distinct mask key (`keys`, default the layers'): a window
+        (None: full causal) or "block_sparse". None (the fused causal kernel) covers plain
+        training/prefill; a cache with earlier tokens or left-padding, an explicit mask, a
+        window, block sparsity or ALiBi's bias need a mask tensor."""
+        keys = set(self.mask_keys if keys is None else keys)
+        windows = {k for k in keys if k != "block_sparse"}
         if isinstance(kv_cache, StaticKVCache) and attn_mask is None:  # each window over its own buffer
-            return {w: kv_cache.mask(seq, w) for w in set(self.windows)}
+            masks = {w: kv_cache.mask(seq, w) for w in windows}
+            if "block_sparse" in keys:
+                k_pos = kv_cache.key_positions(kv_cache.visible(kv_cache.max_len, seq), seq)
+                q_pos = kv_cache.query_positions(seq, device)[..., None]
+                masks["block_sparse"] = block_sparse_mask(kv_cache.mask(seq, None), q_pos, k_pos, self.cfg)
+            return masks
         q_pos = torch.arange(past, past + seq, device=device)
+        padding = None if kv_cache is None else kv_cache.key_padding
         if attn_mask is not None:
             base = attn_mask[:, None]
-        elif kv_cache is not None and (past > 0 or kv_cache.key_padding is not None):
-            base = attention_mask(past, seq, kv_cache.key_padding, device)
-        elif self.cfg.position == "alibi" or any(self.windows):
+        elif kv_cache is not None and (past > 0 or padding is not None):
+            base = attention_mask(past, seq, padding, device)
+        elif self.cfg.position == "alibi" or any(windows - {None}):
             base = attention_mask(past, seq, None, device)
         else:
             base = None
-        return {w: base if w is None else sliding_window_mask(base, q_pos, w) for w in set(self.windows)}
+        masks = {w: base if w is None else sliding_window_mask(base, q_pos, w) for w in windows}
+        if "block_sparse" in keys:
+            causal = attention_mask(past, seq, None, device) if base is None else base
+            masks["block_sparse"] = block_sparse_mask(causal, *self._token_positions(past, seq, padding, device), self.cfg)
+        return masks
+
+    @staticmethod
+    def _token_positions(past, seq, padding, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries' positions [T, 1] or [B, 1, T, 1], keys' [S] or [B, 1, 1, S]) as the model
+        counts them: a left-padded row's (`padding`: Bool[B, <= S], True for real tokens) from
+        its first real token, so padding does not move a token's block."""
+        if padding is None:
+            return torch.arange(past, past + seq, device=device)[:, None], torch.arange(past + seq, device=device)
+        extra = past + seq - padding.size(1)
+        real = torch.cat((padding, padding.new_ones(padding.size(0), extra)), dim=1) if extra > 0 else padding
+        positions = real[:, : past + seq].long().cumsum(-1) - 1  # [B, S]
+        return positions[:, None, past:, None], positions[:, None, None, :]
 
     def begin_global_batch(self) -> None:
         """Forget the expert counts of the last optimizer step (the trainer calls this before

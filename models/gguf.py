@@ -13,8 +13,9 @@ Layout facts that carry over from llama.cpp's own converter (convert_hf_to_gguf.
 - Quantized GGUF types work on blocks of 32 along a row: a tensor whose rows are not a whole
   number of blocks is written as F16; norms, biases and the MoE router stay F32.
 - llama.cpp picks Baichuan's RoPE or ALiBi variant by the depth (32 layers: 7B, RoPE; 40:
-  13B, ALiBi) and aborts on others; Baichuan models of other depths are written as llama
-  (RoPE) or refact (llama.cpp's llama-with-ALiBi), which compute the same.
+  13B, ALiBi; its baichuan reads no key for it) and at other depths runs neither; Baichuan
+  models of other depths are written as llama (RoPE) or refact (llama.cpp's llama-with-ALiBi),
+  which compute the same.
 
 Phi-3's LongRoPE goes in as llama.cpp's converter writes it: the short and long factor lists as
 the tensors rope_factors_short/rope_factors_long, the original length and LongRoPE's cos/sin scale
@@ -46,7 +47,7 @@ import torch
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS
 from llm_lifecycle.models.config import ModelConfig
 from llm_lifecycle.models.decoder import longrope_scale
-from llm_lifecycle.models.hf import CHATML_TEMPLATE, check_exportable, fold_norm_head, permute_rotary, rotary_rows
+from llm_lifecycle.models.hf import chatml_template, check_exportable, fold_norm_head, permute_rotary, rotary_rows
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -85,8 +86,10 @@ ARCHS = {
     "internlm2": Arch("internlm2", interleaved=True, requires={"qkv_bias": False, "o_bias": False}),
     "baichuan": Arch("baichuan", interleaved=True, holds=("position",)),
     "refact": Arch("refact", holds=("position",)),
-    # DeepSeek-V2 and V3: MLA written unabsorbed (attn_kv_b whole), which llama.cpp runs as plain attention
-    "deepseek2": Arch("deepseek2", interleaved=True),
+    # DeepSeek-V2 and V3: MLA written unabsorbed (attn_kv_b whole), which llama.cpp runs as plain attention;
+    # expert groups ranked by their two best scores (V3's rule) with either router, V2's softmax too; V2's
+    # own rule (a group's best expert) it cannot run, so gguf_arch refuses it
+    "deepseek2": Arch("deepseek2", interleaved=True, holds=("n_expert_groups", "topk_groups")),
 }
 FAMILY_ARCHS = {
     "llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -170,6 +173,17 @@ def gguf_arch(cfg: ModelConfig) -> Arch:
         raise ValueError(f"llama.cpp's {arch.name} architecture needs multi-head attention (n_kv_heads = n_heads)")
     if arch.name == "deepseek2" and not cfg.n_shared_experts:
         raise ValueError("llama.cpp's deepseek2 architecture needs shared experts (n_shared_experts > 0)")
+    yarn = cfg.rope_scaling if cfg.rope_scaling and cfg.rope_scaling["type"] == "yarn" else {}
+    if arch.name == "deepseek2" and yarn and yarn.get("mscale", 0) != yarn.get("mscale_all_dim"):
+        # measured with llama.cpp 0.3.36: plain YaRN 13-16% of the largest logit off, unequal mscales 1-16%
+        raise ValueError("llama.cpp's deepseek2 runs YaRN as DeepSeek's with mscale = mscale_all_dim (cos/sin "
+                         "unscaled, every score sharpened); this model's rope_scaling has no GGUF form: export it to "
+                         "transformers (format hf) or ours")
+    if cfg.n_expert_groups > 1 and cfg.expert_group_score != "top2_sum":
+        # llama.cpp's build_moe_ffn always sums each group's two best scores; no GGUF key says otherwise
+        raise ValueError(f"llama.cpp ranks expert groups by their two best experts (expert_group_score top2_sum); this "
+                         f"model's {cfg.expert_group_score!r} (DeepSeek-V2's group_limited_greedy) has no GGUF form: "
+                         "export it to transformers (format hf) or ours")
     if arch.name == "gemma2":
         _check_gemma2(cfg, arch)
     if is_longrope(cfg):
@@ -302,7 +316,7 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
     raise ValueError(f"llama.cpp has no pre-tokenizer known to match {kinds}; GGUF export supports our byte-level BPE")
 
 
-def _write_tokenizer(writer, tokenizer) -> None:
+def _write_tokenizer(writer, tokenizer, system_prompt: str | None) -> None:
     from gguf import TokenType
 
     data = json.loads(tokenizer.to_str())
@@ -329,7 +343,7 @@ def _write_tokenizer(writer, tokenizer) -> None:
     writer.add_add_bos_token(False)  # our models are trained without a BOS token
     writer.add_eos_token_id(ids[IM_END])  # a chat turn ends here; llama.cpp also stops at <|endoftext|>
     writer.add_pad_token_id(ids[ENDOFTEXT])
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(chatml_template(system_prompt))
 
 
 # ---- the file --------------------------------------------------------------------------------
@@ -378,6 +392,8 @@ def _write_hparams(writer, cfg: ModelConfig, arch: Arch, ggml_type: str) -> None
         writer.add_rope_scaling_factor(float(scaling["factor"]))
         if scaling["type"] == "yarn":
             writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+        if "mscale_all_dim" in scaling:  # DeepSeek's: every score times (1 + log_mul ln(factor))^2
+            writer.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
     elif is_longrope(cfg):  # the factor lists are tensors (gguf_tensors); the cos/sin scale as ours computes it
         writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
         writer.add_rope_scaling_attn_factors(longrope_scale(scaling))
@@ -404,8 +420,9 @@ def _write_deepseek_hparams(writer, cfg: ModelConfig) -> None:
 
 
 def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
-               ggml_type: str = "f16", name: str = "model") -> Path:
-    """Write one GGUF file (atomically: beside `path`, then renamed)."""
+               ggml_type: str = "f16", name: str = "model", system_prompt: str | None = None) -> Path:
+    """Write one GGUF file (atomically: beside `path`, then renamed); its chat template opens
+    with `system_prompt` when a conversation brings no system turn."""
     import gguf
 
     if ggml_type not in GGUF_TYPES:
@@ -420,7 +437,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     try:
         writer.add_name(name)
         _write_hparams(writer, cfg, arch, ggml_type)
-        _write_tokenizer(writer, tokenizer)
+        _write_tokenizer(writer, tokenizer, system_prompt)
         for tensor_name, tensor in tensors.items():
             qtype, data = _tensor_type(tensor_name, tensor, ggml_type)
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
@@ -434,10 +451,13 @@ def write_gguf(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor
     return path
 
 
-def ollama_modelfile(gguf_name: str) -> str:
-    """An Ollama Modelfile for a GGUF file in the same folder: ChatML turns, stop at the turn's end."""
+def ollama_modelfile(gguf_name: str, system_prompt: str | None = None) -> str:
+    """An Ollama Modelfile for a GGUF file in the same folder: ChatML turns, stop at the turn's
+    end, and the model's fine-tuning system prompt as Ollama's default SYSTEM message."""
+    system = f'SYSTEM """{system_prompt}"""\n' if system_prompt else ""
     return (
         f"FROM ./{gguf_name}\n"
+        f"{system}"
         'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
         '<|im_start|>assistant\n"""\n'

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_lifecycle.models.atomic import atomic_dir
-from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow_vocab, load_model_dir
-from llm_lifecycle.models.config import ModelConfig
+from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, TOKENIZER_FILE, grow_vocab, load_model_dir, read_config
+from llm_lifecycle.models.config import YARN_MSCALES, ModelConfig
 
 ENDOFTEXT, IM_START, IM_END = SPECIAL_TOKENS
 # ChatML with Qwen's tool turns (workflows/data/chat_data.py renders the same text for training):
@@ -53,6 +53,20 @@ CHATML_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
     "{% endif %}"
 )
+
+
+
+def chatml_template(default_system: str | None = None) -> str:
+    """CHATML_TEMPLATE, with `default_system` as the system turn of a conversation that brings
+    none: the prompt the model was fine-tuned with (config.json `system_prompt`), so a chat
+    through transformers, llama.cpp or lm-eval reads what training read (Qwen2's template does
+    the same with its own default)."""
+    if default_system is None:
+        return CHATML_TEMPLATE
+    # JSON string escapes are Jinja string-literal escapes: quotes and newlines in the prompt stay text.
+    return ("{% if not messages or messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + "
+            + json.dumps(default_system, ensure_ascii=False) + " + '<|im_end|>\\n' }}{% endif %}" + CHATML_TEMPLATE)
+
 
 # ---- the family table --------------------------------------------------------------------------
 
@@ -102,7 +116,7 @@ EXPERT_PROJS = {"ffn.w_gate": "gate_proj", "ffn.w_up": "up_proj", "ffn.w_down": 
 # Fields that only matter for MoE layers, and training settings no config.json needs to carry.
 MOE_FIELDS = (
     "n_experts_per_token", "moe_ffn_dim", "norm_topk_prob", "n_dense_layers",
-    "router_score", "router_bias", "n_expert_groups", "topk_groups", "routed_scale",
+    "router_score", "router_bias", "n_expert_groups", "topk_groups", "expert_group_score", "routed_scale",
 )
 TRAINING_ONLY = ("router_aux_loss_coef", "router_z_loss_coef", "max_z_loss_coef", "moe_balance", "router_bias_update",
                  "ffn_multiple_of")
@@ -112,6 +126,30 @@ KEY_ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_loca
 # What transformers assumes when a config.json leaves a key out (where that differs from our default).
 HF_DEFAULTS = {"tie_word_embeddings": False}
 ZERO_IS_NONE = ("q_lora_rank",)  # config.json says "none" with null where we say 0
+
+
+@dataclass(frozen=True)
+class TopkMethod:
+    """What a DeepSeek layout's config.json `topk_method` says: `grouped`, the method that keeps
+    each token to its topk_group best of n_group expert groups, ranked by our expert_group_score
+    `group_score`; `plain`, the method that ignores groups (None: `grouped` with n_group 1)."""
+
+    grouped: str
+    group_score: str
+    plain: str | None = None
+
+    def for_config(self, cfg: ModelConfig) -> str:
+        return self.plain if self.plain and cfg.n_expert_groups == 1 else self.grouped
+
+    def fields(self, hf: dict[str, Any], architecture: str) -> dict[str, Any]:
+        """Our routing fields for the checkpoint's topk_method (absent: the class default, `plain` first)."""
+        method = hf.get("topk_method") or self.plain or self.grouped
+        if method == self.grouped:
+            return {"expert_group_score": self.group_score}
+        if method == self.plain:  # the file's n_group/topk_group, if any, are unused
+            return {"n_expert_groups": 1, "topk_groups": 1}
+        accepted = " or ".join(repr(m) for m in (self.grouped, self.plain) if m)
+        raise ValueError(f"{architecture} checkpoints with topk_method={method!r} are not supported (only {accepted})")
 
 
 @dataclass(frozen=True)
@@ -141,6 +179,8 @@ class Family:
     # per-layer windows as config.json's layer_types ("sliding_attention"/"full_attention") and
     # one sliding_window size (Gemma 2's alternating local and global layers)
     layer_types: bool = False
+    topk_method: TopkMethod | None = None  # DeepSeek's group-limited routing, as config.json names it
+    yarn_mscales: bool = False  # YaRN with DeepSeek's mscale/mscale_all_dim (its attention sharpens every dim)
 
     def config_keys(self) -> dict[str, str | tuple[str, ...]]:
         """config.json key -> our field(s) (one key per field; a family's own key wins)."""
@@ -167,7 +207,7 @@ _DEEPSEEK_CONFIG = {
     "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
     "n_routed_experts": "n_experts", "moe_intermediate_size": "moe_ffn_dim", "n_shared_experts": "n_shared_experts",
     "first_k_dense_replace": "n_dense_layers", "routed_scaling_factor": "routed_scale",
-    "num_experts_per_tok": "n_experts_per_token",
+    "num_experts_per_tok": "n_experts_per_token", "n_group": "n_expert_groups", "topk_group": "topk_groups",
 }
 _MLA_NAMES = {
     "attn.wq_a.weight": "self_attn.q_a_proj.weight",
@@ -239,28 +279,31 @@ HF_FAMILIES: dict[str, Family] = {
         top={"norm.weight": "model.final_layernorm.weight", "norm.bias": "model.final_layernorm.bias"},
     ),
     # DeepSeek-V2: MLA, softmax routing without renormalisation, shared experts, dense first
-    # layers (transformers' group-limited variant is not supported: topk_method greedy only).
+    # layers; top-k over all experts (greedy) or within the best groups, each ranked by its best
+    # expert (group_limited_greedy, the released 236B's).
     "deepseek_v2": Family(
         "DeepseekV2ForCausalLM",
         config=_DEEPSEEK_CONFIG,
         implied={"norm_topk_prob": False},  # transformers' V2 router never renormalises
-        constants={**SILU, "attention_bias": False, "mlp_bias": False, "topk_method": "greedy"},
-        names=_MLA_NAMES, moe=True, rope_interleaved=True,
+        constants={**SILU, "attention_bias": False, "mlp_bias": False},
+        names=_MLA_NAMES, moe=True, rope_interleaved=True, yarn_mscales=True,
+        topk_method=TopkMethod("group_limited_greedy", "max", plain="greedy"),
     ),
     # DeepSeek-V3: adds sigmoid routing with a balancing bias and group-limited top-k. Its
     # multi-token-prediction layers are not imported.
     "deepseek_v3": Family(
         "DeepseekV3ForCausalLM",
         config={
-            **_DEEPSEEK_CONFIG, "norm_topk_prob": "norm_topk_prob", "n_group": "n_expert_groups", "topk_group": "topk_groups",
+            **_DEEPSEEK_CONFIG, "norm_topk_prob": "norm_topk_prob",
         },
         implied={"router_score": "sigmoid", "router_bias": True},
         constants={
             **SILU, "attention_bias": False, "rope_interleave": True,
-            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
+            "scoring_func": "sigmoid", "moe_layer_freq": 1,
         },
         names={**_MLA_NAMES, "ffn.score_bias": "mlp.gate.e_score_correction_bias"},
-        moe=True, rope_interleaved=True,
+        moe=True, rope_interleaved=True, yarn_mscales=True,
+        topk_method=TopkMethod("noaux_tc", "top2_sum"),  # groups ranked by their two best experts
     ),
     # Qwen2-MoE: Qwen3-MoE's routing without q/k-norm, plus a shared expert behind a per-token sigmoid gate
     "qwen2_moe": Family(
@@ -374,7 +417,8 @@ def _unused_fields(cfg: ModelConfig) -> set[str]:
     """Fields whose value does not change this model's computation."""
     if not cfg.is_moe:
         return set(MOE_FIELDS)
-    return set() if cfg.n_dense_layers else {"ffn_dim"}  # dense layers use ffn_dim
+    unused = set() if cfg.n_dense_layers else {"ffn_dim"}  # dense layers use ffn_dim
+    return unused | ({"expert_group_score"} if cfg.n_expert_groups == 1 else set())
 
 
 def check_exportable(cfg: ModelConfig) -> Family:
@@ -391,7 +435,17 @@ def check_exportable(cfg: ModelConfig) -> Family:
     if cfg.rope_scaling and cfg.rope_scaling["type"] not in family.rope_scalings:
         raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, which cannot hold "
                          f"rope_scaling type {cfg.rope_scaling['type']!r} (it holds: {', '.join(family.rope_scalings)})")
+    mscales = sorted({"short_mscale", "long_mscale"} & set(cfg.rope_scaling or {}))
+    if mscales:  # transformers' and llama.cpp's LongRoPE derive one cos/sin scale from the factor
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, whose LongRoPE cannot hold "
+                         f"rope_scaling {' and '.join(mscales)}")
+    topk = family.topk_method
+    if topk and cfg.n_expert_groups > 1 and cfg.expert_group_score != topk.group_score:
+        raise ValueError(f"family '{cfg.family}' exports as {family.architecture}, whose topk_method {topk.grouped} "
+                         f"ranks expert groups by expert_group_score={topk.group_score!r}, not {cfg.expert_group_score!r}")
     carried = family.carried_fields() | {"family", "rope_theta", "rope_scaling"}
+    if topk:
+        carried.add("expert_group_score")
     if family.layer_types:
         carried |= {"sliding_window", "window_layers"}
     skipped = _unused_fields(cfg) | set(TRAINING_ONLY) | set(FOLDED)
@@ -429,6 +483,8 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict[str, A
         if config["query_pre_attn_scalar"] is None:  # ours then scales by head_dim^-0.5
             config["query_pre_attn_scalar"] = cfg.head_dim
     config.update({k: v[0] if isinstance(v, tuple) else v for k, v in family.constants.items()})
+    if family.topk_method:
+        config["topk_method"] = family.topk_method.for_config(cfg)
     config.update(
         attention_dropout=0.0,
         initializer_range=0.02,
@@ -458,6 +514,7 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "rope_type": "yarn",
             "factor": float(scaling["factor"]),
             "original_max_position_embeddings": scaling["original_max_seq_len"],
+            **{k: float(scaling[k]) for k in YARN_MSCALES if k in scaling},
         }
     elif scaling and scaling["type"] == "llama3":
         rope_scaling = {
@@ -500,6 +557,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if value is not None:
             fields.update(dict.fromkeys(ours, value) if isinstance(ours, tuple) else {ours: value})
     fields.setdefault("n_kv_heads", hf["num_attention_heads"])  # absent: multi-head attention
+    if family.topk_method:
+        fields.update(family.topk_method.fields(hf, family.architecture))
     if family.shared_width:  # one shared expert of that width = that many experts' worth of width
         width, expert = hf[family.shared_width], fields["moe_ffn_dim"]
         if width % expert:
@@ -507,7 +566,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         fields["n_shared_experts"] = width // expert
     if family.layer_types:
         fields["sliding_window"] = _windows_from_layer_types(hf)
-    fields.update(_rope_from_hf(hf))
+    fields.update(_rope_from_hf(hf, family.yarn_mscales))
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
@@ -533,8 +592,9 @@ def _hf_value(hf: dict[str, Any], key: str, family: Family) -> Any:
     return {**HF_DEFAULTS, **family.defaults}.get(key)
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """rope_theta and rope_scaling from either the classic keys or transformers 5's rope_parameters."""
+def _rope_from_hf(hf: dict[str, Any], yarn_mscales: bool = False) -> dict[str, Any]:
+    """rope_theta and rope_scaling from either the classic keys or transformers 5's rope_parameters;
+    `yarn_mscales`: the family's YaRN may carry DeepSeek's mscale and mscale_all_dim."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10_000.0)
     kind = params.get("rope_type") or params.get("type") or "default"
@@ -545,11 +605,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if kind in ("longrope", "su") or (kind == "yarn" and hf.get("model_type") == "phi3"):
         return {"rope_theta": theta, "rope_scaling": _longrope_from_hf(hf, params)}
     if kind == "yarn":
-        tuned = {k: params[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if params.get(k) is not None}
+        mscales = {k: float(params[k]) for k in YARN_MSCALES if params.get(k)} if yarn_mscales else {}
+        tuned = {k for k in ("attention_factor", *YARN_MSCALES) if params.get(k) is not None} - set(mscales)
         if tuned or params.get("beta_fast", 32) != 32 or params.get("beta_slow", 1) != 1 or params.get("truncate") is False:
             raise ValueError(f"YaRN with non-default parameters is not supported: {params}")
         original = params.get("original_max_position_embeddings") or hf["max_position_embeddings"]
-        return {"rope_theta": theta, "rope_scaling": {"type": "yarn", "factor": float(params["factor"]), "original_max_seq_len": int(original)}}
+        return {"rope_theta": theta, "rope_scaling": {"type": "yarn", "factor": float(params["factor"]),
+                                                      "original_max_seq_len": int(original), **mscales}}
     if kind == "llama3":
         return {"rope_theta": theta, "rope_scaling": {
             "type": "llama3",
@@ -756,7 +818,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             "additional_special_tokens": [IM_START, IM_END],
             "model_max_length": cfg.max_seq_len,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHATML_TEMPLATE,
+            "chat_template": chatml_template(read_config(model_dir).get("system_prompt")),
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
         (tmp / "special_tokens_map.json").write_text(

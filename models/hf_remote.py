@@ -1,5 +1,5 @@
 """Checkpoints that ship as remote code on the Hugging Face hub: Qwen 1, Baichuan 1/2,
-ChatGLM2/3 and InternLM2/2.5. transformers has no class for them (their repos carry a
+ChatGLM2/3, InternLM2/2.5 and Phi-3-small. transformers has no class for them (their repos carry a
 modeling_*.py that remote-code loading in transformers would run); we never run it. Each family here is
 a config.json reader and a tensor mapping onto ours, written from the layouts those repos
 publish: key names, fused tensors and their shapes, config keys.
@@ -15,6 +15,9 @@ What each layout fuses or orders differently from us:
   10000 x `rope_ratio`.
 - InternLM2: `wqkv` is grouped per key/value head: [q heads of the group; k; v] for each group;
   w1/w3/w2 are gate/up/down.
+- Phi-3-small: `query_key_value` grouped as InternLM2's, with biases; `up_proj` holds the
+  GeGeLU's gate and linear halves interleaved (even rows gate, odd rows linear), with biases;
+  LayerNorms with biases; tied embeddings; block sparsity and muP come from config keys.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class Layout:
     top: dict[str, str]  # their name outside the layers -> ours
     names: dict[str, str]  # their name inside a layer -> ours
     qkv: str  # their fused q/k/v projection inside a layer (".weight", ".bias" follow)
-    gate_up: str | None = None  # their fused [gate; up] projection, if any
+    gate_up: str | None = None  # their fused [gate; up] projection inside a layer, if any (".weight", ".bias" follow)
+    interleaved_gate_up: bool = False  # gate and up rows alternate (Phi-3-small), not [gate; up]
     grouped_qkv: bool = False  # [q heads of the group; k; v] per key/value group (InternLM2)
     interleaved_rope: bool = False  # RoPE on interleaved pairs (ChatGLM); ours rotates halves
     ignored: tuple[str, ...] = field(default=("inv_freq",))  # saved buffers we recompute (name endings)
@@ -71,8 +75,10 @@ def _layer(cfg: ModelConfig, layout: Layout, layer: dict[str, torch.Tensor]) -> 
             q = permute_rotary(q, cfg.n_heads, 0, cfg.rotary_dim, to_hf=False)
             k = permute_rotary(k, cfg.n_kv_heads, 0, cfg.rotary_dim, to_hf=False)
         out.update({f"attn.wq.{kind}": q, f"attn.wk.{kind}": k, f"attn.wv.{kind}": v})
-    if layout.gate_up:
-        out["ffn.w_gate.weight"], out["ffn.w_up.weight"] = layer.pop(layout.gate_up).chunk(2)
+    for kind in ("weight", "bias"):
+        if layout.gate_up and f"{layout.gate_up}.{kind}" in layer:
+            t = layer.pop(f"{layout.gate_up}.{kind}")
+            out[f"ffn.w_gate.{kind}"], out[f"ffn.w_up.{kind}"] = (t[0::2], t[1::2]) if layout.interleaved_gate_up else t.chunk(2)
     if layer:
         raise ValueError(f"unexpected tensor {next(iter(layer))!r} in a {cfg.family} checkpoint layer")
     return out
@@ -84,10 +90,12 @@ def _convert(cfg: ModelConfig, layout: Layout, hf_state: State) -> State:
     for name, tensor in hf_state.items():
         if name in layout.top:
             state[layout.top[name]] = tensor
+        elif name.endswith(layout.ignored):
+            continue
         elif name.startswith(layout.layers):
             index, _, rest = name[len(layout.layers):].partition(".")
             layers[int(index)][rest] = tensor
-        elif not name.endswith(layout.ignored):
+        else:
             raise ValueError(f"unexpected tensor {name!r} in a {cfg.family} checkpoint")
     for i, layer in enumerate(layers):
         state.update({f"layers.{i}.{k}": v for k, v in _layer(cfg, layout, layer).items()})
@@ -182,7 +190,7 @@ CHATGLM = Layout(
          "transformer.encoder.final_layernorm.weight": "norm.weight", "transformer.output_layer.weight": "lm_head.weight"},
     names={**_NORMS, "self_attention.dense.weight": "attn.wo.weight", "mlp.dense_4h_to_h.weight": "ffn.w_down.weight"},
     qkv="self_attention.query_key_value",
-    gate_up="mlp.dense_h_to_4h.weight",
+    gate_up="mlp.dense_h_to_4h",
     interleaved_rope=True,
 )
 
@@ -229,6 +237,74 @@ INTERNLM2 = Layout(
 )
 
 
+# ---- Phi-3-small (Phi3SmallForCausalLM) ---------------------------------------------------------
+
+
+def _phi3small_ffn(hf: dict[str, Any]) -> int:
+    """ff_intermediate_size, or the config class's rule: ff_dim_multiplier * (width // 3) * 2,
+    rounded up to a multiple of 256 with gegelu_pad_to_256."""
+    if hf.get("ff_intermediate_size"):
+        return hf["ff_intermediate_size"]
+    size = hf.get("ff_dim_multiplier") or 4
+    size = size * (hf["hidden_size"] // 3) * 2
+    return -(-size // 256) * 256 if hf.get("gegelu_pad_to_256", True) else size
+
+
+def _phi3small_rope(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """Phi-3-small-128k's LongRoPE ({type: su or longrope, short/long factors, short/long
+    mscale, the original length inside or beside it}) as ours; the 8k model has none."""
+    scaling = hf.get("rope_scaling")
+    if not scaling:
+        return None
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind not in ("su", "longrope"):
+        raise ValueError(f"Phi-3-small RoPE scaling {kind!r} is not supported; supported: su / longrope (LongRoPE)")
+    original = scaling.get("original_max_position_embeddings") or hf["original_max_position_embeddings"]
+    ours = {"type": "longrope", "factor": max(1.0, hf["max_position_embeddings"] / original),
+            "original_max_seq_len": original, "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
+    return ours | {k: float(scaling[k]) for k in ("short_mscale", "long_mscale") if scaling.get(k) is not None}
+
+
+def _phi3small_config(hf: dict[str, Any]) -> ModelConfig:
+    _require(hf, "Phi-3-small", hidden_act="gegelu", rope_position_scale=1.0)
+    heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = dim // heads
+    # muP: scores times mup_attn_multiplier / head_dim, i.e. query_pre_attn_scalar^-0.5 with this scalar
+    scalar = (head_dim / hf.get("mup_attn_multiplier", 1.0)) ** 2 if hf.get("mup_use_scaling", True) else None
+    return ModelConfig(
+        family="phi3small", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gegelu", gegelu_limit=hf.get("gegelu_limit"),
+        ffn_dim=_phi3small_ffn(hf), rope_theta=float(hf.get("rope_embedding_base", 1e6)), rope_scaling=_phi3small_rope(hf),
+        max_seq_len=hf.get("max_position_embeddings", 8192), qkv_bias=True, o_bias=True, mlp_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        blocksparse_block_size=hf.get("blocksparse_block_size", 64),
+        blocksparse_local_blocks=hf.get("blocksparse_num_local_blocks", 16),
+        blocksparse_vert_stride=hf.get("blocksparse_vert_stride", 8),
+        blocksparse_homo_heads=hf.get("blocksparse_homo_head_pattern", False),
+        dense_attention_every_n_layers=hf.get("dense_attention_every_n_layers") or 0,
+        query_pre_attn_scalar=scalar, embedding_multiplier=float(hf.get("mup_embedding_multiplier") or 1.0),
+        logit_divisor=float(hf.get("mup_width_multiplier") or 1.0),
+    )
+
+
+PHI3SMALL = Layout(
+    layers="model.layers.",
+    top={"model.embed_tokens.weight": "tok_embeddings.weight", "model.final_layernorm.weight": "norm.weight",
+         "model.final_layernorm.bias": "norm.bias", "lm_head.weight": "lm_head.weight"},
+    names={
+        **{f"input_layernorm.{k}": f"attn_norm.{k}" for k in ("weight", "bias")},
+        **{f"post_attention_layernorm.{k}": f"ffn_norm.{k}" for k in ("weight", "bias")},
+        **{f"self_attn.dense.{k}": f"attn.wo.{k}" for k in ("weight", "bias")},
+        **{f"mlp.down_proj.{k}": f"ffn.w_down.{k}" for k in ("weight", "bias")},
+    },
+    qkv="self_attn.query_key_value",
+    grouped_qkv=True,
+    gate_up="mlp.up_proj",
+    interleaved_gate_up=True,
+)
+
+
 # ---- public ------------------------------------------------------------------------------------
 
 # model_type in config.json -> (config reader, tensor layout)
@@ -237,6 +313,7 @@ REMOTE_FAMILIES: dict[str, tuple[Callable[[dict[str, Any]], ModelConfig], Layout
     "baichuan": (_baichuan_config, BAICHUAN),
     "chatglm": (_chatglm_config, CHATGLM),
     "internlm2": (_internlm2_config, INTERNLM2),
+    "phi3small": (_phi3small_config, PHI3SMALL),
 }
 
 

@@ -86,13 +86,12 @@ class MultiTokenPrediction(nn.Module):
                 break
             # token i+k (targets[i] is token i+1); an ignored target (-100) embeds as token 0, its loss unused
             embedded = decoder.tok_embeddings(targets[:, k - 1 : k - 1 + n].clamp(min=0))
-            if decoder.cfg.scale_embeddings:
-                embedded = embedded * torch.tensor(decoder.cfg.dim**0.5, dtype=embedded.dtype)
+            embedded = decoder.scale_embeddings(embedded)
             rope = decoder.rope(0, n, input_ids.device) if decoder.rope is not None else []
-            mask = decoder._masks(0, n, None, None, input_ids.device)[None]
+            mask = decoder._masks(0, n, None, None, input_ids.device, keys=[None])[None]
             hidden = module(hidden[:, :n], embedded, rope, mask)
-            losses.append(linear_cross_entropy(module.out_norm(hidden), decoder._head_weight(), decoder.lm_head.bias,
-                                               targets[:, k : k + n]))
+            losses.append(linear_cross_entropy(decoder.head_input(module.out_norm(hidden)), decoder._head_weight(),
+                                               decoder._head_bias(), targets[:, k : k + n]))
         self.mtp_losses = [loss.item() for loss in losses]
         if losses:
             out.aux_loss = out.aux_loss + self.weight * torch.stack(losses).mean()

@@ -26,7 +26,7 @@ from llm_lifecycle.models.decoder import MLP, Decoder, MoE
 MOE_FIELDS = (
     "n_experts", "n_experts_per_token", "moe_ffn_dim", "n_shared_experts", "shared_expert_gate", "n_dense_layers",
     "norm_topk_prob", "router_aux_loss_coef", "router_z_loss_coef", "moe_balance", "router_score", "router_bias",
-    "router_bias_update", "n_expert_groups", "topk_groups", "routed_scale",
+    "router_bias_update", "n_expert_groups", "topk_groups", "expert_group_score", "routed_scale",
 )
 # The Hugging Face layout of each dense family's MoE sibling (what the upcycled model exports as).
 MOE_FAMILY = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}

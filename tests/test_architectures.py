@@ -62,6 +62,11 @@ KNOB_CONFIGS = {
         v_head_dim=6, router_score="sigmoid", router_bias=True, n_expert_groups=2, topk_groups=1, routed_scale=2.0,
     ),
     "qwen2-moe-gated-shared": dict(MOE, n_shared_experts=2, shared_expert_gate=True, norm_topk_prob=False, qkv_bias=True),
+    "phi3small-gegelu-blocksparse-mup": dict(
+        norm="layernorm", mlp="gegelu", gegelu_limit=2.0, qkv_bias=True, o_bias=True, mlp_bias=True,
+        blocksparse_block_size=4, blocksparse_local_blocks=2, blocksparse_vert_stride=3,
+        dense_attention_every_n_layers=2, query_pre_attn_scalar=64.0, embedding_multiplier=10.0, logit_divisor=8.0,
+    ),
 }
 
 
@@ -193,8 +198,10 @@ def test_alibi_attention_adds_a_distance_penalty_and_no_rotation():
 
 
 MLA = dict(n_kv_heads=4, head_dim=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+BLOCK_SPARSE = dict(blocksparse_block_size=2, blocksparse_local_blocks=2, blocksparse_vert_stride=3)
 CACHE_CASES = [dict(position="alibi"), dict(sliding_window=4), dict(logn_train_len=6), MLA,
-               dict(sliding_window=[4, None]), dict(position="alibi", sliding_window=4), dict(MLA, sliding_window=4)]
+               dict(sliding_window=[4, None]), dict(position="alibi", sliding_window=4), dict(MLA, sliding_window=4),
+               dict(BLOCK_SPARSE, dense_attention_every_n_layers=2), dict(BLOCK_SPARSE, position="alibi")]
 
 
 def position_sensitive(fields) -> Decoder:
@@ -310,6 +317,142 @@ def test_per_layer_windows():
         ModelConfig(**{**BASE, "sliding_window": [4]}).validate()
 
 
+# ---- Phi-3-small: block-sparse attention, GeGeLU, muP ------------------------------------------
+
+# Blocks of 2 tokens, 2 local blocks, stride 3, 4 heads (each head's stripes one block on):
+# which key blocks (columns) each query block (rows) sees, written out by hand.
+BLOCKS_SEEN = {
+    0: ["1.....", "11....", ".11...", "..11..", "..111.", "..1.11"],  # stripes: blocks 2, 5
+    1: ["1.....", "11....", ".11...", ".111..", ".1.11.", ".1..11"],  # blocks 1, 4
+    2: ["1.....", "11....", "111...", "1.11..", "1..11.", "1..111"],  # blocks 0, 3
+    3: ["1.....", "11....", ".11...", "..11..", "..111.", "..1.11"],  # (b + 1 + 3) % 3: blocks 2, 5 again
+}
+
+
+def expected_block_sparse(head: int, seq: int = 12, block: int = 2) -> torch.Tensor:
+    seen = torch.tensor([[c == "1" for c in row] for row in BLOCKS_SEEN[head]])
+    tokens_seen = seen.repeat_interleave(block, 0).repeat_interleave(block, 1)[:seq, :seq]
+    return tokens_seen & torch.ones(seq, seq, dtype=torch.bool).tril()
+
+
+def test_block_sparse_mask_is_the_hand_written_pattern_per_head_and_layer():
+    model = make(n_layers=4, **BLOCK_SPARSE, dense_attention_every_n_layers=2)
+    assert model.mask_keys == ["block_sparse", None, "block_sparse", None]  # layers 1, 3 dense: (i + 1) % 2 == 0
+    masks = model._masks(0, 12, None, None, "cpu")
+    assert masks[None] is None  # the dense layers keep the fused causal kernel
+    sparse = masks["block_sparse"]
+    assert sparse.shape == (4, 12, 12)
+    for head in range(4):
+        assert torch.equal(sparse[head], expected_block_sparse(head)), head
+    assert sparse.any(0).equal(torch.ones(12, 12, dtype=torch.bool).tril())  # the heads together cover every key
+    homo = make(**BLOCK_SPARSE, blocksparse_homo_heads=True)._masks(0, 12, None, None, "cpu")["block_sparse"]
+    assert homo.shape == (1, 12, 12) and torch.equal(homo[0], expected_block_sparse(0))
+    # decoding after a cache: the same rows of the pattern
+    cache = model.new_kv_cache()
+    model(tokens(1, 7), kv_cache=cache)
+    step = model._masks(7, 1, cache, None, "cpu")["block_sparse"]
+    assert torch.equal(step[:, 0], torch.stack([expected_block_sparse(h)[7:8, :8] for h in range(4)])[:, 0])
+    every3 = ModelConfig(**{**BASE, **BLOCK_SPARSE, "n_layers": 6, "dense_attention_every_n_layers": 3})
+    assert [every3.is_block_sparse_layer(i) for i in range(6)] == [True, True, False, True, True, False]
+    assert all(ModelConfig(**{**BASE, **BLOCK_SPARSE}).is_block_sparse_layer(i) for i in range(2))  # 0: none dense
+
+
+def test_block_sparse_attention_hides_the_blocks_outside_the_pattern():
+    model = sharpen(make(n_layers=1, **BLOCK_SPARSE, blocksparse_homo_heads=True))  # stripes: blocks 2, 5
+    x = tokens(1, 12)
+    changed = x.clone()
+    changed[0, 1] = (changed[0, 1] + 1) % 97  # block 0: local to query blocks 0 and 1 only
+    diff = (model(changed).logits - model(x).logits).abs().amax(-1)[0]
+    assert diff[1:4].min() > 1e-4 and diff[4:].max() < 1e-6
+    changed = x.clone()
+    changed[0, 4] = (changed[0, 4] + 1) % 97  # block 2, a stripe: every later query sees it
+    assert (model(changed).logits - model(x).logits).abs().amax(-1)[0, 4:].min() > 1e-4
+    # counted by what a query attends to: 2 local blocks (causal inside) plus the stripes before them
+    cfg = model.cfg
+    keys = sum(int(expected_block_sparse(0)[q].sum()) for q in range(12)) / 12
+    dense = ModelConfig(**{**BASE, "n_layers": 1})
+    assert cfg.flops_per_token(12) - dense.flops_per_token(12) == pytest.approx(12 * 4 * 8 * (keys - 12))
+    hetero = ModelConfig(**{**BASE, **BLOCK_SPARSE, "n_layers": 1})
+    keys = sum(int(expected_block_sparse(h).sum()) for h in range(4)) / 48
+    assert hetero.flops_per_token(12) - dense.flops_per_token(12) == pytest.approx(12 * 4 * 8 * (keys - 12))
+
+
+def test_block_sparse_left_padding_keeps_each_tokens_block():
+    """A left-padded row (the eval harness's batched contexts) gets the blocks of its unpadded positions."""
+    model = sharpen(make(**BLOCK_SPARSE))
+    x = tokens(1, 9)
+    alone = model(x).logits
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), x), dim=1)
+    real = torch.cat((torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool)), dim=1)
+    cache = model.new_kv_cache(key_padding=real)
+    out = model(padded, kv_cache=cache, position_ids=(real.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(out[:, 3:], alone, rtol=0, atol=1e-4)
+
+
+def test_gegelu_is_quick_gelu_of_the_clamped_gate_times_the_clamped_linear_half_plus_one():
+    mlp = make(mlp="gegelu", gegelu_limit=1.5, mlp_bias=True).layers[0].ffn
+    x = torch.randn(64, 32) * 40  # wide enough that both clamps engage
+    gate, up = mlp.w_gate(x), mlp.w_up(x)
+    assert (gate > 1.5).any() and (up < -1.5).any()
+    g = torch.minimum(gate, torch.tensor(1.5))
+    expected = mlp.w_down(g * torch.sigmoid(1.702 * g) * (up.clamp(-1.5, 1.5) + 1))
+    torch.testing.assert_close(mlp(x), expected)
+    unclamped = make(mlp="gegelu").layers[0].ffn  # gegelu_limit null: no clamp
+    gate, up = unclamped.w_gate(x), unclamped.w_up(x)
+    torch.testing.assert_close(unclamped(x), unclamped.w_down(gate * torch.sigmoid(1.702 * gate) * (up + 1)))
+    with pytest.raises(ValueError, match="needs mlp: gegelu"):
+        ModelConfig(**{**BASE, "gegelu_limit": 20.0}).validate()
+
+
+def test_mup_multiplies_the_embeddings_and_divides_the_logits():
+    mup = make(tie_embeddings=False, embedding_multiplier=10.0, logit_divisor=8.0)
+    plain = make(tie_embeddings=False)
+    state = mup.state_dict()
+    plain.load_state_dict({**state, "tok_embeddings.weight": state["tok_embeddings.weight"] * 10})
+    x = tokens(2, 9)
+    logits = mup(x).logits
+    torch.testing.assert_close(logits, plain(x).logits / 8)
+    targets = tokens(2, 9, seed=3)
+    fused = mup(x, targets=targets)  # the fused loss scores the divided logits too
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, F.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1)))
+    # Phi-3-small's attention scale mup_attn_multiplier / head_dim is query_pre_attn_scalar = head_dim^2
+    scaled = make(query_pre_attn_scalar=8.0**2)
+    ref = make()
+    state = scaled.state_dict()
+    ref.load_state_dict({k: v / 8**0.5 if k.endswith("attn.wq.weight") else v for k, v in state.items()})
+    torch.testing.assert_close(scaled(x).logits, ref(x).logits)  # 1/8 = 8^-0.5 * 8^-0.5 (head_dim 8)
+
+
+def test_phi3_small_preset_trains_and_generates_the_same_tokens_with_and_without_the_cache():
+    from llm_lifecycle.models.presets import load_preset
+
+    cfg = ModelConfig.from_dict({**load_preset("phi3-small-small"), "vocab_size": 97, "max_seq_len": 96})
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    assert model.mask_keys == ["block_sparse", None, "block_sparse", None]
+    data = tokens(4, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(data[:, :-1], targets=data[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    model.eval()
+    prompts = [data[0, :20].tolist(), data[1, :37].tolist()]  # past several 16-token blocks
+    with torch.no_grad():
+        uncached = []
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(24):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            uncached.append(ids[len(prompt):])
+    assert generate(model, prompts, 24) == uncached
+
+
 # ---- NormHead and max-z loss (Baichuan2) -----------------------------------------------------
 
 
@@ -365,6 +508,20 @@ def test_qwen2_moe_gates_the_shared_experts_per_token():
     expected = routed + torch.sigmoid(x @ gate.weight.T) * shared(x)
     torch.testing.assert_close(out, expected)
     assert gate.weight.shape == (1, 32)
+
+
+@pytest.mark.parametrize("rule, expert", [("max", 0), ("top2_sum", 2)])
+def test_expert_groups_ranked_by_their_best_expert_or_their_best_two(rule, expert):
+    """Group 0 holds the best expert alone, group 1 two good ones: DeepSeek-V2's rule keeps
+    group 0 (its best expert), V3's keeps group 1 (the larger sum of its best two)."""
+    moe = make(**{**MOE, "n_experts": 8, "n_experts_per_token": 1, "n_expert_groups": 4, "topk_groups": 1,
+                  "norm_topk_prob": False, "expert_group_score": rule}).layers[0].ffn
+    logits = torch.tensor([[3.0, -5.0, 2.5, 2.4, -5.0, -5.0, -5.0, -5.0]])
+    probs, weights, experts = moe._route(logits)
+    assert experts.tolist() == [[expert]]
+    assert weights.item() == pytest.approx(probs[0, expert].item())  # the softmax probability, as chosen
+    with pytest.raises(ValueError, match="expert_group_score 'min' is not one of top2_sum, max"):
+        ModelConfig(**{**MOE, "expert_group_score": "min"}).validate()
 
 
 def test_dense_first_layers():
@@ -504,6 +661,12 @@ def test_invalid_knob_values_say_what_to_do():
         (dict(moe_balance="batch"), "moe_balance 'batch'"),
         (dict(MOE, shared_expert_gate=True), "shared_expert_gate .* needs n_shared_experts"),
         (dict(MOE, router_bias_update=0.001), "needs router_bias: true"),
+        (dict(BLOCK_SPARSE, sliding_window=4), "block-sparse attention\\) cannot be combined with sliding_window"),
+        (dict(blocksparse_block_size=0), "blocksparse_block_size must be a positive integer"),
+        (dict(blocksparse_vert_stride=4), "blocksparse_vert_stride shape block-sparse attention; set blocksparse_block_size"),
+        (dict(BLOCK_SPARSE, dense_attention_every_n_layers=-1), "dense_attention_every_n_layers must be an integer >= 0"),
+        (dict(MOE, mlp="gegelu"), "gated"),
+        (dict(logit_divisor=0.0), "logit_divisor must be positive"),
     ]:
         with pytest.raises(ValueError, match=message):
             ModelConfig(**{**BASE, **change}).validate()

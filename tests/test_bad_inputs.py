@@ -109,6 +109,22 @@ def test_reward_settings_out_of_range_before_any_run(workspace, setting, says):
     assert runs_in(workspace) == 0
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("sft.data=[/no/such/chats.jsonl]", "stages.sft.data: data file not found: /no/such/chats.jsonl"),
+    ("sft.data=[builtin:../../../../etc/passwd]", "stages.sft.data: unknown built-in data 'builtin:../../../../etc/passwd'"),
+    ("sft.eval_data=missing.jsonl", "stages.sft.eval_data: data file not found: missing.jsonl"),
+    ("rl.problems=[builtin:arith/nope.jsonl.gz]", "stages.rl.problems: unknown built-in data 'builtin:arith/nope.jsonl.gz'"),
+    ("rl.data=[/no/pairs.jsonl]", "stages.rl.data: data file not found: /no/pairs.jsonl"),
+    ("data-fetch.sources=[{uri: /no/corpus}]", "stages.data-fetch.sources[0].uri: no such file or folder: /no/corpus"),
+    ("eval.data_dir=/no/benchmarks", "stages.eval.data_dir: /no/benchmarks is not a folder"),
+])
+def test_data_a_setting_names_must_exist_before_any_run(workspace, setting, says):
+    """Even with --dry-run: a missing file is found when the recipe is read, not when its stage opens."""
+    assert says in one_line_error(["pipeline", "llama-small", "--dry-run", "--set", setting])
+    assert says in one_line_error(["pipeline", "llama-small", "--set", setting])
+    assert runs_in(workspace) == 0
+
+
 @pytest.mark.parametrize("setting", ["pretrain.batch_size=1000000000", "model.dim=100000000000000000000"])
 def test_what_cannot_fit_in_memory_is_refused_before_any_run(workspace, setting):
     line = one_line_error(["pipeline", "llama-small", "--set", setting])

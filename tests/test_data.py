@@ -841,7 +841,7 @@ def test_clean_on_datatrove_local_executor_matches_the_local_engine(tmp_path):
     assert tracker.dicts["report.json"] == report
 
 
-def test_a_recipe_with_every_data_setting_loads(tmp_path):
+def test_a_recipe_with_every_data_setting_loads(tmp_path, monkeypatch):
     import yaml
 
     from llm_lifecycle.workflows.runner.recipe import ConfigError, load_recipe
@@ -850,6 +850,9 @@ def test_a_recipe_with_every_data_setting_loads(tmp_path):
     stages = yaml.safe_load(docs.split("```yaml\n")[1].split("```")[0])["stages"]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "r", "model": {"preset": "llama-small"}, "stages": stages}))
+    monkeypatch.chdir(tmp_path)  # the example's local source, which must exist when the recipe is read
+    (tmp_path / "my-corpus").mkdir()
+    (tmp_path / "my-corpus" / "notes.txt").write_text("A paragraph of the user's own corpus.\n")
     recipe = load_recipe(str(path))
     assert recipe.settings("data-clean").rules["min_stop_words"] == 2
     assert recipe.settings("data-clean").quality_rules.c4_bad_content is True

@@ -236,6 +236,14 @@ def test_chat_template_wraps_prompts_and_fewshot_turns_in_chatml(model, tokenize
     assert prompt.count("<|im_start|>assistant\n") == 2  # the few-shot answer is its own assistant turn
 
 
+def test_chat_prompts_open_with_the_models_fine_tuning_system_prompt(model, tokenizer, data_dir):
+    lm = _lm(model, tokenizer, batch_size=4, max_gen_toks=4, system_prompt="Solve step by step.")
+    report = evaluate_suite(lm, "gsm8k", data_dir=data_dir, limit=1, num_fewshot=0, log_samples=True,
+                            apply_chat_template=True)
+    prompt = report.results["samples"]["gsm8k"][0]["arguments"][0][0]
+    assert prompt.startswith("<|im_start|>system\nSolve step by step.<|im_end|>\n<|im_start|>user\n")
+
+
 def test_builtin_mirror_reports_what_its_splits_are(model, tokenizer):
     lm = _lm(model, tokenizer, batch_size=16)
     report = evaluate_suite(lm, "mmlu", data_dir="builtin", limit=1, num_fewshot=0)

@@ -159,6 +159,26 @@ def test_exported_chat_template_renders_tool_turns_and_thinking_as_training_does
     assert no_think == prompt + "<think>\n\n</think>\n\n"  # Qwen3's hard switch
 
 
+def test_the_exported_chat_template_opens_with_the_fine_tuning_system_prompt(tmp_path):
+    """A model fine-tuned under a system prompt (config.json `system_prompt`, written by sft and
+    later stages) exports a template that adds it where a chat brings no system turn, as SFT did:
+    quotes, a newline and non-ASCII text stay text."""
+    from llm_lifecycle.workflows.data.bpe import train_bpe
+    from llm_lifecycle.workflows.data.chat_data import encode_prompt
+
+    system = 'Answer "briefly".\nNo code — 简短.'
+    ours = train_bpe(["Answer briefly, hello"] * 20, vocab_size=300)
+    save_model_dir(tmp_path / "ours", random_model(LLAMA), ours, extra={"system_prompt": system})
+    tok = transformers.AutoTokenizer.from_pretrained(str(export_hf(tmp_path / "ours", tmp_path / "hf")))
+    user = [{"role": "user", "content": "hello"}]
+    trained = ours.decode(encode_prompt(ours, user, default_system=system), skip_special_tokens=False)
+    assert tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == trained
+    assert trained.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nhello")
+    own = [{"role": "system", "content": "Be terse."}, *user]  # a chat's own system turn replaces it
+    assert tok.apply_chat_template(own, add_generation_prompt=True, tokenize=False) == (
+        ours.decode(encode_prompt(ours, own), skip_special_tokens=False))
+
+
 def test_export_rejects_what_the_family_cannot_hold(tmp_path):
     model = random_model(dict(LLAMA, qk_norm=True))
     save_model_dir(tmp_path / "ours", model, tiny_tokenizer())
@@ -210,6 +230,7 @@ NO_HF_LAYOUT = {
     "chatglm-small": "cannot hold rope_2d=True",  # ChatGLM2/3 (no 2D positions) is transformers' Glm
     "baichuan2-alibi-small": "cannot hold position='alibi'",
     "baichuan-alibi-small": "cannot hold position='alibi'",
+    "phi3-small-small": "family 'phi3small' has no transformers layout",  # Phi3SmallForCausalLM is remote code only
 }
 
 

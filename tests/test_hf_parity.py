@@ -7,6 +7,7 @@ logits; and greedy decoding gives the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,8 +21,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from llm_lifecycle.models.checkpoint import SPECIAL_TOKENS, save_model_dir  # noqa: E402
+from llm_lifecycle.models.decoder import Decoder, MoE  # noqa: E402
 from llm_lifecycle.models.generate import generate  # noqa: E402
-from llm_lifecycle.models.hf import export_hf, load_hf  # noqa: E402
+from llm_lifecycle.models.config import ModelConfig  # noqa: E402
+from llm_lifecycle.models.hf import (  # noqa: E402
+    ENDOFTEXT, check_exportable, config_from_hf, export_hf, hf_config, load_hf,
+)
+from llm_lifecycle.models.presets import load_preset  # noqa: E402
 
 VOCAB = 128
 TINY = dict(
@@ -132,18 +138,141 @@ def test_export_loads_in_transformers_with_our_logits(family):
         assert max_diff(reloaded(x).logits, ours(x).logits) < 1e-4
 
 
+def transformers_greedy(model, batch: list[list[int]], new_tokens: int = 8) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt."""
+    continuations = []
+    with torch.no_grad():
+        for prompt in batch:
+            out = model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+            )
+            continuations.append(out[0, len(prompt):].tolist())
+    return continuations
+
+
 def test_greedy_generation_matches_transformers(family):
     theirs, ours, _, _ = family
     batch = [prompts()[0, :12].tolist(), prompts()[1, :5].tolist()]
-    expected = []
+    assert generate(ours, batch, max_new_tokens=8) == transformers_greedy(theirs, batch)
+
+
+# DeepSeek-V2 as released (topk_method group_limited_greedy): here 8 experts in 4 groups of 2,
+# each token keeping 2 groups, each group ranked by its best expert.
+V2_GROUPS = dict(n_group=4, topk_group=2, topk_method="group_limited_greedy")
+
+
+# The keys of deepseek-ai/DeepSeek-V2's config.json that say its shape, routing and positions.
+RELEASED_V2 = dict(
+    model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=5120,
+    intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128,
+    num_key_value_heads=128, n_shared_experts=2, n_routed_experts=160, routed_scaling_factor=16.0, kv_lora_rank=512,
+    q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="group_limited_greedy",
+    n_group=8, topk_group=3, num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+    scoring_func="softmax", aux_loss_alpha=0.003, seq_aux=True, hidden_act="silu", max_position_embeddings=163840,
+    rms_norm_eps=1e-6, rope_theta=10000, attention_bias=False, tie_word_embeddings=False,
+    rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                  "original_max_position_embeddings": 4096, "type": "yarn"},
+)
+
+
+def chosen_experts(model: Decoder, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each MoE layer's chosen experts per token [N, k] (sorted) for the prompts `x`."""
+    inputs = []
+    moes = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    hooks = [moe.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for moe in moes]
     with torch.no_grad():
-        for prompt in batch:
-            out = theirs.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
-            )
-            expected.append(out[0, len(prompt):].tolist())
-    assert generate(ours, batch, max_new_tokens=8) == expected
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        return [moe._route(moe.router(h.reshape(-1, h.size(-1))).float())[2].sort(dim=-1).values
+                for moe, h in zip(moes, inputs)]
+
+
+def test_deepseek_v2_group_limited_greedy_imports_and_exports_with_transformers_logits(tmp_path):
+    theirs = random_hf_model("deepseek_v2", **V2_GROUPS)
+    theirs.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+    ours, tokenizer = load_hf(tmp_path / "hf")
+    assert (ours.cfg.n_expert_groups, ours.cfg.topk_groups, ours.cfg.expert_group_score) == (4, 2, "max")
+    # the same weights ranking groups by their best two experts (V3's rule) choose other experts
+    v3_rule = Decoder(dataclasses.replace(ours.cfg, expert_group_score="top2_sum")).eval()
+    v3_rule.load_state_dict(ours.state_dict())
+    x = prompts()
+    differ = [(a != b).any(dim=-1).float().mean().item() for a, b in zip(chosen_experts(ours, x), chosen_experts(v3_rule, x))]
+    assert min(differ) > 0.05, differ
+    save_model_dir(tmp_path / "ours", ours, tokenizer)
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert {k: config[k] for k in V2_GROUPS} == V2_GROUPS
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert max_diff(ours(x).logits, expected) < 1e-4
+        assert max_diff(reloaded(x).logits, expected) < 1e-4
+        assert max_diff(v3_rule(x).logits, expected) > 1e-2
+    batch = [prompts()[0, :12].tolist(), prompts()[1, :5].tolist()]
+    assert generate(ours, batch, max_new_tokens=8) == transformers_greedy(theirs, batch)
+
+
+# DeepSeek's YaRN (the released V2 and V3 configs): cos/sin scaled by m(mscale) / m(mscale_all_dim)
+# and every query-key score by m(mscale_all_dim)^2; unequal here so both parts show. 40-token
+# prompts run past the original 16.
+DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+                 "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_yarn_imports_and_exports_with_transformers_logits(tmp_path, model_type):
+    theirs = random_hf_model(model_type, rope_scaling=DEEPSEEK_YARN)
+    theirs.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+    ours, tokenizer = load_hf(tmp_path / "hf")
+    assert ours.cfg.rope_scaling == {"type": "yarn", "factor": 8.0, "original_max_seq_len": 16, "mscale": 1.0,
+                                     "mscale_all_dim": 0.707}
+    plain_yarn = {k: v for k, v in ours.cfg.rope_scaling.items() if "mscale" not in k}
+    plain = Decoder(dataclasses.replace(ours.cfg, rope_scaling=plain_yarn)).eval()
+    plain.load_state_dict(ours.state_dict())
+    save_model_dir(tmp_path / "ours", ours, tokenizer)
+    export_hf(tmp_path / "ours", tmp_path / "exported")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), dtype=torch.float32).eval()
+    x = prompts()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert max_diff(ours(x).logits, expected) < 1e-4
+        assert max_diff(reloaded(x).logits, expected) < 1e-4
+        assert max_diff(plain(x).logits, expected) > 1e-1  # the temperatures matter here
+    batch = [prompts()[0, :20].tolist(), prompts()[1, :5].tolist()]  # decoding runs over the cached latents
+    assert generate(ours, batch, max_new_tokens=8) == transformers_greedy(theirs, batch)
+
+
+def test_deepseek_layouts_hold_only_their_own_group_rule():
+    """V2's config.json holds groups ranked by their best expert, V3's by their best two: export
+    refuses the other rule in one line; V2's plain greedy reads no groups."""
+    v2 = config_from_hf({**TINY, **FAMILIES["deepseek_v2"], "model_type": "deepseek_v2", "n_group": 4, "topk_group": 2})
+    assert (v2.n_expert_groups, v2.topk_groups) == (1, 1)  # topk_method greedy: transformers ignores the groups
+    grouped = config_from_hf({**TINY, **FAMILIES["deepseek_v2"], **V2_GROUPS, "model_type": "deepseek_v2"})
+    with pytest.raises(ValueError, match="topk_method group_limited_greedy ranks expert groups by "
+                                         "expert_group_score='max', not 'top2_sum'"):
+        check_exportable(dataclasses.replace(grouped, expert_group_score="top2_sum"))
+    v3 = config_from_hf({**TINY, **FAMILIES["deepseek_v3"], "model_type": "deepseek_v3"})
+    assert v3.expert_group_score == "top2_sum" and v3.n_expert_groups == 4
+    with pytest.raises(ValueError, match="topk_method noaux_tc ranks expert groups by expert_group_score='top2_sum'"):
+        check_exportable(dataclasses.replace(v3, expert_group_score="max"))
+    # the released 236B's config.json (deepseek-ai/DeepSeek-V2): its routing and YaRN import as the full-size preset's
+    released = config_from_hf(RELEASED_V2)
+    preset = ModelConfig.from_dict(load_preset("deepseek-v2"))
+    routing = ("n_experts", "n_experts_per_token", "n_shared_experts", "n_dense_layers", "n_expert_groups",
+               "topk_groups", "expert_group_score", "routed_scale", "norm_topk_prob", "kv_lora_rank", "q_lora_rank",
+               "head_dim")
+    assert {f: getattr(released, f) for f in routing} == {f: getattr(preset, f) for f in routing}
+    assert released.rope_scaling == {"type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "mscale": 0.707,
+                                     "mscale_all_dim": 0.707}
+    # the full-size preset is the released 236B's routing, and exports as it
+    written = hf_config(preset, {ENDOFTEXT: 0})
+    assert {k: written[k] for k in V2_GROUPS} == dict(n_group=8, topk_group=3, topk_method="group_limited_greedy")
+    with pytest.raises(ValueError, match="topk_method='noaux_tc' are not supported \\(only 'group_limited_greedy' or 'greedy'\\)"):
+        config_from_hf({**TINY, **FAMILIES["deepseek_v2"], "model_type": "deepseek_v2", "topk_method": "noaux_tc"})
 
 
 def test_internlm3_imports_from_its_published_config_spelling(tmp_path):

@@ -28,6 +28,7 @@ PRESET_OVERRIDES = {
     "deepseek-v2-small": TINY_MLA,
     "deepseek-v3-small": [*TINY_MLA, "model.q_lora_rank=48"],
     "gemma2-small": ["model.sliding_window=[32, null]", "model.query_pre_attn_scalar=16"],  # one window per tiny layer
+    "phi3-small-small": ["model.query_pre_attn_scalar=256"],  # muP's 1 / head_dim at the tiny head_dim 16
 }
 # The one preset the default run takes through every stage; the slow test runs them all.
 FULL_IN_DEFAULT_RUN = "chatglm-small"
@@ -56,6 +57,7 @@ PUBLISHED = {
     "llama1-65b": (65.2e9, None),
     "gemma2-9b": (9.24e9, None),
     "internlm3-8b": (8.8e9, None),
+    "phi3-small-7b": (7.39e9, None),  # "phi3-small" would read as a small preset (SMALL: names ending -small)
 }
 
 
@@ -78,7 +80,7 @@ def test_the_zoo_has_every_family():
         "baichuan2-small", "baichuan2-alibi-small", "chatglm-small", "mistral-small", "mixtral-small",
         "gemma-small", "phi-small", "deepseek-v2-small", "deepseek-v3-small",
         "yi-small", "internlm2-small", "qwen2.5-small", "qwen2-moe-small", "glm4-small", "phi3-mini-small",
-        "baichuan-small", "baichuan-alibi-small", "llama1-small", "gemma2-small", "internlm3-small",
+        "baichuan-small", "baichuan-alibi-small", "llama1-small", "gemma2-small", "internlm3-small", "phi3-small-small",
     }
     assert expected <= set(SMALL)
     assert set(PUBLISHED) <= set(list_presets())
@@ -128,6 +130,12 @@ def test_small_presets_are_small_and_use_their_knobs():
     assert gemma2.layer_windows() == [64, None, 64, None] and gemma2.post_norms and gemma2.mlp == "geglu"
     assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (50.0, 30.0) and gemma2.query_pre_attn_scalar
     assert knobs["internlm3-small"].n_kv_heads * 4 == knobs["internlm3-small"].n_heads
+    phi3s = knobs["phi3-small-small"]  # block-sparse attention visible at 64 tokens, dense every 2nd layer
+    assert phi3s.blocksparse_block_size * phi3s.blocksparse_local_blocks < 64 and phi3s.blocksparse_vert_stride > 1
+    assert [phi3s.is_block_sparse_layer(i) for i in range(4)] == [True, False, True, False]
+    assert phi3s.mlp == "gegelu" and phi3s.gegelu_limit == 20.0 and phi3s.norm == "layernorm" and phi3s.tie_embeddings
+    assert (phi3s.embedding_multiplier, phi3s.logit_divisor, phi3s.query_pre_attn_scalar) == (10.0, 8.0, 32**2)
+    assert phi3s.qkv_bias and phi3s.o_bias and phi3s.mlp_bias and phi3s.n_kv_heads < phi3s.n_heads
     llama1 = knobs["llama1-small"]
     assert llama1.n_kv_heads == llama1.n_heads and not llama1.tie_embeddings
 

@@ -58,6 +58,18 @@ class ModelShape:
     # Each layer's sliding window (None: full attention); generation keeps a rolling buffer of
     # that many tokens for a windowed layer. Empty: every layer attends to the whole sequence.
     layer_windows: tuple[int | None, ...] = ()
+    gegelu: bool = False  # Phi-3-small's clamped GeGeLU: more values kept per hidden unit than a plain gated MLP
+    # Phi-3-small's block-sparse layers run as attention with a per-head Bool mask (shared by
+    # them, `block_sparse_mask_heads` heads); a masked attention keeps its scores for backward.
+    block_sparse_layers: int = 0
+    block_sparse_mask_heads: int = 0
+    # Dual Chunk Attention computes its scores itself (models/decoder.py dual_chunk_attention),
+    # DCA_QUERY_BLOCK query rows at a time, where other attention runs a fused kernel that never
+    # holds a T x T matrix.
+    materialised_scores: bool = False
+
+
+DCA_QUERY_BLOCK = 1024  # dual_chunk_attention's `block`
 
 
 def activation_values_per_token(s: ModelShape, recompute: bool = False) -> float:
@@ -73,7 +85,8 @@ def activation_values_per_token(s: ModelShape, recompute: bool = False) -> float
         attention += 2 * (q + kv)  # normalised q, k and the norms' outputs
 
     def mlp(hidden: int) -> int:  # gated: gate+up output, activation, product; plain: up, activation
-        return (4 if s.gated_mlp else 2) * hidden
+        # GeGeLU: gate+up output, the clamped gate, its sigmoid, their product, linear + 1, product
+        return (7 if s.gegelu else 4 if s.gated_mlp else 2) * hidden
 
     dense = mlp(s.ffn_dim)
     moe = 0.0
@@ -128,9 +141,36 @@ def training_memory(s: ModelShape, batch_size: int, seq_len: int, precision: str
     grads = 4.0 * s.params
     copies = weight_copies(s) / (s.n_layers if recompute else 1)  # recompute: one layer's at a time
     activations = (tokens * activation_values_per_token(s, recompute) + copies) * act_bytes
+    activations += block_sparse_memory(s, batch_size, seq_len, recompute)
     loss = head_loss_memory(s, tokens, act_bytes)
+    if s.materialised_scores:
+        activations += score_memory(s, batch_size, seq_len, act_bytes, recompute)
     return {"weights": weights, "optimizer": optimizer, "grads": grads, "activations": activations,
             "loss": loss, "total": weights + optimizer + max(activations + loss, grads)}
+
+
+def score_memory(s: ModelShape, batch_size: int, seq_len: int, act_bytes: float, recompute: bool) -> float:
+    """Training bytes of materialised attention scores: each layer (one at a time under
+    `recompute`) keeps its fp32 softmax probabilities for backward (and their 16-bit copy in
+    mixed precision), and one layer's
+    backward holds about three more score matrices of a query block at a time (measured on
+    llama-small with dca_chunk 64: 200.5 / 480.4 MiB peaks at 256 / 512 tokens, planned 213.6 /
+    474.6)."""
+    keys = batch_size * s.n_heads * seq_len * seq_len
+    kept = (1 if recompute else s.n_layers) * keys * (4 + (act_bytes if act_bytes < 4 else 0))
+    return kept + 3 * 4.0 * batch_size * s.n_heads * min(seq_len, DCA_QUERY_BLOCK) * seq_len
+
+
+def block_sparse_memory(s: ModelShape, batch_size: int, seq_len: int, recompute: bool) -> float:
+    """What block sparsity as a mask adds: the Bool mask (heads x T x T, one for all those
+    layers) and each block-sparse layer's fp32 attention probabilities (batch x heads x T x T;
+    attention on a CPU runs in fp32 under bf16 too), which masked attention keeps for
+    backward where the fused causal kernel keeps none (measured: tests/test_planning.py). A
+    block-sparse kernel (Phi-3-small's Triton one) would keep neither."""
+    if not s.block_sparse_layers:
+        return 0.0
+    layers = 1 if recompute else s.block_sparse_layers
+    return s.block_sparse_mask_heads * seq_len**2 + layers * batch_size * s.n_heads * seq_len**2 * 4.0
 
 
 def lora_params(s: ModelShape, rank: int) -> int:
@@ -163,6 +203,7 @@ def lora_training_memory(s: ModelShape, batch_size: int, seq_len: int, rank: int
     grads = 4.0 * adapters
     adapter_values = (4 + (3 if s.gated_mlp else 2)) * rank * (1 if recompute else s.n_layers)
     activations = tokens * (activation_values_per_token(s, recompute) + adapter_values) * 2.0
+    activations += block_sparse_memory(s, batch_size, seq_len, recompute)
     loss = head_loss_memory(s, tokens, 2.0) - 4.0 * s.vocab_size * s.dim
     return {"weights": weights, "optimizer": optimizer, "grads": grads, "activations": activations, "loss": loss,
             "total": weights + optimizer + grads + activations + loss, "adapter_params": float(adapters)}
@@ -201,6 +242,10 @@ def inference_memory(s: ModelShape, batch_size: int, seq_len: int, precision: st
     cached_tokens = sum(min(w or seq_len, seq_len) for w in s.layer_windows) if s.layer_windows else s.n_layers * seq_len
     kv_cache = per_token * batch_size * cached_tokens * kv_bytes
     working = batch_size * (s.vocab_size * 4 + 8 * s.dim * kv_bytes)  # one step's logits and hidden states
+    if s.materialised_scores:  # the prompt's scores, one layer and query block at a time: measured
+        # 3.8-4.5 fp32 T x T matrices per head at the peak (three rotations' scores, then the
+        # combined, masked and softmaxed ones, freed as they go)
+        working += 4.5 * 4.0 * batch_size * s.n_heads * min(seq_len, DCA_QUERY_BLOCK) * seq_len
     return {"weights": weights, "kv_cache": kv_cache, "working": working, "total": weights + kv_cache + working}
 
 

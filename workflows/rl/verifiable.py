@@ -140,7 +140,7 @@ class AnswerEvalSettings(Settings):
     """Held-out answer accuracy before and after a post-training stage (sft, rl, distill)."""
 
     eval_data: str = setting("", "GSM8K-format problems for greedy exact-match accuracy before and after "
-                                 "(\"\": not measured)")
+                                 "(\"\": not measured)", files=True)
     eval_n: int = setting(200, "how many of eval_data's problems", limit=AT_LEAST_1)
     max_new_tokens: int = setting(96, "tokens generated per answer (also bounds rl's samples)", limit=AT_LEAST_1)
 

@@ -27,7 +27,9 @@ def shape_of(cfg) -> ModelShape:
         n_dense_layers=cfg.n_dense_layers if cfg.is_moe else 0, qk_norm=cfg.qk_norm, gated_mlp=cfg.mlp != "gelu",
         parallel_block=cfg.parallel_block, fused_loss=cfg.fused_loss_applies, tie_embeddings=cfg.tie_embeddings,
         latent_kv_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 0,
-        layer_windows=tuple(cfg.layer_windows()),
+        layer_windows=tuple(cfg.layer_windows()), materialised_scores=cfg.dca_chunk is not None, gegelu=cfg.mlp == "gegelu",
+        block_sparse_layers=sum(map(cfg.is_block_sparse_layer, range(cfg.n_layers))),
+        block_sparse_mask_heads=1 if cfg.blocksparse_homo_heads else cfg.n_heads,
     )
 
 

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from llm_lifecycle.workflows.refs import data_path
 from llm_lifecycle.workflows.runner.stage import UserError
 
 
@@ -42,10 +43,12 @@ BELOW_1 = Limit(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
 NON_EMPTY_STRINGS = Limit(lambda v: bool(v) and all(isinstance(x, str) and x for x in v), "a non-empty list of strings")
 
 
-def setting(default: Any, help: str, *, choices: tuple = (), limit: Limit | None = None) -> Any:
+def setting(default: Any, help: str, *, choices: tuple = (), limit: Limit | None = None, files: bool = False) -> Any:
     """A settings field: `default` (copied per instance when mutable), one line of `help`,
-    the allowed `choices` or a `limit`."""
-    meta = {"help": help, "choices": tuple(choices), "limit": limit}
+    the allowed `choices` or a `limit`. `files`: the value names data files (builtin:NAME or
+    local paths; "" for none), which must exist when the recipe is read, not when the stage
+    that reads them is already running."""
+    meta = {"help": help, "choices": tuple(choices), "limit": limit, "files": files}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -172,6 +175,10 @@ def build(cls: type, given: dict[str, Any], where: str, upstream: dict[str, Any]
         limit = meta.get("limit")
         if limit is not None and value is not None and not limit.test(value):
             raise ConfigError(f"{where}.{key}: expected {limit.words(tp)}, got {value!r}")
+        if meta.get("files"):
+            for uri in [value] if isinstance(value, str) else value:
+                if uri:
+                    data_path(uri, f"{where}.{key}")
         values[key] = value
     settings = cls(**values)
     settings.check(where, upstream or {})

@@ -17,7 +17,10 @@ class DataFetchSettings(Settings):
                                  "builtin:NAME, a local file or folder, or hf://datasets/OWNER/NAME (docs/data.md)")
 
     def check(self, where: str, upstream: dict[str, Any]) -> None:
-        parse_sources(self.sources, where)  # a bad source is a one-line error now, not mid-pipeline
+        # A bad source is a one-line error now, not mid-pipeline; hub sources are looked up when fetched.
+        for i, source in enumerate(parse_sources(self.sources, where)):
+            if not source.uri.startswith("hf://"):
+                resolve_source(source, f"{where}.sources[{i}]")
 
 
 def run(ctx: StageContext, cfg: DataFetchSettings) -> StageResult:

@@ -27,7 +27,7 @@ from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, 
 @dataclass
 class DistillSettings(with_defaults(TrainSettings, steps=60, lr=3e-4, warmup_steps=6), AnswerEvalSettings):
     problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "GSM8K-format problems the teacher answers",
-                                  limit=NON_EMPTY_STRINGS)
+                                  limit=NON_EMPTY_STRINGS, files=True)
     n_prompts: int = setting(256, "problems the teacher answers", limit=AT_LEAST_1)
     samples: int = setting(4, "answers sampled per problem; the best right one is kept", limit=AT_LEAST_1)
     temperature: float = setting(0.7, "the teacher's sampling temperature", limit=POSITIVE)

@@ -46,10 +46,12 @@ def make_lm(backend: str, model_dir: Path, model, tokenizer, *, batch_size: int,
     lm-eval's hf/vllm backend on an exported folder."""
     if backend == "ours":
         from llm_lifecycle.evals.harness import LifecycleLM
+        from llm_lifecycle.models.checkpoint import read_config
 
         try:
             return LifecycleLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks, progress=progress,
-                               thinking=thinking, thinking_budget=thinking_budget)
+                               thinking=thinking, thinking_budget=thinking_budget,
+                               system_prompt=read_config(model_dir).get("system_prompt"))
         except ValueError as err:
             raise UserError(f"eval: {err}") from None
     if thinking or thinking_budget:
@@ -169,6 +171,12 @@ class EvalSettings(Settings):
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"{where}.num_fewshot: expected empty (the suite's default) or an integer >= 0, "
                               f"got {self.num_fewshot}")
+        if self.data_dir not in ("builtin", "hub"):
+            from llm_lifecycle.evals.local_data import resolve_data_dir
+
+            if not resolve_data_dir(self.data_dir).is_dir():
+                raise ConfigError(f"{where}.data_dir: {self.data_dir} is not a folder; give a folder holding the "
+                                  "benchmarks in their official layouts, 'builtin' (the shipped mirror) or 'hub'")
 
     def check_inputs(self, where: str, inputs: dict) -> None:
         from llm_lifecycle.workflows.engine.model_stage import check_thinking_budget
@@ -184,13 +192,8 @@ def suite_data_dir(suite: str, data_dir: str) -> str | None:
 
     if suite in OWN_SUITES:
         return data_dir
-    if data_dir not in ("builtin", "hub"):
-        folder = resolve_data_dir(data_dir)
-        if not folder.is_dir():
-            raise UserError(f"stages.eval.data_dir: {folder} does not exist; give a folder holding the benchmarks "
-                            "in their official layouts, 'builtin' (the shipped mirror) or 'hub'")
-        if (folder / suite).is_dir():
-            return data_dir
+    if data_dir not in ("builtin", "hub") and (resolve_data_dir(data_dir) / suite).is_dir():
+        return data_dir
     if data_dir != "hub" and (BUILTIN_DATA_DIR / suite).is_dir():
         return "builtin"
     return "hub" if hub_has(suite) else None

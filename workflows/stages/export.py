@@ -9,7 +9,9 @@ holds every design choice of the model, and otherwise writes our own documented 
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -43,17 +45,43 @@ def verify_with_transformers(model_dir: Path, hf_dir: Path) -> tuple[str, float]
     return type(theirs).__name__, diff
 
 
+@contextmanager
+def llama_cpp_quiet():
+    """llama.cpp's log off, then llama-cpp-python's back: 0.3.36 numbers the levels of the
+    llama.cpp it ships as an older one did (its WARN read as ERROR), so verbose=False still
+    prints warnings, such as a context past the file's length (llama.cpp rounds contexts up
+    to 256 tokens). Its failures still raise."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    llama_cpp.llama_log_set(_silent_log(), ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+@cache
+def _silent_log():
+    import llama_cpp
+
+    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # cached: llama.cpp keeps the pointer
+
+
 def llama_cpp_logits(gguf_file: Path, ids: list[int], n_ctx: int | None = None):
     """llama.cpp's logits [len(ids), vocab] for a prompt of token ids (llama-cpp-python), in a
     context of `n_ctx` tokens (default: the prompt's length; LongRoPE's factors depend on it)."""
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx or max(64, len(ids)), logits_all=True, n_threads=1,
-                verbose=False)
-    llm.eval(ids)
-    logits = np.array(llm.scores[: len(ids)])
-    llm.close()
+    with llama_cpp_quiet():
+        llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx or max(64, len(ids)), logits_all=True, n_threads=1,
+                    verbose=False)
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)])
+        llm.close()
     return logits
 
 
@@ -81,10 +109,11 @@ def write_gguf_folder(model_dir: Path, out: Path, gguf_type: str, name: str) -> 
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer.json; a GGUF file embeds the tokenizer")
     filename = f"{name}-{gguf_type}.gguf"
+    system_prompt = read_config(model_dir).get("system_prompt")
     try:
         with atomic_dir(out) as tmp:
-            write_gguf(tmp / filename, model.cfg, model.state_dict(), tokenizer, gguf_type, name)
-            (tmp / "Modelfile").write_text(ollama_modelfile(filename), encoding="utf-8")
+            write_gguf(tmp / filename, model.cfg, model.state_dict(), tokenizer, gguf_type, name, system_prompt)
+            (tmp / "Modelfile").write_text(ollama_modelfile(filename, system_prompt), encoding="utf-8")
     except ValueError as err:
         raise UserError(f"cannot export {model_dir} to GGUF: {err}") from None
     return out / filename

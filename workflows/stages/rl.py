@@ -71,7 +71,8 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     sft_weight: float = setting(0.0, "DPO: weight of an added language-model loss on the chosen reply",
                                 limit=NON_NEGATIVE)
     data: list[str] = setting(["builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz", "builtin:chat/zh_oasst1_rm_zh.json"],
-                              "preference pairs (rm, dpo): builtin:NAME or paths", limit=NON_EMPTY_STRINGS)
+                              "preference pairs (rm, dpo): builtin:NAME or paths", limit=NON_EMPTY_STRINGS,
+                              files=True)
     max_pairs: int = setting(2000, "train on at most this many pairs of each data file", limit=AT_LEAST_1)
     heldout_pairs: int = setting(64, "pairs of each data file held out for preference accuracy and margin",
                                  limit=AT_LEAST_1)
@@ -81,7 +82,8 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     rm_margin: float = setting(0.5, "rm: ranking loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)",
                                limit=NON_NEGATIVE)
     problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, iterative-dpo: prompts (GSM8K "
-                                  "problems, chat or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS)
+                                  "problems, chat or preference files); rs-sft: GSM8K problems", limit=NON_EMPTY_STRINGS,
+                                  files=True)
     heldout_prompts: int = setting(0, "the first N prompts of each `problems` file, in file order, never trained on "
                                       "by any method; ppo, grpo, iterative-dpo measure the reward, KL and judge win "
                                       "rate of sampled replies on them (0: none)", limit=NON_NEGATIVE)

@@ -32,7 +32,7 @@ from llm_lifecycle.workflows.runner.stage import Port, StageContext, StageKind, 
 class SFTSettings(with_defaults(TrainSettings, steps=60, lr=3e-4, warmup_steps=6), AnswerEvalSettings):
     data: list[str] = setting(["builtin:chat/en_dolly_hhrlhf_train_small.jsonl", "builtin:chat/zh_oasst1_sft_zh.json"],
                               "chat files (ShareGPT, OpenAI messages, Alpaca, ...): builtin:NAME or paths",
-                              limit=NON_EMPTY_STRINGS)
+                              limit=NON_EMPTY_STRINGS, files=True)
     max_examples: int = setting(2000, "use at most this many conversations", limit=AT_LEAST_1)
     heldout_chats: int = setting(64, "chats kept out of training: SFT's held-out loss on assistant tokens",
                                  limit=AT_LEAST_1)
