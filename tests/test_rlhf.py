@@ -142,7 +142,7 @@ TINY = ["rl.steps=2", "rl.batch_size=2", "rl.group_size=2", "rl.max_new_tokens=8
 DATA = '[builtin:chat/en_hh_rlhf_harmless-base_test.jsonl.gz, builtin:arith/pairs.jsonl.gz]'
 
 
-def _run(workspace, sft_dir, name, sets, inputs=None):
+def _run(workspace, sft_dir, name, sets, inputs=None, stage="rl"):
     from llm_lifecycle.registry import tracking
     from llm_lifecycle.workflows.runner.recipe import load_recipe
     from llm_lifecycle.workflows.runner.stage import SilentProgress, StageContext, StageResult
@@ -152,7 +152,7 @@ def _run(workspace, sft_dir, name, sets, inputs=None):
     tracking.configure(workspace)
     with tracking.start_run(recipe.name, "rl", {"llm.stage": "rl"}) as tracker:
         inst = recipe.instances["rl"]
-        ctx = StageContext(stage="rl", kind="rl", recipe=recipe, workspace=workspace, stage_dir=workspace / name,
+        ctx = StageContext(stage=stage, kind="rl", recipe=recipe, workspace=workspace, stage_dir=workspace / name,
                            inputs={"model": StageResult(outputs={"model": str(sft_dir)}), **(inputs or {})},
                            sources={"model": "sft", **{k: "rm" for k in inputs or {}}}, values=inst.upstream,
                            tracker=tracker, progress=SilentProgress(), seed=recipe.seed)
@@ -179,6 +179,20 @@ def test_a_saved_reward_model_scores_chats_cut_where_its_training_cut_them(condi
 
     model, _ = load_reward_model(conditional_rm.outputs["reward_model"])
     assert model.max_len == 200 and model.backbone.cfg.max_seq_len == 256  # rl.seq_len of TINY, not the model's
+
+
+def test_reward_model_instances_start_from_their_own_head(tmp_path, sft_dir):
+    """A judge must not start as the same function as the reward model it checks: the same
+    settings and data under another instance name give another head; the same name, the same."""
+    from safetensors.torch import load_file
+
+    sets = ["rl.method=rm", "rl.data=[builtin:arith/pairs.jsonl.gz]", "rl.steps=1"]
+    heads = {}
+    for run, stage in (("a", "rm"), ("b", "rm"), ("c", "judge")):
+        result = _run(tmp_path, sft_dir, run, sets, stage=stage)
+        heads[run] = load_file(f"{result.outputs['reward_model']}/value_head.safetensors")["proj.weight"]
+    assert torch.equal(heads["a"], heads["b"])
+    assert not torch.allclose(heads["a"], heads["c"], atol=1e-2)
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

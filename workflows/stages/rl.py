@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -244,6 +245,10 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     from llm_lifecycle.workflows.rl.reward_model import PairBatches, RewardModel, heldout_accuracy, rm_loss
 
     settings = _train_settings(cfg)
+    # Each instance draws its own head: a judge that starts as the very function of the reward
+    # model it checks (same SFT backbone, same head) shares that function's biases after a short
+    # training, and a policy that pleases one pleases the other without being better.
+    torch.manual_seed(ctx.seed + zlib.crc32(ctx.stage.encode()))
     model = RewardModel(policy, max_len=settings.seq_len)
     by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
