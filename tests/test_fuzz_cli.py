@@ -107,6 +107,7 @@ BAD_RANGES = {
                                                                     "format_reward", "think_reward", "language_reward")},
     "safety_threshold": st.floats(max_value=-1e-9) | st.floats(min_value=1.0001) | st.just(math.nan),
     "pair_half": st.text(max_size=4).filter(lambda t: t not in ("all", "a", "b")),
+    "rm_pooling": st.text(max_size=5).filter(lambda t: t not in ("last", "mean")),
     "heldout_prompts": st.integers(max_value=-1),
     **{k: st.sampled_from(["no-such-folder", "./missing/rm", "~/nope"]) for k in ("reward_model", "safety_model", "judge")},
     "kinds": st.lists(st.just(""), min_size=1, max_size=2) | st.lists(st.just("safety"), min_size=3, max_size=4),

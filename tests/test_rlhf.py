@@ -46,6 +46,31 @@ def test_score_replies_reads_the_last_token_of_each_chat_alone_or_batched(tiny_r
         score_replies(rm, tokenizer, PROMPTS, REPLIES_A[:2], None)
 
 
+def test_mean_pooling_scores_the_mean_over_the_reply_alone_or_batched_and_survives_saving(tiny_rm, tmp_path):
+    from llm_lifecycle.workflows.data.chat_data import encode_reply
+    from llm_lifecycle.workflows.rl.reward_model import (
+        RewardModel,
+        load_reward_model,
+        save_reward_model,
+        score_replies,
+    )
+
+    last_rm, tokenizer = tiny_rm
+    rm = RewardModel(last_rm.backbone, pooling="mean").eval()
+    rm.head.load_state_dict(last_rm.head.state_dict())
+    batched = score_replies(rm, tokenizer, PROMPTS, REPLIES_A, "sys", batch_size=2)
+    for prompt, reply, score in zip(PROMPTS, REPLIES_A, batched):
+        ids, mask = encode_reply(tokenizer, prompt, reply, 64, default_system="sys")
+        values = rm.head(rm.backbone(torch.tensor([ids])).hidden)[0]
+        assert torch.allclose(values[mask.index(1):].mean(), score, atol=1e-5)  # from the reply's first token on
+        assert not torch.allclose(values[-1], score, atol=1e-3)  # not the last token's value
+    loaded, _ = load_reward_model(save_reward_model(tmp_path / "rm", rm, tokenizer, extra={}))
+    assert loaded.pooling == "mean"
+    assert torch.allclose(score_replies(loaded, tokenizer, PROMPTS, REPLIES_A, "sys"), batched, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling 'max' is not one of last, mean"):
+        RewardModel(rm.backbone, pooling="max")
+
+
 def test_win_rate_counts_ties_half_and_is_symmetric(tiny_rm):
     from llm_lifecycle.workflows.rl.judge import win_rate
 

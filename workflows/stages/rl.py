@@ -76,6 +76,9 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     max_pairs: int = setting(2000, "train on at most this many pairs of each data file", limit=AT_LEAST_1)
     heldout_pairs: int = setting(64, "pairs of each data file held out for preference accuracy and margin",
                                  limit=AT_LEAST_1)
+    rm_pooling: str = setting("last", "rm: score at the reply's last token (InstructGPT, Llama 2) or the mean over its "
+                                      "tokens (learns more from few pairs at small sizes; docs/benchmarks.md)",
+                              choices=("last", "mean"))
     pair_half: str = setting("all", "train on all pairs left after the held-out ones, or on half a (even "
                                     "positions) or b (odd): a judge trained on the other half than the reward's",
                              choices=("all", "a", "b"))
@@ -249,7 +252,7 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     # model it checks (same SFT backbone, same head) shares that function's biases after a short
     # training, and a policy that pleases one pleases the other without being better.
     torch.manual_seed(ctx.seed + zlib.crc32(ctx.stage.encode()))
-    model = RewardModel(policy, max_len=settings.seq_len)
+    model = RewardModel(policy, max_len=settings.seq_len, pooling=cfg.rm_pooling)
     by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = {kind: PairBatches(pairs, settings.batch_size, seed=ctx.seed, pad_id=pad) for kind, pairs in by_kind.items()}
