@@ -97,7 +97,7 @@ PRESET_ARCHS = {
     "llama": ["llama-small", "llama1-small", "llama1-65b", "llama2-small", "llama2-7b", "llama3-small", "llama3-8b",
               "yi-small", "yi-6b", "yi-34b", "mistral-small", "mistral-7b", "mixtral-small", "mixtral-8x7b",
               "internlm3-small", "internlm3-8b", "baichuan-small", "baichuan2-small"],
-    "qwen": ["qwen-small"],
+    "qwen": ["qwen-small", "qwen-7b"],
     "qwen2": ["qwen2-small", "qwen2-7b", "qwen2.5-small", "qwen2.5-72b"],
     "qwen2moe": ["qwen2-moe-small", "qwen2-57b-a14b"],
     "qwen3": ["qwen3-small"],
@@ -106,9 +106,9 @@ PRESET_ARCHS = {
     "gemma2": ["gemma2-small", "gemma2-9b"],
     "phi2": ["phi-small", "phi-2"],
     "phi3": ["phi3-mini-small", "phi3-mini"],
-    "chatglm": ["chatglm-small", "glm4-small", "glm4-9b"],
+    "chatglm": ["chatglm-small", "chatglm3-6b", "glm4-small", "glm4-9b"],
     "internlm2": ["internlm2-small", "internlm2-7b"],
-    "baichuan": ["baichuan-7b", "baichuan-13b"],  # 32 layers: RoPE, 40: ALiBi
+    "baichuan": ["baichuan-7b", "baichuan-13b", "baichuan2-7b", "baichuan2-13b"],  # 32 layers: RoPE, 40: ALiBi
     "refact": ["baichuan-alibi-small", "baichuan2-alibi-small"],
     "deepseek2": ["deepseek-v2-small", "deepseek-v3-small", "deepseek-v3"],
     None: ["phi3-small-small", "phi3-small-7b"],  # llama.cpp has no Phi-3-small (block-sparse attention, muP)

@@ -57,6 +57,10 @@ PUBLISHED = {
     "llama1-65b": (65.2e9, None),
     "gemma2-9b": (9.24e9, None),
     "internlm3-8b": (8.8e9, None),
+    "qwen-7b": (7.72e9, None),
+    "chatglm3-6b": (6.24e9, None),
+    "baichuan2-7b": (7.51e9, None),
+    "baichuan2-13b": (13.9e9, None),
     "phi3-small-7b": (7.39e9, None),  # "phi3-small" would read as a small preset (SMALL: names ending -small)
 }
 
