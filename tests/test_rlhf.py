@@ -235,6 +235,8 @@ def test_ppo_and_grpo_on_chat_prompts_take_their_reward_from_a_reward_model(work
     assert m["heldout_prompts"] == 3 and 0.0 <= m["heldout_win_rate"] <= 1.0
     assert m["heldout_kl"] != 0.0  # the policy moved from the reference
     assert 1 <= m["heldout_reply_tokens"] <= 9  # max_new_tokens 8, plus the stop token
+    for when in ("_before", ""):  # R1's language consistency of the held-out replies, per prompt kind
+        assert 0.0 <= m[f"heldout_language_consistency{when}.helpful"] <= 1.0
 
 
 def test_a_judge_wired_to_a_stage_that_made_no_reward_model_is_refused_with_the_graph():
@@ -281,3 +283,36 @@ def test_every_method_holds_out_the_same_first_prompts_of_each_file(tmp_path, ti
                 trained = [messages_of(p)[-1]["content"] for p in train]
             assert trained and not set(trained) & set(first), (method, max_new_tokens)
     assert all(held == first for held in seen.values()), seen
+def test_mismatched_pairs_reject_another_files_chosen_reply_from_the_same_training_half():
+    """Each added pair keeps a training pair's prompt and chosen reply and rejects the chosen
+    reply of a training pair of another file: never a held-out pair, never the other half's."""
+    from llm_lifecycle.workflows.stages.rl import mismatched_pairs
+
+    files = {0: [(f"en prompt {i}", f"en chosen {i}", f"en rejected {i}") for i in range(40)],
+             1: [(f"zh prompt {i}", f"zh chosen {i}", f"zh rejected {i}") for i in range(10)],
+             2: [(f"ar prompt {i}", f"ar chosen {i}", f"ar rejected {i}") for i in range(20)]}
+    half_a = {i: pairs[0::2] for i, pairs in files.items()}  # what pair_half a trains on
+    made = mismatched_pairs(list(half_a.values()), 0.5, seed=7)
+    assert [i for i, _ in made].count(0) == 10 and [i for i, _ in made].count(1) == 2  # 0.5 x 20, 0.5 x 5
+    for i, (prompt, chosen, rejected) in made:
+        assert (prompt, chosen) in [(p, c) for p, c, _ in half_a[i]]
+        source = [j for j, pairs in half_a.items() if rejected in [c for _, c, _ in pairs]]
+        assert source and source[0] != i
+    assert made == mismatched_pairs(list(half_a.values()), 0.5, seed=7)  # the seed alone decides
+    assert made != mismatched_pairs(list(half_a.values()), 0.5, seed=8)
+    assert mismatched_pairs([files[0]], 1.0, seed=7) == []  # one file: no other language to draw from
+
+
+def test_a_reward_model_with_mismatched_pairs_measures_them_apart(tmp_path, sft_dir):
+    result = _run(tmp_path, sft_dir, "mm", ["rl.method=rm", f"rl.data={DATA}", "rl.mismatched_pairs=1.0"])
+    m = result.metrics
+    assert 0.0 <= m["heldout_after.mismatched.rm_accuracy"] <= 1.0
+    assert {"heldout_after.rm_accuracy", "heldout_before.mismatched.rm_accuracy"} <= m.keys()
+
+
+def test_mismatched_pairs_need_an_rm_with_two_data_files():
+    from llm_lifecycle.workflows.runner.recipe import load_recipe
+    from llm_lifecycle.workflows.runner.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stages.rl.mismatched_pairs: .*two or more data files"):
+        load_recipe("arith-grpo", ["rl.method=rm", "rl.data=[builtin:arith/pairs.jsonl.gz]", "rl.mismatched_pairs=0.5"])

@@ -45,6 +45,11 @@ def messages_of(prompt: dict) -> list[dict]:
     return prompt["messages"] if "messages" in prompt else [{"role": "user", "content": prompt["question"]}]
 
 
+def user_text(prompt: dict) -> str:
+    """The user turns of a prompt, joined: what a reply's language is compared with."""
+    return " ".join(m["content"] for m in messages_of(prompt) if m["role"] == "user")
+
+
 def has_answers(path: str | Path) -> bool:
     """Whether a prompt file holds problems with answers to check (GSM8K's question/answer
     records) rather than open-ended conversations."""
@@ -225,7 +230,7 @@ class Reward:
                                                       for r, done in zip(replies, finished)])
         if c.language_reward:
             rewards += c.language_reward * torch.tensor([
-                language_consistency_reward(" ".join(m["content"] for m in messages_of(p) if m["role"] == "user"), r)
+                language_consistency_reward(user_text(p), r)
                 for p, r in zip(prompts, replies)])
         if self.models is not None and c.reward_model_weight:
             rewards += c.reward_model_weight * self.models.score(prompts, replies)

@@ -82,6 +82,12 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     pair_half: str = setting("all", "train on all pairs left after the held-out ones, or on half a (even "
                                     "positions) or b (odd): a judge trained on the other half than the reward's",
                              choices=("all", "a", "b"))
+    mismatched_pairs: float = setting(0.0, "rm: per trained pair, add this many pairs (0.5: one for every second "
+                                            "pair) of a training prompt's chosen reply over the chosen reply of a "
+                                            "training pair from another data file (another language or kind), drawn "
+                                            "from the seed within the instance's own pairs; teaches that a reply to "
+                                            "another file's prompt is worse (needs two data files; 0: none)",
+                                      limit=NON_NEGATIVE)
     rm_margin: float = setting(0.5, "rm: ranking loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)",
                                limit=NON_NEGATIVE)
     problems: list[str] = setting(["builtin:arith/train.jsonl.gz"], "ppo, grpo, iterative-dpo: prompts (GSM8K "
@@ -114,6 +120,10 @@ class RLSettings(with_defaults(TrainSettings, steps=40, batch_size=4, lr=1e-4, w
     def check(self, where: str, upstream: dict) -> None:
         super().check(where, upstream)
         check_kinds(self, self.data if self.method in ("rm", "dpo") else self.problems, where)
+        if self.mismatched_pairs and (self.method != "rm" or len(self.data) < 2):
+            raise ConfigError(f"{where}.mismatched_pairs: pairs against another file's reply need method rm and two "
+                              f"or more data files (method {self.method}, {len(self.data)} file(s)); set it to 0 "
+                              "or add a data file")
         if self.method in SAMPLED and self.heldout_prompts:
             from llm_lifecycle.workflows.data.chat_data import read_records
 
@@ -163,22 +173,31 @@ def _system_prompt(ctx: StageContext) -> str:
 
 
 def _file_pairs(ctx: StageContext, cfg: RLSettings, tokenizer, uri: str, kind: str | None) -> list:
-    """One data file's usable encoded pairs, under its kind's system prompt (COOL RLHF) or the SFT's."""
-    from llm_lifecycle.workflows.data.chat_data import encode_preference, load_preference_pairs
+    """One data file's usable pairs, each (raw (prompt, chosen, rejected), encoded), under its
+    kind's system prompt (COOL RLHF) or the SFT's."""
+    from llm_lifecycle.workflows.data.chat_data import load_preference_pairs
 
     raw = read_data_files([uri], f"stages.{ctx.stage}.data", load_preference_pairs)
-    system = cfg.kind_prompts.get(kind, _system_prompt(ctx))
-    encoded = (encode_preference(tokenizer, p, c, r, cfg.seq_len, default_system=system) for p, c, r in raw)
+    encoded = ((pair, _encode_pair(ctx, cfg, tokenizer, kind, pair)) for pair in raw)
     # Pairs whose answers fall past seq_len carry no signal: skip them (encoding stops once enough are found).
-    usable = (e for e in encoded if any(e[0][1]) and any(e[1][1]))
+    usable = (e for e in encoded if e[1] is not None)
     return list(itertools.islice(usable, cfg.max_pairs * (1 + (cfg.pair_half != "all")) + cfg.heldout_pairs))
 
 
-def _split_pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[dict[str | None, list], list]:
-    """({kind: its held-out pairs}, training pairs): the first `heldout_pairs` of each file are
-    held out, the rest (or `pair_half` of it) trained on."""
-    heldout: dict[str | None, list] = {}
-    train_pairs: list = []
+def _encode_pair(ctx: StageContext, cfg: RLSettings, tokenizer, kind: str | None, pair: tuple):
+    """(encoded chosen, encoded rejected), or None when either reply falls past seq_len."""
+    from llm_lifecycle.workflows.data.chat_data import encode_preference
+
+    prompt, chosen, rejected = pair
+    system = cfg.kind_prompts.get(kind, _system_prompt(ctx))
+    e = encode_preference(tokenizer, prompt, chosen, rejected, cfg.seq_len, default_system=system)
+    return e if any(e[0][1]) and any(e[1][1]) else None
+
+
+def _file_splits(ctx: StageContext, cfg: RLSettings, tokenizer) -> list[tuple[str | None, list, list]]:
+    """(kind, held-out pairs, training pairs) of each data file, pairs as `_file_pairs` gives them:
+    the first `heldout_pairs` held out, the rest (or `pair_half` of it, at most max_pairs) trained on."""
+    splits = []
     for uri, kind in zip(cfg.data, check_kinds(cfg, cfg.data, f"stages.{ctx.stage}")):
         pairs = _file_pairs(ctx, cfg, tokenizer, uri, kind)
         held, rest = pairs[: cfg.heldout_pairs], pairs[cfg.heldout_pairs:]
@@ -186,9 +205,42 @@ def _split_pairs(ctx: StageContext, cfg: RLSettings, tokenizer) -> tuple[dict[st
         if not rest or len(held) < cfg.heldout_pairs:
             raise UserError(f"stages.{ctx.stage}.data: {uri} has {len(pairs)} usable pairs, too few to hold out "
                             f"heldout_pairs={cfg.heldout_pairs} and train on the rest; add data or lower heldout_pairs")
-        heldout.setdefault(kind, []).extend(held)
-        train_pairs.extend(rest[: cfg.max_pairs])
-    return heldout, train_pairs
+        splits.append((kind, held, rest[: cfg.max_pairs]))
+    return splits
+
+
+def _split_pairs(splits: list[tuple[str | None, list, list]]) -> tuple[dict[str | None, list], list]:
+    """({kind: its held-out encoded pairs}, training encoded pairs) of `_file_splits`."""
+    heldout: dict[str | None, list] = {}
+    for kind, held, _ in splits:
+        heldout.setdefault(kind, []).extend(e for _, e in held)
+    return heldout, [e for _, _, rest in splits for _, e in rest]
+
+
+def mismatched_pairs(files: list[list[tuple]], per_pair: float, seed: int) -> list[tuple[int, tuple]]:
+    """(file index, (prompt, chosen, rejected)) pairs whose rejected reply is the chosen reply of a
+    pair from another of `files` (each a list of raw (prompt, chosen, rejected)): round(per_pair x
+    its size) for each file, drawn from `seed` alone. Preference-model pretraining's mismatched
+    negatives: a reward model ranks replies within a pair only, so what it pays across languages
+    is arbitrary unless some pair compares a reply in the prompt's language with one in another."""
+    import random
+
+    rng = random.Random(seed)
+    made = []
+    for i, pairs in enumerate(files):
+        others = [j for j, other in enumerate(files) if j != i and other]
+        for _ in range(round(per_pair * len(pairs)) if others else 0):
+            prompt, chosen, _ = rng.choice(pairs)
+            made.append((i, (prompt, chosen, rng.choice(files[rng.choice(others)])[1])))
+    return made
+
+
+def _mismatched_encoded(ctx: StageContext, cfg: RLSettings, tokenizer, splits, part: int, per_pair: float) -> list:
+    """`mismatched_pairs` of the splits' held-out (part 1) or training (part 2) pairs, encoded as theirs."""
+    files = [[raw for raw, _ in split[part]] for split in splits]
+    made = ((i, _encode_pair(ctx, cfg, tokenizer, splits[i][0], pair))
+            for i, pair in mismatched_pairs(files, per_pair, ctx.seed + part))
+    return [e for _, e in made if e is not None]
 
 
 def _train_settings(cfg: RLSettings, **changes) -> RLSettings:
@@ -222,7 +274,7 @@ def run_dpo(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
 
     settings = _train_settings(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
+    by_kind, train_pairs = _split_pairs(_file_splits(ctx, cfg, tokenizer))
     heldout = [pair for pairs in by_kind.values() for pair in pairs]
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = PreferenceBatches(heldout, settings.batch_size, seed=ctx.seed, pad_id=pad)
@@ -253,7 +305,13 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
     # training, and a policy that pleases one pleases the other without being better.
     torch.manual_seed(ctx.seed + zlib.crc32(ctx.stage.encode()))
     model = RewardModel(policy, max_len=settings.seq_len, pooling=cfg.rm_pooling)
-    by_kind, train_pairs = _split_pairs(ctx, cfg, tokenizer)
+    splits = _file_splits(ctx, cfg, tokenizer)
+    by_kind, train_pairs = _split_pairs(splits)
+    if cfg.mismatched_pairs:
+        # Negatives from the instance's own training pairs only; the held-out ones get their own
+        # (from held-out pairs only), measured apart from the real held-out accuracy.
+        train_pairs += _mismatched_encoded(ctx, cfg, tokenizer, splits, 2, cfg.mismatched_pairs)
+        mismatched = _mismatched_encoded(ctx, cfg, tokenizer, splits, 1, 1.0)
     pad = tokenizer.token_to_id("<|endoftext|>")
     held = {kind: PairBatches(pairs, settings.batch_size, seed=ctx.seed, pad_id=pad) for kind, pairs in by_kind.items()}
 
@@ -262,6 +320,9 @@ def run_rm(ctx: StageContext, cfg: RLSettings, policy, tokenizer):
         every = heldout_accuracy(m, PairBatches([p for b in held.values() for p in b.pairs], settings.batch_size,
                                                 seed=ctx.seed, pad_id=pad))
         per_kind = {f"{kind}.{k}": v for kind, b in held.items() if kind for k, v in heldout_accuracy(m, b).items()}
+        if cfg.mismatched_pairs:
+            per_kind.update({f"mismatched.{k}": v for k, v in heldout_accuracy(
+                m, PairBatches(mismatched, settings.batch_size, seed=ctx.seed, pad_id=pad)).items()})
         return {**every, **per_kind}
 
     before = accuracy(model)
@@ -377,6 +438,17 @@ def _heldout_replies(policy, reference, tokenizer, prompts: list[dict], rollout,
             "tokens": float(out.lengths.mean())}
 
 
+def _language_consistency(prompts: list[dict], replies: list[str], when: str) -> dict[str, float]:
+    """R1's language consistency of each held-out reply, averaged per prompt kind: a policy that
+    pleases a reward model by leaving the prompt's script shows here."""
+    from llm_lifecycle.workflows.rl.rewards import language_consistency_reward, user_text
+
+    by_kind: dict[str, list[float]] = {}
+    for prompt, reply in zip(prompts, replies):
+        by_kind.setdefault(prompt.get("kind") or "all", []).append(language_consistency_reward(user_text(prompt), reply))
+    return {f"heldout_language_consistency{when}.{kind}": sum(v) / len(v) for kind, v in by_kind.items()}
+
+
 def _measured(run_method):
     """Run a ppo/grpo `run_method(prompts, rollout, reference)` between two samplings of the
     held-out prompts (same seed): the reward before and after, the KL to the reference, and the
@@ -398,6 +470,8 @@ def _measured(run_method):
                         "heldout_kl": after["kl"], "heldout_prompts": float(len(heldout)),
                         # a reward model that pays for length is hacked by growing replies: show it
                         "heldout_reply_tokens_before": before["tokens"], "heldout_reply_tokens": after["tokens"]})
+        for when, replies in (("_before", before["texts"]), ("", after["texts"])):
+            summary.update(_language_consistency(heldout, replies, when))
         if judge is not None:
             from llm_lifecycle.workflows.rl.judge import win_rate
             from llm_lifecycle.workflows.rl.rewards import messages_of
