@@ -3,6 +3,7 @@ torch's MemTracker) and a real KV cache."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from llm_lifecycle.models.config import ModelConfig
-from llm_lifecycle.models.decoder import Decoder
+from llm_lifecycle.models.decoder import Decoder, dual_chunk_attention
 from llm_lifecycle.models.presets import load_preset
-from llm_lifecycle.workflows.engine.memory import inference_memory, training_memory
+from llm_lifecycle.workflows.engine.memory import DCA_QUERY_BLOCK, inference_memory, training_memory
 from llm_lifecycle.workflows.runner.planning import parse_params, shape_for_params, shape_of
 from llm_lifecycle.workflows.engine.trainer import lm_loss
 
@@ -70,6 +71,8 @@ def test_dual_chunk_attentions_scores_are_planned():
     measured = measured_training_peak(cfg, batch=4, seq=512)
     estimate = training_memory(shape_of(cfg), 4, 512, "fp32")["total"]
     assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
+    # The planner's query block is the one the model computes its scores in (it cannot import torch code).
+    assert inspect.signature(dual_chunk_attention).parameters["block"].default == DCA_QUERY_BLOCK
 
 
 @pytest.mark.parametrize("preset", ["qwen3-moe-small", "deepseek-v2-small"])
